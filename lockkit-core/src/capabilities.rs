@@ -1,0 +1,74 @@
+//! What a backend promises; the conformance suite holds it to every promise.
+
+use std::time::Duration;
+
+/// What a backend guarantees. The conformance suite picks its cases and timings from this:
+/// a backend that claims a property runs the case that checks it, and cannot skip it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Fencing tokens strictly increase per lock name across all clients and processes.
+    pub fencing: bool,
+    /// Waiters are granted the lock in the order they started waiting.
+    pub fifo: bool,
+    /// A holder that stops renewing (crashed) loses the lock once its TTL has passed.
+    pub lease_expiry: bool,
+    /// Leases can be renewed (extended) while held.
+    pub renewal: bool,
+    /// Whether the backend talks to a server over the network.
+    pub networked: bool,
+    /// The shortest lease TTL the backend accepts.
+    pub min_ttl: Duration,
+    /// The longest lease TTL the backend accepts.
+    pub max_ttl: Duration,
+    /// How long past the TTL the server may take to free an expired lease (Consul takes up to
+    /// twice the TTL). Zero for backends that free it at the TTL.
+    pub expiry_slack: Duration,
+}
+
+impl Capabilities {
+    /// A networked backend with fencing, lease expiry and renewal, no FIFO hand-off, the given
+    /// minimum TTL, a maximum of one day and no expiry slack. Adjust with the builder methods.
+    pub fn new(min_ttl: Duration) -> Self {
+        Capabilities {
+            fencing: true,
+            fifo: false,
+            lease_expiry: true,
+            renewal: true,
+            networked: true,
+            min_ttl,
+            max_ttl: Duration::from_secs(24 * 3600),
+            expiry_slack: Duration::ZERO,
+        }
+    }
+
+    /// Sets [`Capabilities::fifo`].
+    pub fn fifo(mut self, fifo: bool) -> Self {
+        self.fifo = fifo;
+        self
+    }
+
+    /// Sets [`Capabilities::fencing`].
+    pub fn fencing(mut self, fencing: bool) -> Self {
+        self.fencing = fencing;
+        self
+    }
+
+    /// Sets [`Capabilities::networked`].
+    pub fn networked(mut self, networked: bool) -> Self {
+        self.networked = networked;
+        self
+    }
+
+    /// Sets [`Capabilities::max_ttl`].
+    pub fn max_ttl(mut self, max_ttl: Duration) -> Self {
+        self.max_ttl = max_ttl;
+        self
+    }
+
+    /// Sets [`Capabilities::expiry_slack`].
+    pub fn expiry_slack(mut self, slack: Duration) -> Self {
+        self.expiry_slack = slack;
+        self
+    }
+}

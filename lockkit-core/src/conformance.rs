@@ -1,0 +1,542 @@
+//! The conformance suite: one set of cases every backend must pass, against a real server.
+//!
+//! A backend's test file implements [`Harness`] and stamps one test per case with
+//! [`conformance_suite!`](crate::conformance_suite), inside a module named after the backend,
+//! so the tests are called `<backend>::<case>`:
+//!
+//! ```text
+//! mod sqlite {
+//!     lockkit_core::conformance_suite!(crate::harness::sqlite().await);
+//! }
+//! ```
+//!
+//! Cases read the backend's [`Capabilities`] to choose timings, and run every check a
+//! claimed capability implies. Each case uses fresh random lock names, so cases can run in
+//! parallel against one server.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::{with_lock, Capabilities, DistributedLock, Error, LockOptions, LostReason, Result};
+
+/// How long one case may run before it counts as hung.
+pub const CASE_LIMIT: Duration = Duration::from_secs(240);
+
+/// What a backend provides to the suite.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// A new, independent client (its own connections or session), as a second process
+    /// would have.
+    async fn client(&self) -> Arc<dyn DistributedLock>;
+
+    /// Connects to a server that is not there (a closed port on loopback, or for an embedded
+    /// backend a database that cannot be opened). Either this or the first acquisition on
+    /// the returned client must fail with [`Error::Connection`].
+    async fn unreachable(&self) -> Result<Arc<dyn DistributedLock>>;
+}
+
+/// Stamps one `#[tokio::test]` per conformance case. `$harness` is an expression (it may
+/// `.await`) giving a value that implements [`Harness`]; it is evaluated once per test.
+/// Invoke it inside a module named after the backend.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($harness:expr) => {
+        $crate::__conformance_cases!($harness;
+            mutual_exclusion,
+            try_acquire_when_held,
+            wait_timeout,
+            cancelled_wait_leaves_nothing,
+            drop_releases,
+            lease_expiry,
+            renewal_keeps_lock,
+            fencing_tokens_increase,
+            stale_owner_cannot_release_or_extend,
+            many_names,
+            name_independence,
+            bad_input,
+            unreachable_server,
+            extend_prolongs_lease,
+            with_lock_runs_and_releases,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($harness:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let harness = $harness;
+                let run = $crate::conformance::$case(&harness);
+                if ::tokio::time::timeout($crate::conformance::CASE_LIMIT, run).await.is_err() {
+                    panic!("case `{}` hung past {:?}", stringify!($case), $crate::conformance::CASE_LIMIT);
+                }
+            }
+        )+
+    };
+}
+
+fn fresh_name(case: &str) -> String {
+    format!(
+        "lockkit-conformance/{case}/{}",
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// A TTL short enough to wait out in a test, long enough for the backend.
+fn short_ttl(caps: &Capabilities) -> Duration {
+    caps.min_ttl.max(Duration::from_secs(1))
+}
+
+/// How long after its TTL an abandoned lease is certainly gone, with margin.
+fn expiry_bound(caps: &Capabilities, ttl: Duration) -> Duration {
+    ttl + caps.expiry_slack + Duration::from_secs(5)
+}
+
+fn waiting(limit: Duration) -> LockOptions {
+    LockOptions::new().wait_timeout(limit)
+}
+
+async fn caps_of(h: &dyn Harness) -> (Arc<dyn DistributedLock>, Capabilities) {
+    let client = h.client().await;
+    let caps = client.capabilities();
+    (client, caps)
+}
+
+/// 16 tasks on two clients each take the lock 50 times and do a non-atomic
+/// read-yield-write of a shared counter: the counter ends exact, no two holders overlap, and
+/// tokens rise in the order the lock was taken.
+pub async fn mutual_exclusion(h: &dyn Harness) {
+    let clients = [h.client().await, h.client().await];
+    let name = fresh_name("mutual_exclusion");
+    let counter = Arc::new(AtomicU64::new(0));
+    let holders = Arc::new(AtomicUsize::new(0));
+    let max_holders = Arc::new(AtomicUsize::new(0));
+    let last_token = Arc::new(Mutex::new(0u64));
+    let mut tasks = JoinSet::new();
+    for task in 0..16 {
+        let client = clients[task % 2].clone();
+        let (name, counter, holders, max_holders, last_token) = (
+            name.clone(),
+            counter.clone(),
+            holders.clone(),
+            max_holders.clone(),
+            last_token.clone(),
+        );
+        tasks.spawn(async move {
+            let opts = waiting(Duration::from_secs(120));
+            for _ in 0..50 {
+                let guard = client.acquire(&name, &opts).await.expect("acquire");
+                let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
+                max_holders.fetch_max(now, Ordering::SeqCst);
+                {
+                    let mut last = last_token.lock().unwrap();
+                    let token = guard.fencing_token().get();
+                    assert!(token > *last, "token {token} after {}", *last);
+                    *last = token;
+                }
+                let seen = counter.load(Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                counter.store(seen + 1, Ordering::SeqCst);
+                holders.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await.expect("release");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a worker failed");
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), 16 * 50, "lost updates");
+    assert_eq!(max_holders.load(Ordering::SeqCst), 1, "two holders at once");
+}
+
+/// `try_acquire` gives `None` while the lock is held (also to the holder's own client: locks
+/// are not reentrant) and `Some` once it is released.
+pub async fn try_acquire_when_held(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let name = fresh_name("try_acquire");
+    let opts = LockOptions::new();
+    let guard = a
+        .try_acquire(&name, &opts)
+        .await
+        .unwrap()
+        .expect("free lock");
+    assert!(b.try_acquire(&name, &opts).await.unwrap().is_none());
+    assert!(a.try_acquire(&name, &opts).await.unwrap().is_none());
+    guard.release().await.expect("release");
+    let again = b.try_acquire(&name, &opts).await.unwrap();
+    again.expect("free after release").release().await.unwrap();
+}
+
+/// `acquire` on a held lock with a 300 ms wait fails with `Timeout` after 300 ms to 5 s.
+pub async fn wait_timeout(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let name = fresh_name("wait_timeout");
+    let guard = a.acquire(&name, &LockOptions::new()).await.unwrap();
+    let started = Instant::now();
+    let err = b
+        .acquire(&name, &waiting(Duration::from_millis(300)))
+        .await
+        .expect_err("acquired a held lock");
+    let took = started.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "gave up early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "gave up late: {took:?}");
+    guard.release().await.unwrap();
+}
+
+/// Dropping an `acquire` future mid-wait leaves nothing behind: once the holder releases, a
+/// third client acquires at once.
+pub async fn cancelled_wait_leaves_nothing(h: &dyn Harness) {
+    let (a, b, c) = (h.client().await, h.client().await, h.client().await);
+    let name = fresh_name("cancelled_wait");
+    let opts = LockOptions::new();
+    let guard = a.acquire(&name, &opts).await.unwrap();
+    for _ in 0..3 {
+        let wait = b.acquire(&name, &opts);
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), wait).await;
+        assert!(gave_up.is_err(), "acquired a held lock");
+    }
+    guard.release().await.unwrap();
+    let started = Instant::now();
+    let next = c
+        .acquire(&name, &waiting(Duration::from_secs(10)))
+        .await
+        .expect("the cancelled waiter left the lock blocked");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    next.release().await.unwrap();
+    // The cancelled waiters hold nothing now either.
+    let again = b.try_acquire(&name, &LockOptions::new()).await.unwrap();
+    again
+        .expect("a cancelled waiter got the lock")
+        .release()
+        .await
+        .unwrap();
+}
+
+/// A dropped guard releases promptly, also when dropped on a thread outside any runtime.
+pub async fn drop_releases(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let caps = a.capabilities();
+    let ttl = caps.min_ttl.max(Duration::from_secs(30));
+    let opts = LockOptions::new().ttl(ttl);
+    for outside_runtime in [false, true] {
+        let name = fresh_name("drop_releases");
+        let guard = a.acquire(&name, &opts).await.unwrap();
+        if outside_runtime {
+            std::thread::spawn(move || drop(guard)).join().unwrap();
+        } else {
+            drop(guard);
+        }
+        let started = Instant::now();
+        let next = b
+            .acquire(&name, &opts.clone().wait_timeout(ttl / 2))
+            .await
+            .expect("the dropped guard kept the lock");
+        let took = started.elapsed();
+        assert!(
+            took < ttl / 4,
+            "release on drop took {took:?} of a {ttl:?} TTL"
+        );
+        next.release().await.unwrap();
+    }
+}
+
+/// A holder with renewal off that never releases (a crashed holder) loses the lock after the
+/// TTL: its guard says so, and another client acquires with a larger token.
+pub async fn lease_expiry(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    if !caps.lease_expiry {
+        return;
+    }
+    let b = h.client().await;
+    let name = fresh_name("lease_expiry");
+    let ttl = short_ttl(&caps);
+    let opts = LockOptions::new().ttl(ttl).auto_renew(false);
+    let stale = a.acquire(&name, &opts).await.unwrap();
+    assert!(stale.is_held());
+    let reason = tokio::time::timeout(expiry_bound(&caps, ttl), stale.lost())
+        .await
+        .expect("lost() did not resolve after the TTL");
+    assert_ne!(reason, LostReason::Released);
+    assert!(!stale.is_held());
+    let next = b
+        .acquire(&name, &waiting(expiry_bound(&caps, ttl)))
+        .await
+        .expect("the expired lease was never freed");
+    assert!(next.fencing_token() > stale.fencing_token());
+    next.release().await.unwrap();
+    drop(stale);
+}
+
+/// With renewal on, a holder keeps the lock for three TTLs while a contender never gets it.
+pub async fn renewal_keeps_lock(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    if !caps.renewal {
+        return;
+    }
+    let b = h.client().await;
+    let name = fresh_name("renewal");
+    let ttl = short_ttl(&caps);
+    let opts = LockOptions::new().ttl(ttl);
+    let guard = a.acquire(&name, &opts).await.unwrap();
+    let until = Instant::now() + ttl * 3 + caps.expiry_slack;
+    while Instant::now() < until {
+        let stolen = b.try_acquire(&name, &opts).await.unwrap();
+        assert!(stolen.is_none(), "a contender took a renewed lock");
+        tokio::time::sleep(ttl / 5).await;
+    }
+    assert!(guard.is_held());
+    assert!(guard.lost_reason().is_none());
+    guard.release().await.expect("release after renewals");
+}
+
+/// 100 acquisitions alternating between two clients get strictly increasing tokens, also
+/// across releases that delete the lock's record.
+pub async fn fencing_tokens_increase(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    if !caps.fencing {
+        return;
+    }
+    let b = h.client().await;
+    let name = fresh_name("fencing");
+    let opts = waiting(Duration::from_secs(10));
+    let mut last = 0;
+    for round in 0..100 {
+        let client = if round % 2 == 0 { &a } else { &b };
+        let guard = client.acquire(&name, &opts).await.unwrap();
+        let token = guard.fencing_token().get();
+        assert!(token > last, "round {round}: token {token} after {last}");
+        last = token;
+        guard.release().await.unwrap();
+    }
+}
+
+/// A guard whose lease expired, with the lock now held by another, can neither extend nor
+/// release the new holder's lock; both calls report `LockLost`.
+pub async fn stale_owner_cannot_release_or_extend(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    if !caps.lease_expiry {
+        return;
+    }
+    let (b, c) = (h.client().await, h.client().await);
+    let name = fresh_name("stale_owner");
+    let ttl = short_ttl(&caps);
+    let stale = a
+        .acquire(&name, &LockOptions::new().ttl(ttl).auto_renew(false))
+        .await
+        .unwrap();
+    let holder = b
+        .acquire(&name, &waiting(expiry_bound(&caps, ttl)).ttl(ttl * 4))
+        .await
+        .expect("the expired lease was never freed");
+    let err = stale.extend(ttl).await.expect_err("a stale owner extended");
+    assert!(err.is_lost(), "{err:?}");
+    assert!(!stale.is_held());
+    let err = stale.release().await.expect_err("a stale owner released");
+    assert!(err.is_lost(), "{err:?}");
+    assert!(c
+        .try_acquire(&name, &LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(holder.is_held());
+    holder
+        .extend(ttl * 4)
+        .await
+        .expect("the new holder's lease");
+    holder.release().await.expect("the new holder's release");
+}
+
+/// One client holds 200 names at once; all are free again once the guards drop.
+pub async fn many_names(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let base = fresh_name("many_names");
+    let names: Vec<String> = (0..200).map(|i| format!("{base}/{i}")).collect();
+    let opts = LockOptions::new();
+    let mut guards = Vec::new();
+    for name in &names {
+        let guard = a.try_acquire(name, &opts).await.unwrap();
+        guards.push(guard.unwrap_or_else(|| panic!("{name} is not free")));
+    }
+    for name in names.iter().step_by(40) {
+        assert!(b.try_acquire(name, &opts).await.unwrap().is_none());
+    }
+    drop(guards);
+    let wait = waiting(Duration::from_secs(10));
+    for name in &names {
+        let guard = b.acquire(name, &wait).await.expect("not freed on drop");
+        guard.release().await.unwrap();
+    }
+}
+
+/// Names that differ in case, separators, escapes, trailing space, unicode or only in their
+/// 255th byte are different locks.
+pub async fn name_independence(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let base = fresh_name("names");
+    let long = |last: char| {
+        let mut s = format!("{base}/");
+        while s.len() + 3 < 255 {
+            s.push('€');
+        }
+        while s.len() + 1 < 255 {
+            s.push('x');
+        }
+        s.push(last);
+        assert_eq!(s.len(), 255);
+        s
+    };
+    let names = [
+        format!("{base}/a"),
+        format!("{base}/A"),
+        format!("{base}/a/b"),
+        format!("{base}/a:b"),
+        format!("{base}/a%2Fb"),
+        format!("{base}/a "),
+        format!("{base}/a."),
+        format!("{base}/ロック🔒"),
+        long('1'),
+        long('2'),
+    ];
+    let opts = LockOptions::new();
+    let mut all = Vec::new();
+    for name in &names {
+        let guard = a.try_acquire(name, &opts).await.unwrap();
+        all.push(guard.unwrap_or_else(|| panic!("{name:?} collided with another name")));
+    }
+    for guard in all {
+        guard.release().await.unwrap();
+    }
+    for (i, held) in names.iter().enumerate() {
+        let guard = a.try_acquire(held, &opts).await.unwrap().expect("free");
+        for (j, other) in names.iter().enumerate() {
+            let got = b.try_acquire(other, &opts).await.unwrap();
+            match got {
+                Some(g) if i != j => g.release().await.unwrap(),
+                None if i == j => {}
+                Some(_) => panic!("{held:?} was taken twice"),
+                None => panic!("holding {held:?} blocks {other:?}"),
+            }
+        }
+        guard.release().await.unwrap();
+    }
+}
+
+/// Bad names and options give typed errors and hold nothing.
+pub async fn bad_input(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    let b = h.client().await;
+    let opts = LockOptions::new();
+    for bad in [String::new(), "x".repeat(256), "a\0b".to_string()] {
+        let err = a.acquire(&bad, &opts).await.expect_err("bad name accepted");
+        assert!(matches!(err, Error::InvalidName(_)), "{err:?}");
+        let err = a
+            .try_acquire(&bad, &opts)
+            .await
+            .expect_err("bad name accepted");
+        assert!(matches!(err, Error::InvalidName(_)), "{err:?}");
+    }
+    let name = fresh_name("bad_input");
+    let mut bad_opts = vec![
+        LockOptions::new().ttl(Duration::ZERO),
+        LockOptions::new().renew_every(caps.min_ttl.max(Duration::from_secs(30)) * 2),
+        LockOptions::new().ttl(caps.max_ttl + Duration::from_secs(1)),
+    ];
+    if caps.min_ttl > Duration::from_millis(1) {
+        bad_opts.push(LockOptions::new().ttl(caps.min_ttl / 2));
+    }
+    for bad in &bad_opts {
+        let err = a
+            .acquire(&name, bad)
+            .await
+            .expect_err("bad options accepted");
+        assert!(matches!(err, Error::InvalidOptions(_)), "{bad:?}: {err:?}");
+        let err = a
+            .try_acquire(&name, bad)
+            .await
+            .expect_err("bad options accepted");
+        assert!(matches!(err, Error::InvalidOptions(_)), "{bad:?}: {err:?}");
+    }
+    let guard = b.try_acquire(&name, &opts).await.unwrap();
+    guard
+        .expect("a rejected call held the lock")
+        .release()
+        .await
+        .unwrap();
+}
+
+/// An unreachable server gives a connection error within 5 s, not a hang.
+pub async fn unreachable_server(h: &dyn Harness) {
+    let started = Instant::now();
+    let attempt = async {
+        let client = h.unreachable().await?;
+        let opts = waiting(Duration::from_secs(3));
+        client
+            .acquire(&fresh_name("unreachable"), &opts)
+            .await
+            .map(drop)
+    };
+    let result = tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .expect("an unreachable server made the client hang");
+    let err = result.expect_err("acquired a lock on an unreachable server");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// `extend` pushes the lease out: without renewal, a holder that extended to three TTLs still
+/// holds the lock past the original TTL.
+pub async fn extend_prolongs_lease(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    if !caps.renewal {
+        return;
+    }
+    let b = h.client().await;
+    let name = fresh_name("extend");
+    let ttl = short_ttl(&caps);
+    let opts = LockOptions::new().ttl(ttl).auto_renew(false);
+    let guard = a.acquire(&name, &opts).await.unwrap();
+    let before = guard.valid_until();
+    guard.extend(ttl * 3).await.expect("extend");
+    assert!(guard.valid_until() > before);
+    tokio::time::sleep(ttl + caps.expiry_slack + ttl / 2).await;
+    assert!(guard.is_held(), "the extended lease ran out at the old TTL");
+    assert!(b.try_acquire(&name, &opts).await.unwrap().is_none());
+    guard.release().await.expect("release after extend");
+}
+
+/// `with_lock` runs the closure under the lock, returns its output and releases.
+pub async fn with_lock_runs_and_releases(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let name = fresh_name("with_lock");
+    let opts = LockOptions::new();
+    let b2 = b.clone();
+    let out = with_lock(&*a, &name, &opts, async |guard| {
+        assert!(guard.is_held());
+        let other = b2.try_acquire(guard.name(), &LockOptions::new()).await;
+        (guard.fencing_token().get(), other.unwrap().is_none())
+    })
+    .await
+    .expect("with_lock");
+    assert!(out.0 > 0);
+    assert!(out.1, "the lock was not held inside with_lock");
+    let after = b.try_acquire(&name, &opts).await.unwrap();
+    after
+        .expect("with_lock did not release")
+        .release()
+        .await
+        .unwrap();
+}

@@ -1,0 +1,340 @@
+//! The RAII guard and the one lease keeper that renews, watches and releases for every backend.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::Instrument;
+
+use crate::backend::{Acquired, FencingToken, Lease};
+use crate::error::{Error, LostReason, Result};
+use crate::name::LockName;
+use crate::options::LockOptions;
+use crate::telemetry;
+
+/// A held lock. Dropping it releases the lock in the background (promptly, without blocking,
+/// also outside a runtime); [`LockGuard::release`] releases it and reports whether the lock
+/// was still ours. While it lives, its lease is renewed in the background (unless renewal
+/// is off), and [`LockGuard::lost`] resolves if the lock is lost anyway.
+#[derive(Debug)]
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct LockGuard {
+    shared: Arc<Shared>,
+    lease: Arc<dyn Lease>,
+    commands: Option<mpsc::UnboundedSender<Command>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    backend: &'static str,
+    name: LockName,
+    token: FencingToken,
+    acquired_at: Instant,
+    clock: Mutex<Clock>,
+    /// Wakes the keeper when `clock` changes.
+    clock_changed: Notify,
+    lost: watch::Sender<Option<LostReason>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    ttl: Duration,
+    valid_until: Instant,
+    renew_every: Option<Duration>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Release(oneshot::Sender<Result<()>>),
+}
+
+impl Shared {
+    fn clock(&self) -> MutexGuard<'_, Clock> {
+        // The lock is never held across an await or a panic point.
+        self.clock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lost_reason(&self) -> Option<LostReason> {
+        self.lost.borrow().clone()
+    }
+
+    /// Marks the lock lost, once; later calls keep the first reason.
+    fn mark_lost(&self, reason: LostReason) {
+        let first = self.lost.send_if_modified(|slot| {
+            if slot.is_none() {
+                *slot = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        if first {
+            metrics::counter!(
+                telemetry::LOSSES_TOTAL,
+                "backend" => self.backend,
+                "reason" => telemetry::reason_label(&reason),
+            )
+            .increment(1);
+            tracing::warn!(lock = %self.name, token = self.token.0, %reason, "lock lost");
+        }
+    }
+}
+
+impl LockGuard {
+    /// Starts the keeper task for a fresh acquisition. Needs a Tokio runtime.
+    pub(crate) fn start(
+        backend: &'static str,
+        name: LockName,
+        acquired: Acquired,
+        opts: &LockOptions,
+    ) -> Result<LockGuard> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Unsupported("lockkit guards need to be created inside a Tokio runtime".into())
+        })?;
+        let (lost, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            backend,
+            name,
+            token: acquired.token,
+            acquired_at: Instant::now(),
+            clock: Mutex::new(Clock {
+                ttl: opts.ttl,
+                valid_until: acquired.valid_until,
+                renew_every: opts.auto_renew.then(|| opts.renewal_interval()),
+            }),
+            clock_changed: Notify::new(),
+            lost,
+        });
+        let lease: Arc<dyn Lease> = Arc::from(acquired.lease);
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let span = tracing::info_span!(
+            "lockkit.hold",
+            backend,
+            lock = %shared.name,
+            token = shared.token.0,
+        );
+        runtime.spawn(keep(shared.clone(), lease.clone(), inbox).instrument(span));
+        Ok(LockGuard {
+            shared,
+            lease,
+            commands: Some(commands),
+        })
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        self.shared.name.as_str()
+    }
+
+    /// The backend that holds the lock (`sqlite`, `redis`, ...).
+    pub fn backend(&self) -> &'static str {
+        self.shared.backend
+    }
+
+    /// This acquisition's fencing token: strictly greater than every earlier token of the
+    /// same lock name.
+    pub fn fencing_token(&self) -> FencingToken {
+        self.shared.token
+    }
+
+    /// Whether the lock is still held: not lost, and the lease not past its known validity.
+    pub fn is_held(&self) -> bool {
+        self.shared.lost_reason().is_none() && Instant::now() < self.shared.clock().valid_until
+    }
+
+    /// Why the lock was lost, if it was.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.shared.lost_reason()
+    }
+
+    /// Until when the lease is known to be valid.
+    pub fn valid_until(&self) -> Instant {
+        self.shared.clock().valid_until
+    }
+
+    /// Resolves when the lock is lost: the lease expired, the backend's session is gone, or
+    /// renewal could not keep the lease. Use it to stop work that needs the lock:
+    ///
+    /// ```no_run
+    /// # async fn demo(guard: lockkit_core::LockGuard) {
+    /// tokio::select! {
+    ///     reason = guard.lost() => eprintln!("stopping: {reason}"),
+    ///     _ = async { /* the protected work */ } => {}
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// The future does not borrow the guard; once the guard is released or dropped it
+    /// resolves with [`LostReason::Released`].
+    pub fn lost(&self) -> impl Future<Output = LostReason> + Send + 'static {
+        let mut rx = self.shared.lost.subscribe();
+        async move {
+            let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
+            match reason {
+                Ok(Some(reason)) => reason,
+                _ => LostReason::Released,
+            }
+        }
+    }
+
+    /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too.
+    /// Fails with [`Error::LockLost`] if the lock is no longer ours.
+    pub async fn extend(&self, ttl: Duration) -> Result<()> {
+        if ttl.is_zero() {
+            return Err(Error::InvalidOptions(
+                "the lease TTL must be above zero".into(),
+            ));
+        }
+        let result = self.lease.extend(ttl).await;
+        if let Some(reason) = self.shared.lost_reason() {
+            return Err(Error::lost(self.name(), reason));
+        }
+        match result {
+            Ok(valid_until) => {
+                {
+                    let mut clock = self.shared.clock();
+                    clock.ttl = ttl;
+                    clock.valid_until = valid_until;
+                    if let Some(every) = clock.renew_every.as_mut() {
+                        *every = (*every).min(ttl / 3).max(Duration::from_millis(1));
+                    }
+                }
+                self.shared.clock_changed.notify_one();
+                Ok(())
+            }
+            Err(Error::LockLost { reason, .. }) => {
+                self.shared.mark_lost(reason.clone());
+                Err(Error::lost(self.name(), reason))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Releases the lock now. Fails with [`Error::LockLost`] if the lock was lost before
+    /// (the lease expired or was taken over): the protected work may then have overlapped
+    /// with another holder.
+    pub async fn release(mut self) -> Result<()> {
+        let span = tracing::info_span!(
+            "lockkit.release",
+            backend = self.shared.backend,
+            lock = %self.shared.name,
+            token = self.shared.token.0,
+        );
+        async {
+            let (reply, answer) = oneshot::channel();
+            let sent = self
+                .commands
+                .take()
+                .is_some_and(|c| c.send(Command::Release(reply)).is_ok());
+            let result = match sent {
+                true => match answer.await {
+                    Ok(result) => result,
+                    // The keeper is gone (its runtime shut down): release from here.
+                    Err(_) => self.lease.release().await,
+                },
+                false => self.lease.release().await,
+            };
+            if let Some(reason) = self.shared.lost_reason() {
+                return Err(Error::lost(self.name(), reason));
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The keeper: one task per guard. Renews the lease, watches the backend's loss signal and
+/// the lease's validity, and releases when the guard asks or is dropped.
+async fn keep(
+    shared: Arc<Shared>,
+    lease: Arc<dyn Lease>,
+    mut inbox: mpsc::UnboundedReceiver<Command>,
+) {
+    let first = shared.clock().renew_every;
+    let mut next_renewal = first.map(|every| Instant::now() + every);
+    let command = loop {
+        let lost = shared.lost_reason().is_some();
+        let clock = *shared.clock();
+        let renew_at = next_renewal.unwrap_or(clock.valid_until);
+        tokio::select! {
+            biased;
+            command = inbox.recv() => break command,
+            reason = lease.lost(), if !lost => shared.mark_lost(reason),
+            _ = shared.clock_changed.notified() => {}
+            _ = sleep_until(clock.valid_until), if !lost => {
+                if Instant::now() >= shared.clock().valid_until {
+                    shared.mark_lost(LostReason::Expired);
+                }
+            }
+            _ = sleep_until(renew_at), if !lost && next_renewal.is_some() => {
+                let started = Instant::now();
+                let renewal = timeout_at(clock.valid_until, lease.extend(clock.ttl));
+                let result = tokio::select! {
+                    biased;
+                    command = inbox.recv() => break command,
+                    result = renewal => result,
+                };
+                next_renewal = renewed(&shared, result, started, clock);
+            }
+        }
+    };
+    let result = lease.release().await;
+    let held = shared.acquired_at.elapsed();
+    metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
+        .record(held.as_secs_f64());
+    match command {
+        Some(Command::Release(reply)) => {
+            let _ = reply.send(result);
+        }
+        None => match result {
+            Ok(()) => tracing::debug!(?held, "released on drop"),
+            Err(e) => tracing::debug!(error = %e, "release on drop failed"),
+        },
+    }
+}
+
+/// Applies one renewal's outcome; returns when to renew next (`None` once lost).
+fn renewed(
+    shared: &Shared,
+    result: std::result::Result<Result<Instant>, tokio::time::error::Elapsed>,
+    started: Instant,
+    clock: Clock,
+) -> Option<Instant> {
+    let every = clock.renew_every?;
+    let backend = shared.backend;
+    match result {
+        Ok(Ok(valid_until)) => {
+            shared.clock().valid_until = valid_until;
+            metrics::counter!(telemetry::RENEWALS_TOTAL, "backend" => backend).increment(1);
+            tracing::debug!(took = ?started.elapsed(), "lease renewed");
+            Some(Instant::now() + every)
+        }
+        Ok(Err(Error::LockLost { reason, .. })) => {
+            metrics::counter!(telemetry::RENEWAL_FAILURES_TOTAL, "backend" => backend).increment(1);
+            shared.mark_lost(reason);
+            None
+        }
+        Ok(Err(e)) => {
+            metrics::counter!(telemetry::RENEWAL_FAILURES_TOTAL, "backend" => backend).increment(1);
+            let now = Instant::now();
+            if now >= clock.valid_until {
+                shared.mark_lost(LostReason::RenewalFailed(e.to_string()));
+                return None;
+            }
+            // Retry soon, several times within what is left of the lease.
+            let retry = ((clock.valid_until - now) / 4).clamp(Duration::from_millis(5), every);
+            tracing::warn!(error = %e, ?retry, "lease renewal failed, retrying");
+            Some(now + retry)
+        }
+        Err(_) => {
+            metrics::counter!(telemetry::RENEWAL_FAILURES_TOTAL, "backend" => backend).increment(1);
+            shared.mark_lost(LostReason::RenewalFailed(
+                "no answer before the lease ran out".into(),
+            ));
+            None
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The `lockkit` command: run a command while holding a distributed lock.
+//!
+//! ```text
+//! lockkit run --url sqlite:///var/lib/app/locks.db --name nightly-report -- ./report.sh
+//! ```
+//!
+//! The command runs only while the lock is held; if the lock is lost (lease expired, server
+//! gone), the command is killed and `lockkit` exits with status 75. If the lock is busy
+//! past `--wait`, `lockkit` exits with status 73 without running the command.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lockkit::{Error, LockOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "lockkit",
+    version,
+    about = "Distributed locks from the command line"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a command while holding a lock (a singleton cron job, a cache rebuild).
+    Run {
+        /// Lock service URL (`sqlite://path`, ...).
+        #[arg(long, env = "LOCKKIT_URL")]
+        url: String,
+        /// Lock name.
+        #[arg(long)]
+        name: String,
+        /// Lease TTL in seconds; renewed automatically while the command runs.
+        #[arg(long, default_value_t = 30.0)]
+        ttl: f64,
+        /// Seconds to wait for a busy lock (0: one attempt); waits forever when omitted.
+        #[arg(long)]
+        wait: Option<f64>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+}
+
+const EXIT_BUSY: u8 = 73;
+const EXIT_LOST: u8 = 75;
+
+fn seconds(value: f64, what: &str) -> Result<Duration, Error> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| Error::InvalidOptions(format!("--{what} must be a non-negative number")))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let Command::Run {
+        url,
+        name,
+        ttl,
+        wait,
+        command,
+    } = cli.command;
+    let mut opts = LockOptions::new().ttl(seconds(ttl, "ttl")?);
+    if let Some(wait) = wait {
+        opts = opts.wait_timeout(seconds(wait, "wait")?);
+    }
+    let locks = lockkit::connect(&url).await?;
+    let guard = match locks.acquire(&name, &opts).await {
+        Ok(guard) => guard,
+        Err(e @ Error::Timeout { .. }) => {
+            eprintln!("lockkit: {e}");
+            return Ok(ExitCode::from(EXIT_BUSY));
+        }
+        Err(e) => return Err(e),
+    };
+    eprintln!(
+        "lockkit: holding `{name}` (fencing token {})",
+        guard.fencing_token()
+    );
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env("LOCKKIT_FENCING_TOKEN", guard.fencing_token().to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::InvalidOptions(format!("cannot run `{}`: {e}", command[0])))?;
+    tokio::select! {
+        status = child.wait() => {
+            let status = status.map_err(|e| Error::Unsupported(format!("waiting for the command: {e}")))?;
+            if let Err(e) = guard.release().await {
+                eprintln!("lockkit: {e}");
+                return Ok(ExitCode::from(EXIT_LOST));
+            }
+            Ok(ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
+        }
+        reason = guard.lost() => {
+            eprintln!("lockkit: lost `{name}`: {reason}; stopping the command");
+            let _ = child.kill().await;
+            Ok(ExitCode::from(EXIT_LOST))
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lockkit: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

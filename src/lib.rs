@@ -1,0 +1,139 @@
+//! # lockkit
+//!
+//! One distributed-lock API with swappable backends. Every guard carries a **fencing token**
+//! that strictly increases per lock name, **knows when it lost** the lock (and says so through
+//! [`LockGuard::lost`]), and has its lease **renewed automatically** while it lives.
+//!
+//! Pick backends with cargo features (`sqlite`, the embedded default, is on by default) and
+//! connect from a URL:
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> lockkit::Result<()> {
+//! use std::time::Duration;
+//! use lockkit::LockOptions;
+//!
+//! let locks = lockkit::connect("sqlite:///tmp/lockkit-demo.db").await?;
+//! let opts = LockOptions::new()
+//!     .ttl(Duration::from_secs(10))
+//!     .wait_timeout(Duration::from_secs(5));
+//! let guard = locks.acquire("inventory/sku-42", &opts).await?;
+//! // ... read stock, check, write; pass guard.fencing_token() to the store ...
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+use std::sync::Arc;
+
+pub use lockkit_core::{
+    async_trait, run_detached, telemetry, with_lock, Acquired, BoxError, Capabilities,
+    DistributedLock, Error, FencingToken, Lease, LockGuard, LockName, LockOptions, LostReason,
+    Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
+};
+
+/// The SQL backends (SQLite, the embedded default).
+#[cfg(feature = "sqlite")]
+pub use lockkit_sql as sql;
+
+#[cfg(feature = "sqlite")]
+pub use lockkit_sql::SqliteLock;
+
+/// The backends a URL scheme selects, the cargo feature that enables each, and whether that
+/// feature is compiled in.
+const SCHEMES: &[(&[&str], &str, bool)] = &[
+    (&["sqlite"], "sqlite", cfg!(feature = "sqlite")),
+    (
+        &["postgres", "postgresql"],
+        "postgres",
+        cfg!(feature = "postgres"),
+    ),
+    (&["mysql", "mariadb"], "mysql", cfg!(feature = "mysql")),
+    (
+        &["redis", "rediss", "redlock"],
+        "redis",
+        cfg!(feature = "redis"),
+    ),
+    (&["etcd", "etcds"], "etcd", cfg!(feature = "etcd")),
+    (&["zk", "zookeeper"], "zk", cfg!(feature = "zk")),
+    (&["consul"], "consul", cfg!(feature = "consul")),
+];
+
+/// Connects to the lock service at `url`, choosing the backend by the URL's scheme:
+///
+/// | scheme | backend | cargo feature |
+/// |---|---|---|
+/// | `sqlite://path`, `sqlite:path`, `sqlite::memory:` | SQLite lease table | `sqlite` (default) |
+/// | `postgres://`, `mysql://` | SQL advisory locks (planned) | `postgres`, `mysql` |
+/// | `redis://`, `redlock://` | Redis (planned) | `redis` |
+/// | `etcd://` | etcd (planned) | `etcd` |
+/// | `zk://` | ZooKeeper (planned) | `zk` |
+/// | `consul://` | Consul (planned) | `consul` |
+///
+/// A scheme whose feature is off is an [`Error::Unsupported`] that names the feature to
+/// enable.
+pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
+    let scheme = url
+        .split_once(':')
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .ok_or_else(|| Error::InvalidOptions(format!("`{url}` is not a URL (no scheme)")))?;
+    let found = SCHEMES.iter().find(|(s, ..)| s.contains(&scheme.as_str()));
+    let Some(&(_, feature, enabled)) = found else {
+        let known: Vec<&str> = SCHEMES
+            .iter()
+            .flat_map(|(s, ..)| s.iter().copied())
+            .collect();
+        return Err(Error::Unsupported(format!(
+            "unknown lock service scheme `{scheme}`; lockkit knows {}",
+            known.join(", ")
+        )));
+    };
+    match feature {
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(SqliteLock::connect(url).await?)),
+        _ if !enabled => Err(Error::Unsupported(format!(
+            "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
+        ))),
+        feature => Err(Error::Unsupported(format!(
+            "the `{feature}` backend is not available in lockkit {} yet",
+            env!("CARGO_PKG_VERSION")
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_scheme_is_unsupported() {
+        let err = connect("ftp://x").await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Unsupported(m) if m.contains("sqlite")),
+            "{err}"
+        );
+        let err = connect("no-scheme").await.unwrap_err();
+        assert!(matches!(err, Error::InvalidOptions(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn disabled_feature_is_named() {
+        let err = connect("redis://127.0.0.1:1").await.unwrap_err();
+        let Error::Unsupported(message) = err else {
+            panic!("{err:?}")
+        };
+        if !cfg!(feature = "redis") {
+            assert!(message.contains("feature `redis`"), "{message}");
+        }
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_memory_url_connects() {
+        let locks = connect("sqlite::memory:").await.unwrap();
+        assert_eq!(locks.backend(), "sqlite");
+        let guard = locks.acquire("x", &LockOptions::new()).await.unwrap();
+        assert!(guard.is_held());
+        guard.release().await.unwrap();
+    }
+}

@@ -1,0 +1,45 @@
+//! The conformance suite, run unchanged against every backend compiled in. Tests are named
+//! `<backend>::<case>`: `cargo test --all-features --test conformance -- sqlite::` runs one
+//! backend. Networked backends read their server URLs from `target/services.env`, written by
+//! `scripts/services up`.
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use std::sync::Arc;
+
+    use lockkit::{DistributedLock, SqliteLock};
+    use lockkit_core::conformance::Harness;
+
+    /// Every client of one harness opens the same database file, as separate processes
+    /// would; each test gets its own file.
+    struct SqliteHarness {
+        dir: tempfile::TempDir,
+    }
+
+    impl SqliteHarness {
+        fn new() -> Self {
+            SqliteHarness {
+                dir: tempfile::tempdir().expect("temp dir"),
+            }
+        }
+    }
+
+    #[lockkit::async_trait]
+    impl Harness for SqliteHarness {
+        async fn client(&self) -> Arc<dyn DistributedLock> {
+            let url = format!("sqlite://{}", self.dir.path().join("locks.db").display());
+            Arc::new(SqliteLock::connect(&url).await.expect("open SQLite"))
+        }
+
+        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
+            // A database in a directory that does not exist cannot be opened.
+            let url = format!(
+                "sqlite://{}",
+                self.dir.path().join("missing/dir/locks.db").display()
+            );
+            Ok(Arc::new(SqliteLock::connect(&url).await?))
+        }
+    }
+
+    lockkit_core::conformance_suite!(SqliteHarness::new());
+}

@@ -338,3 +338,147 @@ fn renewed(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// A lease whose renewals fail on command, to drive the keeper through its states.
+    #[derive(Debug, Default)]
+    struct Script {
+        /// Renewals still to fail with a connection error (`u32::MAX`: all of them).
+        failures: AtomicU32,
+        not_owner: AtomicBool,
+        extends: AtomicU32,
+        releases: AtomicU32,
+        session_gone: Notify,
+    }
+
+    #[derive(Debug)]
+    struct ScriptedLease(Arc<Script>);
+
+    #[async_trait]
+    impl Lease for ScriptedLease {
+        async fn extend(&self, ttl: Duration) -> Result<Instant> {
+            let script = &self.0;
+            script.extends.fetch_add(1, Ordering::SeqCst);
+            if script.not_owner.load(Ordering::SeqCst) {
+                return Err(Error::lost("x", LostReason::NotOwner));
+            }
+            let left = script.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                if left != u32::MAX {
+                    script.failures.store(left - 1, Ordering::SeqCst);
+                }
+                return Err(Error::connection("scripted", "connection refused"));
+            }
+            Ok(Instant::now() + ttl)
+        }
+
+        async fn release(&self) -> Result<()> {
+            self.0.releases.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        async fn lost(&self) -> LostReason {
+            self.0.session_gone.notified().await;
+            LostReason::SessionLost("scripted".into())
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    fn guard(script: &Arc<Script>, opts: &LockOptions) -> LockGuard {
+        let acquired = Acquired::new(
+            FencingToken(7),
+            Instant::now() + opts.ttl,
+            Box::new(ScriptedLease(script.clone())),
+        );
+        LockGuard::start("scripted", LockName::new("x").unwrap(), acquired, opts).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_renewal_failures_are_retried_within_the_lease() {
+        let script = Arc::new(Script::default());
+        script.failures.store(3, Ordering::SeqCst);
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        tokio::time::sleep(TTL * 5).await;
+        assert!(guard.is_held());
+        assert_eq!(guard.lost_reason(), None);
+        assert!(script.extends.load(Ordering::SeqCst) >= 3 + 5);
+        guard.release().await.unwrap();
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_that_keeps_failing_loses_the_lock_at_the_lease_end() {
+        let script = Arc::new(Script::default());
+        script.failures.store(u32::MAX, Ordering::SeqCst);
+        let started = Instant::now();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        let reason = guard.lost().await;
+        assert!(
+            matches!(reason, LostReason::Expired | LostReason::RenewalFailed(_)),
+            "{reason:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= TTL && took < TTL + Duration::from_millis(100),
+            "{took:?}"
+        );
+        assert!(!guard.is_held());
+        assert!(
+            script.extends.load(Ordering::SeqCst) >= 3,
+            "retried too little"
+        );
+        assert!(guard.release().await.unwrap_err().is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_refused_as_not_owner_loses_the_lock_at_once() {
+        let script = Arc::new(Script::default());
+        script.not_owner.store(true, Ordering::SeqCst);
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        assert_eq!(guard.lost().await, LostReason::NotOwner);
+        assert!(!guard.is_held());
+        assert!(guard.extend(TTL).await.unwrap_err().is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backend_loss_signal_fires_lost() {
+        let script = Arc::new(Script::default());
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        script.session_gone.notify_one();
+        let reason = guard.lost().await;
+        assert!(matches!(reason, LostReason::SessionLost(_)), "{reason:?}");
+        assert!(!guard.is_held());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_renewal_the_lease_expires_unless_extended() {
+        let script = Arc::new(Script::default());
+        let guard = guard(&script, &LockOptions::new().ttl(TTL).auto_renew(false));
+        tokio::time::sleep(TTL / 2).await;
+        guard.extend(TTL).await.unwrap();
+        tokio::time::sleep(TTL * 3 / 4).await;
+        assert!(guard.is_held(), "extend did not push the expiry out");
+        assert_eq!(script.extends.load(Ordering::SeqCst), 1);
+        assert_eq!(guard.lost().await, LostReason::Expired);
+        assert!(!guard.is_held());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drop_releases_and_outliving_lost_futures_resolve() {
+        let script = Arc::new(Script::default());
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        let lost = guard.lost();
+        drop(guard);
+        assert_eq!(lost.await, LostReason::Released);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 /// `scripts/services up`. Panics with instructions when neither is there: a test that needs a
 /// server fails loudly without it.
 #[allow(dead_code)]
-pub fn service_url(key: &str) -> String {
+pub(crate) fn service_url(key: &str) -> String {
     if let Ok(url) = std::env::var(key) {
         return url;
     }

@@ -1,27 +1,4 @@
-//! # lockkit
-//!
-//! One distributed-lock API with swappable backends. Every guard carries a **fencing token**
-//! that strictly increases per lock name, **knows when it lost** the lock (and says so through
-//! [`LockGuard::lost`]), and has its lease **renewed automatically** while it lives.
-//!
-//! Pick backends with cargo features (`sqlite`, the embedded default, is on by default) and
-//! connect from a URL:
-//!
-//! ```no_run
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> lockkit::Result<()> {
-//! use std::time::Duration;
-//! use lockkit::LockOptions;
-//!
-//! let locks = lockkit::connect("sqlite:///tmp/lockkit-demo.db").await?;
-//! let opts = LockOptions::new()
-//!     .ttl(Duration::from_secs(10))
-//!     .wait_timeout(Duration::from_secs(5));
-//! let guard = locks.acquire("inventory/sku-42", &opts).await?;
-//! // ... read stock, check, write; pass guard.fencing_token() to the store ...
-//! guard.release().await?;
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 use std::sync::Arc;

@@ -1,19 +1,4 @@
-//! # lockkit-core
-//!
-//! The backend-independent heart of [lockkit](https://docs.rs/lockkit): the
-//! [`DistributedLock`] trait every backend implements, [`LockOptions`], the RAII
-//! [`LockGuard`] with its fencing token and lost-lock signal, the one lease keeper that renews
-//! leases for every backend, the [`Error`] type, and (feature `conformance`) the conformance
-//! suite every backend must pass.
-//!
-//! Users normally depend on the `lockkit` facade crate; backend authors depend on this one.
-//!
-//! ## Writing a backend
-//! Implement [`DistributedLock::try_lock`] and [`DistributedLock::lock`], returning an
-//! [`Acquired`] whose [`Lease`] extends and releases only if the lock is still the owner's.
-//! Wrap each request that may take the lock in [`run_detached`] so a cancelled caller never
-//! leaves a lock behind, then run the suite with
-//! [`conformance_suite!`](crate::conformance_suite) (feature `conformance`).
+#![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod acquire;

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long)]
     url: Option<String>,
     /// Concurrent workers.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     workers: u64,
     /// Orders to take, spread over the workers.
     #[arg(long, default_value_t = 500)]

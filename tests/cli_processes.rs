@@ -60,15 +60,24 @@ fn processes_exclude_each_other_and_tokens_rise() {
 #[test]
 fn busy_lock_exits_73_and_command_status_passes_through() {
     let dir = tempfile::tempdir().unwrap();
-    let (db, started) = (dir.path().join("locks.db"), dir.path().join("started"));
+    let (db, started, done) = (
+        dir.path().join("locks.db"),
+        dir.path().join("started"),
+        dir.path().join("done"),
+    );
+    // The holder keeps the lock until the test says it is done.
     let mut holder = lockkit(
         &db,
         &["--name", "job"],
-        &format!("touch '{}'; sleep 3", started.display()),
+        &format!(
+            "touch '{}'; while [ ! -e '{}' ]; do sleep 0.02; done",
+            started.display(),
+            done.display()
+        ),
     )
     .spawn()
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !started.exists() {
         assert!(Instant::now() < deadline, "the holder never started");
         std::thread::sleep(Duration::from_millis(10));
@@ -77,6 +86,7 @@ fn busy_lock_exits_73_and_command_status_passes_through() {
         .status()
         .unwrap();
     assert_eq!(busy.code(), Some(73));
+    std::fs::write(&done, "").unwrap();
     assert!(holder.wait().unwrap().success());
     let passed = lockkit(&db, &["--name", "job", "--wait", "5"], "exit 9")
         .status()

@@ -6,6 +6,7 @@ use tokio::time::Instant;
 use tracing::{field, Instrument};
 
 use crate::backend::{Acquired, DistributedLock};
+use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::name::LockName;
@@ -37,7 +38,7 @@ where
                     Err(e) => Err(e),
                 }
             }
-            Some(wait) => {
+            Some(wait) if started.checked_add(wait).is_some() => {
                 let deadline = started + wait;
                 let attempt = with_retries(opts, Some(deadline), || {
                     lock.lock(&name, opts, Some(deadline))
@@ -47,9 +48,10 @@ where
                     Err(_) => Err(timeout(&name, started)),
                 }
             }
-            None => with_retries(opts, None, || lock.lock(&name, opts, None)).await,
+            // No deadline, or one too far away to represent.
+            _ => with_retries(opts, None, || lock.lock(&name, opts, None)).await,
         };
-        finish(backend, &name, opts, started, result.map(Some)).and_then(|guard| {
+        finish(backend, &name, opts, &caps, started, result.map(Some)).and_then(|guard| {
             guard.ok_or_else(|| Error::Unsupported("backend returned no lock".into()))
         })
     }
@@ -67,7 +69,8 @@ where
 {
     let backend = lock.backend();
     let name = LockName::new(name)?;
-    opts.validate(&lock.capabilities())?;
+    let caps = lock.capabilities();
+    opts.validate(&caps)?;
     let span = tracing::info_span!(
         "lockkit.acquire",
         backend,
@@ -78,7 +81,7 @@ where
     async {
         let started = Instant::now();
         let result = with_retries(opts, None, || lock.try_lock(&name, opts)).await;
-        finish(backend, &name, opts, started, result)
+        finish(backend, &name, opts, &caps, started, result)
     }
     .instrument(span)
     .await
@@ -96,6 +99,7 @@ fn finish(
     backend: &'static str,
     name: &LockName,
     opts: &LockOptions,
+    caps: &Capabilities,
     started: Instant,
     result: Result<Option<Acquired>>,
 ) -> Result<Option<LockGuard>> {
@@ -121,7 +125,7 @@ fn finish(
     match result {
         Ok(Some(acquired)) => {
             tracing::debug!(token = acquired.token.0, "acquired");
-            LockGuard::start(backend, name.clone(), acquired, opts).map(Some)
+            LockGuard::start(backend, name.clone(), acquired, opts, caps).map(Some)
         }
         Ok(None) => Ok(None),
         Err(e) => {
@@ -147,7 +151,8 @@ where
         match attempt().await {
             Err(e) if e.is_retryable() && retry < opts.retry.max_retries => {
                 let delay = opts.retry.backoff(retry);
-                if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                let until = Instant::now().checked_add(delay);
+                if deadline.is_some_and(|d| until.is_none_or(|u| u >= d)) {
                     return Err(e);
                 }
                 tracing::debug!(error = %e, retry, ?delay, "retrying after a connection error");

@@ -150,29 +150,77 @@ where
     Ok(out)
 }
 
-/// Runs an acquisition attempt to completion even if the caller stops waiting for it: if the
-/// caller's future is dropped mid-request (wait timeout, cancellation) and the attempt then
-/// succeeds, the lease is released right away instead of staying held until its TTL.
+/// The outcome of one acquisition request, as [`run_detached`] sees it: whether it holds a
+/// lock that must be released if nobody is left to take it.
+pub trait Attempt: Send + 'static {
+    /// The acquisition this outcome holds, if any.
+    fn into_acquired(self) -> Option<Acquired>;
+}
+
+impl Attempt for Option<Acquired> {
+    fn into_acquired(self) -> Option<Acquired> {
+        self
+    }
+}
+
+/// Runs an acquisition request to completion even if the caller stops waiting for it: if the
+/// caller's future is dropped mid-request (wait timeout, cancellation) and the request then
+/// succeeds, or had just succeeded, the lease is released right away instead of staying held
+/// until its TTL.
 ///
 /// Backends wrap each request that may take a lock in this, and keep the waiting between
-/// requests cancellable. Needs a Tokio runtime.
-pub fn run_detached<F>(attempt: F) -> impl Future<Output = Result<Option<Acquired>>> + Send
+/// requests cancellable. Outside a Tokio runtime it fails with [`crate::Error::Unsupported`].
+pub fn run_detached<T, F>(attempt: F) -> impl Future<Output = Result<T>> + Send
 where
-    F: Future<Output = Result<Option<Acquired>>> + Send + 'static,
+    T: Attempt,
+    F: Future<Output = Result<T>> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let result = attempt.await;
-        if let Err(Ok(Some(orphan))) = tx.send(result) {
-            tracing::debug!("releasing a lock whose caller stopped waiting");
-            let _ = orphan.lease.release().await;
-        }
+    let spawned = tokio::runtime::Handle::try_current().map(|runtime| {
+        runtime.spawn(async move {
+            let result = attempt.await;
+            if let Err(Ok(outcome)) = tx.send(result) {
+                release_orphan(outcome);
+            }
+        })
     });
+    let mut pending = Pending { rx };
     async move {
-        rx.await.unwrap_or_else(|_| {
+        if spawned.is_err() {
+            return Err(crate::Error::Unsupported(
+                "lockkit needs a Tokio runtime to acquire locks".into(),
+            ));
+        }
+        (&mut pending.rx).await.unwrap_or_else(|_| {
             Err(crate::Error::Unsupported(
                 "the acquisition task was cancelled: the Tokio runtime is shutting down".into(),
             ))
         })
+    }
+}
+
+/// The caller's end of a detached attempt. If the caller goes away after the attempt has
+/// delivered its outcome but before reading it, the outcome is taken back and released here.
+struct Pending<T: Attempt> {
+    rx: tokio::sync::oneshot::Receiver<Result<T>>,
+}
+
+impl<T: Attempt> Drop for Pending<T> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Ok(outcome)) = self.rx.try_recv() {
+            release_orphan(outcome);
+        }
+    }
+}
+
+fn release_orphan<T: Attempt>(outcome: T) {
+    if let Some(orphan) = outcome.into_acquired() {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            tracing::debug!("releasing a lock whose caller stopped waiting");
+            runtime.spawn(async move {
+                let _ = orphan.lease.release().await;
+            });
+        }
     }
 }

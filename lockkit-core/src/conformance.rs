@@ -223,6 +223,28 @@ pub async fn cancelled_wait_leaves_nothing(h: &dyn Harness) {
         .release()
         .await
         .unwrap();
+
+    // Cancel waits just as the holder releases, so some cancelled waits have just been
+    // granted the lock: none of them may keep it.
+    for round in 0..20u64 {
+        let guard = a.acquire(&name, &opts).await.unwrap();
+        let b = b.clone();
+        let (name2, opts2) = (name.clone(), opts.clone());
+        let waiter = tokio::spawn(async move { b.acquire(&name2, &opts2).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let release = tokio::spawn(guard.release());
+        tokio::time::sleep(Duration::from_micros(round * 250)).await;
+        waiter.abort();
+        release.await.unwrap().unwrap();
+        let _ = waiter.await;
+        let started = Instant::now();
+        let next = c
+            .acquire(&name, &waiting(Duration::from_secs(10)))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a cancelled waiter kept the lock: {e}"));
+        assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
+        next.release().await.unwrap();
+    }
 }
 
 /// A dropped guard releases promptly, also when dropped on a thread outside any runtime.
@@ -357,6 +379,34 @@ pub async fn stale_owner_cannot_release_or_extend(h: &dyn Harness) {
         .await
         .expect("the new holder's lease");
     holder.release().await.expect("the new holder's release");
+
+    // The stale owner's extend must not have prolonged a new holder's lease either: a holder
+    // that does not renew loses the lock at its own TTL, whatever the stale owner asked for.
+    let stale = a
+        .acquire(&name, &LockOptions::new().ttl(ttl).auto_renew(false))
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(expiry_bound(&caps, ttl), stale.lost()).await;
+    let holder = b
+        .acquire(
+            &name,
+            &waiting(expiry_bound(&caps, ttl)).ttl(ttl).auto_renew(false),
+        )
+        .await
+        .expect("the expired lease was never freed");
+    let long = (ttl * 20).min(caps.max_ttl);
+    assert!(stale
+        .extend(long)
+        .await
+        .expect_err("stale extend")
+        .is_lost());
+    let next = c
+        .acquire(&name, &waiting(expiry_bound(&caps, ttl)))
+        .await
+        .expect("a stale owner's extend prolonged the new holder's lease");
+    assert!(next.fencing_token() > holder.fencing_token());
+    next.release().await.unwrap();
+    drop((stale, holder));
 }
 
 /// One client holds 200 names at once; all are free again once the guards drop.

@@ -9,9 +9,10 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
 use crate::backend::{Acquired, FencingToken, Lease};
+use crate::capabilities::Capabilities;
 use crate::error::{Error, LostReason, Result};
 use crate::name::LockName;
-use crate::options::LockOptions;
+use crate::options::{validate_ttl, LockOptions};
 use crate::telemetry;
 
 /// A held lock. Dropping it releases the lock in the background (promptly, without blocking,
@@ -32,6 +33,7 @@ struct Shared {
     name: LockName,
     token: FencingToken,
     acquired_at: Instant,
+    caps: Capabilities,
     clock: Mutex<Clock>,
     /// Wakes the keeper when `clock` changes.
     clock_changed: Notify,
@@ -43,6 +45,8 @@ struct Clock {
     ttl: Duration,
     valid_until: Instant,
     renew_every: Option<Duration>,
+    /// Bumped by every explicit `extend`: a renewal started before it must not overwrite it.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -89,6 +93,7 @@ impl LockGuard {
         name: LockName,
         acquired: Acquired,
         opts: &LockOptions,
+        caps: &Capabilities,
     ) -> Result<LockGuard> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Unsupported("lockkit guards need to be created inside a Tokio runtime".into())
@@ -99,10 +104,12 @@ impl LockGuard {
             name,
             token: acquired.token,
             acquired_at: Instant::now(),
+            caps: caps.clone(),
             clock: Mutex::new(Clock {
                 ttl: opts.ttl,
                 valid_until: acquired.valid_until,
                 renew_every: opts.auto_renew.then(|| opts.renewal_interval()),
+                generation: 0,
             }),
             clock_changed: Notify::new(),
             lost,
@@ -180,13 +187,10 @@ impl LockGuard {
     }
 
     /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too.
-    /// Fails with [`Error::LockLost`] if the lock is no longer ours.
+    /// Fails with [`Error::LockLost`] if the lock is no longer ours, and with
+    /// [`Error::InvalidOptions`] for a TTL outside the backend's limits.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
-        if ttl.is_zero() {
-            return Err(Error::InvalidOptions(
-                "the lease TTL must be above zero".into(),
-            ));
-        }
+        validate_ttl(ttl, &self.shared.caps)?;
         let result = self.lease.extend(ttl).await;
         if let Some(reason) = self.shared.lost_reason() {
             return Err(Error::lost(self.name(), reason));
@@ -197,6 +201,7 @@ impl LockGuard {
                     let mut clock = self.shared.clock();
                     clock.ttl = ttl;
                     clock.valid_until = valid_until;
+                    clock.generation += 1;
                     if let Some(every) = clock.renew_every.as_mut() {
                         *every = (*every).min(ttl / 3).max(Duration::from_millis(1));
                     }
@@ -253,8 +258,13 @@ async fn keep(
     lease: Arc<dyn Lease>,
     mut inbox: mpsc::UnboundedReceiver<Command>,
 ) {
-    let first = shared.clock().renew_every;
-    let mut next_renewal = first.map(|every| Instant::now() + every);
+    // Renewals are timed from the start of the lease (the request), not from now.
+    let renewal_after = |clock: &Clock| {
+        let every = clock.renew_every?;
+        let lease_start = clock.valid_until.checked_sub(clock.ttl);
+        Some(lease_start.map_or_else(Instant::now, |start| start + every))
+    };
+    let mut next_renewal = renewal_after(&shared.clock());
     let command = loop {
         let lost = shared.lost_reason().is_some();
         let clock = *shared.clock();
@@ -263,7 +273,14 @@ async fn keep(
             biased;
             command = inbox.recv() => break command,
             reason = lease.lost(), if !lost => shared.mark_lost(reason),
-            _ = shared.clock_changed.notified() => {}
+            _ = shared.clock_changed.notified() => {
+                // An explicit extend may have shortened the TTL: renew no later than it needs.
+                let soonest = renewal_after(&shared.clock());
+                next_renewal = match (next_renewal, soonest) {
+                    (Some(next), Some(soonest)) => Some(next.min(soonest)),
+                    (next, _) => next,
+                };
+            }
             _ = sleep_until(clock.valid_until), if !lost => {
                 if Instant::now() >= shared.clock().valid_until {
                     shared.mark_lost(LostReason::Expired);
@@ -275,6 +292,10 @@ async fn keep(
                 let result = tokio::select! {
                     biased;
                     command = inbox.recv() => break command,
+                    reason = lease.lost() => {
+                        shared.mark_lost(reason);
+                        continue;
+                    }
                     result = renewal => result,
                 };
                 next_renewal = renewed(&shared, result, started, clock);
@@ -307,10 +328,15 @@ fn renewed(
     let backend = shared.backend;
     match result {
         Ok(Ok(valid_until)) => {
-            shared.clock().valid_until = valid_until;
+            let mut now = shared.clock();
+            // An explicit extend since this renewal started decides the lease's end.
+            if now.generation == clock.generation {
+                now.valid_until = valid_until;
+            }
+            drop(now);
             metrics::counter!(telemetry::RENEWALS_TOTAL, "backend" => backend).increment(1);
             tracing::debug!(took = ?started.elapsed(), "lease renewed");
-            Some(Instant::now() + every)
+            Some(started + every)
         }
         Ok(Err(Error::LockLost { reason, .. })) => {
             metrics::counter!(telemetry::RENEWAL_FAILURES_TOTAL, "backend" => backend).increment(1);
@@ -325,7 +351,8 @@ fn renewed(
                 return None;
             }
             // Retry soon, several times within what is left of the lease.
-            let retry = ((clock.valid_until - now) / 4).clamp(Duration::from_millis(5), every);
+            let floor = Duration::from_millis(5).min(every);
+            let retry = ((clock.valid_until - now) / 4).clamp(floor, every);
             tracing::warn!(error = %e, ?retry, "lease renewal failed, retrying");
             Some(now + retry)
         }
@@ -398,7 +425,15 @@ mod tests {
             Instant::now() + opts.ttl,
             Box::new(ScriptedLease(script.clone())),
         );
-        LockGuard::start("scripted", LockName::new("x").unwrap(), acquired, opts).unwrap()
+        let caps = Capabilities::new(Duration::from_millis(1));
+        LockGuard::start(
+            "scripted",
+            LockName::new("x").unwrap(),
+            acquired,
+            opts,
+            &caps,
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,9 @@ pub mod telemetry;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use backend::{run_detached, with_lock, Acquired, DistributedLock, FencingToken, Lease};
+pub use backend::{
+    run_detached, with_lock, Acquired, Attempt, DistributedLock, FencingToken, Lease,
+};
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, LostReason, Result};
 pub use guard::LockGuard;

@@ -107,7 +107,8 @@ impl LockOptions {
     }
 
     /// Waits at most `wait` for a held lock, then fails with [`Error::Timeout`]. Zero makes
-    /// `acquire` a single attempt.
+    /// `acquire` a single attempt at the lock (connection errors are still retried per the
+    /// retry policy).
     pub fn wait_timeout(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
         self

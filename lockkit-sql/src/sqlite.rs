@@ -19,6 +19,9 @@ use tokio::time::Instant;
 
 const BACKEND: &str = "sqlite";
 
+/// Subtracted from a lease's validity: expiries are stored in whole milliseconds.
+const CLOCK_MARGIN: Duration = Duration::from_millis(1);
+
 /// The schema: the lease table, the fence counter, and the triggers that keep the counter at
 /// the highest token ever handed out, so tokens never go back, even when rows are deleted.
 const SCHEMA: &str = "
@@ -44,18 +47,20 @@ END;
 ";
 
 /// Takes the lock if it is free or its lease has expired, in one statement; the new token is
-/// one above the fence counter.
+/// one above the fence counter. A lease stored as ending at millisecond `e` is held through
+/// all of `e` (taken over only once `now > e`), so it never ends before the holder's
+/// `valid_until`, which is measured from before the statement.
 const ACQUIRE: &str = "
 INSERT INTO lockkit_locks (name, owner, token, expires_at)
 VALUES (?1, ?2, (SELECT value + 1 FROM lockkit_fence WHERE id = 1), ?3 + ?4)
 ON CONFLICT (name) DO UPDATE
     SET owner = excluded.owner, token = excluded.token, expires_at = excluded.expires_at
-    WHERE lockkit_locks.expires_at <= ?3
+    WHERE lockkit_locks.expires_at < ?3
 RETURNING token";
 
 const EXTEND: &str = "
 UPDATE lockkit_locks SET expires_at = ?3 + ?4
-WHERE name = ?1 AND owner = ?2 AND expires_at > ?3";
+WHERE name = ?1 AND owner = ?2 AND expires_at >= ?3";
 
 const RELEASE: &str =
     "DELETE FROM lockkit_locks WHERE name = ?1 AND owner = ?2 RETURNING expires_at";
@@ -171,15 +176,14 @@ impl SqliteLock {
                 .idle_timeout(None)
                 .max_lifetime(None);
         }
-        let file = (!in_memory).then(|| {
-            let path = connect.get_filename();
-            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-        });
+        let path = connect.get_filename().to_path_buf();
         let pool = pool.connect_with(connect).await.map_err(map_err)?;
+        // Canonical once the file exists, so every client of one file shares wake-ups.
+        let file = (!in_memory).then(|| std::fs::canonicalize(&path).unwrap_or(path));
         let lock = SqliteLock {
             pool,
             wake: wake_slots(file),
-            max_poll: options.max_poll,
+            max_poll: options.max_poll.max(Duration::from_millis(1)),
         };
         lock.migrate().await?;
         Ok(lock)
@@ -216,7 +220,7 @@ impl SqliteLock {
             Ok(token.map(|token| {
                 Acquired::new(
                     FencingToken(token as u64),
-                    started + ttl,
+                    started + ttl - CLOCK_MARGIN,
                     Box::new(lease) as Box<dyn Lease>,
                 )
             }))
@@ -257,24 +261,38 @@ impl DistributedLock for SqliteLock {
     ) -> Result<Acquired> {
         let slot = self.wake.slot(name);
         let mut poll = Duration::from_millis(2);
+        let mut reached = false;
         loop {
             // Register for the wake-up before trying, so a release in between is not missed.
             let woken = slot.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            if let Some(acquired) = self.attempt(name, opts.ttl).await? {
-                return Ok(acquired);
-            }
+            let attempt = match self.attempt(name, opts.ttl).await {
+                Ok(Some(acquired)) => return Ok(acquired),
+                Ok(None) => self.time_left(name).await,
+                Err(e) => Err(e),
+            };
             // Wake when released here, when the holder's lease runs out, or to re-check
-            // for releases by other processes.
-            let expiry = self.time_left(name).await?.unwrap_or(Duration::ZERO);
+            // for releases by other processes. Once the database has answered, a passing
+            // error (a long write lock elsewhere) does not end the wait.
+            let expiry = match attempt {
+                Ok(left) => {
+                    reached = true;
+                    left.unwrap_or(Duration::ZERO)
+                }
+                Err(e) if reached && e.is_retryable() => {
+                    tracing::debug!(error = %e, "retrying while waiting");
+                    poll
+                }
+                Err(e) => return Err(e),
+            };
             let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
             let pause = jittered.min(expiry + Duration::from_millis(1));
             tokio::select! {
                 _ = woken => {}
                 _ = tokio::time::sleep(pause) => {}
             }
-            poll = (poll * 2).min(self.max_poll);
+            poll = poll.saturating_mul(2).min(self.max_poll);
         }
     }
 }
@@ -302,7 +320,7 @@ impl Lease for SqliteLease {
         if done.rows_affected() == 0 {
             return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
         }
-        Ok(started + ttl)
+        Ok(started + ttl - CLOCK_MARGIN)
     }
 
     async fn release(&self) -> Result<()> {
@@ -316,7 +334,7 @@ impl Lease for SqliteLease {
             None => Err(Error::lost(self.name.as_str(), LostReason::NotOwner)),
             Some(at) => {
                 self.wake.slot(&self.name).notify_waiters();
-                if at <= now_ms() {
+                if at < now_ms() {
                     // Ours, but past its lease: another process may have taken it meanwhile.
                     Err(Error::lost(self.name.as_str(), LostReason::Expired))
                 } else {

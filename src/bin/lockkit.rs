@@ -4,15 +4,20 @@
 //! lockkit run --url sqlite:///var/lib/app/locks.db --name nightly-report -- ./report.sh
 //! ```
 //!
-//! The command runs only while the lock is held; if the lock is lost (lease expired, server
-//! gone), the command is killed and `lockkit` exits with status 75. If the lock is busy
-//! past `--wait`, `lockkit` exits with status 73 without running the command.
+//! The command runs only while the lock is held, in its own process group; if the lock is
+//! lost (lease expired, server gone), the whole group is killed and `lockkit` exits with
+//! status 75. SIGTERM and SIGINT stop the command the same way and release the lock (exit
+//! 143, 130). If the lock is busy past `--wait`, `lockkit` exits with status 73 without
+//! running the command. Otherwise it exits with the command's status.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lockkit::{Error, LockOptions};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -80,26 +85,70 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         "lockkit: holding `{name}` (fencing token {})",
         guard.fencing_token()
     );
-    let mut child = tokio::process::Command::new(&command[0])
+    // The command runs in its own process group, so everything it starts is stopped with it.
+    let spawned = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .env("LOCKKIT_FENCING_TOKEN", guard.fencing_token().to_string())
+        .process_group(0)
         .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| Error::InvalidOptions(format!("cannot run `{}`: {e}", command[0])))?;
-    tokio::select! {
-        status = child.wait() => {
-            let status = status.map_err(|e| Error::Unsupported(format!("waiting for the command: {e}")))?;
-            if let Err(e) = guard.release().await {
-                eprintln!("lockkit: {e}");
-                return Ok(ExitCode::from(EXIT_LOST));
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            release(guard).await;
+            return Err(Error::InvalidOptions(format!(
+                "cannot run `{}`: {e}",
+                command[0]
+            )));
+        }
+    };
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| Error::Unsupported(format!("cannot handle SIGTERM: {e}")))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| Error::Unsupported(format!("cannot handle SIGINT: {e}")))?;
+    let outcome = tokio::select! {
+        status = child.wait() => Ok(status),
+        reason = guard.lost() => Err((format!("lost `{name}`: {reason}"), EXIT_LOST)),
+        _ = terminate.recv() => Err(("terminated".to_string(), 143)),
+        _ = interrupt.recv() => Err(("interrupted".to_string(), 130)),
+    };
+    match outcome {
+        Ok(status) => {
+            let status =
+                status.map_err(|e| Error::Unsupported(format!("waiting for the command: {e}")))?;
+            let lost = guard.release().await.err();
+            match lost {
+                Some(e @ Error::LockLost { .. }) => {
+                    eprintln!("lockkit: {e}");
+                    Ok(ExitCode::from(EXIT_LOST))
+                }
+                other => {
+                    if let Some(e) = other {
+                        eprintln!("lockkit: release failed (the lease ends by itself): {e}");
+                    }
+                    Ok(ExitCode::from(
+                        status.code().map_or(1, |c| c.clamp(0, 255) as u8),
+                    ))
+                }
             }
-            Ok(ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
         }
-        reason = guard.lost() => {
-            eprintln!("lockkit: lost `{name}`: {reason}; stopping the command");
-            let _ = child.kill().await;
-            Ok(ExitCode::from(EXIT_LOST))
+        Err((why, code)) => {
+            eprintln!("lockkit: {why}; stopping the command");
+            if let Some(pid) = child.id() {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            release(guard).await;
+            Ok(ExitCode::from(code))
         }
+    }
+}
+
+/// Releases before the runtime ends (a guard merely dropped at exit would keep the lock until
+/// its lease runs out).
+async fn release(guard: lockkit::LockGuard) {
+    if let Err(e) = guard.release().await {
+        eprintln!("lockkit: {e}");
     }
 }
 

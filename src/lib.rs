@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 pub use lockkit_core::{
-    async_trait, run_detached, telemetry, with_lock, Acquired, BoxError, Capabilities,
+    async_trait, run_detached, telemetry, with_lock, Acquired, Attempt, BoxError, Capabilities,
     DistributedLock, Error, FencingToken, Lease, LockGuard, LockName, LockOptions, LostReason,
     Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
 };
@@ -15,6 +15,13 @@ pub use lockkit_sql as sql;
 
 #[cfg(feature = "sqlite")]
 pub use lockkit_sql::SqliteLock;
+
+/// The Redis backend (single instance and RedLock).
+#[cfg(feature = "redis")]
+pub use lockkit_redis as redis;
+
+#[cfg(feature = "redis")]
+pub use lockkit_redis::RedisLock;
 
 /// The backends a URL scheme selects, the cargo feature that enables each, and whether that
 /// feature is compiled in.
@@ -42,7 +49,7 @@ const SCHEMES: &[(&[&str], &str, bool)] = &[
 /// |---|---|---|
 /// | `sqlite://path`, `sqlite:path`, `sqlite::memory:` | SQLite lease table | `sqlite` (default) |
 /// | `postgres://`, `mysql://` | SQL advisory locks (planned) | `postgres`, `mysql` |
-/// | `redis://`, `redlock://` | Redis (planned) | `redis` |
+/// | `redis://`, `rediss://`, `redlock://h1,h2,…` | Redis, RedLock | `redis` |
 /// | `etcd://` | etcd (planned) | `etcd` |
 /// | `zk://` | ZooKeeper (planned) | `zk` |
 /// | `consul://` | Consul (planned) | `consul` |
@@ -68,6 +75,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
     match feature {
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Arc::new(SqliteLock::connect(url).await?)),
+        #[cfg(feature = "redis")]
+        "redis" => Ok(Arc::new(lockkit_redis::RedisLock::connect(url).await?)),
         _ if !enabled => Err(Error::Unsupported(format!(
             "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
         ))),
@@ -95,12 +104,14 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_feature_is_named() {
-        let err = connect("redis://127.0.0.1:1").await.unwrap_err();
+        let err = connect("zk://127.0.0.1:1").await.unwrap_err();
         let Error::Unsupported(message) = err else {
             panic!("{err:?}")
         };
-        if !cfg!(feature = "redis") {
-            assert!(message.contains("feature `redis`"), "{message}");
+        if cfg!(feature = "zk") {
+            assert!(message.contains("not available"), "{message}");
+        } else {
+            assert!(message.contains("feature `zk`"), "{message}");
         }
     }
 

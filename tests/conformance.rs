@@ -3,6 +3,8 @@
 //! backend. Networked backends read their server URLs from `target/services.env`, written by
 //! `scripts/services up`.
 
+mod common;
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use std::sync::Arc;
@@ -42,4 +44,45 @@ mod sqlite {
     }
 
     lockkit_core::conformance_suite!(SqliteHarness::new());
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use std::sync::Arc;
+
+    use lockkit::{DistributedLock, RedisLock};
+    use lockkit_core::conformance::Harness;
+
+    use crate::common::service_url;
+
+    /// Clients of the single Redis instance that `scripts/services` starts.
+    pub(crate) struct RedisHarness {
+        pub(crate) url_key: &'static str,
+        pub(crate) closed: &'static str,
+    }
+
+    #[lockkit::async_trait]
+    impl Harness for RedisHarness {
+        async fn client(&self) -> Arc<dyn DistributedLock> {
+            let url = service_url(self.url_key);
+            Arc::new(RedisLock::connect(&url).await.expect("connect to Redis"))
+        }
+
+        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
+            Ok(Arc::new(RedisLock::connect(self.closed).await?))
+        }
+    }
+
+    lockkit_core::conformance_suite!(RedisHarness {
+        url_key: "LOCKKIT_REDIS_URL",
+        closed: "redis://127.0.0.1:1",
+    });
+}
+
+#[cfg(feature = "redis")]
+mod redlock {
+    lockkit_core::conformance_suite!(crate::redis::RedisHarness {
+        url_key: "LOCKKIT_REDLOCK_URL",
+        closed: "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
+    });
 }

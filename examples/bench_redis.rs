@@ -1,0 +1,180 @@
+//! Measures the Redis backend against the floor of raw commands on the same server:
+//! uncontended acquire+release vs a raw `SET NX PX` + `DEL`, and 8-way contended throughput,
+//! for a single instance and for RedLock.
+//!
+//! ```text
+//! scripts/services up redis
+//! cargo run --release --features redis --example bench_redis
+//! cargo run --release --features redis --example bench_redis -- --url redis://my-host:6379
+//! ```
+//! Without `--url` it reads `target/services.env`.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::future::join_all;
+use lockkit::{DistributedLock, LockOptions, RedisLock};
+
+#[derive(Parser)]
+struct Args {
+    /// Single-instance Redis URL (default: LOCKKIT_REDIS_URL of target/services.env).
+    #[arg(long)]
+    url: Option<String>,
+    /// RedLock URL (default: LOCKKIT_REDLOCK_URL of target/services.env).
+    #[arg(long)]
+    redlock_url: Option<String>,
+    /// Timed iterations per measurement.
+    #[arg(long, default_value_t = 2000)]
+    iterations: usize,
+    /// Seconds of the contended run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+fn from_env_file(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env"));
+    let text = text.ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
+    Some(line[key.len() + 1..].to_string())
+}
+
+struct Stats {
+    mean: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    Stats {
+        mean,
+        p50: samples[samples.len() / 2],
+        p99: samples[samples.len() * 99 / 100],
+    }
+}
+
+/// Raw `SET NX PX` + `DEL` on every instance of `url` (one after the other per instance,
+/// instances in parallel), the least a correct lock can cost.
+async fn floor(urls: &[String], iterations: usize) -> Stats {
+    let mut conns = Vec::new();
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).expect("redis URL");
+        conns.push(client.get_connection_manager().await.expect("connect"));
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        join_all(conns.iter().map(|conn| {
+            let mut conn = conn.clone();
+            async move {
+                let _: Option<String> = redis::cmd("SET")
+                    .arg("lockkit-bench:floor")
+                    .arg("owner")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SET");
+                let _: i64 = redis::cmd("DEL")
+                    .arg("lockkit-bench:floor")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("DEL");
+            }
+        }))
+        .await;
+        if i >= iterations / 10 {
+            samples.push(started.elapsed());
+        }
+    }
+    stats(samples)
+}
+
+async fn uncontended(lock: &RedisLock, iterations: usize) -> Stats {
+    let opts = LockOptions::new();
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        let guard = lock
+            .acquire("bench/uncontended", &opts)
+            .await
+            .expect("acquire");
+        guard.release().await.expect("release");
+        if i >= iterations / 10 {
+            samples.push(started.elapsed());
+        }
+    }
+    stats(samples)
+}
+
+async fn contended(url: &str, seconds: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let lock = RedisLock::connect(url).await.expect("connect");
+        tasks.spawn(async move {
+            let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
+            let mut done = 0u64;
+            while Instant::now() < until {
+                let guard = lock
+                    .acquire("bench/contended", &opts)
+                    .await
+                    .expect("acquire");
+                guard.release().await.expect("release");
+                done += 1;
+            }
+            done
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done.expect("task");
+    }
+    total as f64 / seconds
+}
+
+fn instance_urls(url: &str) -> Vec<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let hosts = rest.split(['/', '?']).next().unwrap_or_default();
+    hosts.split(',').map(|h| format!("redis://{h}")).collect()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let single = args
+        .url
+        .or_else(|| from_env_file("LOCKKIT_REDIS_URL"))
+        .expect("--url or target/services.env (scripts/services up redis)");
+    let redlock = args
+        .redlock_url
+        .or_else(|| from_env_file("LOCKKIT_REDLOCK_URL"));
+    println!(
+        "{:<10} {:<28} {:>10} {:>10} {:>10} {:>8}",
+        "backend", "measurement", "mean", "p50", "p99", "ratio"
+    );
+    let mut configs = vec![("redis", single)];
+    configs.extend(redlock.map(|u| ("redlock", u)));
+    for (label, url) in configs {
+        let lock = RedisLock::connect(&url).await.expect("connect");
+        let floor = floor(&instance_urls(&url), args.iterations).await;
+        let ours = uncontended(&lock, args.iterations).await;
+        let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();
+        for (what, s, r) in [
+            ("floor: SET NX PX + DEL", &floor, String::new()),
+            ("acquire + release", &ours, format!("{ratio:.2}x")),
+        ] {
+            println!(
+                "{label:<10} {what:<28} {:>10.1?} {:>10.1?} {:>10.1?} {r:>8}",
+                s.mean, s.p50, s.p99
+            );
+        }
+        let throughput = contended(&url, args.seconds).await;
+        println!(
+            "{label:<10} {:<28} {throughput:>10.0} ops/s",
+            "8-way contended"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! Release channels shared by all waiters of one client: one subscription per channel, however
+//! many waiters, and one waiter woken per release message.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::Notify;
+
+/// How long one SUBSCRIBE or UNSUBSCRIBE may take before the waiter falls back to polling.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions {
+    /// What the push callback wakes, per channel.
+    notifies: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Waiters per channel. Held across SUBSCRIBE/UNSUBSCRIBE so they reach the server in order.
+    counts: tokio::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl Subscriptions {
+    fn notifies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.notifies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the connection for every push message.
+    pub(crate) fn on_push(&self, push: PushInfo) {
+        match push.kind {
+            PushKind::Message => {
+                if let Some(Value::BulkString(channel)) = push.data.first() {
+                    let channel = String::from_utf8_lossy(channel);
+                    if let Some(notify) = self.notifies().get(channel.as_ref()) {
+                        // One waiter per message: no stampede on a release.
+                        notify.notify_one();
+                    }
+                }
+            }
+            // Messages may have been lost while disconnected: everyone re-checks.
+            PushKind::Disconnection => {
+                for notify in self.notifies().values() {
+                    notify.notify_waiters();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Subscribes to `channel` on every node (unless this client already is) for as long as
+    /// the returned guard lives. Nodes that fail to subscribe are left to the fallback poll.
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        channel: &str,
+        nodes: Vec<ConnectionManager>,
+    ) -> Subscription {
+        let mut counts = self.counts.lock().await;
+        let count = counts.entry(channel.to_string()).or_insert(0);
+        *count += 1;
+        let first = *count == 1;
+        let notify = self
+            .notifies()
+            .entry(channel.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone();
+        let subscription = Subscription {
+            subscriptions: self.clone(),
+            channel: channel.to_string(),
+            nodes,
+            notify,
+        };
+        if first {
+            on_nodes(&subscription.nodes, channel, true).await;
+        }
+        drop(counts);
+        subscription
+    }
+
+    async fn unsubscribe(&self, channel: String, nodes: Vec<ConnectionManager>) {
+        let mut counts = self.counts.lock().await;
+        let Some(count) = counts.get_mut(&channel) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(&channel);
+            self.notifies().remove(&channel);
+            on_nodes(&nodes, &channel, false).await;
+        }
+    }
+}
+
+async fn on_nodes(nodes: &[ConnectionManager], channel: &str, subscribe: bool) {
+    join_all(nodes.iter().map(|node| async move {
+        let mut node = node.clone();
+        let request = async {
+            if subscribe {
+                node.subscribe(channel).await
+            } else {
+                node.unsubscribe(channel).await
+            }
+        };
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, request).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(channel, subscribe, error = %e, "(un)subscribe failed"),
+            Err(_) => tracing::debug!(channel, subscribe, "(un)subscribe timed out"),
+        }
+    }))
+    .await;
+}
+
+/// A waiter's hold on a channel subscription.
+pub(crate) struct Subscription {
+    subscriptions: Arc<Subscriptions>,
+    channel: String,
+    nodes: Vec<ConnectionManager>,
+    notify: Arc<Notify>,
+}
+
+impl Subscription {
+    /// Notified when a release message arrives on the channel.
+    pub(crate) fn notify(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let subscriptions = self.subscriptions.clone();
+        let channel = std::mem::take(&mut self.channel);
+        let nodes = std::mem::take(&mut self.nodes);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { subscriptions.unsubscribe(channel, nodes).await });
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Redis and RedLock under faults, against the servers of `scripts/services`: instances are
+//! stopped and restarted (`scripts/services stop-one|start-one`), so these tests run one at a
+//! time, in their own test binary (cargo runs test binaries one after another).
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use lockkit::{DistributedLock, Error, LockName, LockOptions, LostReason, RedisLock};
+use tokio::time::Instant;
+
+use common::service_url;
+
+/// One fault test at a time: they stop shared servers.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn services(verb: &str, instances: &[&str]) -> bool {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    Command::new(script)
+        .arg(verb)
+        .args(instances)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Instances stopped for the length of a test, started again when it ends (also on failure).
+struct Stopped(Vec<&'static str>);
+
+impl Stopped {
+    fn new(instances: &[&'static str]) -> Self {
+        assert!(services("stop-one", instances), "stop {instances:?}");
+        Stopped(instances.to_vec())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !services("start-one", &self.0) {
+            eprintln!("could not restart {:?}", self.0);
+        }
+    }
+}
+
+fn fresh(case: &str) -> String {
+    format!("lockkit-faults/{case}/{}", fastrand::u64(..))
+}
+
+async fn redlock() -> RedisLock {
+    RedisLock::connect(&service_url("LOCKKIT_REDLOCK_URL"))
+        .await
+        .expect("RedLock client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_with_two_of_five_down_acquires_renews_and_releases() {
+    let _serial = SERIAL.lock().await;
+    let before = redlock().await; // connected while all instances were up
+    let down = Stopped::new(&["redis-16380", "redis-16381"]);
+    let after = redlock().await; // connected while two are down
+    let name = fresh("two_down");
+    let ttl = Duration::from_secs(1);
+    let opts = LockOptions::new()
+        .ttl(ttl)
+        .wait_timeout(Duration::from_secs(5));
+    let guard = before
+        .acquire(&name, &opts)
+        .await
+        .expect("acquire with 3 of 5");
+    tokio::time::sleep(ttl * 3).await;
+    assert!(
+        guard.is_held(),
+        "renewal with 3 of 5 failed: {:?}",
+        guard.lost_reason()
+    );
+    assert!(after.try_acquire(&name, &opts).await.unwrap().is_none());
+    guard.release().await.expect("release with 3 of 5");
+    let next = after
+        .acquire(&name, &opts)
+        .await
+        .expect("acquire after release");
+    next.release().await.unwrap();
+    drop(down);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_with_three_of_five_down_fails_fast_and_leaves_no_key() {
+    let _serial = SERIAL.lock().await;
+    let down = Stopped::new(&["redis-16380", "redis-16381", "redis-16382"]);
+    let client = redlock().await;
+    let name = fresh("three_down");
+    let started = Instant::now();
+    let opts = LockOptions::new().wait_timeout(Duration::from_secs(3));
+    let err = client
+        .acquire(&name, &opts)
+        .await
+        .expect_err("acquired without quorum");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let key = client.lock_key(&LockName::new(&name).unwrap());
+    for port in ["16383", "16384"] {
+        let out = Command::new("redis-cli")
+            .args(["-p", port, "EXISTS", &key])
+            .output()
+            .expect("redis-cli");
+        let exists = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(exists.trim(), "0", "a partial acquisition stayed on {port}");
+    }
+    drop(down);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_tokens_rise_while_the_answering_instances_change() {
+    let _serial = SERIAL.lock().await;
+    let (a, b) = (redlock().await, redlock().await);
+    let name = fresh("changing_quorum");
+    let opts = LockOptions::new().wait_timeout(Duration::from_secs(10));
+    let mut tokens = Vec::new();
+    for phase in [
+        &[][..],
+        &["redis-16380", "redis-16381"][..],
+        &["redis-16383", "redis-16384"][..],
+        &["redis-16382"][..],
+        &["redis-16380", "redis-16384"][..],
+    ] {
+        let down = (!phase.is_empty()).then(|| Stopped::new(phase));
+        for i in 0..4 {
+            let client = if i % 2 == 0 { &a } else { &b };
+            let guard = client.acquire(&name, &opts).await.expect("acquire");
+            tokens.push(guard.fencing_token().get());
+            guard.release().await.expect("release");
+        }
+        drop(down);
+    }
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens went back: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_waiter_wakes_on_the_release_message() {
+    let _serial = SERIAL.lock().await;
+    let url = service_url("LOCKKIT_REDIS_URL");
+    let (a, b) = (
+        RedisLock::connect(&url).await.unwrap(),
+        RedisLock::connect(&url).await.unwrap(),
+    );
+    let name = fresh("wake");
+    let opts = LockOptions::new().wait_timeout(Duration::from_secs(10));
+    for round in 0..5 {
+        let guard = a.acquire(&name, &opts).await.unwrap();
+        let (b, name2, opts2) = (b.clone(), name.clone(), opts.clone());
+        let waiter = tokio::spawn(async move {
+            let guard = b.acquire(&name2, &opts2).await.expect("waiter");
+            (Instant::now(), guard)
+        });
+        // Long enough for a polling waiter to have backed off well past the bound below.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let released = Instant::now();
+        guard.release().await.unwrap();
+        let (woke, next) = waiter.await.unwrap();
+        let latency = woke - released;
+        assert!(
+            latency < Duration::from_millis(200),
+            "round {round}: the waiter took {latency:?} after the release"
+        );
+        next.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
+    let _serial = SERIAL.lock().await;
+    let client = RedisLock::connect(&service_url("LOCKKIT_REDIS_URL"))
+        .await
+        .unwrap();
+    let name = fresh("server_gone");
+    let ttl = Duration::from_secs(2);
+    let guard = client
+        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap();
+    let down = Stopped::new(&["redis-16379"]);
+    let reason = tokio::time::timeout(ttl + Duration::from_secs(3), guard.lost())
+        .await
+        .expect("lost() did not fire after the server went away");
+    assert!(
+        matches!(reason, LostReason::Expired | LostReason::RenewalFailed(_)),
+        "{reason:?}"
+    );
+    assert!(!guard.is_held());
+    let started = Instant::now();
+    let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
+    let err = client
+        .acquire(&fresh("server_gone"), &opts)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(down);
+    drop(guard);
+    // Back up: the same client works again once the server returns.
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.acquire(&fresh("server_back"), &opts).await {
+                Ok(guard) => break guard,
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the client did not reconnect");
+    again.release().await.unwrap();
+}

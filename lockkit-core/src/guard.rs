@@ -265,7 +265,18 @@ async fn keep(
         Some(lease_start.map_or_else(Instant::now, |start| start + every))
     };
     let mut next_renewal = renewal_after(&shared.clock());
+    // Once the lock is lost, the lease is released right away (best effort): a lease that
+    // ran out here must not live on in the backend, where a session-based lock (an advisory
+    // lock, a ZooKeeper node) would otherwise outlast its TTL.
+    let mut released = false;
     let command = loop {
+        if !released && shared.lost_reason().is_some() {
+            released = true;
+            if let Err(e) = lease.release().await {
+                tracing::debug!(error = %e, "release after loss");
+            }
+            continue;
+        }
         let lost = shared.lost_reason().is_some();
         let clock = *shared.clock();
         let renew_at = next_renewal.unwrap_or(clock.valid_until);
@@ -302,7 +313,10 @@ async fn keep(
             }
         }
     };
-    let result = lease.release().await;
+    let result = match (released, shared.lost_reason()) {
+        (true, Some(reason)) => Err(Error::lost(shared.name.as_str(), reason)),
+        _ => lease.release().await,
+    };
     let held = shared.acquired_at.elapsed();
     metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
         .record(held.as_secs_f64());
@@ -504,6 +518,12 @@ mod tests {
         assert_eq!(script.extends.load(Ordering::SeqCst), 1);
         assert_eq!(guard.lost().await, LostReason::Expired);
         assert!(!guard.is_held());
+        // A lease that ran out is released in the backend at once, not only on drop.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1, "released twice");
     }
 
     #[tokio::test(start_paused = true)]

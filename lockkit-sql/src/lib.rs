@@ -3,5 +3,6 @@
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod wait;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteLock, SqliteOptions};

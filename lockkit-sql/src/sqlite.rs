@@ -1,9 +1,7 @@
 //! The SQLite backend: a lease table in one database file.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -14,8 +12,9 @@ use lockkit_core::{
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::wait::{self, wake_slots, WakeSlots};
 
 const BACKEND: &str = "sqlite";
 
@@ -114,35 +113,6 @@ pub struct SqliteLock {
     max_poll: Duration,
 }
 
-/// Per-database wake-up slots: a release wakes the waiters whose name hashes to its slot.
-#[derive(Debug)]
-struct WakeSlots([Notify; 64]);
-
-impl WakeSlots {
-    fn slot(&self, name: &LockName) -> &Notify {
-        &self.0[(name.hash64() % 64) as usize]
-    }
-}
-
-/// One set of wake slots per database file in this process, so clients opened on the same
-/// file wake each other.
-fn wake_slots(key: Option<PathBuf>) -> Arc<WakeSlots> {
-    let fresh = || Arc::new(WakeSlots(std::array::from_fn(|_| Notify::new())));
-    let Some(key) = key else { return fresh() };
-    static SLOTS: OnceLock<Mutex<HashMap<PathBuf, Weak<WakeSlots>>>> = OnceLock::new();
-    let mut map = SLOTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    map.retain(|_, slots| slots.strong_count() > 0);
-    if let Some(slots) = map.get(&key).and_then(Weak::upgrade) {
-        return slots;
-    }
-    let slots = fresh();
-    map.insert(key, Arc::downgrade(&slots));
-    slots
-}
-
 impl SqliteLock {
     /// Opens (creating if needed) the database at `url` with default options.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -179,7 +149,10 @@ impl SqliteLock {
         let path = connect.get_filename().to_path_buf();
         let pool = pool.connect_with(connect).await.map_err(map_err)?;
         // Canonical once the file exists, so every client of one file shares wake-ups.
-        let file = (!in_memory).then(|| std::fs::canonicalize(&path).unwrap_or(path));
+        let file = (!in_memory).then(|| {
+            let file = std::fs::canonicalize(&path).unwrap_or(path);
+            format!("sqlite:{}", file.display())
+        });
         let lock = SqliteLock {
             pool,
             wake: wake_slots(file),
@@ -259,41 +232,13 @@ impl DistributedLock for SqliteLock {
         opts: &LockOptions,
         _deadline: Option<Instant>,
     ) -> Result<Acquired> {
-        let slot = self.wake.slot(name);
-        let mut poll = Duration::from_millis(2);
-        let mut reached = false;
-        loop {
-            // Register for the wake-up before trying, so a release in between is not missed.
-            let woken = slot.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            let attempt = match self.attempt(name, opts.ttl).await {
-                Ok(Some(acquired)) => return Ok(acquired),
-                Ok(None) => self.time_left(name).await,
-                Err(e) => Err(e),
-            };
-            // Wake when released here, when the holder's lease runs out, or to re-check
-            // for releases by other processes. Once the database has answered, a passing
-            // error (a long write lock elsewhere) does not end the wait.
-            let expiry = match attempt {
-                Ok(left) => {
-                    reached = true;
-                    left.unwrap_or(Duration::ZERO)
-                }
-                Err(e) if reached && e.is_retryable() => {
-                    tracing::debug!(error = %e, "retrying while waiting");
-                    poll
-                }
-                Err(e) => return Err(e),
-            };
-            let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
-            let pause = jittered.min(expiry + Duration::from_millis(1));
-            tokio::select! {
-                _ = woken => {}
-                _ = tokio::time::sleep(pause) => {}
+        wait::until_acquired(self.wake.slot(name), self.max_poll, || async {
+            match self.attempt(name, opts.ttl).await? {
+                Some(acquired) => Ok(Ok(acquired)),
+                None => Ok(Err(self.time_left(name).await?)),
             }
-            poll = poll.saturating_mul(2).min(self.max_poll);
-        }
+        })
+        .await
     }
 }
 

@@ -1,0 +1,93 @@
+//! Waiting for a lease-table lock: wake-ups within the process (and from `NOTIFY` where the
+//! database has it), a wake-up when the holder's lease runs out, and a jittered backoff
+//! re-check for releases that send no signal.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use lockkit_core::{Acquired, LockName, Result};
+use tokio::sync::Notify;
+
+/// Wake-up slots of one database: a release wakes the waiters whose name hashes to its slot.
+#[derive(Debug)]
+pub(crate) struct WakeSlots([Notify; 64]);
+
+impl WakeSlots {
+    pub(crate) fn slot(&self, name: &LockName) -> &Notify {
+        &self.0[(name.hash64() % 64) as usize]
+    }
+
+    /// Wakes every waiter (messages may have been missed).
+    pub(crate) fn wake_all(&self) {
+        for slot in &self.0 {
+            slot.notify_waiters();
+        }
+    }
+}
+
+/// The wake slots shared by every client of one database in this process (`key` names the
+/// database), or fresh ones when `key` is `None`.
+pub(crate) fn wake_slots(key: Option<String>) -> Arc<WakeSlots> {
+    let fresh = || Arc::new(WakeSlots(std::array::from_fn(|_| Notify::new())));
+    let Some(key) = key else { return fresh() };
+    static SLOTS: OnceLock<Mutex<HashMap<String, Weak<WakeSlots>>>> = OnceLock::new();
+    let mut map = SLOTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    map.retain(|_, slots| slots.strong_count() > 0);
+    if let Some(slots) = map.get(&key).and_then(Weak::upgrade) {
+        return slots;
+    }
+    let slots = fresh();
+    map.insert(key, Arc::downgrade(&slots));
+    slots
+}
+
+/// What one attempt at a lease-table lock found: the lock, or how long the holder's lease
+/// has left (`None`: unknown).
+pub(crate) type Found = std::result::Result<Acquired, Option<Duration>>;
+
+/// Tries `attempt` until it wins. Between attempts it waits for a wake-up on `slot`, the
+/// end of the holder's lease, or a jittered backoff from 2 ms up to `max_poll`. Once the
+/// database has answered once, a retryable error does not end the wait.
+pub(crate) async fn until_acquired<F, Fut>(
+    slot: &Notify,
+    max_poll: Duration,
+    mut attempt: F,
+) -> Result<Acquired>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Found>>,
+{
+    let max_poll = max_poll.max(Duration::from_millis(1));
+    let mut poll = Duration::from_millis(2).min(max_poll);
+    let mut reached = false;
+    loop {
+        // Register for the wake-up before trying, so a release in between is not missed.
+        let woken = slot.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let left = match attempt().await {
+            Ok(Ok(acquired)) => return Ok(acquired),
+            Ok(Err(left)) => {
+                reached = true;
+                left.unwrap_or(max_poll)
+            }
+            Err(e) if reached && e.is_retryable() => {
+                tracing::debug!(error = %e, "retrying while waiting");
+                poll
+            }
+            Err(e) => return Err(e),
+        };
+        let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
+        let pause = jittered.min(left + Duration::from_millis(1));
+        tokio::select! {
+            _ = woken => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+        poll = poll.saturating_mul(2).min(max_poll);
+    }
+}

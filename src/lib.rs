@@ -9,8 +9,8 @@ pub use lockkit_core::{
     Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
 };
 
-/// The SQL backends (SQLite, the embedded default).
-#[cfg(feature = "sqlite")]
+/// The SQL backends (SQLite, the embedded default; PostgreSQL; MySQL/MariaDB).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use lockkit_sql as sql;
 
 #[cfg(feature = "sqlite")]
@@ -48,7 +48,8 @@ const SCHEMES: &[(&[&str], &str, bool)] = &[
 /// | scheme | backend | cargo feature |
 /// |---|---|---|
 /// | `sqlite://path`, `sqlite:path`, `sqlite::memory:` | SQLite lease table | `sqlite` (default) |
-/// | `postgres://`, `mysql://` | SQL advisory locks (planned) | `postgres`, `mysql` |
+/// | `postgres://…?strategy=advisory\|table` | PostgreSQL advisory locks or lease table | `postgres` |
+/// | `mysql://…?strategy=advisory\|table` | MySQL/MariaDB `GET_LOCK` or lease table | `mysql` |
 /// | `redis://`, `rediss://`, `redlock://h1,h2,…` | Redis, RedLock | `redis` |
 /// | `etcd://` | etcd (planned) | `etcd` |
 /// | `zk://` | ZooKeeper (planned) | `zk` |
@@ -77,6 +78,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
         "sqlite" => Ok(Arc::new(SqliteLock::connect(url).await?)),
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(lockkit_redis::RedisLock::connect(url).await?)),
+        #[cfg(feature = "postgres")]
+        "postgres" => Ok(Arc::new(lockkit_sql::PgLock::connect(url).await?)),
+        #[cfg(feature = "mysql")]
+        "mysql" => Ok(Arc::new(lockkit_sql::MySqlLock::connect(url).await?)),
         _ if !enabled => Err(Error::Unsupported(format!(
             "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
         ))),

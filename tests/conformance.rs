@@ -86,3 +86,61 @@ mod redlock {
         closed: "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
     });
 }
+
+/// A harness that connects through `lockkit::connect` to a URL from `target/services.env`,
+/// with extra URL parameters.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) struct UrlHarness {
+    pub(crate) url_key: &'static str,
+    pub(crate) params: &'static str,
+    pub(crate) closed: &'static str,
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[lockkit::async_trait]
+impl lockkit_core::conformance::Harness for UrlHarness {
+    async fn client(&self) -> std::sync::Arc<dyn lockkit::DistributedLock> {
+        let url = format!("{}?{}", common::service_url(self.url_key), self.params);
+        lockkit::connect(&url).await.expect("connect")
+    }
+
+    async fn unreachable(&self) -> lockkit::Result<std::sync::Arc<dyn lockkit::DistributedLock>> {
+        lockkit::connect(&format!("{}?{}", self.closed, self.params)).await
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres_advisory {
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_POSTGRES_URL",
+        params: "strategy=advisory",
+        closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
+    });
+}
+
+#[cfg(feature = "postgres")]
+mod postgres_table {
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_POSTGRES_URL",
+        params: "strategy=table",
+        closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
+    });
+}
+
+#[cfg(feature = "mysql")]
+mod mysql_advisory {
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_MYSQL_URL",
+        params: "strategy=advisory",
+        closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
+    });
+}
+
+#[cfg(feature = "mysql")]
+mod mysql_table {
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_MYSQL_URL",
+        params: "strategy=table",
+        closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
+    });
+}

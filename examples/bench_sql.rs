@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use lockkit::{DistributedLock, LockOptions};
+use lockkit::LockOptions;
 use sqlx::{Connection, MySqlConnection, PgConnection};
 
 #[derive(Parser)]
@@ -79,7 +79,10 @@ async fn floor(url: &str, strategy: &str, iterations: usize) -> Duration {
         for i in 0..iterations + iterations / 10 {
             let started = Instant::now();
             sqlx::query(lock).execute(&mut *conn).await.expect("lock");
-            sqlx::query(unlock).execute(&mut *conn).await.expect("unlock");
+            sqlx::query(unlock)
+                .execute(&mut *conn)
+                .await
+                .expect("unlock");
             if i >= iterations / 10 {
                 total += started.elapsed();
                 run += 1;
@@ -107,7 +110,10 @@ async fn floor(url: &str, strategy: &str, iterations: usize) -> Duration {
         for i in 0..iterations + iterations / 10 {
             let started = Instant::now();
             sqlx::query(lock).execute(&mut conn).await.expect("lock");
-            sqlx::query(unlock).execute(&mut conn).await.expect("unlock");
+            sqlx::query(unlock)
+                .execute(&mut conn)
+                .await
+                .expect("unlock");
             if i >= iterations / 10 {
                 total += started.elapsed();
                 run += 1;
@@ -126,7 +132,10 @@ async fn contended(url: &str, seconds: f64) -> f64 {
             let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
             let mut done = 0u64;
             while Instant::now() < until {
-                let guard = lock.acquire("bench/contended", &opts).await.expect("acquire");
+                let guard = lock
+                    .acquire("bench/contended", &opts)
+                    .await
+                    .expect("acquire");
                 guard.release().await.expect("release");
                 done += 1;
             }
@@ -143,7 +152,9 @@ async fn contended(url: &str, seconds: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let pg = args.postgres.or_else(|| from_env_file("LOCKKIT_POSTGRES_URL"));
+    let pg = args
+        .postgres
+        .or_else(|| from_env_file("LOCKKIT_POSTGRES_URL"));
     let my = args.mysql.or_else(|| from_env_file("LOCKKIT_MYSQL_URL"));
     println!(
         "{:<10} {:<9} {:>12} {:>12} {:>7} {:>14}",
@@ -157,7 +168,10 @@ async fn main() {
             let floor = floor(&url, strategy, args.iterations).await;
             let opts = LockOptions::new();
             let ours = mean(args.iterations, || async {
-                let guard = lock.acquire("bench/uncontended", &opts).await.expect("acquire");
+                let guard = lock
+                    .acquire("bench/uncontended", &opts)
+                    .await
+                    .expect("acquire");
                 guard.release().await.expect("release");
             })
             .await;

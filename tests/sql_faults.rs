@@ -59,16 +59,30 @@ async fn lost_within(guard: &lockkit::LockGuard, killed: Instant, ttl: Duration)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_connection_fires_lost_and_frees_the_lock() {
-    let admin = PgPool::connect(&service_url("LOCKKIT_POSTGRES_URL")).await.unwrap();
+    let admin = PgPool::connect(&service_url("LOCKKIT_POSTGRES_URL"))
+        .await
+        .unwrap();
     let (a, b) = (
-        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory")).await.unwrap(),
-        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory")).await.unwrap(),
+        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+            .await
+            .unwrap(),
+        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+            .await
+            .unwrap(),
     );
     let name = fresh("pg_killed");
     let ttl = Duration::from_secs(3);
-    let guard = a.acquire(&name, &LockOptions::new().ttl(ttl)).await.unwrap();
-    let key = a.advisory_key(&LockName::new(&name).unwrap()).await.unwrap();
-    let pid = pg_holder(&admin, key).await.expect("the lock shows in pg_locks");
+    let guard = a
+        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap();
+    let key = a
+        .advisory_key(&LockName::new(&name).unwrap())
+        .await
+        .unwrap();
+    let pid = pg_holder(&admin, key)
+        .await
+        .expect("the lock shows in pg_locks");
     let killed = Instant::now();
     let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(pid)
@@ -78,7 +92,10 @@ async fn postgres_killed_connection_fires_lost_and_frees_the_lock() {
     assert!(done);
     lost_within(&guard, killed, ttl).await;
     let next = b
-        .acquire(&name, &LockOptions::new().wait_timeout(Duration::from_secs(5)))
+        .acquire(
+            &name,
+            &LockOptions::new().wait_timeout(Duration::from_secs(5)),
+        )
         .await
         .expect("the killed holder's lock was not freed");
     assert!(next.fencing_token() > guard.fencing_token());
@@ -87,21 +104,38 @@ async fn postgres_killed_connection_fires_lost_and_frees_the_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_killed_connection_fires_lost_and_frees_the_lock() {
-    let admin = MySqlPool::connect(&service_url("LOCKKIT_MYSQL_URL")).await.unwrap();
+    let admin = MySqlPool::connect(&service_url("LOCKKIT_MYSQL_URL"))
+        .await
+        .unwrap();
     let (a, b) = (
-        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory")).await.unwrap(),
-        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory")).await.unwrap(),
+        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
+            .await
+            .unwrap(),
+        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
+            .await
+            .unwrap(),
     );
     let name = fresh("mysql_killed");
     let ttl = Duration::from_secs(3);
-    let guard = a.acquire(&name, &LockOptions::new().ttl(ttl)).await.unwrap();
+    let guard = a
+        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap();
     let lock_name = a.lock_name(&LockName::new(&name).unwrap());
-    let id = mysql_holder(&admin, &lock_name).await.expect("the lock is in use");
+    let id = mysql_holder(&admin, &lock_name)
+        .await
+        .expect("the lock is in use");
     let killed = Instant::now();
-    sqlx::query(&format!("KILL {id}")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("KILL {id}"))
+        .execute(&admin)
+        .await
+        .unwrap();
     lost_within(&guard, killed, ttl).await;
     let next = b
-        .acquire(&name, &LockOptions::new().wait_timeout(Duration::from_secs(5)))
+        .acquire(
+            &name,
+            &LockOptions::new().wait_timeout(Duration::from_secs(5)),
+        )
         .await
         .expect("the killed holder's lock was not freed");
     assert!(next.fencing_token() > guard.fencing_token());
@@ -110,10 +144,18 @@ async fn mysql_killed_connection_fires_lost_and_frees_the_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelled_acquires_leave_pool_connections_lock_free() {
-    let pg_admin = PgPool::connect(&service_url("LOCKKIT_POSTGRES_URL")).await.unwrap();
-    let my_admin = MySqlPool::connect(&service_url("LOCKKIT_MYSQL_URL")).await.unwrap();
-    let pg = PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory")).await.unwrap();
-    let my = MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory")).await.unwrap();
+    let pg_admin = PgPool::connect(&service_url("LOCKKIT_POSTGRES_URL"))
+        .await
+        .unwrap();
+    let my_admin = MySqlPool::connect(&service_url("LOCKKIT_MYSQL_URL"))
+        .await
+        .unwrap();
+    let pg = PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+        .await
+        .unwrap();
+    let my = MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
+        .await
+        .unwrap();
     let clients: [(&dyn DistributedLock, &str); 2] = [(&pg, "pg"), (&my, "mysql")];
     for (client, which) in clients {
         let name = fresh("cancelled");
@@ -121,7 +163,9 @@ async fn cancelled_acquires_leave_pool_connections_lock_free() {
         let opts = LockOptions::new();
         for _ in 0..5 {
             let wait = client.acquire(&name, &opts);
-            assert!(tokio::time::timeout(Duration::from_millis(200), wait).await.is_err());
+            assert!(tokio::time::timeout(Duration::from_millis(200), wait)
+                .await
+                .is_err());
         }
         holder.release().await.unwrap();
         // The cancelled waits' server-side slices end within a wait slice (1 s); after that
@@ -136,9 +180,15 @@ async fn cancelled_acquires_leave_pool_connections_lock_free() {
                 .await
                 .map(|c| c.to_string()),
         };
-        assert_eq!(held, None, "{which}: a cancelled acquire left the lock held");
+        assert_eq!(
+            held, None,
+            "{which}: a cancelled acquire left the lock held"
+        );
         let next = client
-            .acquire(&name, &LockOptions::new().wait_timeout(Duration::from_secs(2)))
+            .acquire(
+                &name,
+                &LockOptions::new().wait_timeout(Duration::from_secs(2)),
+            )
             .await
             .expect("free after the cancelled waits");
         next.release().await.unwrap();
@@ -147,7 +197,9 @@ async fn cancelled_acquires_leave_pool_connections_lock_free() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
-    let admin = PgPool::connect(&service_url("LOCKKIT_POSTGRES_URL")).await.unwrap();
+    let admin = PgPool::connect(&service_url("LOCKKIT_POSTGRES_URL"))
+        .await
+        .unwrap();
     for strategy in ["advisory", "table"] {
         for key in ["LOCKKIT_POSTGRES_URL", "LOCKKIT_MYSQL_URL"] {
             let (a, b) = (
@@ -163,14 +215,20 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
             }
             for i in 0..100 {
                 let guard = b.try_acquire(&format!("{base}/b{i}"), &opts).await.unwrap();
-                guard.expect("distinct names blocked each other").release().await.unwrap();
+                guard
+                    .expect("distinct names blocked each other")
+                    .release()
+                    .await
+                    .unwrap();
             }
             drop(held);
         }
     }
     // A name whose hash key is already taken by another name gets a different key, and the
     // two lock independently.
-    let pg = PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory")).await.unwrap();
+    let pg = PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+        .await
+        .unwrap();
     let name = LockName::new(&fresh("collision")).unwrap();
     let squatter = fresh("squatter");
     sqlx::query("INSERT INTO lockkit_advisory_keys (name, key) VALUES ($1, $2)")
@@ -182,8 +240,16 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
     let key = pg.advisory_key(&name).await.unwrap();
     assert_ne!(key, name.hash64() as i64, "two names share an advisory key");
     let opts = LockOptions::new();
-    let first = pg.try_acquire(&squatter, &opts).await.unwrap().expect("squatter");
-    let second = pg.try_acquire(name.as_str(), &opts).await.unwrap().expect("blocked");
+    let first = pg
+        .try_acquire(&squatter, &opts)
+        .await
+        .unwrap()
+        .expect("squatter");
+    let second = pg
+        .try_acquire(name.as_str(), &opts)
+        .await
+        .unwrap()
+        .expect("blocked");
     first.release().await.unwrap();
     second.release().await.unwrap();
 }

@@ -140,6 +140,9 @@ impl MySqlLock {
             .max_connections(options.pool_size())
             .acquire_timeout(options.acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(60)))
+            // No ping before every use: a broken connection fails its statement, which
+            // counts as a retryable connection error.
+            .test_before_acquire(false)
             .connect_with(connect)
             .await
             .map_err(map_err)?;

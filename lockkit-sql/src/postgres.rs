@@ -138,6 +138,9 @@ impl PgLock {
             .max_connections(options.pool_size())
             .acquire_timeout(options.acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(60)))
+            // No ping before every use: a broken connection fails its statement, which
+            // counts as a retryable connection error.
+            .test_before_acquire(false)
             .connect_with(connect)
             .await
             .map_err(map_err)?;
@@ -287,15 +290,16 @@ impl Inner {
         }
     }
 
-    /// One lease-table attempt: the lock or how long the holder has left.
+    /// One lease-table attempt: the lease row, then its token, on one connection.
     async fn table(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Option<Acquired>> {
         let owner = uuid::Uuid::new_v4().simple().to_string();
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
         let started = Instant::now();
         let taken: Option<i32> = sqlx::query_scalar(&self.sql.acquire)
             .bind(name.as_str())
             .bind(&owner)
             .bind(millis(ttl))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(map_err)?;
         if taken.is_none() {
@@ -306,18 +310,14 @@ impl Inner {
             name: name.clone(),
             owner,
         };
-        let mut conn = self.pool.acquire().await.map_err(map_err);
-        let token = match conn.as_mut() {
-            Ok(conn) => self.fence(conn, &name).await,
-            Err(_) => Err(Error::connection(BACKEND, "no connection for the fence")),
-        };
-        match token {
+        match self.fence(&mut conn, &name).await {
             Ok(token) => Ok(Some(Acquired::new(
                 FencingToken(token as u64),
                 started + ttl - CLOCK_MARGIN,
                 Box::new(lease),
             ))),
             Err(e) => {
+                drop(conn);
                 let _ = lease.release().await;
                 Err(e)
             }

@@ -315,7 +315,7 @@ async fn keep(
     };
     let result = match (released, shared.lost_reason()) {
         (true, Some(reason)) => Err(Error::lost(shared.name.as_str(), reason)),
-        _ => lease.release().await,
+        _ => release_with_retries(&shared, lease.as_ref()).await,
     };
     let held = shared.acquired_at.elapsed();
     metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
@@ -326,8 +326,27 @@ async fn keep(
         }
         None => match result {
             Ok(()) => tracing::debug!(?held, "released on drop"),
-            Err(e) => tracing::debug!(error = %e, "release on drop failed"),
+            Err(e) if e.is_lost() => tracing::debug!(error = %e, "released on drop after loss"),
+            Err(e) => {
+                tracing::warn!(error = %e, "release on drop failed; the lease ends at its TTL")
+            }
         },
+    }
+}
+
+/// Releases, retrying connection errors while the lease is still valid: a release that
+/// fails on a passing error would otherwise leave the lock held until its TTL.
+async fn release_with_retries(shared: &Shared, lease: &dyn Lease) -> Result<()> {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match lease.release().await {
+            Err(e) if e.is_retryable() && Instant::now() + pause < shared.clock().valid_until => {
+                tracing::debug!(error = %e, ?pause, "release failed, retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            result => return result,
+        }
     }
 }
 

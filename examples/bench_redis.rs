@@ -9,6 +9,9 @@
 //! ```
 //! Without `--url` it reads `target/services.env`.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -29,13 +32,6 @@ struct Args {
     /// Seconds of the contended run.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-}
-
-fn from_env_file(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env"));
-    let text = text.ok()?;
-    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
-    Some(line[key.len() + 1..].to_string())
 }
 
 struct Stats {
@@ -109,32 +105,6 @@ async fn uncontended(lock: &RedisLock, iterations: usize) -> Stats {
     stats(samples)
 }
 
-async fn contended(url: &str, seconds: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let lock = RedisLock::connect(url).await.expect("connect");
-        tasks.spawn(async move {
-            let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
-            let mut done = 0u64;
-            while Instant::now() < until {
-                let guard = lock
-                    .acquire("bench/contended", &opts)
-                    .await
-                    .expect("acquire");
-                guard.release().await.expect("release");
-                done += 1;
-            }
-            done
-        });
-    }
-    let mut total = 0;
-    while let Some(done) = tasks.join_next().await {
-        total += done.expect("task");
-    }
-    total as f64 / seconds
-}
-
 fn instance_urls(url: &str) -> Vec<String> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let hosts = rest.split(['/', '?']).next().unwrap_or_default();
@@ -146,11 +116,11 @@ async fn main() {
     let args = Args::parse();
     let single = args
         .url
-        .or_else(|| from_env_file("LOCKKIT_REDIS_URL"))
+        .or_else(|| common::from_env_file("LOCKKIT_REDIS_URL"))
         .expect("--url or target/services.env (scripts/services up redis)");
     let redlock = args
         .redlock_url
-        .or_else(|| from_env_file("LOCKKIT_REDLOCK_URL"));
+        .or_else(|| common::from_env_file("LOCKKIT_REDLOCK_URL"));
     println!(
         "{:<10} {:<28} {:>10} {:>10} {:>10} {:>8}",
         "backend", "measurement", "mean", "p50", "p99", "ratio"
@@ -171,7 +141,7 @@ async fn main() {
                 s.mean, s.p50, s.p99
             );
         }
-        let throughput = contended(&url, args.seconds).await;
+        let throughput = common::contended(&url, args.seconds).await;
         println!(
             "{label:<10} {:<28} {throughput:>10.0} ops/s",
             "8-way contended"

@@ -10,6 +10,9 @@
 //!     --postgres postgres://u:p@host/db --mysql mysql://u:p@host/db
 //! ```
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -30,13 +33,6 @@ struct Args {
     /// Seconds of each contended run.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-}
-
-fn from_env_file(key: &str) -> Option<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env");
-    let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
-    Some(line[key.len() + 1..].to_string())
 }
 
 /// Mean of `iterations` timed runs of `op`, after a tenth as many warm-up runs.
@@ -123,39 +119,15 @@ async fn floor(url: &str, strategy: &str, iterations: usize) -> Duration {
     }
 }
 
-async fn contended(url: &str, seconds: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let lock = lockkit::connect(url).await.expect("connect");
-        tasks.spawn(async move {
-            let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
-            let mut done = 0u64;
-            while Instant::now() < until {
-                let guard = lock
-                    .acquire("bench/contended", &opts)
-                    .await
-                    .expect("acquire");
-                guard.release().await.expect("release");
-                done += 1;
-            }
-            done
-        });
-    }
-    let mut total = 0;
-    while let Some(done) = tasks.join_next().await {
-        total += done.expect("task");
-    }
-    total as f64 / seconds
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     let pg = args
         .postgres
-        .or_else(|| from_env_file("LOCKKIT_POSTGRES_URL"));
-    let my = args.mysql.or_else(|| from_env_file("LOCKKIT_MYSQL_URL"));
+        .or_else(|| common::from_env_file("LOCKKIT_POSTGRES_URL"));
+    let my = args
+        .mysql
+        .or_else(|| common::from_env_file("LOCKKIT_MYSQL_URL"));
     println!(
         "{:<10} {:<9} {:>12} {:>12} {:>7} {:>14}",
         "database", "strategy", "floor", "ours", "ratio", "8-way ops/s"
@@ -176,7 +148,7 @@ async fn main() {
             })
             .await;
             let ratio = ours.as_secs_f64() / floor.as_secs_f64();
-            let throughput = contended(&with_strategy, args.seconds).await;
+            let throughput = common::contended(&with_strategy, args.seconds).await;
             println!(
                 "{db:<10} {strategy:<9} {:>12.1?} {:>12.1?} {:>6.2}x {throughput:>14.0}",
                 floor, ours, ratio

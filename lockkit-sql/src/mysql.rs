@@ -16,12 +16,9 @@ use sqlx::MySql;
 use tokio::time::Instant;
 
 use crate::options::{SqlOptions, Strategy};
-use crate::wait::{self, WakeSlots};
+use crate::wait::{self, millis, WakeSlots, CLOCK_MARGIN};
 
 const BACKEND: &str = "mysql";
-
-/// Subtracted from a lease's validity: expiries are stored in whole milliseconds.
-const CLOCK_MARGIN: Duration = Duration::from_millis(1);
 
 /// The server's clock in milliseconds since the epoch.
 const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
@@ -341,11 +338,7 @@ impl DistributedLock for MySqlLock {
         let inner = &self.inner;
         match inner.options.strategy {
             Strategy::Advisory => loop {
-                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                let slice = left
-                    .unwrap_or(inner.options.wait_slice)
-                    .min(inner.options.wait_slice)
-                    .max(Duration::from_millis(10));
+                let slice = wait::next_slice(deadline, inner.options.wait_slice);
                 let attempt = inner.clone().advisory(name.clone(), opts.ttl, slice);
                 if let Some(acquired) = run_detached(attempt).await? {
                     return Ok(acquired);
@@ -505,11 +498,6 @@ fn is_deadlock(e: &(dyn std::error::Error + 'static)) -> bool {
     };
     db.try_downcast_ref::<MySqlDatabaseError>()
         .is_some_and(|e| matches!(e.number(), 1205 | 1213))
-}
-
-fn millis(d: Duration) -> i64 {
-    // Round up, so a lease is never shorter than asked.
-    d.as_nanos().div_ceil(1_000_000).min(i64::MAX as u128) as i64
 }
 
 /// Sorts sqlx errors into connection errors (retryable) and backend errors.

@@ -17,12 +17,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::options::{SqlOptions, Strategy};
-use crate::wait::{self, WakeSlots};
+use crate::wait::{self, millis, WakeSlots, CLOCK_MARGIN};
 
 const BACKEND: &str = "postgres";
-
-/// Subtracted from a lease's validity: expiries are stored in whole milliseconds.
-const CLOCK_MARGIN: Duration = Duration::from_millis(1);
 
 /// The server's clock in milliseconds since the epoch (all clients share it).
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -412,11 +409,7 @@ impl DistributedLock for PgLock {
         let inner = &self.inner;
         match inner.options.strategy {
             Strategy::Advisory => loop {
-                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                let slice = left
-                    .unwrap_or(inner.options.wait_slice)
-                    .min(inner.options.wait_slice)
-                    .max(Duration::from_millis(10));
+                let slice = wait::next_slice(deadline, inner.options.wait_slice);
                 let attempt = inner.clone().advisory(name.clone(), opts.ttl, Some(slice));
                 if let Some(acquired) = run_detached(attempt).await? {
                     return Ok(acquired);
@@ -547,11 +540,6 @@ impl Lease for TableLease {
             None => Err(Error::lost(self.name.as_str(), LostReason::NotOwner)),
         }
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    // Round up, so a lease is never shorter than asked.
-    d.as_nanos().div_ceil(1_000_000).min(i64::MAX as u128) as i64
 }
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {

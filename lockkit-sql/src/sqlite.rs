@@ -14,12 +14,9 @@ use sqlx::sqlite::{
 };
 use tokio::time::Instant;
 
-use crate::wait::{self, wake_slots, WakeSlots};
+use crate::wait::{self, millis, wake_slots, WakeSlots, CLOCK_MARGIN};
 
 const BACKEND: &str = "sqlite";
-
-/// Subtracted from a lease's validity: expiries are stored in whole milliseconds.
-const CLOCK_MARGIN: Duration = Duration::from_millis(1);
 
 /// The schema: the lease table, the fence counter, and the triggers that keep the counter at
 /// the highest token ever handed out, so tokens never go back, even when rows are deleted.
@@ -294,11 +291,6 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn millis(d: Duration) -> i64 {
-    // Round up, so a lease is never shorter than asked.
-    d.as_nanos().div_ceil(1_000_000).min(i64::MAX as u128) as i64
 }
 
 /// Sorts sqlx errors into connection errors (retryable) and backend errors.

@@ -10,6 +10,24 @@ use std::time::Duration;
 use lockkit_core::{Acquired, LockName, Result};
 use tokio::sync::Notify;
 
+/// Subtracted from a lease's validity: expiries are stored in whole milliseconds.
+pub(crate) const CLOCK_MARGIN: Duration = Duration::from_millis(1);
+
+/// A TTL in whole milliseconds, rounded up so a lease is never shorter than asked.
+pub(crate) fn millis(d: Duration) -> i64 {
+    d.as_nanos().div_ceil(1_000_000).min(i64::MAX as u128) as i64
+}
+
+/// How long the next server-side blocking wait may take: at most `slice`, no longer than
+/// the caller still waits, and not so short that it spins.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn next_slice(deadline: Option<tokio::time::Instant>, slice: Duration) -> Duration {
+    let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+    left.unwrap_or(slice)
+        .min(slice)
+        .max(Duration::from_millis(10))
+}
+
 /// Wake-up slots of one database: a release wakes the waiters whose name hashes to its slot.
 #[derive(Debug)]
 pub(crate) struct WakeSlots([Notify; 64]);

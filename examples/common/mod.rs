@@ -1,0 +1,41 @@
+//! What the benchmark examples share: server URLs and the contended run.
+
+use std::time::{Duration, Instant};
+
+use lockkit::LockOptions;
+
+/// The value of `key` in `target/services.env` (written by `scripts/services up`).
+pub(crate) fn from_env_file(key: &str) -> Option<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env");
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
+    Some(line[key.len() + 1..].to_string())
+}
+
+/// Lock operations per second when 8 clients, each its own connection, take and release one
+/// lock name in a loop for `seconds`.
+pub(crate) async fn contended(url: &str, seconds: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let lock = lockkit::connect(url).await.expect("connect");
+        tasks.spawn(async move {
+            let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
+            let mut done = 0u64;
+            while Instant::now() < until {
+                let guard = lock
+                    .acquire("bench/contended", &opts)
+                    .await
+                    .expect("acquire");
+                guard.release().await.expect("release");
+                done += 1;
+            }
+            done
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done.expect("task");
+    }
+    total as f64 / seconds
+}

@@ -171,3 +171,31 @@ async fn a_cancelled_wait_leaves_no_node() {
     guard.release().await.unwrap();
     wait_for_contenders(&raw, &a, &name, 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_longer_than_the_ttl_still_gets_a_full_lease() {
+    let (a, b) = (client().await, client().await);
+    let name = fresh("long_wait");
+    let guard = a.acquire(&name, &LockOptions::new()).await.unwrap();
+    let ttl = Duration::from_secs(1);
+    let opts = LockOptions::new()
+        .ttl(ttl)
+        .auto_renew(false)
+        .wait_timeout(Duration::from_secs(10));
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(ttl * 2).await;
+        guard.release().await.unwrap();
+    });
+    let next = b
+        .acquire(&name, &opts)
+        .await
+        .expect("acquire after the wait");
+    let left = next.valid_until().saturating_duration_since(Instant::now());
+    assert!(next.is_held(), "{:?}", next.lost_reason());
+    assert!(
+        left > ttl / 2,
+        "the lease was measured from the start of the wait: {left:?}"
+    );
+    releaser.await.unwrap();
+    next.release().await.unwrap();
+}

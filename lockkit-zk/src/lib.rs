@@ -352,8 +352,9 @@ impl Inner {
         Ok(Outcome::Queued(acquired, node))
     }
 
-    /// Waits until `node` is first in line: watches only its immediate predecessor.
-    async fn wait_turn(&self, name: &LockName, node: &Node) -> Result<()> {
+    /// Waits until `node` is first in line: watches only its immediate predecessor. Returns
+    /// when the request that saw it first was sent: the lease is known valid from then.
+    async fn wait_turn(&self, name: &LockName, node: &Node) -> Result<Instant> {
         let session = &node.session;
         let parent = self.parent(name);
         let mine = node.path.rsplit('/').next().unwrap_or("").to_string();
@@ -361,6 +362,7 @@ impl Inner {
             if let Health::Lost(why) = session.health() {
                 return Err(Error::connection(BACKEND, format!("session lost: {why}")));
             }
+            let asked = Instant::now();
             let queue = self.queue(session, &parent).await?;
             let Some(at) = queue.iter().position(|c| *c == mine) else {
                 return Err(Error::connection(
@@ -369,7 +371,7 @@ impl Inner {
                 ));
             };
             if at == 0 {
-                return Ok(());
+                return Ok(asked);
             }
             let predecessor = format!("{parent}/{}", queue[at - 1]);
             let watched = session
@@ -415,7 +417,6 @@ impl DistributedLock for ZkLock {
         opts: &LockOptions,
         _deadline: Option<Instant>,
     ) -> Result<Acquired> {
-        let started = Instant::now();
         let enqueue = self.inner.clone().enqueue(name.clone(), opts.ttl);
         let Outcome::Queued(_acquired, node) = run_detached(enqueue).await? else {
             unreachable!("enqueue only queues");
@@ -423,9 +424,9 @@ impl DistributedLock for ZkLock {
         // From here on, a dropped future deletes the node in the background.
         let guard = NodeGuard(Some(node));
         let node = guard.0.as_ref().expect("armed");
-        self.inner.wait_turn(name, node).await?;
+        let first = self.inner.wait_turn(name, node).await?;
         let node = guard.disarm();
-        Ok(self.inner.acquired(name, node, opts.ttl, started))
+        Ok(self.inner.acquired(name, node, opts.ttl, first))
     }
 }
 

@@ -144,3 +144,30 @@ mod mysql_table {
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
     });
 }
+
+#[cfg(feature = "zk")]
+mod zk {
+    use std::sync::Arc;
+
+    use lockkit::{DistributedLock, ZkLock};
+    use lockkit_core::conformance::Harness;
+
+    use crate::common::service_url;
+
+    /// Clients of the ZooKeeper server, each with its own sessions.
+    struct ZkHarness;
+
+    #[lockkit::async_trait]
+    impl Harness for ZkHarness {
+        async fn client(&self) -> Arc<dyn DistributedLock> {
+            let url = service_url("LOCKKIT_ZK_URL");
+            Arc::new(ZkLock::connect(&url).await.expect("connect to ZooKeeper"))
+        }
+
+        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
+            Ok(Arc::new(ZkLock::connect("zk://127.0.0.1:1").await?))
+        }
+    }
+
+    lockkit_core::conformance_suite!(ZkHarness);
+}

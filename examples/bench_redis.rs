@@ -12,7 +12,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
 use futures_util::future::join_all;
@@ -34,25 +34,9 @@ struct Args {
     seconds: f64,
 }
 
-struct Stats {
-    mean: Duration,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    Stats {
-        mean,
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-    }
-}
-
 /// Raw `SET NX PX` + `DEL` on every instance of `url` (one after the other per instance,
 /// instances in parallel), the least a correct lock can cost.
-async fn floor(urls: &[String], iterations: usize) -> Stats {
+async fn floor(urls: &[String], iterations: usize) -> common::Stats {
     let mut conns = Vec::new();
     for url in urls {
         let client = redis::Client::open(url.as_str()).expect("redis URL");
@@ -85,10 +69,10 @@ async fn floor(urls: &[String], iterations: usize) -> Stats {
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
+    common::stats(samples)
 }
 
-async fn uncontended(lock: &RedisLock, iterations: usize) -> Stats {
+async fn uncontended(lock: &RedisLock, iterations: usize) -> common::Stats {
     let opts = LockOptions::new();
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations + iterations / 10 {
@@ -102,7 +86,7 @@ async fn uncontended(lock: &RedisLock, iterations: usize) -> Stats {
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
+    common::stats(samples)
 }
 
 fn instance_urls(url: &str) -> Vec<String> {

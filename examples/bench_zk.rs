@@ -9,7 +9,10 @@
 //! ```
 //! Without `--url` it reads `target/services.env`.
 
-use std::time::{Duration, Instant};
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::Instant;
 
 use clap::Parser;
 use lockkit::zk::zookeeper_client as zk;
@@ -28,31 +31,8 @@ struct Args {
     seconds: f64,
 }
 
-fn from_env_file(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env"));
-    let text = text.ok()?;
-    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
-    Some(line[key.len() + 1..].to_string())
-}
-
-struct Stats {
-    mean: Duration,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    Stats {
-        mean,
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-    }
-}
-
 /// Raw create + delete of an ephemeral node: the least a ZooKeeper lock can cost.
-async fn floor(url: &str, iterations: usize) -> Stats {
+async fn floor(url: &str, iterations: usize) -> common::Stats {
     let cluster = url.split_once("://").map_or(url, |(_, rest)| rest);
     let cluster = cluster.split('?').next().unwrap_or_default();
     let client = zk::Client::connect(cluster).await.expect("connect");
@@ -67,10 +47,10 @@ async fn floor(url: &str, iterations: usize) -> Stats {
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
+    common::stats(samples)
 }
 
-async fn uncontended(lock: &ZkLock, iterations: usize) -> Stats {
+async fn uncontended(lock: &ZkLock, iterations: usize) -> common::Stats {
     let opts = LockOptions::new();
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations + iterations / 10 {
@@ -84,33 +64,7 @@ async fn uncontended(lock: &ZkLock, iterations: usize) -> Stats {
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
-}
-
-async fn contended(url: &str, seconds: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let lock = ZkLock::connect(url).await.expect("connect");
-        tasks.spawn(async move {
-            let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
-            let mut done = 0u64;
-            while Instant::now() < until {
-                let guard = lock
-                    .acquire("bench/contended", &opts)
-                    .await
-                    .expect("acquire");
-                guard.release().await.expect("release");
-                done += 1;
-            }
-            done
-        });
-    }
-    let mut total = 0;
-    while let Some(done) = tasks.join_next().await {
-        total += done.expect("task");
-    }
-    total as f64 / seconds
+    common::stats(samples)
 }
 
 #[tokio::main]
@@ -118,7 +72,7 @@ async fn main() {
     let args = Args::parse();
     let url = args
         .url
-        .or_else(|| from_env_file("LOCKKIT_ZK_URL"))
+        .or_else(|| common::from_env_file("LOCKKIT_ZK_URL"))
         .expect("--url or target/services.env (scripts/services up zk)");
     println!(
         "{:<6} {:<34} {:>10} {:>10} {:>10} {:>8}",
@@ -137,7 +91,7 @@ async fn main() {
             "zk", s.mean, s.p50, s.p99
         );
     }
-    let throughput = contended(&url, args.seconds).await;
+    let throughput = common::contended(&url, args.seconds).await;
     println!(
         "{:<6} {:<34} {throughput:>10.0} ops/s",
         "zk", "8-way contended"

@@ -1,4 +1,6 @@
-//! What the benchmark examples share: server URLs and the contended run.
+//! What the benchmark examples share: server URLs, latency statistics and the contended run.
+// Each example uses the part it needs.
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,24 @@ pub(crate) fn from_env_file(key: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
     Some(line[key.len() + 1..].to_string())
+}
+
+/// Mean, median and 99th percentile of some latencies.
+pub(crate) struct Stats {
+    pub(crate) mean: Duration,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+}
+
+/// The statistics of `samples` (not empty).
+pub(crate) fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    Stats {
+        mean,
+        p50: samples[samples.len() / 2],
+        p99: samples[samples.len() * 99 / 100],
+    }
 }
 
 /// Lock operations per second when 8 clients, each its own connection, take and release one

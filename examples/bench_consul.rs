@@ -75,7 +75,11 @@ impl Raw {
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
             self.host
         );
-        self.stream.get_mut().write_all(request.as_bytes()).await.unwrap();
+        self.stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .unwrap();
         let mut length = 0;
         loop {
             let mut line = String::new();
@@ -102,7 +106,10 @@ async fn floor(host: &str, iterations: usize) -> Stats {
     for i in 0..iterations + iterations / 10 {
         let started = Instant::now();
         assert_eq!(raw.call("PUT", "/v1/kv/lockkit-bench/floor").await, "true");
-        assert_eq!(raw.call("DELETE", "/v1/kv/lockkit-bench/floor").await, "true");
+        assert_eq!(
+            raw.call("DELETE", "/v1/kv/lockkit-bench/floor").await,
+            "true"
+        );
         if i >= iterations / 10 {
             samples.push(started.elapsed());
         }

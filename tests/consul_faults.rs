@@ -28,18 +28,28 @@ async fn raw(address: &str, method: &str, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect to the Consul agent");
-    let request = format!("{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n");
+    let request =
+        format!("{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, body.to_string())
 }
 
 /// The key's entry as Consul stores it (`None` if it does not exist).
 async fn entry(address: &str, key: &str) -> Option<Value> {
-    let (status, body) = raw(address, "GET", &format!("/v1/kv/{}", key.replace('%', "%25"))).await;
+    let (status, body) = raw(
+        address,
+        "GET",
+        &format!("/v1/kv/{}", key.replace('%', "%25")),
+    )
+    .await;
     match status {
         404 => None,
         200 => {
@@ -72,19 +82,35 @@ async fn fencing_token_is_modify_index_and_survives_key_deletion() {
     for _ in 0..2 {
         let guard = locks.acquire(&name, &opts).await.unwrap();
         let held = entry(&addr, &key).await.expect("the held key");
-        assert_eq!(held["ModifyIndex"].as_u64(), Some(guard.fencing_token().get()));
+        assert_eq!(
+            held["ModifyIndex"].as_u64(),
+            Some(guard.fencing_token().get())
+        );
         tokens.push(guard.fencing_token().get());
         lock_indexes.push(held["LockIndex"].as_u64().unwrap());
         guard.release().await.unwrap();
     }
-    assert_eq!(lock_indexes, [1, 2], "LockIndex counts acquisitions of one key");
+    assert_eq!(
+        lock_indexes,
+        [1, 2],
+        "LockIndex counts acquisitions of one key"
+    );
 
     // Delete the key from outside: LockIndex starts over, the token still grows.
-    let (status, _) = raw(&addr, "DELETE", &format!("/v1/kv/{}", key.replace('%', "%25"))).await;
+    let (status, _) = raw(
+        &addr,
+        "DELETE",
+        &format!("/v1/kv/{}", key.replace('%', "%25")),
+    )
+    .await;
     assert_eq!(status, 200);
     let guard = locks.acquire(&name, &opts).await.unwrap();
     let held = entry(&addr, &key).await.unwrap();
-    assert_eq!(held["LockIndex"].as_u64(), Some(1), "LockIndex reset by the delete");
+    assert_eq!(
+        held["LockIndex"].as_u64(),
+        Some(1),
+        "LockIndex reset by the delete"
+    );
     assert!(guard.fencing_token().get() > tokens[1]);
     tokens.push(guard.fencing_token().get());
 
@@ -92,7 +118,10 @@ async fn fencing_token_is_modify_index_and_survives_key_deletion() {
     let session = held["Session"].as_str().unwrap().to_string();
     let (status, _) = raw(&addr, "PUT", &format!("/v1/session/destroy/{session}")).await;
     assert_eq!(status, 200);
-    assert!(entry(&addr, &key).await.is_none(), "behavior=delete kept the key");
+    assert!(
+        entry(&addr, &key).await.is_none(),
+        "behavior=delete kept the key"
+    );
     let next = locks
         .acquire(&name, &opts.clone().wait_timeout(Duration::from_secs(10)))
         .await
@@ -219,7 +248,10 @@ async fn agent_stopped_while_holder_renews() {
     agent.child.kill().await.unwrap();
     let stopped = Instant::now();
 
-    let err = guard.extend(ttl).await.expect_err("extended without an agent");
+    let err = guard
+        .extend(ttl)
+        .await
+        .expect_err("extended without an agent");
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(err.is_retryable());
     let err = locks
@@ -243,6 +275,9 @@ async fn agent_stopped_while_holder_renews() {
     );
     assert!(stopped.elapsed() <= ttl + Duration::from_secs(5));
     assert!(!guard.is_held());
-    let err = guard.release().await.expect_err("released without an agent");
+    let err = guard
+        .release()
+        .await
+        .expect_err("released without an agent");
     assert!(err.is_lost(), "{err:?}");
 }

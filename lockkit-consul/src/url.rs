@@ -134,7 +134,7 @@ mod tests {
             "redis://127.0.0.1",
             "consul://",
             "consul://h/a%2Fb",
-            "consul://h//x",
+            "consul://h/a//x",
             "consul://h?behavior=keep",
             "consul://h?lock_delay=-1s",
             "consul://h?what=1",

@@ -95,7 +95,7 @@ impl Raw {
         }
         let mut body = vec![0; length];
         self.stream.read_exact(&mut body).await.unwrap();
-        String::from_utf8(body).unwrap()
+        String::from_utf8(body).unwrap().trim().to_string()
     }
 }
 

@@ -30,6 +30,13 @@ pub use lockkit_zk as zk;
 #[cfg(feature = "zk")]
 pub use lockkit_zk::ZkLock;
 
+/// The Consul backend (KV locks on sessions).
+#[cfg(feature = "consul")]
+pub use lockkit_consul as consul;
+
+#[cfg(feature = "consul")]
+pub use lockkit_consul::ConsulLock;
+
 /// The backends a URL scheme selects, the cargo feature that enables each, and whether that
 /// feature is compiled in.
 const SCHEMES: &[(&[&str], &str, bool)] = &[
@@ -60,7 +67,7 @@ const SCHEMES: &[(&[&str], &str, bool)] = &[
 /// | `redis://`, `rediss://`, `redlock://h1,h2,…` | Redis, RedLock | `redis` |
 /// | `etcd://` | etcd (planned) | `etcd` |
 /// | `zk://h1:2181,h2:2181[/chroot][?root=/lockkit]`, `zookeeper://…` | ZooKeeper | `zk` |
-/// | `consul://` | Consul (planned) | `consul` |
+/// | `consul://host:port/prefix?token=…&dc=…` | Consul KV locks on sessions | `consul` |
 ///
 /// A scheme whose feature is off is an [`Error::Unsupported`] that names the feature to
 /// enable.
@@ -85,6 +92,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
         "sqlite" => Ok(Arc::new(SqliteLock::connect(url).await?)),
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(lockkit_redis::RedisLock::connect(url).await?)),
+        #[cfg(feature = "consul")]
+        "consul" => Ok(Arc::new(lockkit_consul::ConsulLock::connect(url).await?)),
         #[cfg(feature = "postgres")]
         "postgres" => Ok(Arc::new(lockkit_sql::PgLock::connect(url).await?)),
         #[cfg(feature = "mysql")]

@@ -87,6 +87,33 @@ mod redlock {
     });
 }
 
+#[cfg(feature = "consul")]
+mod consul {
+    use std::sync::Arc;
+
+    use lockkit::{ConsulLock, DistributedLock};
+    use lockkit_core::conformance::Harness;
+
+    use crate::common::service_url;
+
+    /// Clients of the Consul agent at `LOCKKIT_CONSUL_URL`.
+    struct ConsulHarness;
+
+    #[lockkit::async_trait]
+    impl Harness for ConsulHarness {
+        async fn client(&self) -> Arc<dyn DistributedLock> {
+            let url = service_url("LOCKKIT_CONSUL_URL");
+            Arc::new(ConsulLock::connect(&url).await.expect("connect to Consul"))
+        }
+
+        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
+            Ok(Arc::new(ConsulLock::connect("consul://127.0.0.1:1").await?))
+        }
+    }
+
+    lockkit_core::conformance_suite!(ConsulHarness);
+}
+
 /// A harness that connects through `lockkit::connect` to a URL from `target/services.env`,
 /// with extra URL parameters.
 #[cfg(any(feature = "postgres", feature = "mysql"))]

@@ -11,7 +11,10 @@
 //! the key for its fencing token, `PUT ?release=`, destroy the session), four of them Raft
 //! writes; the floor is two Raft writes.
 
-use std::time::{Duration, Instant};
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::Instant;
 
 use clap::Parser;
 use lockkit::{ConsulLock, DistributedLock, LockOptions};
@@ -29,29 +32,6 @@ struct Args {
     /// Seconds of the contended run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-}
-
-fn from_env_file(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env"));
-    let text = text.ok()?;
-    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
-    Some(line[key.len() + 1..].to_string())
-}
-
-struct Stats {
-    mean: Duration,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    Stats {
-        mean,
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-    }
 }
 
 /// A minimal HTTP/1.1 keep-alive client: one request at a time on one connection.
@@ -100,7 +80,7 @@ impl Raw {
 }
 
 /// Raw `PUT` + `DELETE` of one key, the least a KV round of take-and-free can cost.
-async fn floor(host: &str, iterations: usize) -> Stats {
+async fn floor(host: &str, iterations: usize) -> common::Stats {
     let mut raw = Raw::connect(host).await;
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations + iterations / 10 {
@@ -114,10 +94,10 @@ async fn floor(host: &str, iterations: usize) -> Stats {
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
+    common::stats(samples)
 }
 
-async fn uncontended(lock: &ConsulLock, iterations: usize) -> Stats {
+async fn uncontended(lock: &ConsulLock, iterations: usize) -> common::Stats {
     let opts = LockOptions::new();
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations + iterations / 10 {
@@ -131,33 +111,7 @@ async fn uncontended(lock: &ConsulLock, iterations: usize) -> Stats {
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
-}
-
-async fn contended(url: &str, seconds: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let lock = ConsulLock::connect(url).await.expect("connect");
-        tasks.spawn(async move {
-            let opts = LockOptions::new().wait_timeout(Duration::from_secs(60));
-            let mut done = 0u64;
-            while Instant::now() < until {
-                let guard = lock
-                    .acquire("bench/contended", &opts)
-                    .await
-                    .expect("acquire");
-                guard.release().await.expect("release");
-                done += 1;
-            }
-            done
-        });
-    }
-    let mut total = 0;
-    while let Some(done) = tasks.join_next().await {
-        total += done.expect("task");
-    }
-    total as f64 / seconds
+    common::stats(samples)
 }
 
 #[tokio::main]
@@ -165,7 +119,7 @@ async fn main() {
     let args = Args::parse();
     let url = args
         .url
-        .or_else(|| from_env_file("LOCKKIT_CONSUL_URL"))
+        .or_else(|| common::from_env_file("LOCKKIT_CONSUL_URL"))
         .expect("--url or target/services.env (scripts/services up consul)");
     let host = url
         .strip_prefix("consul://")
@@ -189,7 +143,7 @@ async fn main() {
             "consul", s.mean, s.p50, s.p99
         );
     }
-    let throughput = contended(&url, args.seconds).await;
+    let throughput = common::contended(&url, args.seconds).await;
     println!(
         "{:<10} {:<28} {throughput:>10.0} ops/s",
         "consul", "8-way contended"

@@ -23,6 +23,13 @@ pub use lockkit_redis as redis;
 #[cfg(feature = "redis")]
 pub use lockkit_redis::RedisLock;
 
+/// The etcd backend.
+#[cfg(feature = "etcd")]
+pub use lockkit_etcd as etcd;
+
+#[cfg(feature = "etcd")]
+pub use lockkit_etcd::EtcdLock;
+
 /// The backends a URL scheme selects, the cargo feature that enables each, and whether that
 /// feature is compiled in.
 const SCHEMES: &[(&[&str], &str, bool)] = &[
@@ -50,7 +57,7 @@ const SCHEMES: &[(&[&str], &str, bool)] = &[
 /// | `sqlite://path`, `sqlite:path`, `sqlite::memory:` | SQLite lease table | `sqlite` (default) |
 /// | `postgres://`, `mysql://` | SQL advisory locks (planned) | `postgres`, `mysql` |
 /// | `redis://`, `rediss://`, `redlock://h1,h2,…` | Redis, RedLock | `redis` |
-/// | `etcd://` | etcd (planned) | `etcd` |
+/// | `etcd://h1:2379,h2:2379`, `etcds://…` | etcd leases and revisions | `etcd` |
 /// | `zk://` | ZooKeeper (planned) | `zk` |
 /// | `consul://` | Consul (planned) | `consul` |
 ///
@@ -77,6 +84,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
         "sqlite" => Ok(Arc::new(SqliteLock::connect(url).await?)),
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(lockkit_redis::RedisLock::connect(url).await?)),
+        #[cfg(feature = "etcd")]
+        "etcd" => Ok(Arc::new(lockkit_etcd::EtcdLock::connect(url).await?)),
         _ if !enabled => Err(Error::Unsupported(format!(
             "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
         ))),

@@ -209,6 +209,29 @@ async fn a_waiter_whose_key_vanished_queues_again_instead_of_taking_the_lock() {
     guard.release().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_url_with_a_dead_member_still_locks() {
+    let url = service_url("LOCKKIT_ETCD_URL");
+    let live = endpoints(&url).join(",");
+    // Port 1 on loopback is closed: a member that is down.
+    let cluster = format!("etcd://127.0.0.1:1,{live}");
+    let started = Instant::now();
+    let client = EtcdLock::connect(&cluster)
+        .await
+        .expect("connect with one member down");
+    let name = fresh("dead_member");
+    let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
+    for _ in 0..20 {
+        let guard = client.acquire(&name, &opts).await.expect("acquire");
+        guard.release().await.expect("release");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// An etcd of this test's own, on free loopback ports, in a temporary data directory.
 struct PrivateEtcd {
     dir: tempfile::TempDir,

@@ -193,21 +193,20 @@ impl EtcdLease {
             }
         }
         // Opening the stream sends the first keep-alive and reads its answer.
-        let mut client = self.inner.client.lease_client();
-        match tokio::time::timeout(timeout, client.keep_alive(id)).await {
-            Ok(Ok(opened)) => {
+        let open = || {
+            let mut client = self.inner.client.lease_client();
+            async move { client.keep_alive(id).await }
+        };
+        match self.inner.within("lease keep-alive", timeout, open).await? {
+            Ok(opened) => {
                 *slot = Some(opened);
                 // etcd renews a lease to its full granted TTL.
                 Ok(granted)
             }
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(why))) if why.contains("not found") => {
+            Err(etcd_client::Error::LeaseKeepAliveError(why)) if why.contains("not found") => {
                 Err(self.lost())
             }
-            Ok(Err(e)) => Err(map_err(e)),
-            Err(_) => Err(Error::connection(
-                BACKEND,
-                format!("lease keep-alive: no answer within {timeout:?}"),
-            )),
+            Err(e) => Err(map_err(e)),
         }
     }
 
@@ -336,8 +335,12 @@ impl Lease for EtcdLease {
 
 impl Inner {
     pub(crate) async fn grant(&self, asked: i64) -> Result<Granted> {
-        let mut client = self.client.lease_client();
-        let answer = self.call("lease grant", client.grant(asked, None)).await?;
+        let answer = self
+            .call("lease grant", || {
+                let mut client = self.client.lease_client();
+                async move { client.grant(asked, None).await }
+            })
+            .await?;
         Ok(Granted {
             id: answer.id(),
             asked,
@@ -347,8 +350,11 @@ impl Inner {
 
     /// Revokes `id`: `LockLost` if etcd no longer knows it.
     pub(crate) async fn revoke(&self, id: i64) -> Result<()> {
-        let mut client = self.client.lease_client();
-        match self.call("lease revoke", client.revoke(id)).await {
+        let revoke = || {
+            let mut client = self.client.lease_client();
+            async move { client.revoke(id).await }
+        };
+        match self.call("lease revoke", revoke).await {
             Err(Error::Backend { source, .. }) if source.to_string().contains("not found") => {
                 Err(Error::lost(format!("lease {id:x}"), LostReason::NotOwner))
             }
@@ -378,31 +384,81 @@ impl Inner {
 
     /// The lease `key` is bound to, `None` if the key does not exist.
     pub(crate) async fn key_lease(&self, key: &str) -> Result<Option<i64>> {
-        let mut client = self.client.kv_client();
-        let get = client.get(key, Some(GetOptions::new().with_keys_only()));
+        let get = || {
+            let mut client = self.client.kv_client();
+            async move {
+                client
+                    .get(key, Some(GetOptions::new().with_keys_only()))
+                    .await
+            }
+        };
         let answer = self.call("get", get).await?;
         Ok(answer.kvs().first().map(|kv| kv.lease()))
     }
 
     pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
-        let mut client = self.client.kv_client();
-        self.call("txn", client.txn(txn)).await
+        self.call("txn", || {
+            let (mut client, txn) = (self.client.kv_client(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
     }
 
-    /// Runs one request with the request timeout, mapping its errors.
-    pub(crate) async fn call<T>(
+    /// Runs one request with the request timeout, mapping its errors. `request` builds the
+    /// request; it is sent again when it never reached a server (see [`never_sent`]).
+    pub(crate) async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let timeout = self.options.request_timeout;
+        self.within(what, timeout, request).await?.map_err(map_err)
+    }
+
+    /// Runs one request within `timeout` (an `Error::Connection` after it), leaving the
+    /// client's errors unmapped. A request that never reached a server is sent again, up to
+    /// twice per further member: etcd-client's balancer keeps a member that refuses
+    /// connections in rotation, and a request routed to it fails at once, unsent.
+    pub(crate) async fn within<T, F, Fut>(
         &self,
         what: &str,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        let timeout = self.options.request_timeout;
-        match tokio::time::timeout(timeout, request).await {
-            Ok(answer) => answer.map_err(map_err),
-            Err(_) => Err(Error::connection(
-                BACKEND,
-                format!("{what}: no answer within {timeout:?}"),
-            )),
+        timeout: Duration,
+        mut request: F,
+    ) -> Result<Result<T, etcd_client::Error>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = 2 * self.endpoints.len() - 1;
+        let run = async {
+            let mut attempt = 1;
+            loop {
+                match request().await {
+                    Err(e) if attempt < attempts && never_sent(&e) => {
+                        tracing::debug!(what, error = %e, "not sent, trying another member");
+                        attempt += 1;
+                    }
+                    answer => return answer,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| {
+            Error::connection(BACKEND, format!("{what}: no answer within {timeout:?}"))
+        })
+    }
+}
+
+/// Whether a request failed before it reached any server (no connection could be made), so
+/// sending it again cannot apply it twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable
+                && ["connect error", "error trying to connect"]
+                    .iter()
+                    .any(|m| status.message().contains(m))
         }
+        _ => false,
     }
 }
 

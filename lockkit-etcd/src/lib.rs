@@ -172,29 +172,35 @@ impl EtcdLock {
             connect = tls(connect, parsed.ca.as_deref())?;
         }
         let endpoints = parsed.endpoints;
-        let unreachable =
-            |what: &str| Error::connection(BACKEND, format!("{}: {what}", endpoints.join(",")));
         let limit = options.connect_timeout;
+        let silent = Error::connection(
+            BACKEND,
+            format!("{}: no answer within {limit:?}", endpoints.join(",")),
+        );
         // With credentials, connecting authenticates; without, it only sets up the channel.
         let client = tokio::time::timeout(limit, Client::connect(&endpoints, Some(connect)))
             .await
-            .map_err(|_| unreachable(&format!("no answer within {limit:?}")))?
+            .map_err(|_| silent)?
             .map_err(map_err)?;
-        let mut maintenance = client.maintenance_client();
-        match tokio::time::timeout(limit, maintenance.status()).await {
-            Ok(Ok(status)) => {
-                tracing::debug!(version = status.version(), ?endpoints, "connected to etcd");
-            }
-            Ok(Err(e)) => return Err(map_err(e)),
-            Err(_) => return Err(unreachable(&format!("no answer within {limit:?}"))),
-        }
-        Ok(EtcdLock {
-            inner: Arc::new(Inner {
-                client,
-                options,
-                endpoints,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            client,
+            options,
+            endpoints,
+        });
+        let status = || {
+            let mut maintenance = inner.client.maintenance_client();
+            async move { maintenance.status().await }
+        };
+        // The timeout's error names the endpoints, the URL's hosts.
+        let status = inner.within("status", limit, status).await.map_err(|_| {
+            Error::connection(
+                BACKEND,
+                format!("{}: no answer within {limit:?}", inner.endpoints.join(",")),
+            )
+        })?;
+        let status = status.map_err(map_err)?;
+        tracing::debug!(version = status.version(), endpoints = ?inner.endpoints, "connected");
+        Ok(EtcdLock { inner })
     }
 
     /// The key prefix of the lock `name` (for inspection and operations). The keys under it
@@ -322,10 +328,12 @@ impl Inner {
             let options = WatchOptions::new()
                 .with_start_revision(revision + 1)
                 .with_filters([WatchFilterType::NoPut]);
-            let mut watch_client = self.client.watch_client();
-            let mut watch = self
-                .call("watch", watch_client.watch(before, Some(options)))
-                .await?;
+            let open = || {
+                let mut client = self.client.watch_client();
+                let (before, options) = (before.clone(), options.clone());
+                async move { client.watch(before, Some(options)).await }
+            };
+            let mut watch = self.call("watch", open).await?;
             loop {
                 tokio::select! {
                     message = watch.message() => match message {

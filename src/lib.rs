@@ -23,6 +23,13 @@ pub use lockkit_redis as redis;
 #[cfg(feature = "redis")]
 pub use lockkit_redis::RedisLock;
 
+/// The etcd backend.
+#[cfg(feature = "etcd")]
+pub use lockkit_etcd as etcd;
+
+#[cfg(feature = "etcd")]
+pub use lockkit_etcd::EtcdLock;
+
 /// The ZooKeeper backend.
 #[cfg(feature = "zk")]
 pub use lockkit_zk as zk;
@@ -65,7 +72,7 @@ const SCHEMES: &[(&[&str], &str, bool)] = &[
 /// | `postgres://…?strategy=advisory\|table` | PostgreSQL advisory locks or lease table | `postgres` |
 /// | `mysql://…?strategy=advisory\|table` | MySQL/MariaDB `GET_LOCK` or lease table | `mysql` |
 /// | `redis://`, `rediss://`, `redlock://h1,h2,…` | Redis, RedLock | `redis` |
-/// | `etcd://` | etcd (planned) | `etcd` |
+/// | `etcd://h1:2379,h2:2379`, `etcds://…` | etcd leases and revisions | `etcd` |
 /// | `zk://h1:2181,h2:2181[/chroot][?root=/lockkit]`, `zookeeper://…` | ZooKeeper | `zk` |
 /// | `consul://host:port/prefix?token=…&dc=…` | Consul KV locks on sessions | `consul` |
 ///
@@ -100,6 +107,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
         "mysql" => Ok(Arc::new(lockkit_sql::MySqlLock::connect(url).await?)),
         #[cfg(feature = "zk")]
         "zk" => Ok(Arc::new(lockkit_zk::ZkLock::connect(url).await?)),
+        #[cfg(feature = "etcd")]
+        "etcd" => Ok(Arc::new(lockkit_etcd::EtcdLock::connect(url).await?)),
         _ if !enabled => Err(Error::Unsupported(format!(
             "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
         ))),

@@ -198,3 +198,31 @@ mod zk {
 
     lockkit_core::conformance_suite!(ZkHarness);
 }
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use std::sync::Arc;
+
+    use lockkit::{DistributedLock, EtcdLock};
+    use lockkit_core::conformance::Harness;
+
+    use crate::common::service_url;
+
+    /// Clients of the etcd server that `scripts/services` starts; each client has its own
+    /// connection, as a separate process would.
+    struct EtcdHarness;
+
+    #[lockkit::async_trait]
+    impl Harness for EtcdHarness {
+        async fn client(&self) -> Arc<dyn DistributedLock> {
+            let url = service_url("LOCKKIT_ETCD_URL");
+            Arc::new(EtcdLock::connect(&url).await.expect("connect to etcd"))
+        }
+
+        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
+            Ok(Arc::new(EtcdLock::connect("etcd://127.0.0.1:1").await?))
+        }
+    }
+
+    lockkit_core::conformance_suite!(EtcdHarness);
+}

@@ -19,6 +19,9 @@
 //!   transaction (delete if still on our lease) to release; the lease is revoked in the
 //!   background after the release returns.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -38,13 +41,6 @@ struct Args {
     seconds: f64,
 }
 
-fn from_env_file(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/target/services.env"));
-    let text = text.ok()?;
-    let line = text.lines().find(|l| l.starts_with(&format!("{key}=")))?;
-    Some(line[key.len() + 1..].to_string())
-}
-
 /// `host:port` of every endpoint of an `etcd://` URL.
 fn endpoints(url: &str) -> Vec<String> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
@@ -52,24 +48,8 @@ fn endpoints(url: &str) -> Vec<String> {
     hosts.split(',').map(str::to_string).collect()
 }
 
-struct Stats {
-    mean: Duration,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    Stats {
-        mean,
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-    }
-}
-
 /// Runs `op` `iterations` times after a tenth as many for warm-up.
-async fn measure<F, Fut>(iterations: usize, mut op: F) -> Stats
+async fn measure<F, Fut>(iterations: usize, mut op: F) -> common::Stats
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -82,7 +62,7 @@ where
             samples.push(started.elapsed());
         }
     }
-    stats(samples)
+    common::stats(samples)
 }
 
 async fn raw(url: &str) -> Client {
@@ -124,7 +104,7 @@ where
     total as f64 / seconds
 }
 
-fn row(what: &str, s: &Stats, floor: &Stats) {
+fn row(what: &str, s: &common::Stats, floor: &common::Stats) {
     let ratio = s.mean.as_secs_f64() / floor.mean.as_secs_f64();
     println!(
         "{what:<40} {:>10.2?} {:>10.2?} {:>10.2?} {:>7.2}x",
@@ -138,7 +118,7 @@ async fn main() {
     let url = args
         .url
         .or_else(|| std::env::var("LOCKKIT_ETCD_URL").ok())
-        .or_else(|| from_env_file("LOCKKIT_ETCD_URL"))
+        .or_else(|| common::from_env_file("LOCKKIT_ETCD_URL"))
         .expect("--url, LOCKKIT_ETCD_URL or target/services.env (scripts/services up etcd)");
     let n = args.iterations;
     println!(

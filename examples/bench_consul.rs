@@ -17,7 +17,7 @@ mod common;
 use std::time::Instant;
 
 use clap::Parser;
-use lockkit::{ConsulLock, DistributedLock, LockOptions};
+use lockkit::ConsulLock;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -97,23 +97,6 @@ async fn floor(host: &str, iterations: usize) -> common::Stats {
     common::stats(samples)
 }
 
-async fn uncontended(lock: &ConsulLock, iterations: usize) -> common::Stats {
-    let opts = LockOptions::new();
-    let mut samples = Vec::with_capacity(iterations);
-    for i in 0..iterations + iterations / 10 {
-        let started = Instant::now();
-        let guard = lock
-            .acquire("bench/uncontended", &opts)
-            .await
-            .expect("acquire");
-        guard.release().await.expect("release");
-        if i >= iterations / 10 {
-            samples.push(started.elapsed());
-        }
-    }
-    common::stats(samples)
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -132,7 +115,7 @@ async fn main() {
     );
     let lock = ConsulLock::connect(&url).await.expect("connect");
     let floor = floor(&host, args.iterations).await;
-    let ours = uncontended(&lock, args.iterations).await;
+    let ours = common::uncontended(&lock, args.iterations).await;
     let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();
     for (what, s, r) in [
         ("floor: KV PUT + DELETE", &floor, String::new()),

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use futures_util::future::join_all;
-use lockkit::{DistributedLock, LockOptions, RedisLock};
+use lockkit::RedisLock;
 
 #[derive(Parser)]
 struct Args {
@@ -72,23 +72,6 @@ async fn floor(urls: &[String], iterations: usize) -> common::Stats {
     common::stats(samples)
 }
 
-async fn uncontended(lock: &RedisLock, iterations: usize) -> common::Stats {
-    let opts = LockOptions::new();
-    let mut samples = Vec::with_capacity(iterations);
-    for i in 0..iterations + iterations / 10 {
-        let started = Instant::now();
-        let guard = lock
-            .acquire("bench/uncontended", &opts)
-            .await
-            .expect("acquire");
-        guard.release().await.expect("release");
-        if i >= iterations / 10 {
-            samples.push(started.elapsed());
-        }
-    }
-    common::stats(samples)
-}
-
 fn instance_urls(url: &str) -> Vec<String> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let hosts = rest.split(['/', '?']).next().unwrap_or_default();
@@ -114,7 +97,7 @@ async fn main() {
     for (label, url) in configs {
         let lock = RedisLock::connect(&url).await.expect("connect");
         let floor = floor(&instance_urls(&url), args.iterations).await;
-        let ours = uncontended(&lock, args.iterations).await;
+        let ours = common::uncontended(&lock, args.iterations).await;
         let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();
         for (what, s, r) in [
             ("floor: SET NX PX + DEL", &floor, String::new()),

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use lockkit::zk::zookeeper_client as zk;
-use lockkit::{DistributedLock, LockOptions, ZkLock};
+use lockkit::ZkLock;
 
 #[derive(Parser)]
 struct Args {
@@ -50,23 +50,6 @@ async fn floor(url: &str, iterations: usize) -> common::Stats {
     common::stats(samples)
 }
 
-async fn uncontended(lock: &ZkLock, iterations: usize) -> common::Stats {
-    let opts = LockOptions::new();
-    let mut samples = Vec::with_capacity(iterations);
-    for i in 0..iterations + iterations / 10 {
-        let started = Instant::now();
-        let guard = lock
-            .acquire("bench/uncontended", &opts)
-            .await
-            .expect("acquire");
-        guard.release().await.expect("release");
-        if i >= iterations / 10 {
-            samples.push(started.elapsed());
-        }
-    }
-    common::stats(samples)
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -80,7 +63,7 @@ async fn main() {
     );
     let lock = ZkLock::connect(&url).await.expect("connect");
     let floor = floor(&url, args.iterations).await;
-    let ours = uncontended(&lock, args.iterations).await;
+    let ours = common::uncontended(&lock, args.iterations).await;
     let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();
     for (what, s, r) in [
         ("floor: create + delete ephemeral", &floor, String::new()),

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use lockkit::LockOptions;
+use lockkit::{DistributedLock, LockOptions};
 
 /// The value of `key` in `target/services.env` (written by `scripts/services up`).
 pub(crate) fn from_env_file(key: &str) -> Option<String> {
@@ -30,6 +30,25 @@ pub(crate) fn stats(mut samples: Vec<Duration>) -> Stats {
         p50: samples[samples.len() / 2],
         p99: samples[samples.len() * 99 / 100],
     }
+}
+
+/// Latencies of an uncontended acquire + release on `lock`, after a tenth as many warm-up
+/// rounds.
+pub(crate) async fn uncontended(lock: &dyn DistributedLock, iterations: usize) -> Stats {
+    let opts = LockOptions::new();
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        let guard = lock
+            .acquire("bench/uncontended", &opts)
+            .await
+            .expect("acquire");
+        guard.release().await.expect("release");
+        if i >= iterations / 10 {
+            samples.push(started.elapsed());
+        }
+    }
+    stats(samples)
 }
 
 /// Lock operations per second when 8 clients, each its own connection, take and release one

@@ -504,6 +504,19 @@ impl ConsulLease {
         Error::lost(self.name.as_str(), reason)
     }
 
+    /// Stops the background renewals of an extended lease, if any run.
+    fn stop_sustainer(&self) {
+        let task = self
+            .state
+            .sustainer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
+
     /// Keeps renewing the session until `hold_until` is covered, for leases extended past
     /// the session's own TTL (which Consul fixes at creation).
     fn sustain(&self) {
@@ -580,15 +593,7 @@ impl Lease for ConsulLease {
 
     /// Releases the key (only if this session holds it), then destroys the session.
     async fn release(&self) -> Result<()> {
-        if let Some(task) = self
-            .state
-            .sustainer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
-        }
+        self.stop_sustainer();
         let released = self.inner.put(&self.path, "", &self.session).await;
         let destroyed = self.inner.http.destroy_session(&self.session).await;
         self.inner.watcher.deregister(&self.session);
@@ -616,15 +621,7 @@ impl Lease for ConsulLease {
 
 impl Drop for ConsulLease {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .state
-            .sustainer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
-        }
+        self.stop_sustainer();
         self.inner.watcher.deregister(&self.session);
     }
 }

@@ -25,7 +25,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use etcd_client::{Client, LockOptions as RpcLockOptions};
+use lockkit::etcd::etcd_client::{Client, LockOptions as RpcLockOptions};
 use lockkit::{DistributedLock, EtcdLock, LockOptions};
 
 #[derive(Parser)]

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::GetOptions;
+use lockkit::etcd::etcd_client::{self, GetOptions};
 use lockkit::{DistributedLock, EtcdLock, LockGuard, LockName, LockOptions, LostReason};
 use tokio::time::Instant;
 

@@ -4,6 +4,9 @@
 mod lease;
 mod url;
 
+/// The raw etcd client crate this backend is built on, for inspection and tests.
+pub use etcd_client;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -38,6 +38,7 @@ impl WakeSlots {
     }
 
     /// Wakes every waiter (messages may have been missed).
+    #[cfg(feature = "postgres")]
     pub(crate) fn wake_all(&self) {
         for slot in &self.0 {
             slot.notify_waiters();

@@ -113,7 +113,7 @@ async fn main() {
         "{:<10} {:<28} {:>10} {:>10} {:>10} {:>8}",
         "backend", "measurement", "mean", "p50", "p99", "ratio"
     );
-    let lock = ConsulLock::connect(&url).await.expect("connect");
+    let lock = lockkit::Locks::new(ConsulLock::connect(&url).await.expect("connect"));
     let floor = floor(&host, args.iterations).await;
     let ours = common::uncontended(&lock, args.iterations).await;
     let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();

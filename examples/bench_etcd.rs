@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use lockkit::etcd::etcd_client::{Client, LockOptions as RpcLockOptions};
-use lockkit::{DistributedLock, EtcdLock, LockOptions};
+use lockkit::{EtcdLock, LockOptions};
 
 #[derive(Parser)]
 struct Args {
@@ -153,13 +153,13 @@ async fn main() {
     row("etcd Lock RPC, session lease", &rpc_session, &floor);
     client.lease_revoke(session).await.expect("revoke");
 
-    let lock = EtcdLock::connect(&url).await.expect("connect");
+    let lock = lockkit::Locks::new(EtcdLock::connect(&url).await.expect("connect"));
     let opts = LockOptions::new();
     let ours = measure(n, || {
         let (lock, opts) = (&lock, &opts);
         async move {
             let guard = lock
-                .acquire("bench/uncontended", opts)
+                .acquire_with("bench/uncontended", opts)
                 .await
                 .expect("acquire");
             guard.release().await.expect("release");
@@ -173,12 +173,12 @@ async fn main() {
     let ours = contended(args.seconds, move |until| {
         let url = url2.clone();
         async move {
-            let lock = EtcdLock::connect(&url).await.expect("connect");
+            let lock = lockkit::Locks::new(EtcdLock::connect(&url).await.expect("connect"));
             let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
             let mut done = 0u64;
             while Instant::now() < until {
                 let guard = lock
-                    .acquire("bench/contended", &opts)
+                    .acquire_with("bench/contended", &opts)
                     .await
                     .expect("acquire");
                 guard.release().await.expect("release");

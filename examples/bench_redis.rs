@@ -95,7 +95,7 @@ async fn main() {
     let mut configs = vec![("redis", single)];
     configs.extend(redlock.map(|u| ("redlock", u)));
     for (label, url) in configs {
-        let lock = RedisLock::connect(&url).await.expect("connect");
+        let lock = lockkit::Locks::new(RedisLock::connect(&url).await.expect("connect"));
         let floor = floor(&instance_urls(&url), args.iterations).await;
         let ours = common::uncontended(&lock, args.iterations).await;
         let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();

@@ -141,7 +141,7 @@ async fn main() {
             let opts = LockOptions::new();
             let ours = mean(args.iterations, || async {
                 let guard = lock
-                    .acquire("bench/uncontended", &opts)
+                    .acquire_with("bench/uncontended", &opts)
                     .await
                     .expect("acquire");
                 guard.release().await.expect("release");

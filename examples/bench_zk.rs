@@ -61,7 +61,7 @@ async fn main() {
         "{:<6} {:<34} {:>10} {:>10} {:>10} {:>8}",
         "backend", "measurement", "mean", "p50", "p99", "ratio"
     );
-    let lock = ZkLock::connect(&url).await.expect("connect");
+    let lock = lockkit::Locks::new(ZkLock::connect(&url).await.expect("connect"));
     let floor = floor(&url, args.iterations).await;
     let ours = common::uncontended(&lock, args.iterations).await;
     let ratio = ours.mean.as_secs_f64() / floor.mean.as_secs_f64();

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use lockkit::{DistributedLock, LockOptions};
+use lockkit::{LockOptions, Locks};
 
 #[derive(Parser)]
 #[command(about = "Sell limited stock to concurrent orders under a distributed lock")]
@@ -73,7 +73,7 @@ async fn main() -> lockkit::Result<ExitCode> {
             std::env::temp_dir().join(format!("lockkit-inventory-{}.db", std::process::id()));
         format!("sqlite://{}", file.display())
     });
-    let locks: Arc<dyn DistributedLock> = lockkit::connect(&url).await?;
+    let locks: Locks = lockkit::connect(&url).await?;
     let row = Arc::new(StockRow {
         units: AtomicI64::new(args.stock),
         last_token: AtomicU64::new(0),
@@ -91,7 +91,7 @@ async fn main() -> lockkit::Result<ExitCode> {
         workers.spawn(async move {
             for _ in 0..orders {
                 let guard = match locking {
-                    true => Some(locks.acquire("inventory/sku-42", &opts).await?),
+                    true => Some(locks.acquire_with("inventory/sku-42", &opts).await?),
                     false => None,
                 };
                 let units = row.read().await;
@@ -114,7 +114,7 @@ async fn main() -> lockkit::Result<ExitCode> {
     let sold = sold.load(Ordering::SeqCst);
     let remaining = row.units.load(Ordering::SeqCst);
     let oversold = sold.saturating_sub(args.stock as u64);
-    println!("backend:   {} ({url})", locks.backend());
+    println!("backend:   {} ({url})", locks.backend_name());
     println!("lock:      {}", if args.no_lock { "off" } else { "on" });
     println!("orders:    {} from {} workers", args.orders, args.workers);
     println!("sold:      {sold}");

@@ -1,13 +1,17 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 
 pub use lockkit_core::{
-    async_trait, run_detached, telemetry, with_lock, Acquired, Attempt, BoxError, Capabilities,
-    DistributedLock, Error, FencingToken, Lease, LockGuard, LockName, LockOptions, LostReason,
-    Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
+    telemetry, url, BoxError, Capabilities, Error, FencingToken, LockGuard, LockName, LockOptions,
+    Locks, LostReason, Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
 };
+
+/// The backend SPI, for writing a backend of your own (see its contract). Not needed to
+/// use locks.
+pub use lockkit_core::backend;
 
 /// The SQL backends (SQLite, the embedded default; PostgreSQL; MySQL/MariaDB).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
@@ -44,24 +48,54 @@ pub use lockkit_consul as consul;
 #[cfg(feature = "consul")]
 pub use lockkit_consul::ConsulLock;
 
-/// The backends a URL scheme selects, the cargo feature that enables each, and whether that
-/// feature is compiled in.
-const SCHEMES: &[(&[&str], &str, bool)] = &[
-    (&["sqlite"], "sqlite", cfg!(feature = "sqlite")),
-    (
-        &["postgres", "postgresql"],
-        "postgres",
-        cfg!(feature = "postgres"),
-    ),
-    (&["mysql", "mariadb"], "mysql", cfg!(feature = "mysql")),
-    (
-        &["redis", "rediss", "redlock"],
-        "redis",
-        cfg!(feature = "redis"),
-    ),
-    (&["etcd", "etcds"], "etcd", cfg!(feature = "etcd")),
-    (&["zk", "zookeeper"], "zk", cfg!(feature = "zk")),
-    (&["consul"], "consul", cfg!(feature = "consul")),
+type Connecting<'a> = Pin<Box<dyn Future<Output = Result<Locks>> + Send + 'a>>;
+
+/// A compiled-in backend: its schemes (its own [`backend::Connect::SCHEMES`]) and how to
+/// connect to it.
+struct Compiled {
+    schemes: &'static [&'static str],
+    connect: fn(&str) -> Connecting<'_>,
+}
+
+fn entry<B: backend::Connect>() -> Compiled {
+    Compiled {
+        schemes: B::SCHEMES,
+        connect: |url| Box::pin(async move { B::connect(url).await.map(Locks::new) }),
+    }
+}
+
+/// The backends compiled into this build, each with the schemes it declares.
+fn compiled() -> Vec<Compiled> {
+    #[allow(unused_mut)]
+    let mut backends = Vec::new();
+    #[cfg(feature = "sqlite")]
+    backends.push(entry::<lockkit_sql::SqliteLock>());
+    #[cfg(feature = "postgres")]
+    backends.push(entry::<lockkit_sql::PgLock>());
+    #[cfg(feature = "mysql")]
+    backends.push(entry::<lockkit_sql::MySqlLock>());
+    #[cfg(feature = "redis")]
+    backends.push(entry::<lockkit_redis::RedisLock>());
+    #[cfg(feature = "etcd")]
+    backends.push(entry::<lockkit_etcd::EtcdLock>());
+    #[cfg(feature = "zk")]
+    backends.push(entry::<lockkit_zk::ZkLock>());
+    #[cfg(feature = "consul")]
+    backends.push(entry::<lockkit_consul::ConsulLock>());
+    backends
+}
+
+/// For a scheme no compiled-in backend accepts: the cargo feature that brings the backend
+/// that does. A test with every feature on checks this list against the backends' own
+/// declarations, so it cannot drift from them.
+const FEATURE_OF_SCHEME: &[(&str, &[&str])] = &[
+    ("sqlite", &["sqlite"]),
+    ("postgres", &["postgres", "postgresql"]),
+    ("mysql", &["mysql", "mariadb"]),
+    ("redis", &["redis", "rediss", "redlock", "redlocks"]),
+    ("etcd", &["etcd", "etcds"]),
+    ("zk", &["zk", "zookeeper"]),
+    ("consul", &["consul"]),
 ];
 
 /// Connects to the lock service at `url`, choosing the backend by the URL's scheme:
@@ -71,52 +105,54 @@ const SCHEMES: &[(&[&str], &str, bool)] = &[
 /// | `sqlite://path`, `sqlite:path`, `sqlite::memory:` | SQLite lease table | `sqlite` (default) |
 /// | `postgres://…?strategy=advisory\|table` | PostgreSQL advisory locks or lease table | `postgres` |
 /// | `mysql://…?strategy=advisory\|table` | MySQL/MariaDB `GET_LOCK` or lease table | `mysql` |
-/// | `redis://`, `rediss://`, `redlock://h1,h2,…` | Redis, RedLock | `redis` |
+/// | `redis://`, `rediss://`, `redlock://h1,h2,…`, `redlocks://…` | Redis, RedLock | `redis` |
 /// | `etcd://h1:2379,h2:2379`, `etcds://…` | etcd leases and revisions | `etcd` |
 /// | `zk://h1:2181,h2:2181[/chroot][?root=/lockkit]`, `zookeeper://…` | ZooKeeper | `zk` |
 /// | `consul://host:port/prefix?token=…&dc=…` | Consul KV locks on sessions | `consul` |
 ///
-/// A scheme whose feature is off is an [`Error::Unsupported`] that names the feature to
-/// enable.
-pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
+/// The schemes come from the backends themselves. A scheme whose feature is off is an
+/// [`Error::Unsupported`] that names the feature to enable.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> lockkit::Result<()> {
+/// let locks = lockkit::connect("sqlite::memory:").await?;
+/// let guard = locks.acquire("reports/daily").await?;
+/// assert!(guard.is_held());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect(url: &str) -> Result<Locks> {
     let scheme = url
         .split_once(':')
         .map(|(scheme, _)| scheme.to_ascii_lowercase())
-        .ok_or_else(|| Error::InvalidOptions(format!("`{url}` is not a URL (no scheme)")))?;
-    let found = SCHEMES.iter().find(|(s, ..)| s.contains(&scheme.as_str()));
-    let Some(&(_, feature, enabled)) = found else {
-        let known: Vec<&str> = SCHEMES
-            .iter()
-            .flat_map(|(s, ..)| s.iter().copied())
-            .collect();
-        return Err(Error::Unsupported(format!(
-            "unknown lock service scheme `{scheme}`; lockkit knows {}",
-            known.join(", ")
-        )));
-    };
-    match feature {
-        #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(SqliteLock::connect(url).await?)),
-        #[cfg(feature = "redis")]
-        "redis" => Ok(Arc::new(lockkit_redis::RedisLock::connect(url).await?)),
-        #[cfg(feature = "consul")]
-        "consul" => Ok(Arc::new(lockkit_consul::ConsulLock::connect(url).await?)),
-        #[cfg(feature = "postgres")]
-        "postgres" => Ok(Arc::new(lockkit_sql::PgLock::connect(url).await?)),
-        #[cfg(feature = "mysql")]
-        "mysql" => Ok(Arc::new(lockkit_sql::MySqlLock::connect(url).await?)),
-        #[cfg(feature = "zk")]
-        "zk" => Ok(Arc::new(lockkit_zk::ZkLock::connect(url).await?)),
-        #[cfg(feature = "etcd")]
-        "etcd" => Ok(Arc::new(lockkit_etcd::EtcdLock::connect(url).await?)),
-        _ if !enabled => Err(Error::Unsupported(format!(
-            "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
-        ))),
-        feature => Err(Error::Unsupported(format!(
-            "the `{feature}` backend is not available in lockkit {} yet",
-            env!("CARGO_PKG_VERSION")
-        ))),
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Error::InvalidOptions(format!(
+                "`{}` is not a URL (no scheme)",
+                lockkit_core::url::redact(url)
+            ))
+        })?;
+    let backends = compiled();
+    if let Some(found) = backends.iter().find(|b| b.schemes.contains(&&*scheme)) {
+        return (found.connect)(url).await;
     }
+    if let Some((feature, _)) = FEATURE_OF_SCHEME
+        .iter()
+        .find(|(_, schemes)| schemes.contains(&&*scheme))
+    {
+        return Err(Error::Unsupported(format!(
+            "`{scheme}` URLs need lockkit's cargo feature `{feature}`: enable it in Cargo.toml"
+        )));
+    }
+    let known: Vec<&str> = FEATURE_OF_SCHEME
+        .iter()
+        .flat_map(|(_, schemes)| schemes.iter().copied())
+        .collect();
+    Err(Error::Unsupported(format!(
+        "unknown lock service scheme `{scheme}`; lockkit knows {}",
+        known.join(", ")
+    )))
 }
 
 #[cfg(test)]
@@ -148,12 +184,32 @@ mod tests {
         assert!(message.contains("feature `zk`"), "{message}");
     }
 
+    /// With every backend compiled in, the feature hints are exactly the backends' own
+    /// scheme declarations: no scheme can be accepted by a backend and unknown to
+    /// `connect`, or the other way round.
+    #[cfg(all(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "redis",
+        feature = "etcd",
+        feature = "zk",
+        feature = "consul"
+    ))]
+    #[test]
+    fn feature_hints_match_the_backends_declarations() {
+        let backends = compiled();
+        let declared: Vec<&[&str]> = backends.iter().map(|b| b.schemes).collect();
+        let hinted: Vec<&[&str]> = FEATURE_OF_SCHEME.iter().map(|(_, s)| *s).collect();
+        assert_eq!(declared, hinted);
+    }
+
     #[cfg(feature = "sqlite")]
     #[tokio::test]
     async fn sqlite_memory_url_connects() {
         let locks = connect("sqlite::memory:").await.unwrap();
-        assert_eq!(locks.backend(), "sqlite");
-        let guard = locks.acquire("x", &LockOptions::new()).await.unwrap();
+        assert_eq!(locks.backend_name(), "sqlite");
+        let guard = locks.acquire("x").await.unwrap();
         assert!(guard.is_held());
         guard.release().await.unwrap();
     }

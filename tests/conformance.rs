@@ -1,139 +1,112 @@
 //! The conformance suite, run unchanged against every backend compiled in. Tests are named
 //! `<backend>::<case>`: `cargo test --all-features --test conformance -- sqlite::` runs one
 //! backend. Networked backends read their server URLs from `target/services.env`, written by
-//! `scripts/services up`.
+//! `scripts/services up`. Each backend lists the guarantees it claims; only their cases are
+//! stamped, and `<backend>::claimed_capabilities` checks the list against the backend.
 
 mod common;
 
+use lockkit::backend::async_trait;
+use lockkit::Locks;
+use lockkit_core::conformance::Harness;
+
+/// Every client of one harness opens the same database file, as separate processes would;
+/// each test gets its own file.
+#[cfg(feature = "sqlite")]
+struct SqliteHarness {
+    dir: tempfile::TempDir,
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteHarness {
+    fn new() -> Self {
+        SqliteHarness {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+#[async_trait]
+impl Harness for SqliteHarness {
+    async fn client(&self) -> Locks {
+        let url = format!("sqlite://{}", self.dir.path().join("locks.db").display());
+        lockkit::connect(&url).await.expect("open SQLite")
+    }
+
+    async fn unreachable(&self) -> lockkit::Result<Locks> {
+        // A database in a directory that does not exist cannot be opened.
+        let url = format!(
+            "sqlite://{}",
+            self.dir.path().join("missing/dir/locks.db").display()
+        );
+        lockkit::connect(&url).await
+    }
+}
+
+/// Clients of a test server from `target/services.env` (`url_key`), each with its own
+/// connections as a separate process would have, through `lockkit::connect`, with extra URL
+/// parameters; `closed` is the same kind of URL pointing at a closed port.
+#[allow(dead_code)]
+struct UrlHarness {
+    url_key: &'static str,
+    params: &'static str,
+    closed: &'static str,
+}
+
+#[allow(dead_code)]
+fn with_params(url: &str, params: &str) -> String {
+    match (params.is_empty(), url.contains('?')) {
+        (true, _) => url.to_string(),
+        (false, true) => format!("{url}&{params}"),
+        (false, false) => format!("{url}?{params}"),
+    }
+}
+
+#[async_trait]
+impl Harness for UrlHarness {
+    async fn client(&self) -> Locks {
+        let url = with_params(&common::service_url(self.url_key), self.params);
+        lockkit::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url_key))
+    }
+
+    async fn unreachable(&self) -> lockkit::Result<Locks> {
+        lockkit::connect(&with_params(self.closed, self.params)).await
+    }
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
-    use std::sync::Arc;
-
-    use lockkit::{DistributedLock, SqliteLock};
-    use lockkit_core::conformance::Harness;
-
-    /// Every client of one harness opens the same database file, as separate processes
-    /// would; each test gets its own file.
-    struct SqliteHarness {
-        dir: tempfile::TempDir,
-    }
-
-    impl SqliteHarness {
-        fn new() -> Self {
-            SqliteHarness {
-                dir: tempfile::tempdir().expect("temp dir"),
-            }
-        }
-    }
-
-    #[lockkit::async_trait]
-    impl Harness for SqliteHarness {
-        async fn client(&self) -> Arc<dyn DistributedLock> {
-            let url = format!("sqlite://{}", self.dir.path().join("locks.db").display());
-            Arc::new(SqliteLock::connect(&url).await.expect("open SQLite"))
-        }
-
-        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
-            // A database in a directory that does not exist cannot be opened.
-            let url = format!(
-                "sqlite://{}",
-                self.dir.path().join("missing/dir/locks.db").display()
-            );
-            Ok(Arc::new(SqliteLock::connect(&url).await?))
-        }
-    }
-
-    lockkit_core::conformance_suite!(SqliteHarness::new());
+    lockkit_core::conformance_suite!(crate::SqliteHarness::new(); fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "redis")]
 mod redis {
-    use std::sync::Arc;
-
-    use lockkit::{DistributedLock, RedisLock};
-    use lockkit_core::conformance::Harness;
-
-    use crate::common::service_url;
-
-    /// Clients of the single Redis instance that `scripts/services` starts.
-    pub(crate) struct RedisHarness {
-        pub(crate) url_key: &'static str,
-        pub(crate) closed: &'static str,
-    }
-
-    #[lockkit::async_trait]
-    impl Harness for RedisHarness {
-        async fn client(&self) -> Arc<dyn DistributedLock> {
-            let url = service_url(self.url_key);
-            Arc::new(RedisLock::connect(&url).await.expect("connect to Redis"))
-        }
-
-        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
-            Ok(Arc::new(RedisLock::connect(self.closed).await?))
-        }
-    }
-
-    lockkit_core::conformance_suite!(RedisHarness {
+    lockkit_core::conformance_suite!(crate::UrlHarness {
         url_key: "LOCKKIT_REDIS_URL",
+        params: "",
         closed: "redis://127.0.0.1:1",
-    });
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "redis")]
 mod redlock {
-    lockkit_core::conformance_suite!(crate::redis::RedisHarness {
+    lockkit_core::conformance_suite!(crate::UrlHarness {
         url_key: "LOCKKIT_REDLOCK_URL",
+        params: "",
         closed: "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
-    });
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "consul")]
 mod consul {
-    use std::sync::Arc;
-
-    use lockkit::{ConsulLock, DistributedLock};
-    use lockkit_core::conformance::Harness;
-
-    use crate::common::service_url;
-
-    /// Clients of the Consul agent at `LOCKKIT_CONSUL_URL`.
-    struct ConsulHarness;
-
-    #[lockkit::async_trait]
-    impl Harness for ConsulHarness {
-        async fn client(&self) -> Arc<dyn DistributedLock> {
-            let url = service_url("LOCKKIT_CONSUL_URL");
-            Arc::new(ConsulLock::connect(&url).await.expect("connect to Consul"))
-        }
-
-        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
-            Ok(Arc::new(ConsulLock::connect("consul://127.0.0.1:1").await?))
-        }
-    }
-
-    lockkit_core::conformance_suite!(ConsulHarness);
-}
-
-/// A harness that connects through `lockkit::connect` to a URL from `target/services.env`,
-/// with extra URL parameters.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-pub(crate) struct UrlHarness {
-    pub(crate) url_key: &'static str,
-    pub(crate) params: &'static str,
-    pub(crate) closed: &'static str,
-}
-
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-#[lockkit::async_trait]
-impl lockkit_core::conformance::Harness for UrlHarness {
-    async fn client(&self) -> std::sync::Arc<dyn lockkit::DistributedLock> {
-        let url = format!("{}?{}", common::service_url(self.url_key), self.params);
-        lockkit::connect(&url).await.expect("connect")
-    }
-
-    async fn unreachable(&self) -> lockkit::Result<std::sync::Arc<dyn lockkit::DistributedLock>> {
-        lockkit::connect(&format!("{}?{}", self.closed, self.params)).await
-    }
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_CONSUL_URL",
+        params: "",
+        closed: "consul://127.0.0.1:1",
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "postgres")]
@@ -142,7 +115,7 @@ mod postgres_advisory {
         url_key: "LOCKKIT_POSTGRES_URL",
         params: "strategy=advisory",
         closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
-    });
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "postgres")]
@@ -151,7 +124,7 @@ mod postgres_table {
         url_key: "LOCKKIT_POSTGRES_URL",
         params: "strategy=table",
         closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
-    });
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "mysql")]
@@ -160,7 +133,7 @@ mod mysql_advisory {
         url_key: "LOCKKIT_MYSQL_URL",
         params: "strategy=advisory",
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
-    });
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "mysql")]
@@ -169,60 +142,23 @@ mod mysql_table {
         url_key: "LOCKKIT_MYSQL_URL",
         params: "strategy=table",
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
-    });
+    }; fencing, lease_expiry, renewal);
 }
 
 #[cfg(feature = "zk")]
 mod zk {
-    use std::sync::Arc;
-
-    use lockkit::{DistributedLock, ZkLock};
-    use lockkit_core::conformance::Harness;
-
-    use crate::common::service_url;
-
-    /// Clients of the ZooKeeper server, each with its own sessions.
-    struct ZkHarness;
-
-    #[lockkit::async_trait]
-    impl Harness for ZkHarness {
-        async fn client(&self) -> Arc<dyn DistributedLock> {
-            let url = service_url("LOCKKIT_ZK_URL");
-            Arc::new(ZkLock::connect(&url).await.expect("connect to ZooKeeper"))
-        }
-
-        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
-            Ok(Arc::new(ZkLock::connect("zk://127.0.0.1:1").await?))
-        }
-    }
-
-    lockkit_core::conformance_suite!(ZkHarness);
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_ZK_URL",
+        params: "",
+        closed: "zk://127.0.0.1:1",
+    }; fencing, lease_expiry, renewal, fifo);
 }
 
 #[cfg(feature = "etcd")]
 mod etcd {
-    use std::sync::Arc;
-
-    use lockkit::{DistributedLock, EtcdLock};
-    use lockkit_core::conformance::Harness;
-
-    use crate::common::service_url;
-
-    /// Clients of the etcd server that `scripts/services` starts; each client has its own
-    /// connection, as a separate process would.
-    struct EtcdHarness;
-
-    #[lockkit::async_trait]
-    impl Harness for EtcdHarness {
-        async fn client(&self) -> Arc<dyn DistributedLock> {
-            let url = service_url("LOCKKIT_ETCD_URL");
-            Arc::new(EtcdLock::connect(&url).await.expect("connect to etcd"))
-        }
-
-        async fn unreachable(&self) -> lockkit::Result<Arc<dyn DistributedLock>> {
-            Ok(Arc::new(EtcdLock::connect("etcd://127.0.0.1:1").await?))
-        }
-    }
-
-    lockkit_core::conformance_suite!(EtcdHarness);
+    lockkit_core::conformance_suite!(crate::UrlHarness {
+        url_key: "LOCKKIT_ETCD_URL",
+        params: "",
+        closed: "etcd://127.0.0.1:1",
+    }; fencing, lease_expiry, renewal, fifo);
 }

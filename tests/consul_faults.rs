@@ -8,7 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use lockkit::{ConsulLock, DistributedLock, Error, LockName, LockOptions, LostReason};
+use lockkit::{ConsulLock, Error, LockName, LockOptions, Locks, LostReason};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
@@ -72,15 +72,18 @@ fn fresh(case: &str) -> String {
 async fn fencing_token_is_modify_index_and_survives_key_deletion() {
     let url = url();
     let addr = address(&url);
-    let locks = ConsulLock::connect(&url).await.unwrap();
+    let locks = Locks::new(ConsulLock::connect(&url).await.unwrap());
     let name = fresh("fencing");
-    let key = locks.lock_key(&LockName::new(&name).unwrap());
+    let key = locks
+        .backend_as::<ConsulLock>()
+        .unwrap()
+        .lock_key(&LockName::new(&name).unwrap());
     let opts = LockOptions::new();
 
     let mut tokens = Vec::new();
     let mut lock_indexes = Vec::new();
     for _ in 0..2 {
-        let guard = locks.acquire(&name, &opts).await.unwrap();
+        let guard = locks.acquire_with(&name, &opts).await.unwrap();
         let held = entry(&addr, &key).await.expect("the held key");
         assert_eq!(
             held["ModifyIndex"].as_u64(),
@@ -104,7 +107,7 @@ async fn fencing_token_is_modify_index_and_survives_key_deletion() {
     )
     .await;
     assert_eq!(status, 200);
-    let guard = locks.acquire(&name, &opts).await.unwrap();
+    let guard = locks.acquire_with(&name, &opts).await.unwrap();
     let held = entry(&addr, &key).await.unwrap();
     assert_eq!(
         held["LockIndex"].as_u64(),
@@ -123,7 +126,7 @@ async fn fencing_token_is_modify_index_and_survives_key_deletion() {
         "behavior=delete kept the key"
     );
     let next = locks
-        .acquire(&name, &opts.clone().wait_timeout(Duration::from_secs(10)))
+        .acquire_with(&name, &opts.clone().wait_timeout(Duration::from_secs(10)))
         .await
         .unwrap();
     let held = entry(&addr, &key).await.unwrap();
@@ -140,14 +143,17 @@ async fn session_destroyed_from_outside_fires_lost() {
     let url = url();
     let addr = address(&url);
     let (a, b) = (
-        ConsulLock::connect(&url).await.unwrap(),
-        ConsulLock::connect(&url).await.unwrap(),
+        Locks::new(ConsulLock::connect(&url).await.unwrap()),
+        Locks::new(ConsulLock::connect(&url).await.unwrap()),
     );
     let name = fresh("destroyed");
-    let key = a.lock_key(&LockName::new(&name).unwrap());
+    let key = a
+        .backend_as::<ConsulLock>()
+        .unwrap()
+        .lock_key(&LockName::new(&name).unwrap());
     // A 60 s TTL renews every 20 s: a loss seen within 5 s was not seen by a renewal.
     let opts = LockOptions::new().ttl(Duration::from_secs(60));
-    let guard = a.acquire(&name, &opts).await.unwrap();
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
     let held = entry(&addr, &key).await.unwrap();
     let session = held["Session"].as_str().unwrap().to_string();
     let (status, _) = raw(&addr, "PUT", &format!("/v1/session/destroy/{session}")).await;
@@ -159,7 +165,7 @@ async fn session_destroyed_from_outside_fires_lost() {
     assert!(matches!(reason, LostReason::SessionLost(_)), "{reason:?}");
     assert!(!guard.is_held());
     let next = b
-        .acquire(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
+        .acquire_with(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
         .await
         .expect("the lock of a destroyed session stayed taken");
     assert!(next.fencing_token() > guard.fencing_token());
@@ -234,10 +240,10 @@ impl PrivateAgent {
 async fn agent_stopped_while_holder_renews() {
     let mut agent = PrivateAgent::start().await;
     let url = format!("consul://127.0.0.1:{}", PrivateAgent::HTTP);
-    let locks = ConsulLock::connect(&url).await.unwrap();
+    let locks = Locks::new(ConsulLock::connect(&url).await.unwrap());
     let ttl = Duration::from_secs(10);
     let guard = locks
-        .acquire("faults/agent-stopped", &LockOptions::new().ttl(ttl))
+        .acquire_with("faults/agent-stopped", &LockOptions::new().ttl(ttl))
         .await
         .unwrap();
     // One renewal goes through while the agent is up.
@@ -255,7 +261,7 @@ async fn agent_stopped_while_holder_renews() {
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(err.is_retryable());
     let err = locks
-        .try_acquire("faults/other", &LockOptions::new())
+        .try_acquire_with("faults/other", &LockOptions::new())
         .await
         .expect_err("acquired without an agent");
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockkit::etcd::etcd_client::{self, GetOptions};
-use lockkit::{DistributedLock, EtcdLock, LockGuard, LockName, LockOptions, LostReason};
+use lockkit::{EtcdLock, LockGuard, LockName, LockOptions, Locks, LostReason};
 use tokio::time::Instant;
 
 use common::service_url;
@@ -64,19 +64,22 @@ async fn wait_for_queue(raw: &mut etcd_client::Client, prefix: &str, len: usize)
 async fn waiters_are_served_in_the_order_they_queued() {
     let url = service_url("LOCKKIT_ETCD_URL");
     let mut raw = raw_client(&url).await;
-    let holder_client = EtcdLock::connect(&url).await.unwrap();
+    let holder_client = Locks::new(EtcdLock::connect(&url).await.unwrap());
     let name = fresh("fifo");
-    let prefix = holder_client.key_prefix(&LockName::new(&name).unwrap());
+    let prefix = holder_client
+        .backend_as::<EtcdLock>()
+        .unwrap()
+        .key_prefix(&LockName::new(&name).unwrap());
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(20));
-    let holder = holder_client.acquire(&name, &opts).await.unwrap();
+    let holder = holder_client.acquire_with(&name, &opts).await.unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for i in 0..5 {
         // Each waiter on a client (connection) of its own, as separate processes would.
-        let client = EtcdLock::connect(&url).await.unwrap();
+        let client = Locks::new(EtcdLock::connect(&url).await.unwrap());
         let (name, opts, order) = (name.clone(), opts.clone(), order.clone());
         waiters.push(tokio::spawn(async move {
-            let guard = client.acquire(&name, &opts).await.expect("waiter");
+            let guard = client.acquire_with(&name, &opts).await.expect("waiter");
             order.lock().unwrap().push(i);
             tokio::time::sleep(Duration::from_millis(20)).await;
             guard.release().await.expect("release");
@@ -100,14 +103,17 @@ async fn a_lease_revoked_from_outside_fires_lost_and_frees_the_lock() {
     let url = service_url("LOCKKIT_ETCD_URL");
     let mut raw = raw_client(&url).await;
     let (a, b) = (
-        EtcdLock::connect(&url).await.unwrap(),
-        EtcdLock::connect(&url).await.unwrap(),
+        Locks::new(EtcdLock::connect(&url).await.unwrap()),
+        Locks::new(EtcdLock::connect(&url).await.unwrap()),
     );
     let name = fresh("revoked");
-    let prefix = a.key_prefix(&LockName::new(&name).unwrap());
+    let prefix = a
+        .backend_as::<EtcdLock>()
+        .unwrap()
+        .key_prefix(&LockName::new(&name).unwrap());
     let ttl = Duration::from_secs(3);
     let opts = LockOptions::new().ttl(ttl);
-    let guard = a.acquire(&name, &opts).await.unwrap();
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
     let keys = queue(&mut raw, &prefix).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     let (key, lease, _) = &keys[0];
@@ -124,7 +130,7 @@ async fn a_lease_revoked_from_outside_fires_lost_and_frees_the_lock() {
     assert!(revoked.elapsed() < bound);
 
     let next = b
-        .acquire(&name, &opts.clone().wait_timeout(Duration::from_secs(2)))
+        .acquire_with(&name, &opts.clone().wait_timeout(Duration::from_secs(2)))
         .await
         .expect("the revoked lease still blocked the lock");
     assert!(next.fencing_token() > guard.fencing_token());
@@ -137,14 +143,17 @@ async fn extend_to_another_ttl_rebinds_the_key_and_keeps_its_token() {
     let url = service_url("LOCKKIT_ETCD_URL");
     let mut raw = raw_client(&url).await;
     let (a, b) = (
-        EtcdLock::connect(&url).await.unwrap(),
-        EtcdLock::connect(&url).await.unwrap(),
+        Locks::new(EtcdLock::connect(&url).await.unwrap()),
+        Locks::new(EtcdLock::connect(&url).await.unwrap()),
     );
     let name = fresh("rebind");
-    let prefix = a.key_prefix(&LockName::new(&name).unwrap());
+    let prefix = a
+        .backend_as::<EtcdLock>()
+        .unwrap()
+        .key_prefix(&LockName::new(&name).unwrap());
     let ttl = Duration::from_secs(2);
     let opts = LockOptions::new().ttl(ttl).auto_renew(false);
-    let guard = a.acquire(&name, &opts).await.unwrap();
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
     let before = queue(&mut raw, &prefix).await;
     guard.extend(Duration::from_millis(4500)).await.unwrap();
     let after = queue(&mut raw, &prefix).await;
@@ -162,7 +171,7 @@ async fn extend_to_another_ttl_rebinds_the_key_and_keeps_its_token() {
     // Past the first TTL the lock is still held, on the new lease only.
     tokio::time::sleep(ttl + Duration::from_secs(1)).await;
     assert!(guard.is_held());
-    assert!(b.try_acquire(&name, &opts).await.unwrap().is_none());
+    assert!(b.try_acquire_with(&name, &opts).await.unwrap().is_none());
     // Shorter again: back to a 2 s lease, then renewals keep the new TTL.
     guard.extend(ttl).await.unwrap();
     let (_, shorter, _) = queue(&mut raw, &prefix).await[0];
@@ -177,19 +186,22 @@ async fn a_waiter_whose_key_vanished_queues_again_instead_of_taking_the_lock() {
     let url = service_url("LOCKKIT_ETCD_URL");
     let mut raw = raw_client(&url).await;
     let (a, w) = (
-        EtcdLock::connect(&url).await.unwrap(),
-        EtcdLock::connect(&url).await.unwrap(),
+        Locks::new(EtcdLock::connect(&url).await.unwrap()),
+        Locks::new(EtcdLock::connect(&url).await.unwrap()),
     );
     let name = fresh("vanished_waiter");
-    let prefix = a.key_prefix(&LockName::new(&name).unwrap());
+    let prefix = a
+        .backend_as::<EtcdLock>()
+        .unwrap()
+        .key_prefix(&LockName::new(&name).unwrap());
     // A long TTL: the waiter does not renew during the test, so it learns of its lost key
     // only when it is its turn.
     let opts = LockOptions::new()
         .ttl(Duration::from_secs(60))
         .wait_timeout(Duration::from_secs(10));
-    let holder = a.acquire(&name, &opts).await.unwrap();
+    let holder = a.acquire_with(&name, &opts).await.unwrap();
     let (name2, opts2) = (name.clone(), opts.clone());
-    let waiter = tokio::spawn(async move { w.acquire(&name2, &opts2).await });
+    let waiter = tokio::spawn(async move { w.acquire_with(&name2, &opts2).await });
     wait_for_queue(&mut raw, &prefix, 2).await;
     let (_, waiting_lease, waiting_created) = queue(&mut raw, &prefix).await[1];
     // The waiter's lease ends (as if it had expired) while it waits.
@@ -216,13 +228,15 @@ async fn a_cluster_url_with_a_dead_member_still_locks() {
     // Port 1 on loopback is closed: a member that is down.
     let cluster = format!("etcd://127.0.0.1:1,{live}");
     let started = Instant::now();
-    let client = EtcdLock::connect(&cluster)
-        .await
-        .expect("connect with one member down");
+    let client = Locks::new(
+        EtcdLock::connect(&cluster)
+            .await
+            .expect("connect with one member down"),
+    );
     let name = fresh("dead_member");
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
     for _ in 0..20 {
-        let guard = client.acquire(&name, &opts).await.expect("acquire");
+        let guard = client.acquire_with(&name, &opts).await.expect("acquire");
         guard.release().await.expect("release");
     }
     assert!(
@@ -327,14 +341,14 @@ impl Drop for PrivateEtcd {
 /// Polls `contender` for the lock until `until`; every time it gets it, `holder` must not
 /// think it still holds it. Returns the contender's guard, if it got the lock.
 async fn contend(
-    contender: &EtcdLock,
+    contender: &Locks,
     name: &str,
     holder: &LockGuard,
     until: Instant,
 ) -> Option<LockGuard> {
     let opts = LockOptions::new().retry(lockkit::RetryPolicy::NONE);
     while Instant::now() < until {
-        if let Ok(Some(guard)) = contender.try_acquire(name, &opts).await {
+        if let Ok(Some(guard)) = contender.try_acquire_with(name, &opts).await {
             assert!(
                 !holder.is_held(),
                 "two holders at once: the first still holds a lock the second got"
@@ -354,8 +368,8 @@ async fn server_killed_paused_and_restarted_under_a_renewing_holder() {
     );
     let mut etcd = PrivateEtcd::start().await;
     let (a, b) = (
-        EtcdLock::connect(&etcd.url()).await.unwrap(),
-        EtcdLock::connect(&etcd.url()).await.unwrap(),
+        Locks::new(EtcdLock::connect(&etcd.url()).await.unwrap()),
+        Locks::new(EtcdLock::connect(&etcd.url()).await.unwrap()),
     );
 
     // 1. Killed and restarted within the lease: the holder renews across the restart and
@@ -363,7 +377,7 @@ async fn server_killed_paused_and_restarted_under_a_renewing_holder() {
     let name = fresh("restart");
     let ttl = Duration::from_secs(6);
     let guard = a
-        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -389,7 +403,7 @@ async fn server_killed_paused_and_restarted_under_a_renewing_holder() {
     let name = fresh("paused");
     let ttl = Duration::from_secs(2);
     let guard = a
-        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use lockkit::{DistributedLock, Error, LockName, LockOptions, LostReason, RedisLock};
+use lockkit::{Error, LockName, LockOptions, Locks, LostReason, RedisLock};
 use tokio::time::Instant;
 
 use common::service_url;
@@ -47,10 +47,12 @@ fn fresh(case: &str) -> String {
     format!("lockkit-faults/{case}/{}", fastrand::u64(..))
 }
 
-async fn redlock() -> RedisLock {
-    RedisLock::connect(&service_url("LOCKKIT_REDLOCK_URL"))
-        .await
-        .expect("RedLock client")
+async fn redlock() -> Locks {
+    Locks::new(
+        RedisLock::connect(&service_url("LOCKKIT_REDLOCK_URL"))
+            .await
+            .expect("RedLock client"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +67,7 @@ async fn redlock_with_two_of_five_down_acquires_renews_and_releases() {
         .ttl(ttl)
         .wait_timeout(Duration::from_secs(5));
     let guard = before
-        .acquire(&name, &opts)
+        .acquire_with(&name, &opts)
         .await
         .expect("acquire with 3 of 5");
     tokio::time::sleep(ttl * 3).await;
@@ -74,10 +76,14 @@ async fn redlock_with_two_of_five_down_acquires_renews_and_releases() {
         "renewal with 3 of 5 failed: {:?}",
         guard.lost_reason()
     );
-    assert!(after.try_acquire(&name, &opts).await.unwrap().is_none());
+    assert!(after
+        .try_acquire_with(&name, &opts)
+        .await
+        .unwrap()
+        .is_none());
     guard.release().await.expect("release with 3 of 5");
     let next = after
-        .acquire(&name, &opts)
+        .acquire_with(&name, &opts)
         .await
         .expect("acquire after release");
     next.release().await.unwrap();
@@ -93,7 +99,7 @@ async fn redlock_with_three_of_five_down_fails_fast_and_leaves_no_key() {
     let started = Instant::now();
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(3));
     let err = client
-        .acquire(&name, &opts)
+        .acquire_with(&name, &opts)
         .await
         .expect_err("acquired without quorum");
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
@@ -102,7 +108,10 @@ async fn redlock_with_three_of_five_down_fails_fast_and_leaves_no_key() {
         "{:?}",
         started.elapsed()
     );
-    let key = client.lock_key(&LockName::new(&name).unwrap());
+    let key = client
+        .backend_as::<RedisLock>()
+        .unwrap()
+        .lock_key(&LockName::new(&name).unwrap());
     for port in ["16383", "16384"] {
         let out = Command::new("redis-cli")
             .args(["-p", port, "EXISTS", &key])
@@ -131,7 +140,7 @@ async fn redlock_tokens_rise_while_the_answering_instances_change() {
         let down = (!phase.is_empty()).then(|| Stopped::new(phase));
         for i in 0..4 {
             let client = if i % 2 == 0 { &a } else { &b };
-            let guard = client.acquire(&name, &opts).await.expect("acquire");
+            let guard = client.acquire_with(&name, &opts).await.expect("acquire");
             tokens.push(guard.fencing_token().get());
             guard.release().await.expect("release");
         }
@@ -148,16 +157,16 @@ async fn redis_waiter_wakes_on_the_release_message() {
     let _serial = SERIAL.lock().await;
     let url = service_url("LOCKKIT_REDIS_URL");
     let (a, b) = (
-        RedisLock::connect(&url).await.unwrap(),
-        RedisLock::connect(&url).await.unwrap(),
+        Locks::new(RedisLock::connect(&url).await.unwrap()),
+        Locks::new(RedisLock::connect(&url).await.unwrap()),
     );
     let name = fresh("wake");
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(10));
     for round in 0..5 {
-        let guard = a.acquire(&name, &opts).await.unwrap();
+        let guard = a.acquire_with(&name, &opts).await.unwrap();
         let (b, name2, opts2) = (b.clone(), name.clone(), opts.clone());
         let waiter = tokio::spawn(async move {
-            let guard = b.acquire(&name2, &opts2).await.expect("waiter");
+            let guard = b.acquire_with(&name2, &opts2).await.expect("waiter");
             (Instant::now(), guard)
         });
         // Long enough for a polling waiter to have backed off well past the bound below.
@@ -177,13 +186,15 @@ async fn redis_waiter_wakes_on_the_release_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
     let _serial = SERIAL.lock().await;
-    let client = RedisLock::connect(&service_url("LOCKKIT_REDIS_URL"))
-        .await
-        .unwrap();
+    let client = Locks::new(
+        RedisLock::connect(&service_url("LOCKKIT_REDIS_URL"))
+            .await
+            .unwrap(),
+    );
     let name = fresh("server_gone");
     let ttl = Duration::from_secs(2);
     let guard = client
-        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl))
         .await
         .unwrap();
     let down = Stopped::new(&["redis-16379"]);
@@ -198,7 +209,7 @@ async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
     let started = Instant::now();
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
     let err = client
-        .acquire(&fresh("server_gone"), &opts)
+        .acquire_with(&fresh("server_gone"), &opts)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
@@ -208,7 +219,7 @@ async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
     // Back up: the same client works again once the server returns.
     let again = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match client.acquire(&fresh("server_back"), &opts).await {
+            match client.acquire_with(&fresh("server_back"), &opts).await {
                 Ok(guard) => break guard,
                 Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
                 Err(e) => panic!("{e}"),

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use lockkit::sql::{MySqlLock, PgLock};
-use lockkit::{DistributedLock, LockName, LockOptions, LostReason};
+use lockkit::{LockName, LockOptions, Locks, LostReason};
 use sqlx::{MySqlPool, PgPool};
 use tokio::time::Instant;
 
@@ -63,20 +63,26 @@ async fn postgres_killed_connection_fires_lost_and_frees_the_lock() {
         .await
         .unwrap();
     let (a, b) = (
-        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
-            .await
-            .unwrap(),
-        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
-            .await
-            .unwrap(),
+        Locks::new(
+            PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+                .await
+                .unwrap(),
+        ),
+        Locks::new(
+            PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+                .await
+                .unwrap(),
+        ),
     );
     let name = fresh("pg_killed");
     let ttl = Duration::from_secs(3);
     let guard = a
-        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl))
         .await
         .unwrap();
     let key = a
+        .backend_as::<PgLock>()
+        .unwrap()
         .advisory_key(&LockName::new(&name).unwrap())
         .await
         .unwrap();
@@ -92,7 +98,7 @@ async fn postgres_killed_connection_fires_lost_and_frees_the_lock() {
     assert!(done);
     lost_within(&guard, killed, ttl).await;
     let next = b
-        .acquire(
+        .acquire_with(
             &name,
             &LockOptions::new().wait_timeout(Duration::from_secs(5)),
         )
@@ -108,20 +114,27 @@ async fn mysql_killed_connection_fires_lost_and_frees_the_lock() {
         .await
         .unwrap();
     let (a, b) = (
-        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
-            .await
-            .unwrap(),
-        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
-            .await
-            .unwrap(),
+        Locks::new(
+            MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
+                .await
+                .unwrap(),
+        ),
+        Locks::new(
+            MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
+                .await
+                .unwrap(),
+        ),
     );
     let name = fresh("mysql_killed");
     let ttl = Duration::from_secs(3);
     let guard = a
-        .acquire(&name, &LockOptions::new().ttl(ttl))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl))
         .await
         .unwrap();
-    let lock_name = a.lock_name(&LockName::new(&name).unwrap());
+    let lock_name = a
+        .backend_as::<MySqlLock>()
+        .unwrap()
+        .lock_name(&LockName::new(&name).unwrap());
     let id = mysql_holder(&admin, &lock_name)
         .await
         .expect("the lock is in use");
@@ -132,7 +145,7 @@ async fn mysql_killed_connection_fires_lost_and_frees_the_lock() {
         .unwrap();
     lost_within(&guard, killed, ttl).await;
     let next = b
-        .acquire(
+        .acquire_with(
             &name,
             &LockOptions::new().wait_timeout(Duration::from_secs(5)),
         )
@@ -150,19 +163,26 @@ async fn cancelled_acquires_leave_pool_connections_lock_free() {
     let my_admin = MySqlPool::connect(&service_url("LOCKKIT_MYSQL_URL"))
         .await
         .unwrap();
-    let pg = PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
-        .await
-        .unwrap();
-    let my = MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
-        .await
-        .unwrap();
-    let clients: [(&dyn DistributedLock, &str); 2] = [(&pg, "pg"), (&my, "mysql")];
+    let pg = Locks::new(
+        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+            .await
+            .unwrap(),
+    );
+    let my = Locks::new(
+        MySqlLock::connect(&url("LOCKKIT_MYSQL_URL", "advisory"))
+            .await
+            .unwrap(),
+    );
+    let clients: [(&Locks, &str); 2] = [(&pg, "pg"), (&my, "mysql")];
     for (client, which) in clients {
         let name = fresh("cancelled");
-        let holder = client.acquire(&name, &LockOptions::new()).await.unwrap();
+        let holder = client
+            .acquire_with(&name, &LockOptions::new())
+            .await
+            .unwrap();
         let opts = LockOptions::new();
         for _ in 0..5 {
-            let wait = client.acquire(&name, &opts);
+            let wait = client.acquire_with(&name, &opts);
             assert!(tokio::time::timeout(Duration::from_millis(200), wait)
                 .await
                 .is_err());
@@ -173,19 +193,29 @@ async fn cancelled_acquires_leave_pool_connections_lock_free() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let lock = LockName::new(&name).unwrap();
         let held = match which {
-            "pg" => pg_holder(&pg_admin, pg.advisory_key(&lock).await.unwrap())
-                .await
-                .map(|p| p.to_string()),
-            _ => mysql_holder(&my_admin, &my.lock_name(&lock))
-                .await
-                .map(|c| c.to_string()),
+            "pg" => pg_holder(
+                &pg_admin,
+                pg.backend_as::<PgLock>()
+                    .unwrap()
+                    .advisory_key(&lock)
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .map(|p| p.to_string()),
+            _ => mysql_holder(
+                &my_admin,
+                &my.backend_as::<MySqlLock>().unwrap().lock_name(&lock),
+            )
+            .await
+            .map(|c| c.to_string()),
         };
         assert_eq!(
             held, None,
             "{which}: a cancelled acquire left the lock held"
         );
         let next = client
-            .acquire(
+            .acquire_with(
                 &name,
                 &LockOptions::new().wait_timeout(Duration::from_secs(2)),
             )
@@ -210,11 +240,17 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
             let opts = LockOptions::new();
             let mut held = Vec::new();
             for i in 0..100 {
-                let guard = a.try_acquire(&format!("{base}/a{i}"), &opts).await.unwrap();
+                let guard = a
+                    .try_acquire_with(&format!("{base}/a{i}"), &opts)
+                    .await
+                    .unwrap();
                 held.push(guard.expect("distinct names blocked each other"));
             }
             for i in 0..100 {
-                let guard = b.try_acquire(&format!("{base}/b{i}"), &opts).await.unwrap();
+                let guard = b
+                    .try_acquire_with(&format!("{base}/b{i}"), &opts)
+                    .await
+                    .unwrap();
                 guard
                     .expect("distinct names blocked each other")
                     .release()
@@ -226,9 +262,11 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
     }
     // A name whose hash key is already taken by another name gets a different key, and the
     // two lock independently.
-    let pg = PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
-        .await
-        .unwrap();
+    let pg = Locks::new(
+        PgLock::connect(&url("LOCKKIT_POSTGRES_URL", "advisory"))
+            .await
+            .unwrap(),
+    );
     let name = LockName::new(&fresh("collision")).unwrap();
     let squatter = fresh("squatter");
     sqlx::query("INSERT INTO lockkit_advisory_keys (name, key) VALUES ($1, $2)")
@@ -237,16 +275,21 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
         .execute(&admin)
         .await
         .unwrap();
-    let key = pg.advisory_key(&name).await.unwrap();
+    let key = pg
+        .backend_as::<PgLock>()
+        .unwrap()
+        .advisory_key(&name)
+        .await
+        .unwrap();
     assert_ne!(key, name.hash64() as i64, "two names share an advisory key");
     let opts = LockOptions::new();
     let first = pg
-        .try_acquire(&squatter, &opts)
+        .try_acquire_with(&squatter, &opts)
         .await
         .unwrap()
         .expect("squatter");
     let second = pg
-        .try_acquire(name.as_str(), &opts)
+        .try_acquire_with(name.as_str(), &opts)
         .await
         .unwrap()
         .expect("blocked");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockkit::zk::zookeeper_client as zk;
-use lockkit::{DistributedLock, LockName, LockOptions, LostReason, ZkLock};
+use lockkit::{LockName, LockOptions, Locks, LostReason, ZkLock};
 use tokio::time::Instant;
 
 use common::service_url;
@@ -21,8 +21,8 @@ fn fresh(case: &str) -> String {
     format!("lockkit-zk-faults/{case}/{}", fastrand::u64(..))
 }
 
-async fn client() -> ZkLock {
-    ZkLock::connect(&url()).await.expect("connect to ZooKeeper")
+async fn client() -> Locks {
+    Locks::new(ZkLock::connect(&url()).await.expect("connect to ZooKeeper"))
 }
 
 /// A raw session, as an operator's tool would open one.
@@ -34,8 +34,11 @@ async fn raw() -> zk::Client {
 }
 
 /// The contender nodes queued for `name`.
-async fn contenders(raw: &zk::Client, lock: &ZkLock, name: &str) -> Vec<String> {
-    let parent = lock.lock_path(&LockName::new(name).unwrap());
+async fn contenders(raw: &zk::Client, lock: &Locks, name: &str) -> Vec<String> {
+    let parent = lock
+        .backend_as::<ZkLock>()
+        .unwrap()
+        .lock_path(&LockName::new(name).unwrap());
     match raw.list_children(&parent).await {
         Ok(children) => children,
         Err(zk::Error::NoNode) => Vec::new(),
@@ -44,7 +47,7 @@ async fn contenders(raw: &zk::Client, lock: &ZkLock, name: &str) -> Vec<String> 
 }
 
 /// Polls until `name` has `count` contender nodes, for at most `limit`.
-async fn wait_for_contenders(raw: &zk::Client, lock: &ZkLock, name: &str, count: usize) {
+async fn wait_for_contenders(raw: &zk::Client, lock: &Locks, name: &str, count: usize) {
     let limit = Instant::now() + Duration::from_secs(5);
     loop {
         let now = contenders(raw, lock, name).await;
@@ -64,7 +67,10 @@ async fn five_waiters_get_the_lock_in_arrival_order() {
     let raw = raw().await;
     let holder = client().await;
     let name = fresh("fifo");
-    let guard = holder.acquire(&name, &LockOptions::new()).await.unwrap();
+    let guard = holder
+        .acquire_with(&name, &LockOptions::new())
+        .await
+        .unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for i in 0..5 {
@@ -72,7 +78,10 @@ async fn five_waiters_get_the_lock_in_arrival_order() {
         let (mine, order) = (name.clone(), order.clone());
         waiters.push(tokio::spawn(async move {
             let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
-            let guard = lock.acquire(&mine, &opts).await.expect("waiter acquires");
+            let guard = lock
+                .acquire_with(&mine, &opts)
+                .await
+                .expect("waiter acquires");
             order.lock().unwrap().push((i, guard.fencing_token()));
             tokio::time::sleep(Duration::from_millis(20)).await;
             guard.release().await.expect("waiter releases");
@@ -98,11 +107,18 @@ async fn a_session_closed_from_outside_fires_lost() {
     // A long TTL and renewal: only the session's end can take the lock away here.
     let ttl = Duration::from_secs(20);
     let opts = LockOptions::new().ttl(ttl);
-    let guard = a.acquire(&name, &opts).await.unwrap();
-    assert!(b.try_acquire(&name, &opts).await.unwrap().is_none());
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
+    assert!(b.try_acquire_with(&name, &opts).await.unwrap().is_none());
 
     // Open the guard's session a second time, by id and password, and close it.
-    let session = a.session_client(ttl).await.unwrap().session().clone();
+    let session = a
+        .backend_as::<ZkLock>()
+        .unwrap()
+        .session_client(ttl)
+        .await
+        .unwrap()
+        .session()
+        .clone();
     let cluster = url().trim_start_matches("zk://").to_string();
     let twin = zk::Client::connector()
         .with_session(session)
@@ -121,7 +137,7 @@ async fn a_session_closed_from_outside_fires_lost() {
 
     // The node went with the session: another client gets the lock at once.
     let next = b
-        .acquire(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
+        .acquire_with(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
         .await
         .expect("the closed session's node stayed");
     assert!(next.fencing_token() > guard.fencing_token());
@@ -131,7 +147,7 @@ async fn a_session_closed_from_outside_fires_lost() {
 
     // The client opens a new session for later acquisitions.
     let again = a
-        .acquire(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
+        .acquire_with(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
         .await
         .expect("acquire on a fresh session");
     again.release().await.unwrap();
@@ -142,12 +158,12 @@ async fn a_cancelled_wait_leaves_no_node() {
     let raw = raw().await;
     let (a, b) = (client().await, client().await);
     let name = fresh("cancelled");
-    let guard = a.acquire(&name, &LockOptions::new()).await.unwrap();
+    let guard = a.acquire_with(&name, &LockOptions::new()).await.unwrap();
 
     // Cancelled while queued.
     let waiter = {
         let (b, name) = (b.clone(), name.clone());
-        tokio::spawn(async move { b.acquire(&name, &LockOptions::new()).await.map(drop) })
+        tokio::spawn(async move { b.acquire_with(&name, &LockOptions::new()).await.map(drop) })
     };
     wait_for_contenders(&raw, &a, &name, 2).await;
     waiter.abort();
@@ -158,7 +174,7 @@ async fn a_cancelled_wait_leaves_no_node() {
     for round in 0..30u64 {
         let (b, name) = (b.clone(), name.clone());
         let wait =
-            tokio::spawn(async move { b.acquire(&name, &LockOptions::new()).await.map(drop) });
+            tokio::spawn(async move { b.acquire_with(&name, &LockOptions::new()).await.map(drop) });
         tokio::time::sleep(Duration::from_micros(round * 200)).await;
         wait.abort();
         let _ = wait.await;
@@ -176,7 +192,7 @@ async fn a_cancelled_wait_leaves_no_node() {
 async fn a_wait_longer_than_the_ttl_still_gets_a_full_lease() {
     let (a, b) = (client().await, client().await);
     let name = fresh("long_wait");
-    let guard = a.acquire(&name, &LockOptions::new()).await.unwrap();
+    let guard = a.acquire_with(&name, &LockOptions::new()).await.unwrap();
     let ttl = Duration::from_secs(1);
     let opts = LockOptions::new()
         .ttl(ttl)
@@ -187,7 +203,7 @@ async fn a_wait_longer_than_the_ttl_still_gets_a_full_lease() {
         guard.release().await.unwrap();
     });
     let next = b
-        .acquire(&name, &opts)
+        .acquire_with(&name, &opts)
         .await
         .expect("acquire after the wait");
     let left = next.valid_until().saturating_duration_since(Instant::now());

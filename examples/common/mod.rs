@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use lockkit::{DistributedLock, LockOptions};
+use lockkit::{LockOptions, Locks};
 
 /// The value of `key` in `target/services.env` (written by `scripts/services up`).
 pub(crate) fn from_env_file(key: &str) -> Option<String> {
@@ -34,13 +34,13 @@ pub(crate) fn stats(mut samples: Vec<Duration>) -> Stats {
 
 /// Latencies of an uncontended acquire + release on `lock`, after a tenth as many warm-up
 /// rounds.
-pub(crate) async fn uncontended(lock: &dyn DistributedLock, iterations: usize) -> Stats {
+pub(crate) async fn uncontended(lock: &Locks, iterations: usize) -> Stats {
     let opts = LockOptions::new();
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations + iterations / 10 {
         let started = Instant::now();
         let guard = lock
-            .acquire("bench/uncontended", &opts)
+            .acquire_with("bench/uncontended", &opts)
             .await
             .expect("acquire");
         guard.release().await.expect("release");
@@ -63,7 +63,7 @@ pub(crate) async fn contended(url: &str, seconds: f64) -> f64 {
             let mut done = 0u64;
             while Instant::now() < until {
                 let guard = lock
-                    .acquire("bench/contended", &opts)
+                    .acquire_with("bench/contended", &opts)
                     .await
                     .expect("acquire");
                 guard.release().await.expect("release");

@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::{
-    run_detached, Acquired, Attempt, Capabilities, DistributedLock, Error, FencingToken, Lease,
-    LockName, LockOptions, LostReason, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, Lease, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, LostReason, Result};
 use rs_consul::types::{CreateOrUpdateKeyRequest, ReadKeyRequest, ReadKeyResponse};
 use rs_consul::ConsulError;
 use tokio::sync::watch;
@@ -339,8 +340,8 @@ fn free(entry: &Option<ReadKeyResponse>) -> bool {
 }
 
 #[async_trait]
-impl DistributedLock for ConsulLock {
-    fn backend(&self) -> &'static str {
+impl Backend for ConsulLock {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
@@ -349,6 +350,10 @@ impl DistributedLock for ConsulLock {
     /// value reported is the slack of the shortest TTL.
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(MIN_TTL)
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
             .max_ttl(MAX_TTL)
             .expiry_slack(MIN_TTL)
     }
@@ -623,5 +628,13 @@ impl Drop for ConsulLease {
     fn drop(&mut self) {
         self.stop_sustainer();
         self.inner.watcher.deregister(&self.session);
+    }
+}
+
+impl Connect for ConsulLock {
+    const SCHEMES: &'static [&'static str] = &["consul"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        ConsulLock::connect(url).await
     }
 }

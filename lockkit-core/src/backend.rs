@@ -1,37 +1,54 @@
-//! The backend trait every lock service implements, and the calls users make on it.
+//! The backend SPI: what a lock service implements. Users never call it; they call
+//! [`Locks`](crate::Locks), which validates input, retries connection errors, enforces the
+//! wait timeout, records telemetry and wraps every acquisition in a [`LockGuard`]
+//! (crate::LockGuard) kept by the one lease keeper.
+//!
+//! # Contract
+//!
+//! A [`Backend`] and the [`Lease`]s it hands out must:
+//!
+//! 1. **Exclude.** While a lease is valid (before its `valid_until`), no other
+//!    [`Backend::try_lock`] or [`Backend::lock`] on the same name succeeds, from any client.
+//! 2. **Fence.** If [`Capabilities::fencing`] is claimed, every acquisition's
+//!    [`FencingToken`] is strictly greater than every earlier one of the same name.
+//! 3. **Be conservative about time.** `valid_until` is measured from before the request was
+//!    sent, less any clock-drift allowance: the server must not free the lock before it.
+//! 4. **Act only as the owner.** [`Lease::extend`] and [`Lease::release`] change nothing and
+//!    fail with [`Error::LockLost`](crate::Error::LockLost) once the lock is not this
+//!    lease's any more.
+//! 5. **Leave nothing behind.** Each request that may take a lock runs under
+//!    [`run_detached`], so a caller that stops waiting never leaves a lock held; a dropped
+//!    [`Backend::lock`] future leaves nothing queued (use [`Armed`] for the clean-up).
+//! 6. **Report errors by type.** Unreachable servers and broken connections are
+//!    [`Error::Connection`](crate::Error::Connection) (retried by the caller); answers that
+//!    say no are [`Error::Backend`](crate::Error::Backend); never a panic, never a hang
+//!    past the request timeouts the backend documents.
+//! 7. **Promise only what it keeps.** [`Capabilities`] start with every guarantee off; the
+//!    conformance suite runs the cases of exactly the guarantees a backend claims.
+//!
+//! Renewal, expiry, the loss signal and release on drop belong to the keeper: a backend
+//! runs no renewal loop of its own. A lease whose server-side TTL is fixed when it is
+//! created (a Consul session) says so with [`Lease::fixed_ttl`], and the keeper renews it
+//! as often as that TTL needs.
+//!
+//! Implement [`Connect`] too, so `lockkit::connect(url)` finds the backend by its URL
+//! schemes, and run the conformance suite (feature `conformance`) against a real server.
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::capabilities::Capabilities;
-use crate::error::{LostReason, Result};
-use crate::guard::LockGuard;
-use crate::name::LockName;
-use crate::options::LockOptions;
+pub use crate::capabilities::Capabilities;
+pub use crate::name::LockName;
+pub use crate::options::LockOptions;
+pub use crate::token::FencingToken;
+/// Re-exported so backends and harnesses use the same version as the core.
+pub use async_trait::async_trait;
 
-/// A fencing token: strictly increases per lock name with every acquisition, across all
-/// clients and processes. Pass it to the resource you protect and have it reject writes
-/// carrying a token lower than the highest it has seen: that makes a paused or partitioned
-/// former holder harmless.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FencingToken(pub u64);
-
-impl FencingToken {
-    /// The token's value.
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl std::fmt::Display for FencingToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(&self.0, f)
-    }
-}
+use crate::error::{Error, LostReason, Result};
 
 /// What a backend hands over for a lock it has just taken.
 #[derive(Debug)]
@@ -75,24 +92,29 @@ pub trait Lease: Send + Sync + Debug + 'static {
     async fn lost(&self) -> LostReason {
         std::future::pending().await
     }
+
+    /// The server-side TTL of this lease, if the server fixed it when the lease was created
+    /// (a Consul session): [`Lease::extend`] then renews for this long whatever `ttl` it is
+    /// given, and the keeper renews every third of it until the holder's own TTL is
+    /// covered, also with automatic renewal off. `None` (the default): `extend` honours
+    /// its `ttl`.
+    fn fixed_ttl(&self) -> Option<Duration> {
+        None
+    }
 }
 
-/// A lock service. Backends implement the required methods; users call
-/// [`acquire`](DistributedLock::acquire) and [`try_acquire`](DistributedLock::try_acquire)
-/// (and [`with_lock`](crate::with_lock)), which validate input, retry connection errors,
-/// enforce the wait timeout, record telemetry and build the [`LockGuard`].
+/// A lock service, as the core sees it. See the [module docs](self) for the contract.
 ///
-/// Backends must not override the provided methods.
+/// Only [`Locks`](crate::Locks) calls these methods; it validates names and options first.
 #[async_trait]
-pub trait DistributedLock: Send + Sync + Debug {
+pub trait Backend: std::any::Any + Send + Sync + Debug {
     /// The backend's short name (`sqlite`, `redis`, ...), used in errors and metrics.
-    fn backend(&self) -> &'static str;
+    fn name(&self) -> &'static str;
 
     /// What the backend guarantees.
     fn capabilities(&self) -> Capabilities;
 
     /// One attempt, without waiting: `Ok(None)` when the lock is held elsewhere.
-    /// The options are already validated.
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>>;
 
     /// Waits until the lock is acquired, waking on the backend's events. The caller enforces
@@ -105,50 +127,51 @@ pub trait DistributedLock: Send + Sync + Debug {
         opts: &LockOptions,
         deadline: Option<Instant>,
     ) -> Result<Acquired>;
-
-    /// Acquires `name`, waiting up to the options' wait timeout ([`crate::Error::Timeout`]
-    /// after it). The guard releases the lock when dropped.
-    async fn acquire(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
-        crate::acquire::acquire(self, name, opts).await
-    }
-
-    /// One attempt: `Ok(None)` if the lock is held elsewhere.
-    async fn try_acquire(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
-        crate::acquire::try_acquire(self, name, opts).await
-    }
 }
 
-/// Runs `f` while holding `name`, then releases the lock and returns `f`'s output.
-///
-/// If the lock is lost while `f` runs, `f` is cancelled (dropped at its next await point) and
-/// the result is [`crate::Error::LockLost`]; a failing release is reported too, since the
-/// work may then have run without exclusivity.
-///
-/// ```no_run
-/// # async fn demo(lock: &dyn lockkit_core::DistributedLock) -> lockkit_core::Result<()> {
-/// use lockkit_core::{with_lock, LockOptions};
-/// let total = with_lock(lock, "report", &LockOptions::new(), async |guard| {
-///     println!("building with token {}", guard.fencing_token());
-///     42
-/// })
-/// .await?;
-/// # Ok(()) }
-/// ```
-pub async fn with_lock<L, F, T>(lock: &L, name: &str, opts: &LockOptions, f: F) -> Result<T>
-where
-    L: DistributedLock + ?Sized,
-    F: AsyncFnOnce(&LockGuard) -> T,
-{
-    let guard = lock.acquire(name, opts).await?;
-    let lost = guard.lost();
-    let out = tokio::select! {
-        biased;
-        reason = lost => return Err(crate::Error::lost(name, reason)),
-        out = f(&guard) => out,
-    };
-    guard.release().await?;
-    Ok(out)
+/// A backend that can be opened from a URL: `lockkit::connect` builds its scheme table from
+/// these declarations, so a scheme a backend accepts is always one the facade accepts.
+pub trait Connect: Backend + Sized {
+    /// The URL schemes this backend accepts (lower case, without `://`).
+    const SCHEMES: &'static [&'static str];
+
+    /// Connects to the service at `url` with default options.
+    fn connect(url: &str) -> impl Future<Output = Result<Self>> + Send;
 }
+
+macro_rules! forward_backend {
+    ($($pointer:ident),+) => {$(
+        #[async_trait]
+        impl<B: Backend + ?Sized> Backend for $pointer<B> {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+
+            async fn try_lock(
+                &self,
+                name: &LockName,
+                opts: &LockOptions,
+            ) -> Result<Option<Acquired>> {
+                (**self).try_lock(name, opts).await
+            }
+
+            async fn lock(
+                &self,
+                name: &LockName,
+                opts: &LockOptions,
+                deadline: Option<Instant>,
+            ) -> Result<Acquired> {
+                (**self).lock(name, opts, deadline).await
+            }
+        }
+    )+};
+}
+
+forward_backend!(Arc, Box);
 
 /// The outcome of one acquisition request, as [`run_detached`] sees it: whether it holds a
 /// lock that must be released if nobody is left to take it.
@@ -163,13 +186,32 @@ impl Attempt for Option<Acquired> {
     }
 }
 
+/// What one acquisition request found: the lock, or that it is held elsewhere, with what the
+/// backend learnt on the way (`B`: e.g. the holder's remaining lease, or a session to reuse).
+#[derive(Debug)]
+pub enum Outcome<B = ()> {
+    /// The lock is ours.
+    Won(Acquired),
+    /// Held elsewhere.
+    Busy(B),
+}
+
+impl<B: Send + 'static> Attempt for Outcome<B> {
+    fn into_acquired(self) -> Option<Acquired> {
+        match self {
+            Outcome::Won(acquired) => Some(acquired),
+            Outcome::Busy(_) => None,
+        }
+    }
+}
+
 /// Runs an acquisition request to completion even if the caller stops waiting for it: if the
 /// caller's future is dropped mid-request (wait timeout, cancellation) and the request then
 /// succeeds, or had just succeeded, the lease is released right away instead of staying held
 /// until its TTL.
 ///
 /// Backends wrap each request that may take a lock in this, and keep the waiting between
-/// requests cancellable. Outside a Tokio runtime it fails with [`crate::Error::Unsupported`].
+/// requests cancellable. Outside a Tokio runtime it fails with [`Error::Unsupported`].
 pub fn run_detached<T, F>(attempt: F) -> impl Future<Output = Result<T>> + Send
 where
     T: Attempt,
@@ -187,12 +229,12 @@ where
     let mut pending = Pending { rx };
     async move {
         if spawned.is_err() {
-            return Err(crate::Error::Unsupported(
+            return Err(Error::Unsupported(
                 "lockkit needs a Tokio runtime to acquire locks".into(),
             ));
         }
         (&mut pending.rx).await.unwrap_or_else(|_| {
-            Err(crate::Error::Unsupported(
+            Err(Error::Unsupported(
                 "the acquisition task was cancelled: the Tokio runtime is shutting down".into(),
             ))
         })
@@ -216,11 +258,74 @@ impl<T: Attempt> Drop for Pending<T> {
 
 fn release_orphan<T: Attempt>(outcome: T) {
     if let Some(orphan) = outcome.into_acquired() {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            tracing::debug!("releasing a lock whose caller stopped waiting");
-            runtime.spawn(async move {
-                let _ = orphan.lease.release().await;
-            });
+        tracing::debug!("releasing a lock whose caller stopped waiting");
+        spawn_cleanup("releasing an orphaned lock", async move {
+            orphan.lease.release().await
+        });
+    }
+}
+
+/// Runs a clean-up request (`what` names it in the debug log if it fails) in the background
+/// on the current Tokio runtime. Without a runtime (a drop on a plain thread, or during
+/// shutdown) nothing runs: whatever it would have removed ends at its TTL.
+pub fn spawn_cleanup<F>(what: &'static str, cleanup: F)
+where
+    F: Future<Output = Result<()>> + Send + 'static,
+{
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(e) = cleanup.await {
+                tracing::debug!(error = %e, "{what} failed");
+            }
+        });
+    }
+}
+
+/// Something a backend created on the server that must be removed unless it is handed over
+/// (a queued node, a session, a waiter's key).
+pub trait Cleanup: Send + 'static {
+    /// What the clean-up does, for the debug log.
+    const WHAT: &'static str;
+
+    /// Removes it from the server.
+    fn cleanup(self) -> impl Future<Output = Result<()>> + Send + 'static;
+}
+
+/// Holds a [`Cleanup`] value and removes it in the background when dropped, unless
+/// [`Armed::disarm`]ed first: a dropped wait or a failed attempt leaves nothing behind.
+#[derive(Debug)]
+pub struct Armed<T: Cleanup>(Option<T>);
+
+impl<T: Cleanup> Armed<T> {
+    /// Arms `value`.
+    pub fn new(value: T) -> Self {
+        Armed(Some(value))
+    }
+
+    /// Hands the value over: it is no longer removed on drop.
+    pub fn disarm(mut self) -> T {
+        self.0.take().expect("armed until disarmed")
+    }
+}
+
+impl<T: Cleanup> std::ops::Deref for Armed<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("armed until disarmed")
+    }
+}
+
+impl<T: Cleanup> std::ops::DerefMut for Armed<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.as_mut().expect("armed until disarmed")
+    }
+}
+
+impl<T: Cleanup> Drop for Armed<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.0.take() {
+            spawn_cleanup(T::WHAT, value.cleanup());
         }
     }
 }

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::{with_lock, Capabilities, DistributedLock, Error, LockOptions, LostReason, Result};
+use crate::{Capabilities, Error, LockOptions, Locks, LostReason, Result};
 
 /// How long one case may run before it counts as hung.
 pub const CASE_LIMIT: Duration = Duration::from_secs(240);
@@ -32,37 +32,71 @@ pub const CASE_LIMIT: Duration = Duration::from_secs(240);
 pub trait Harness: Send + Sync {
     /// A new, independent client (its own connections or session), as a second process
     /// would have.
-    async fn client(&self) -> Arc<dyn DistributedLock>;
+    async fn client(&self) -> Locks;
 
     /// Connects to a server that is not there (a closed port on loopback, or for an embedded
     /// backend a database that cannot be opened). Either this or the first acquisition on
     /// the returned client must fail with [`Error::Connection`].
-    async fn unreachable(&self) -> Result<Arc<dyn DistributedLock>>;
+    async fn unreachable(&self) -> Result<Locks>;
 }
 
 /// Stamps one `#[tokio::test]` per conformance case. `$harness` is an expression (it may
 /// `.await`) giving a value that implements [`Harness`]; it is evaluated once per test.
-/// Invoke it inside a module named after the backend.
+/// After it, list the guarantees the backend claims (`fencing`, `lease_expiry`, `renewal`,
+/// `fifo`): the cases of each are stamped only when it is listed, and the case
+/// `claimed_capabilities` checks that the list is exactly what the backend's
+/// [`Capabilities`] claim, so a case can neither be skipped for a claimed guarantee nor
+/// reported as passed for an unclaimed one. Invoke it inside a module named after the
+/// backend:
+///
+/// ```text
+/// mod etcd {
+///     lockkit_core::conformance_suite!(EtcdHarness; fencing, lease_expiry, renewal, fifo);
+/// }
+/// ```
 #[macro_export]
 macro_rules! conformance_suite {
-    ($harness:expr) => {
+    ($harness:expr $(; $($claim:ident),* $(,)?)?) => {
         $crate::__conformance_cases!($harness;
             mutual_exclusion,
             try_acquire_when_held,
             wait_timeout,
             cancelled_wait_leaves_nothing,
             drop_releases,
-            lease_expiry,
-            renewal_keeps_lock,
-            fencing_tokens_increase,
-            stale_owner_cannot_release_or_extend,
             many_names,
             name_independence,
             bad_input,
             unreachable_server,
-            extend_prolongs_lease,
             with_lock_runs_and_releases,
         );
+        $($( $crate::__conformance_claim!($harness; $claim); )*)?
+
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn claimed_capabilities() {
+            let harness = $harness;
+            $crate::conformance::claimed_capabilities(
+                &harness,
+                &[$($(stringify!($claim)),*)?],
+            )
+            .await;
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_claim {
+    ($harness:expr; fencing) => {
+        $crate::__conformance_cases!($harness; fencing_tokens_increase);
+    };
+    ($harness:expr; lease_expiry) => {
+        $crate::__conformance_cases!($harness; lease_expiry, stale_owner_cannot_release_or_extend);
+    };
+    ($harness:expr; renewal) => {
+        $crate::__conformance_cases!($harness; renewal_keeps_lock, extend_prolongs_lease);
+    };
+    ($harness:expr; fifo) => {
+        $crate::__conformance_cases!($harness; fifo_order);
     };
 }
 
@@ -81,6 +115,43 @@ macro_rules! __conformance_cases {
             }
         )+
     };
+}
+
+/// The guarantees `caps` claims, by the names [`conformance_suite!`](crate::conformance_suite)
+/// takes.
+pub fn claims(caps: &Capabilities) -> Vec<&'static str> {
+    [
+        ("fencing", caps.fencing),
+        ("lease_expiry", caps.lease_expiry),
+        ("renewal", caps.renewal),
+        ("fifo", caps.fifo),
+    ]
+    .into_iter()
+    .filter_map(|(name, claimed)| claimed.then_some(name))
+    .collect()
+}
+
+/// The test file lists exactly the guarantees the backend claims: every claimed guarantee's
+/// cases are stamped, and no case of an unclaimed one is.
+pub async fn claimed_capabilities(h: &dyn Harness, listed: &[&str]) {
+    let caps = h.client().await.capabilities();
+    let mut listed = listed.to_vec();
+    listed.sort_unstable();
+    let mut claimed = claims(&caps);
+    claimed.sort_unstable();
+    assert_eq!(
+        listed, claimed,
+        "the suite was stamped for other guarantees than the backend claims"
+    );
+}
+
+/// Fails the case if the backend does not claim what it checks (the macro only stamps it
+/// for claimed guarantees; this guards a direct call).
+fn require(caps: &Capabilities, claim: &str) {
+    assert!(
+        claims(caps).contains(&claim),
+        "this case checks `{claim}`, which the backend does not claim"
+    );
 }
 
 fn fresh_name(case: &str) -> String {
@@ -104,7 +175,7 @@ fn waiting(limit: Duration) -> LockOptions {
     LockOptions::new().wait_timeout(limit)
 }
 
-async fn caps_of(h: &dyn Harness) -> (Arc<dyn DistributedLock>, Capabilities) {
+async fn caps_of(h: &dyn Harness) -> (Locks, Capabilities) {
     let client = h.client().await;
     let caps = client.capabilities();
     (client, caps)
@@ -133,7 +204,7 @@ pub async fn mutual_exclusion(h: &dyn Harness) {
         tasks.spawn(async move {
             let opts = waiting(Duration::from_secs(120));
             for _ in 0..50 {
-                let guard = client.acquire(&name, &opts).await.expect("acquire");
+                let guard = client.acquire_with(&name, &opts).await.expect("acquire");
                 let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
                 max_holders.fetch_max(now, Ordering::SeqCst);
                 {
@@ -164,14 +235,14 @@ pub async fn try_acquire_when_held(h: &dyn Harness) {
     let name = fresh_name("try_acquire");
     let opts = LockOptions::new();
     let guard = a
-        .try_acquire(&name, &opts)
+        .try_acquire_with(&name, &opts)
         .await
         .unwrap()
         .expect("free lock");
-    assert!(b.try_acquire(&name, &opts).await.unwrap().is_none());
-    assert!(a.try_acquire(&name, &opts).await.unwrap().is_none());
+    assert!(b.try_acquire_with(&name, &opts).await.unwrap().is_none());
+    assert!(a.try_acquire_with(&name, &opts).await.unwrap().is_none());
     guard.release().await.expect("release");
-    let again = b.try_acquire(&name, &opts).await.unwrap();
+    let again = b.try_acquire_with(&name, &opts).await.unwrap();
     again.expect("free after release").release().await.unwrap();
 }
 
@@ -179,10 +250,10 @@ pub async fn try_acquire_when_held(h: &dyn Harness) {
 pub async fn wait_timeout(h: &dyn Harness) {
     let (a, b) = (h.client().await, h.client().await);
     let name = fresh_name("wait_timeout");
-    let guard = a.acquire(&name, &LockOptions::new()).await.unwrap();
+    let guard = a.acquire_with(&name, &LockOptions::new()).await.unwrap();
     let started = Instant::now();
     let err = b
-        .acquire(&name, &waiting(Duration::from_millis(300)))
+        .acquire_with(&name, &waiting(Duration::from_millis(300)))
         .await
         .expect_err("acquired a held lock");
     let took = started.elapsed();
@@ -201,23 +272,26 @@ pub async fn cancelled_wait_leaves_nothing(h: &dyn Harness) {
     let (a, b, c) = (h.client().await, h.client().await, h.client().await);
     let name = fresh_name("cancelled_wait");
     let opts = LockOptions::new();
-    let guard = a.acquire(&name, &opts).await.unwrap();
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
     for _ in 0..3 {
-        let wait = b.acquire(&name, &opts);
+        let wait = b.acquire_with(&name, &opts);
         let gave_up = tokio::time::timeout(Duration::from_millis(300), wait).await;
         assert!(gave_up.is_err(), "acquired a held lock");
     }
     guard.release().await.unwrap();
     let started = Instant::now();
     let next = c
-        .acquire(&name, &waiting(Duration::from_secs(10)))
+        .acquire_with(&name, &waiting(Duration::from_secs(10)))
         .await
         .expect("the cancelled waiter left the lock blocked");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(2), "took {took:?}");
     next.release().await.unwrap();
     // The cancelled waiters hold nothing now either.
-    let again = b.try_acquire(&name, &LockOptions::new()).await.unwrap();
+    let again = b
+        .try_acquire_with(&name, &LockOptions::new())
+        .await
+        .unwrap();
     again
         .expect("a cancelled waiter got the lock")
         .release()
@@ -227,10 +301,10 @@ pub async fn cancelled_wait_leaves_nothing(h: &dyn Harness) {
     // Cancel waits just as the holder releases, so some cancelled waits have just been
     // granted the lock: none of them may keep it.
     for round in 0..20u64 {
-        let guard = a.acquire(&name, &opts).await.unwrap();
+        let guard = a.acquire_with(&name, &opts).await.unwrap();
         let b = b.clone();
         let (name2, opts2) = (name.clone(), opts.clone());
-        let waiter = tokio::spawn(async move { b.acquire(&name2, &opts2).await.map(drop) });
+        let waiter = tokio::spawn(async move { b.acquire_with(&name2, &opts2).await.map(drop) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let release = tokio::spawn(guard.release());
         tokio::time::sleep(Duration::from_micros(round * 250)).await;
@@ -239,7 +313,7 @@ pub async fn cancelled_wait_leaves_nothing(h: &dyn Harness) {
         let _ = waiter.await;
         let started = Instant::now();
         let next = c
-            .acquire(&name, &waiting(Duration::from_secs(10)))
+            .acquire_with(&name, &waiting(Duration::from_secs(10)))
             .await
             .unwrap_or_else(|e| panic!("round {round}: a cancelled waiter kept the lock: {e}"));
         assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
@@ -255,7 +329,7 @@ pub async fn drop_releases(h: &dyn Harness) {
     let opts = LockOptions::new().ttl(ttl);
     for outside_runtime in [false, true] {
         let name = fresh_name("drop_releases");
-        let guard = a.acquire(&name, &opts).await.unwrap();
+        let guard = a.acquire_with(&name, &opts).await.unwrap();
         if outside_runtime {
             std::thread::spawn(move || drop(guard)).join().unwrap();
         } else {
@@ -263,7 +337,7 @@ pub async fn drop_releases(h: &dyn Harness) {
         }
         let started = Instant::now();
         let next = b
-            .acquire(&name, &opts.clone().wait_timeout(ttl / 2))
+            .acquire_with(&name, &opts.clone().wait_timeout(ttl / 2))
             .await
             .expect("the dropped guard kept the lock");
         let took = started.elapsed();
@@ -279,14 +353,12 @@ pub async fn drop_releases(h: &dyn Harness) {
 /// TTL: its guard says so, and another client acquires with a larger token.
 pub async fn lease_expiry(h: &dyn Harness) {
     let (a, caps) = caps_of(h).await;
-    if !caps.lease_expiry {
-        return;
-    }
+    require(&caps, "lease_expiry");
     let b = h.client().await;
     let name = fresh_name("lease_expiry");
     let ttl = short_ttl(&caps);
     let opts = LockOptions::new().ttl(ttl).auto_renew(false);
-    let stale = a.acquire(&name, &opts).await.unwrap();
+    let stale = a.acquire_with(&name, &opts).await.unwrap();
     assert!(stale.is_held());
     let reason = tokio::time::timeout(expiry_bound(&caps, ttl), stale.lost())
         .await
@@ -294,7 +366,7 @@ pub async fn lease_expiry(h: &dyn Harness) {
     assert_ne!(reason, LostReason::Released);
     assert!(!stale.is_held());
     let next = b
-        .acquire(&name, &waiting(expiry_bound(&caps, ttl)))
+        .acquire_with(&name, &waiting(expiry_bound(&caps, ttl)))
         .await
         .expect("the expired lease was never freed");
     assert!(next.fencing_token() > stale.fencing_token());
@@ -305,17 +377,15 @@ pub async fn lease_expiry(h: &dyn Harness) {
 /// With renewal on, a holder keeps the lock for three TTLs while a contender never gets it.
 pub async fn renewal_keeps_lock(h: &dyn Harness) {
     let (a, caps) = caps_of(h).await;
-    if !caps.renewal {
-        return;
-    }
+    require(&caps, "renewal");
     let b = h.client().await;
     let name = fresh_name("renewal");
     let ttl = short_ttl(&caps);
     let opts = LockOptions::new().ttl(ttl);
-    let guard = a.acquire(&name, &opts).await.unwrap();
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
     let until = Instant::now() + ttl * 3 + caps.expiry_slack;
     while Instant::now() < until {
-        let stolen = b.try_acquire(&name, &opts).await.unwrap();
+        let stolen = b.try_acquire_with(&name, &opts).await.unwrap();
         assert!(stolen.is_none(), "a contender took a renewed lock");
         tokio::time::sleep(ttl / 5).await;
     }
@@ -328,16 +398,14 @@ pub async fn renewal_keeps_lock(h: &dyn Harness) {
 /// across releases that delete the lock's record.
 pub async fn fencing_tokens_increase(h: &dyn Harness) {
     let (a, caps) = caps_of(h).await;
-    if !caps.fencing {
-        return;
-    }
+    require(&caps, "fencing");
     let b = h.client().await;
     let name = fresh_name("fencing");
     let opts = waiting(Duration::from_secs(10));
     let mut last = 0;
     for round in 0..100 {
         let client = if round % 2 == 0 { &a } else { &b };
-        let guard = client.acquire(&name, &opts).await.unwrap();
+        let guard = client.acquire_with(&name, &opts).await.unwrap();
         let token = guard.fencing_token().get();
         assert!(token > last, "round {round}: token {token} after {last}");
         last = token;
@@ -349,18 +417,16 @@ pub async fn fencing_tokens_increase(h: &dyn Harness) {
 /// release the new holder's lock; both calls report `LockLost`.
 pub async fn stale_owner_cannot_release_or_extend(h: &dyn Harness) {
     let (a, caps) = caps_of(h).await;
-    if !caps.lease_expiry {
-        return;
-    }
+    require(&caps, "lease_expiry");
     let (b, c) = (h.client().await, h.client().await);
     let name = fresh_name("stale_owner");
     let ttl = short_ttl(&caps);
     let stale = a
-        .acquire(&name, &LockOptions::new().ttl(ttl).auto_renew(false))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl).auto_renew(false))
         .await
         .unwrap();
     let holder = b
-        .acquire(&name, &waiting(expiry_bound(&caps, ttl)).ttl(ttl * 4))
+        .acquire_with(&name, &waiting(expiry_bound(&caps, ttl)).ttl(ttl * 4))
         .await
         .expect("the expired lease was never freed");
     let err = stale.extend(ttl).await.expect_err("a stale owner extended");
@@ -369,7 +435,7 @@ pub async fn stale_owner_cannot_release_or_extend(h: &dyn Harness) {
     let err = stale.release().await.expect_err("a stale owner released");
     assert!(err.is_lost(), "{err:?}");
     assert!(c
-        .try_acquire(&name, &LockOptions::new())
+        .try_acquire_with(&name, &LockOptions::new())
         .await
         .unwrap()
         .is_none());
@@ -383,12 +449,12 @@ pub async fn stale_owner_cannot_release_or_extend(h: &dyn Harness) {
     // The stale owner's extend must not have prolonged a new holder's lease either: a holder
     // that does not renew loses the lock at its own TTL, whatever the stale owner asked for.
     let stale = a
-        .acquire(&name, &LockOptions::new().ttl(ttl).auto_renew(false))
+        .acquire_with(&name, &LockOptions::new().ttl(ttl).auto_renew(false))
         .await
         .unwrap();
     let _ = tokio::time::timeout(expiry_bound(&caps, ttl), stale.lost()).await;
     let holder = b
-        .acquire(
+        .acquire_with(
             &name,
             &waiting(expiry_bound(&caps, ttl)).ttl(ttl).auto_renew(false),
         )
@@ -401,7 +467,7 @@ pub async fn stale_owner_cannot_release_or_extend(h: &dyn Harness) {
         .expect_err("stale extend")
         .is_lost());
     let next = c
-        .acquire(&name, &waiting(expiry_bound(&caps, ttl)))
+        .acquire_with(&name, &waiting(expiry_bound(&caps, ttl)))
         .await
         .expect("a stale owner's extend prolonged the new holder's lease");
     assert!(next.fencing_token() > holder.fencing_token());
@@ -417,16 +483,19 @@ pub async fn many_names(h: &dyn Harness) {
     let opts = LockOptions::new();
     let mut guards = Vec::new();
     for name in &names {
-        let guard = a.try_acquire(name, &opts).await.unwrap();
+        let guard = a.try_acquire_with(name, &opts).await.unwrap();
         guards.push(guard.unwrap_or_else(|| panic!("{name} is not free")));
     }
     for name in names.iter().step_by(40) {
-        assert!(b.try_acquire(name, &opts).await.unwrap().is_none());
+        assert!(b.try_acquire_with(name, &opts).await.unwrap().is_none());
     }
     drop(guards);
     let wait = waiting(Duration::from_secs(10));
     for name in &names {
-        let guard = b.acquire(name, &wait).await.expect("not freed on drop");
+        let guard = b
+            .acquire_with(name, &wait)
+            .await
+            .expect("not freed on drop");
         guard.release().await.unwrap();
     }
 }
@@ -463,16 +532,20 @@ pub async fn name_independence(h: &dyn Harness) {
     let opts = LockOptions::new();
     let mut all = Vec::new();
     for name in &names {
-        let guard = a.try_acquire(name, &opts).await.unwrap();
+        let guard = a.try_acquire_with(name, &opts).await.unwrap();
         all.push(guard.unwrap_or_else(|| panic!("{name:?} collided with another name")));
     }
     for guard in all {
         guard.release().await.unwrap();
     }
     for (i, held) in names.iter().enumerate() {
-        let guard = a.try_acquire(held, &opts).await.unwrap().expect("free");
+        let guard = a
+            .try_acquire_with(held, &opts)
+            .await
+            .unwrap()
+            .expect("free");
         for (j, other) in names.iter().enumerate() {
-            let got = b.try_acquire(other, &opts).await.unwrap();
+            let got = b.try_acquire_with(other, &opts).await.unwrap();
             match got {
                 Some(g) if i != j => g.release().await.unwrap(),
                 None if i == j => {}
@@ -490,10 +563,13 @@ pub async fn bad_input(h: &dyn Harness) {
     let b = h.client().await;
     let opts = LockOptions::new();
     for bad in [String::new(), "x".repeat(256), "a\0b".to_string()] {
-        let err = a.acquire(&bad, &opts).await.expect_err("bad name accepted");
+        let err = a
+            .acquire_with(&bad, &opts)
+            .await
+            .expect_err("bad name accepted");
         assert!(matches!(err, Error::InvalidName(_)), "{err:?}");
         let err = a
-            .try_acquire(&bad, &opts)
+            .try_acquire_with(&bad, &opts)
             .await
             .expect_err("bad name accepted");
         assert!(matches!(err, Error::InvalidName(_)), "{err:?}");
@@ -509,17 +585,17 @@ pub async fn bad_input(h: &dyn Harness) {
     }
     for bad in &bad_opts {
         let err = a
-            .acquire(&name, bad)
+            .acquire_with(&name, bad)
             .await
             .expect_err("bad options accepted");
         assert!(matches!(err, Error::InvalidOptions(_)), "{bad:?}: {err:?}");
         let err = a
-            .try_acquire(&name, bad)
+            .try_acquire_with(&name, bad)
             .await
             .expect_err("bad options accepted");
         assert!(matches!(err, Error::InvalidOptions(_)), "{bad:?}: {err:?}");
     }
-    let guard = b.try_acquire(&name, &opts).await.unwrap();
+    let guard = b.try_acquire_with(&name, &opts).await.unwrap();
     guard
         .expect("a rejected call held the lock")
         .release()
@@ -534,7 +610,7 @@ pub async fn unreachable_server(h: &dyn Harness) {
         let client = h.unreachable().await?;
         let opts = waiting(Duration::from_secs(3));
         client
-            .acquire(&fresh_name("unreachable"), &opts)
+            .acquire_with(&fresh_name("unreachable"), &opts)
             .await
             .map(drop)
     };
@@ -551,20 +627,18 @@ pub async fn unreachable_server(h: &dyn Harness) {
 /// holds the lock past the original TTL.
 pub async fn extend_prolongs_lease(h: &dyn Harness) {
     let (a, caps) = caps_of(h).await;
-    if !caps.renewal {
-        return;
-    }
+    require(&caps, "renewal");
     let b = h.client().await;
     let name = fresh_name("extend");
     let ttl = short_ttl(&caps);
     let opts = LockOptions::new().ttl(ttl).auto_renew(false);
-    let guard = a.acquire(&name, &opts).await.unwrap();
+    let guard = a.acquire_with(&name, &opts).await.unwrap();
     let before = guard.valid_until();
     guard.extend(ttl * 3).await.expect("extend");
     assert!(guard.valid_until() > before);
     tokio::time::sleep(ttl + caps.expiry_slack + ttl / 2).await;
     assert!(guard.is_held(), "the extended lease ran out at the old TTL");
-    assert!(b.try_acquire(&name, &opts).await.unwrap().is_none());
+    assert!(b.try_acquire_with(&name, &opts).await.unwrap().is_none());
     guard.release().await.expect("release after extend");
 }
 
@@ -574,19 +648,55 @@ pub async fn with_lock_runs_and_releases(h: &dyn Harness) {
     let name = fresh_name("with_lock");
     let opts = LockOptions::new();
     let b2 = b.clone();
-    let out = with_lock(&*a, &name, &opts, async |guard| {
-        assert!(guard.is_held());
-        let other = b2.try_acquire(guard.name(), &LockOptions::new()).await;
-        (guard.fencing_token().get(), other.unwrap().is_none())
-    })
-    .await
-    .expect("with_lock");
+    let out = a
+        .with_lock_with(&name, &opts, async |guard| {
+            assert!(guard.is_held());
+            let other = b2.try_acquire_with(guard.name(), &LockOptions::new()).await;
+            (guard.fencing_token().get(), other.unwrap().is_none())
+        })
+        .await
+        .expect("with_lock");
     assert!(out.0 > 0);
     assert!(out.1, "the lock was not held inside with_lock");
-    let after = b.try_acquire(&name, &opts).await.unwrap();
+    let after = b.try_acquire_with(&name, &opts).await.unwrap();
     after
         .expect("with_lock did not release")
         .release()
         .await
         .unwrap();
+}
+
+/// With the lock held, five clients start waiting one after another; after the release they
+/// are granted the lock in the order they started waiting.
+pub async fn fifo_order(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "fifo");
+    let name = fresh_name("fifo_order");
+    let holder = a.acquire_with(&name, &LockOptions::new()).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = JoinSet::new();
+    for i in 0..5 {
+        let client = h.client().await;
+        let (name, order) = (name.clone(), order.clone());
+        waiters.spawn(async move {
+            let guard = client
+                .acquire_with(&name, &waiting(Duration::from_secs(60)))
+                .await
+                .expect("a waiter never got the lock");
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.expect("release");
+        });
+        // Give the waiter time to queue before the next one starts.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    holder.release().await.unwrap();
+    while let Some(done) = waiters.join_next().await {
+        done.expect("a waiter failed");
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        [0, 1, 2, 3, 4],
+        "not granted in arrival order"
+    );
 }

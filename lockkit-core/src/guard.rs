@@ -8,12 +8,13 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
-use crate::backend::{Acquired, FencingToken, Lease};
+use crate::backend::{Acquired, Lease};
 use crate::capabilities::Capabilities;
 use crate::error::{Error, LostReason, Result};
 use crate::name::LockName;
 use crate::options::{validate_ttl, LockOptions};
 use crate::telemetry;
+use crate::token::FencingToken;
 
 /// A held lock. Dropping it releases the lock in the background (promptly, without blocking,
 /// also outside a runtime); [`LockGuard::release`] releases it and reports whether the lock
@@ -458,7 +459,9 @@ mod tests {
             Instant::now() + opts.ttl,
             Box::new(ScriptedLease(script.clone())),
         );
-        let caps = Capabilities::new(Duration::from_millis(1));
+        let caps = Capabilities::new(Duration::from_millis(1))
+            .lease_expiry(true)
+            .renewal(true);
         LockGuard::start(
             "scripted",
             LockName::new("x").unwrap(),

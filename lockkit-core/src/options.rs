@@ -101,6 +101,7 @@ impl LockOptions {
     }
 
     /// Sets the lease TTL.
+    #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -109,12 +110,14 @@ impl LockOptions {
     /// Waits at most `wait` for a held lock, then fails with [`Error::Timeout`]. Zero makes
     /// `acquire` a single attempt at the lock (connection errors are still retried per the
     /// retry policy).
+    #[must_use]
     pub fn wait_timeout(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
         self
     }
 
     /// Waits until the lock is acquired (the default).
+    #[must_use]
     pub fn wait_forever(mut self) -> Self {
         self.wait = None;
         self
@@ -122,18 +125,21 @@ impl LockOptions {
 
     /// Turns automatic renewal on or off. Without renewal the lease ends after the TTL unless
     /// the holder calls [`crate::LockGuard::extend`].
+    #[must_use]
     pub fn auto_renew(mut self, on: bool) -> Self {
         self.auto_renew = on;
         self
     }
 
     /// Renews every `every` instead of every TTL/3.
+    #[must_use]
     pub fn renew_every(mut self, every: Duration) -> Self {
         self.renew_every = Some(every);
         self
     }
 
     /// Sets the retry policy for connection errors while acquiring.
+    #[must_use]
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -193,7 +199,9 @@ mod tests {
 
     #[test]
     fn validation() {
-        let caps = Capabilities::new(Duration::from_millis(100));
+        let caps = Capabilities::new(Duration::from_millis(100))
+            .renewal(true)
+            .lease_expiry(true);
         assert!(LockOptions::new().validate(&caps).is_ok());
         for bad in [
             LockOptions::new().ttl(Duration::ZERO),

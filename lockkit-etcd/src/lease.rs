@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use etcd_client::{
     Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
 };
-use lockkit_core::{Error, Lease, LockName, LostReason, Result};
+use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 

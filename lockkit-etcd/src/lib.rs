@@ -15,10 +15,11 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
     TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
-use lockkit_core::{
-    run_detached, Acquired, Attempt, Capabilities, DistributedLock, Error, FencingToken, LockName,
-    LockOptions, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::lease::{secs, ttl_secs, EtcdLease};
@@ -137,7 +138,7 @@ impl Drop for Queued {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             tracing::debug!(key = entry.lease.key(), "leaving the queue");
             runtime.spawn(async move {
-                use lockkit_core::Lease;
+                use lockkit_core::backend::Lease;
                 if let Err(e) = entry.lease.release().await {
                     tracing::debug!(error = %e, "leaving the queue failed");
                 }
@@ -409,13 +410,17 @@ impl Inner {
 }
 
 #[async_trait]
-impl DistributedLock for EtcdLock {
-    fn backend(&self) -> &'static str {
+impl Backend for EtcdLock {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(MIN_TTL)
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
             .fifo(true)
             .expiry_slack(EXPIRY_SLACK)
     }
@@ -474,5 +479,13 @@ pub(crate) fn map_err(e: etcd_client::Error) -> Error {
         Error::connection(BACKEND, e)
     } else {
         Error::backend(BACKEND, e)
+    }
+}
+
+impl Connect for EtcdLock {
+    const SCHEMES: &'static [&'static str] = &["etcd", "etcds"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        EtcdLock::connect(url).await
     }
 }

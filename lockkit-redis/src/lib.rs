@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use lockkit_core::{
-    run_detached, Acquired, Attempt, Capabilities, DistributedLock, Error, FencingToken, Lease,
-    LockName, LockOptions, LostReason, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, Lease, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, LostReason, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
@@ -385,14 +386,18 @@ impl Inner {
 }
 
 #[async_trait]
-impl DistributedLock for RedisLock {
-    fn backend(&self) -> &'static str {
+impl Backend for RedisLock {
+    fn name(&self) -> &'static str {
         self.inner.backend
     }
 
     fn capabilities(&self) -> Capabilities {
         let min_ttl = if self.inner.nodes.len() > 1 { 500 } else { 100 };
         Capabilities::new(Duration::from_millis(min_ttl))
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
@@ -541,5 +546,13 @@ fn map_err(address: &str, e: redis::RedisError) -> Error {
         Error::connection("redis", format!("{address}: {e}"))
     } else {
         Error::backend("redis", format!("{address}: {e}"))
+    }
+}
+
+impl Connect for RedisLock {
+    const SCHEMES: &'static [&'static str] = &["redis", "rediss", "redlock", "redlocks"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        RedisLock::connect(url).await
     }
 }

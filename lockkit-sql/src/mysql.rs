@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::{
-    run_detached, Acquired, Capabilities, DistributedLock, Error, FencingToken, Lease, LockName,
-    LockOptions, LostReason, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Backend, Capabilities, Connect, FencingToken, Lease, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, LostReason, Result};
 use sha2::{Digest, Sha256};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::pool::PoolConnection;
@@ -310,13 +311,17 @@ impl Inner {
 }
 
 #[async_trait]
-impl DistributedLock for MySqlLock {
-    fn backend(&self) -> &'static str {
+impl Backend for MySqlLock {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(Duration::from_millis(100))
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
@@ -523,5 +528,13 @@ fn map_err(e: sqlx::Error) -> Error {
         Error::connection(BACKEND, e)
     } else {
         Error::backend(BACKEND, e)
+    }
+}
+
+impl Connect for MySqlLock {
+    const SCHEMES: &'static [&'static str] = &["mysql", "mariadb"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        MySqlLock::connect(url).await
     }
 }

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::{
-    run_detached, Acquired, Capabilities, DistributedLock, Error, FencingToken, Lease, LockName,
-    LockOptions, LostReason, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Backend, Capabilities, Connect, FencingToken, Lease, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, LostReason, Result};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Postgres;
@@ -381,8 +382,8 @@ impl Inner {
 }
 
 #[async_trait]
-impl DistributedLock for PgLock {
-    fn backend(&self) -> &'static str {
+impl Backend for PgLock {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
@@ -390,6 +391,10 @@ impl DistributedLock for PgLock {
         // Blocked advisory waiters are granted in queue order within a wait slice, but a
         // waiter whose slice ends queues again at the back: no FIFO promise.
         Capabilities::new(Duration::from_millis(100))
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
@@ -564,5 +569,13 @@ fn map_err(e: sqlx::Error) -> Error {
         Error::connection(BACKEND, e)
     } else {
         Error::backend(BACKEND, e)
+    }
+}
+
+impl Connect for PgLock {
+    const SCHEMES: &'static [&'static str] = &["postgres", "postgresql"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        PgLock::connect(url).await
     }
 }

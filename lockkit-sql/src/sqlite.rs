@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use lockkit_core::{
-    run_detached, Acquired, Capabilities, DistributedLock, Error, FencingToken, Lease, LockName,
-    LockOptions, LostReason, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Backend, Capabilities, Connect, FencingToken, Lease, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, LostReason, Result};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -210,13 +211,16 @@ impl SqliteLock {
 }
 
 #[async_trait]
-impl DistributedLock for SqliteLock {
-    fn backend(&self) -> &'static str {
+impl Backend for SqliteLock {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(Duration::from_millis(100)).networked(false)
+        Capabilities::new(Duration::from_millis(100))
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
@@ -311,5 +315,13 @@ fn map_err(e: sqlx::Error) -> Error {
         Error::connection(BACKEND, e)
     } else {
         Error::backend(BACKEND, e)
+    }
+}
+
+impl Connect for SqliteLock {
+    const SCHEMES: &'static [&'static str] = &["sqlite"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        SqliteLock::connect(url).await
     }
 }

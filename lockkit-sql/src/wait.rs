@@ -7,7 +7,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use lockkit_core::{Acquired, LockName, Result};
+use lockkit_core::backend::{Acquired, LockName};
+use lockkit_core::Result;
 use tokio::sync::Notify;
 
 /// Subtracted from a lease's validity: expiries are stored in whole milliseconds.

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::{
-    run_detached, Acquired, Attempt, Capabilities, DistributedLock, Error, FencingToken, Lease,
-    LockName, LockOptions, LostReason, Result,
+use lockkit_core::backend::{
+    run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, Lease, LockName,
+    LockOptions,
 };
+use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
@@ -394,14 +395,18 @@ impl Inner {
 }
 
 #[async_trait]
-impl DistributedLock for ZkLock {
-    fn backend(&self) -> &'static str {
+impl Backend for ZkLock {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
         let options = &self.inner.options;
         Capabilities::new(options.min_ttl)
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
             .fifo(true)
             .max_ttl(options.max_ttl)
     }
@@ -525,4 +530,12 @@ async fn timed<T>(
     tokio::time::timeout(timeout, future)
         .await
         .unwrap_or(Err(zk::Error::Timeout))
+}
+
+impl Connect for ZkLock {
+    const SCHEMES: &'static [&'static str] = &["zk", "zookeeper"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        ZkLock::connect(url).await
+    }
 }

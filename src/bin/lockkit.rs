@@ -73,7 +73,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         opts = opts.wait_timeout(seconds(wait, "wait")?);
     }
     let locks = lockkit::connect(&url).await?;
-    let guard = match locks.acquire(&name, &opts).await {
+    let guard = match locks.acquire_with(&name, &opts).await {
         Ok(guard) => guard,
         Err(e @ Error::Timeout { .. }) => {
             eprintln!("lockkit: {e}");

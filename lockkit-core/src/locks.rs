@@ -1,0 +1,318 @@
+//! The user's handle on a lock service, and the acquisition paths shared by every backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{field, Instrument};
+
+use crate::backend::{Acquired, Backend};
+use crate::capabilities::Capabilities;
+use crate::error::{Error, Result};
+use crate::guard::LockGuard;
+use crate::name::LockName;
+use crate::options::LockOptions;
+use crate::telemetry;
+
+/// A handle on a lock service: what `lockkit::connect(url)` returns. Cheap to clone (clones
+/// share the backend's connections); every method takes `&self`.
+///
+/// ```
+/// # async fn demo(locks: lockkit_core::Locks) -> lockkit_core::Result<()> {
+/// use std::time::Duration;
+/// use lockkit_core::LockOptions;
+///
+/// // Wait as long as it takes, with the default options (30 s lease, renewed).
+/// let guard = locks.acquire("orders/42").await?;
+/// println!("token {}", guard.fencing_token());
+/// guard.release().await?;
+///
+/// // One attempt: `None` if someone else holds it.
+/// if let Some(guard) = locks.try_acquire("cron/nightly").await? {
+///     guard.release().await?;
+/// }
+///
+/// // Bounded wait and a shorter lease.
+/// let opts = LockOptions::new()
+///     .ttl(Duration::from_secs(5))
+///     .wait_timeout(Duration::from_secs(2));
+/// let rebuilt = locks
+///     .with_lock_with("cache/rebuild", &opts, async |guard| guard.fencing_token())
+///     .await?;
+/// # let _ = rebuilt; Ok(()) }
+/// ```
+///
+/// **Single attempts.** [`Locks::try_acquire`] is the way to make one attempt. `acquire`
+/// with [`LockOptions::wait_timeout`] of zero makes the same single attempt but reports a
+/// held lock as [`Error::Timeout`], so a wait budget computed down to zero still behaves
+/// like a deadline.
+#[derive(Clone)]
+pub struct Locks {
+    backend: Arc<dyn Backend>,
+    defaults: LockOptions,
+}
+
+impl fmt::Debug for Locks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locks")
+            .field("backend", &self.backend)
+            .field("defaults", &self.defaults)
+            .finish()
+    }
+}
+
+impl<B: Backend> From<B> for Locks {
+    fn from(backend: B) -> Self {
+        Locks::from_arc(Arc::new(backend))
+    }
+}
+
+impl Locks {
+    /// A handle on `backend`, with default options.
+    pub fn new(backend: impl Backend) -> Self {
+        Locks::from(backend)
+    }
+
+    /// A handle on a shared backend.
+    pub fn from_arc(backend: Arc<dyn Backend>) -> Self {
+        Locks {
+            backend,
+            defaults: LockOptions::new(),
+        }
+    }
+
+    /// The same service with other default options for [`Locks::acquire`],
+    /// [`Locks::try_acquire`] and [`Locks::with_lock`].
+    #[must_use]
+    pub fn with_defaults(mut self, defaults: LockOptions) -> Self {
+        self.defaults = defaults;
+        self
+    }
+
+    /// The default options.
+    pub fn defaults(&self) -> &LockOptions {
+        &self.defaults
+    }
+
+    /// The backend's short name (`sqlite`, `redis`, ...).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// What the backend guarantees.
+    pub fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities()
+    }
+
+    /// The backend itself.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The backend as its concrete type, for backend-specific inspection (e.g.
+    /// `locks.backend_as::<lockkit::EtcdLock>()`); `None` if it is another type.
+    pub fn backend_as<B: Backend>(&self) -> Option<&B> {
+        let any: &dyn std::any::Any = &*self.backend;
+        any.downcast_ref::<B>()
+    }
+
+    /// Acquires `name` with the default options, waiting as long as they say (forever by
+    /// default). The guard releases the lock when dropped.
+    pub async fn acquire(&self, name: &str) -> Result<LockGuard> {
+        self.acquire_with(name, &self.defaults).await
+    }
+
+    /// Acquires `name`, waiting up to `opts`' wait timeout ([`Error::Timeout`] after it).
+    pub async fn acquire_with(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+        acquire(&*self.backend, name, opts).await
+    }
+
+    /// One attempt with the default options: `Ok(None)` if the lock is held elsewhere.
+    pub async fn try_acquire(&self, name: &str) -> Result<Option<LockGuard>> {
+        self.try_acquire_with(name, &self.defaults).await
+    }
+
+    /// One attempt: `Ok(None)` if the lock is held elsewhere. The wait timeout of `opts`
+    /// is not used.
+    pub async fn try_acquire_with(
+        &self,
+        name: &str,
+        opts: &LockOptions,
+    ) -> Result<Option<LockGuard>> {
+        try_acquire(&*self.backend, name, opts).await
+    }
+
+    /// Runs `f` while holding `name` (default options), then releases the lock and returns
+    /// `f`'s output.
+    ///
+    /// If the lock is lost while `f` runs, `f` is cancelled (dropped at its next await point)
+    /// and the result is [`Error::LockLost`]; a failing release is reported too, since the
+    /// work may then have run without exclusivity.
+    pub async fn with_lock<F, T>(&self, name: &str, f: F) -> Result<T>
+    where
+        F: AsyncFnOnce(&LockGuard) -> T,
+    {
+        self.with_lock_with(name, &self.defaults, f).await
+    }
+
+    /// [`Locks::with_lock`] with explicit options.
+    pub async fn with_lock_with<F, T>(&self, name: &str, opts: &LockOptions, f: F) -> Result<T>
+    where
+        F: AsyncFnOnce(&LockGuard) -> T,
+    {
+        let guard = self.acquire_with(name, opts).await?;
+        let lost = guard.lost();
+        let out = tokio::select! {
+            biased;
+            reason = lost => return Err(Error::lost(name, reason)),
+            out = f(&guard) => out,
+        };
+        guard.release().await?;
+        Ok(out)
+    }
+}
+
+async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+    let backend = lock.name();
+    let name = LockName::new(name)?;
+    let caps = lock.capabilities();
+    opts.validate(&caps)?;
+    let span = tracing::info_span!(
+        "lockkit.acquire",
+        backend,
+        lock = %name,
+        wait_ms = field::Empty,
+        token = field::Empty,
+    );
+    async {
+        let started = Instant::now();
+        let result = match opts.wait {
+            Some(wait) if wait.is_zero() => {
+                match with_retries(opts, None, || lock.try_lock(&name, opts)).await {
+                    Ok(Some(acquired)) => Ok(acquired),
+                    Ok(None) => Err(timeout(&name, started)),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(wait) if started.checked_add(wait).is_some() => {
+                let deadline = started + wait;
+                let attempt = with_retries(opts, Some(deadline), || {
+                    lock.lock(&name, opts, Some(deadline))
+                });
+                match tokio::time::timeout_at(deadline, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => Err(timeout(&name, started)),
+                }
+            }
+            // No deadline, or one too far away to represent.
+            _ => with_retries(opts, None, || lock.lock(&name, opts, None)).await,
+        };
+        let guard = finish(backend, &name, opts, &caps, started, result.map(Some))?;
+        guard.ok_or_else(|| Error::Unsupported("backend returned no lock".into()))
+    }
+    .instrument(span)
+    .await
+}
+
+async fn try_acquire(
+    lock: &dyn Backend,
+    name: &str,
+    opts: &LockOptions,
+) -> Result<Option<LockGuard>> {
+    let backend = lock.name();
+    let name = LockName::new(name)?;
+    let caps = lock.capabilities();
+    opts.validate(&caps)?;
+    let span = tracing::info_span!(
+        "lockkit.acquire",
+        backend,
+        lock = %name,
+        wait_ms = field::Empty,
+        token = field::Empty,
+    );
+    async {
+        let started = Instant::now();
+        let result = with_retries(opts, None, || lock.try_lock(&name, opts)).await;
+        finish(backend, &name, opts, &caps, started, result)
+    }
+    .instrument(span)
+    .await
+}
+
+fn timeout(name: &LockName, started: Instant) -> Error {
+    Error::Timeout {
+        name: name.to_string(),
+        waited: started.elapsed(),
+    }
+}
+
+/// Records the outcome and turns a backend acquisition into a guard.
+fn finish(
+    backend: &'static str,
+    name: &LockName,
+    opts: &LockOptions,
+    caps: &Capabilities,
+    started: Instant,
+    result: Result<Option<Acquired>>,
+) -> Result<Option<LockGuard>> {
+    let waited = started.elapsed();
+    let span = tracing::Span::current();
+    span.record("wait_ms", waited.as_secs_f64() * 1000.0);
+    let outcome = match &result {
+        Ok(Some(acquired)) => {
+            span.record("token", acquired.token.0);
+            "acquired"
+        }
+        Ok(None) => "busy",
+        Err(Error::Timeout { .. }) => {
+            metrics::counter!(telemetry::TIMEOUTS_TOTAL, "backend" => backend).increment(1);
+            "timeout"
+        }
+        Err(_) => "error",
+    };
+    metrics::counter!(telemetry::ACQUIRES_TOTAL, "backend" => backend, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(telemetry::ACQUIRE_WAIT_SECONDS, "backend" => backend, "outcome" => outcome)
+        .record(waited.as_secs_f64());
+    match result {
+        Ok(Some(acquired)) => {
+            tracing::debug!(token = acquired.token.0, "acquired");
+            LockGuard::start(backend, name.clone(), acquired, opts, caps).map(Some)
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            tracing::debug!(error = %e, "acquire failed");
+            Err(e)
+        }
+    }
+}
+
+/// Runs `attempt`, retrying connection errors per the options' retry policy, never sleeping
+/// past `deadline`.
+async fn with_retries<T, F, Fut>(
+    opts: &LockOptions,
+    deadline: Option<Instant>,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut retry = 0;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_retryable() && retry < opts.retry.max_retries => {
+                let delay = opts.retry.backoff(retry);
+                let until = Instant::now().checked_add(delay);
+                if deadline.is_some_and(|d| until.is_none_or(|u| u >= d)) {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, retry, ?delay, "retrying after a connection error");
+                retry += 1;
+                tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
+            }
+            other => return other,
+        }
+    }
+}

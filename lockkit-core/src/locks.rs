@@ -189,7 +189,11 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
         let started = Instant::now();
         let result = match opts.wait {
             Some(wait) if wait.is_zero() => {
-                match with_retries(opts, None, || lock.try_lock(&name, opts)).await {
+                match with_retries(opts, None, || {
+                    fresh_or_none(lock, lock.try_lock(&name, opts))
+                })
+                .await
+                {
                     Ok(Some(acquired)) => Ok(acquired),
                     Ok(None) => Err(timeout(&name, started)),
                     Err(e) => Err(e),
@@ -198,7 +202,7 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
             Some(wait) if started.checked_add(wait).is_some() => {
                 let deadline = started + wait;
                 let attempt = with_retries(opts, Some(deadline), || {
-                    lock.lock(&name, opts, Some(deadline))
+                    fresh(lock, lock.lock(&name, opts, Some(deadline)))
                 });
                 match tokio::time::timeout_at(deadline, attempt).await {
                     Ok(result) => result,
@@ -206,7 +210,7 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
                 }
             }
             // No deadline, or one too far away to represent.
-            _ => with_retries(opts, None, || lock.lock(&name, opts, None)).await,
+            _ => with_retries(opts, None, || fresh(lock, lock.lock(&name, opts, None))).await,
         };
         let guard = finish(backend, &name, opts, &caps, started, result.map(Some))?;
         guard.ok_or_else(|| Error::Unsupported("backend returned no lock".into()))
@@ -233,11 +237,51 @@ async fn try_acquire(
     );
     async {
         let started = Instant::now();
-        let result = with_retries(opts, None, || lock.try_lock(&name, opts)).await;
+        let result = with_retries(opts, None, || {
+            fresh_or_none(lock, lock.try_lock(&name, opts))
+        })
+        .await;
         finish(backend, &name, opts, &caps, started, result)
     }
     .instrument(span)
     .await
+}
+
+/// Refuses a grant whose lease had already ended when the reply arrived (a reply slower than
+/// the TTL): another client may hold the lock by now. The lease is released in the
+/// background and the refusal is a retryable error, so the caller's retry policy and
+/// deadline decide whether to try again.
+async fn fresh(
+    lock: &dyn Backend,
+    attempt: impl std::future::Future<Output = Result<Acquired>>,
+) -> Result<Acquired> {
+    let acquired = attempt.await?;
+    if Instant::now() < acquired.valid_until {
+        return Ok(acquired);
+    }
+    tracing::debug!(
+        token = acquired.token.0,
+        "the grant arrived after its lease ended"
+    );
+    crate::backend::spawn_cleanup("releasing a grant that arrived too late", async move {
+        acquired.lease.release().await
+    });
+    Err(Error::connection(
+        lock.name(),
+        "the lock was granted after its lease had already ended (the reply was slower than \
+         the TTL); released",
+    ))
+}
+
+/// [`fresh`] for a single attempt.
+async fn fresh_or_none(
+    lock: &dyn Backend,
+    attempt: impl std::future::Future<Output = Result<Option<Acquired>>>,
+) -> Result<Option<Acquired>> {
+    match attempt.await? {
+        Some(acquired) => fresh(lock, async { Ok(acquired) }).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 fn timeout(name: &LockName, started: Instant) -> Error {
@@ -314,5 +358,126 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use crate::backend::{async_trait, Lease};
+    use crate::error::LostReason;
+    use crate::token::FencingToken;
+
+    use super::*;
+
+    /// Grants every lock, but the first `stale` grants arrive after their lease ended (a
+    /// reply slower than the TTL).
+    #[derive(Debug, Default)]
+    struct SlowGrants {
+        stale: AtomicU32,
+        grants: AtomicU32,
+        releases: Arc<AtomicU32>,
+    }
+
+    #[derive(Debug)]
+    struct CountedLease(Arc<AtomicU32>);
+
+    #[async_trait]
+    impl Lease for CountedLease {
+        async fn extend(&self, ttl: Duration) -> Result<Instant> {
+            Ok(Instant::now() + ttl)
+        }
+
+        async fn release(&self) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl SlowGrants {
+        fn grant(&self, opts: &LockOptions) -> Acquired {
+            let n = self.grants.fetch_add(1, Ordering::SeqCst);
+            let late = self
+                .stale
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_sub(1))
+                .is_ok();
+            let now = Instant::now();
+            let valid_until = if late {
+                now - Duration::from_millis(1)
+            } else {
+                now + opts.ttl
+            };
+            let lease = Box::new(CountedLease(self.releases.clone()));
+            Acquired::new(FencingToken(u64::from(n) + 1), valid_until, lease)
+        }
+    }
+
+    #[async_trait]
+    impl Backend for SlowGrants {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new(Duration::from_millis(1))
+                .renewal(true)
+                .lease_expiry(true)
+        }
+
+        async fn try_lock(&self, _: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+            Ok(Some(self.grant(opts)))
+        }
+
+        async fn lock(
+            &self,
+            _: &LockName,
+            opts: &LockOptions,
+            _: Option<Instant>,
+        ) -> Result<Acquired> {
+            Ok(self.grant(opts))
+        }
+    }
+
+    /// A grant whose lease had already ended when it arrived is released and tried again,
+    /// never handed out as a guard, on every acquisition path.
+    #[tokio::test]
+    async fn a_grant_past_its_lease_is_retried_not_handed_out() {
+        for path in ["acquire", "acquire_with zero wait", "try_acquire"] {
+            let backend = SlowGrants::default();
+            backend.stale.store(2, Ordering::SeqCst);
+            let releases = backend.releases.clone();
+            let locks = Locks::new(backend);
+            let guard = match path {
+                "acquire" => locks.acquire("x").await.unwrap(),
+                "try_acquire" => locks.try_acquire("x").await.unwrap().unwrap(),
+                _ => {
+                    let opts = LockOptions::new().wait_timeout(Duration::ZERO);
+                    locks.acquire_with("x", &opts).await.unwrap()
+                }
+            };
+            assert!(guard.is_held(), "{path}: handed out a guard past its lease");
+            assert_eq!(guard.fencing_token(), FencingToken(3), "{path}");
+            assert_eq!(guard.lost_reason(), None::<LostReason>);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(
+                releases.load(Ordering::SeqCst),
+                2,
+                "{path}: stale grants kept"
+            );
+            guard.release().await.unwrap();
+        }
+    }
+
+    /// When every grant arrives too late, acquisition ends with a retryable error once the
+    /// retries are spent, instead of a guard that is already lost.
+    #[tokio::test]
+    async fn grants_that_always_arrive_late_are_an_error() {
+        let backend = SlowGrants::default();
+        backend.stale.store(u32::MAX, Ordering::SeqCst);
+        let locks = Locks::new(backend);
+        let err = locks.try_acquire("x").await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(err.to_string().contains("after its lease"), "{err}");
     }
 }

@@ -65,6 +65,7 @@ macro_rules! conformance_suite {
             drop_releases,
             many_names,
             name_independence,
+            prefix_names_are_independent,
             bad_input,
             unreachable_server,
             with_lock_runs_and_releases,
@@ -555,6 +556,33 @@ pub async fn name_independence(h: &dyn Harness) {
         }
         guard.release().await.unwrap();
     }
+}
+
+/// A held name does not make the names it starts with, or that start with it, look held:
+/// `base/ab` held leaves `base/a` and `base/ab/c` free (backends that read keys by prefix
+/// get this wrong).
+pub async fn prefix_names_are_independent(h: &dyn Harness) {
+    let (a, b) = (h.client().await, h.client().await);
+    let base = fresh_name("prefix");
+    let opts = LockOptions::new();
+    let long = a
+        .try_acquire_with(&format!("{base}/ab"), &opts)
+        .await
+        .unwrap()
+        .expect("free");
+    for other in [format!("{base}/a"), format!("{base}/ab/c"), base.clone()] {
+        let got = b.try_acquire_with(&other, &opts).await.unwrap();
+        got.unwrap_or_else(|| panic!("`{base}/ab` held makes `{other}` look held"))
+            .release()
+            .await
+            .unwrap();
+        let err = b
+            .acquire_with(&other, &waiting(Duration::ZERO))
+            .await
+            .map(drop);
+        assert!(err.is_ok(), "`{other}` with a zero wait: {err:?}");
+    }
+    long.release().await.unwrap();
 }
 
 /// Bad names and options give typed errors and hold nothing.

@@ -56,8 +56,13 @@ const EXIT_BUSY: u8 = 73;
 const EXIT_LOST: u8 = 75;
 
 fn seconds(value: f64, what: &str) -> Result<Duration, Error> {
+    if value.is_nan() || value < 0.0 {
+        return Err(Error::InvalidOptions(format!(
+            "--{what} must be a non-negative number of seconds, not {value}"
+        )));
+    }
     Duration::try_from_secs_f64(value)
-        .map_err(|_| Error::InvalidOptions(format!("--{what} must be a non-negative number")))
+        .map_err(|_| Error::InvalidOptions(format!("--{what} {value} is too large (in seconds)")))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Error> {

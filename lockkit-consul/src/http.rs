@@ -237,27 +237,33 @@ impl Http {
 
     /// `PUT /v1/session/renew/<id>`: `false` if the session no longer exists.
     pub(crate) async fn renew_session(&self, id: &str) -> Result<bool> {
-        const WHAT: &str = "session renew";
-        let path = format!("/v1/session/renew/{id}");
-        let call = self.call(WHAT, Method::PUT, &path, &[], None);
-        let (status, body, _) = self.short(WHAT, call).await?;
-        match status {
-            StatusCode::OK => Ok(true),
-            StatusCode::NOT_FOUND => Ok(false),
-            _ => Err(self.status(WHAT, status, &body)),
-        }
+        self.on_session("session renew", "renew", id, &[StatusCode::NOT_FOUND])
+            .await
+            .map(|status| status == StatusCode::OK)
     }
 
     /// `PUT /v1/session/destroy/<id>`; destroying a session that is gone succeeds.
     pub(crate) async fn destroy_session(&self, id: &str) -> Result<()> {
-        const WHAT: &str = "session destroy";
-        let path = format!("/v1/session/destroy/{id}");
-        let call = self.call(WHAT, Method::PUT, &path, &[], None);
-        let (status, body, _) = self.short(WHAT, call).await?;
-        match status {
-            StatusCode::OK => Ok(()),
-            _ => Err(self.status(WHAT, status, &body)),
+        self.on_session("session destroy", "destroy", id, &[])
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/session/<action>/<id>`: the status, if OK or one of `also`.
+    async fn on_session(
+        &self,
+        what: &'static str,
+        action: &str,
+        id: &str,
+        also: &[StatusCode],
+    ) -> Result<StatusCode> {
+        let path = format!("/v1/session/{action}/{id}");
+        let call = self.call(what, Method::PUT, &path, &[], None);
+        let (status, body, _) = self.short(what, call).await?;
+        if status == StatusCode::OK || also.contains(&status) {
+            return Ok(status);
         }
+        Err(self.status(what, status, &body))
     }
 
     /// `GET /v1/session/list`, blocking until the sessions change after `index` (or `wait`

@@ -620,6 +620,15 @@ mod tests {
         })
     }
 
+    /// A guard without automatic renewal on a fixed-TTL lease, extended to three TTLs; and
+    /// when it was extended.
+    async fn extended_past_fixed_ttl(script: &Arc<Script>) -> (LockGuard, Instant) {
+        let guard = guard(script, &LockOptions::new().ttl(TTL).auto_renew(false));
+        let extended = Instant::now();
+        guard.extend(TTL * 3).await.unwrap();
+        (guard, extended)
+    }
+
     fn extends(script: &Script) -> u32 {
         script.extends.load(Ordering::SeqCst)
     }
@@ -659,9 +668,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn fixed_ttl_renewal_refused_loses_the_lock_before_the_extended_end() {
         let script = fixed();
-        let guard = guard(&script, &LockOptions::new().ttl(TTL).auto_renew(false));
-        let extended = Instant::now();
-        guard.extend(TTL * 3).await.unwrap();
+        let (guard, extended) = extended_past_fixed_ttl(&script).await;
         script.not_owner.store(true, Ordering::SeqCst);
         assert_eq!(guard.lost().await, LostReason::NotOwner);
         assert_eq!(
@@ -676,9 +683,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn fixed_ttl_renewals_that_keep_failing_lose_the_lock_at_the_servers_end() {
         let script = fixed();
-        let guard = guard(&script, &LockOptions::new().ttl(TTL).auto_renew(false));
-        let extended = Instant::now();
-        guard.extend(TTL * 3).await.unwrap();
+        let (guard, extended) = extended_past_fixed_ttl(&script).await;
         script.failures.store(u32::MAX, Ordering::SeqCst);
         let reason = guard.lost().await;
         assert!(

@@ -230,7 +230,9 @@ impl LockGuard {
         }
     }
 
-    /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too.
+    /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too. A lease
+    /// whose server-side TTL is fixed ([`Lease::fixed_ttl`]) and shorter than `ttl` is
+    /// renewed by the keeper until `ttl` from now is covered, also with renewal off.
     /// Fails with [`Error::LockLost`] if the lock is no longer ours, and with
     /// [`Error::InvalidOptions`] for a TTL outside the backend's limits.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {

@@ -1,5 +1,6 @@
-//! The HTTP side: one pooled hyper client shared by rs-consul (KV) and the session helper
-//! below (rs-consul has no public session API), plus error mapping.
+//! The Consul agent's HTTP API as lockkit uses it: one pooled hyper client shared by
+//! rs-consul (KV reads and acquire/release) and the session calls below (rs-consul has no
+//! public session API).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +9,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
-use lockkit_core::{Error, Result};
+use lockkit_core::{BoxError, Error, Result};
+use rs_consul::types::{CreateOrUpdateKeyRequest, ReadKeyRequest, ReadKeyResponse};
 use rs_consul::{Consul, ConsulError, HttpsClient};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-pub(crate) const BACKEND: &str = "consul";
+use crate::error::RequestError;
 
 /// Most requests one client has in flight at once, blocking queries aside: Consul refuses
 /// connections beyond `limits.http_max_conns_per_client` (200 by default) per client address,
@@ -22,7 +24,7 @@ const MAX_IN_FLIGHT: usize = 48;
 
 /// The HTTP stack of one client: rs-consul for KV, the same pool for sessions.
 pub(crate) struct Http {
-    pub(crate) consul: Consul,
+    consul: Consul,
     client: HttpsClient,
     address: String,
     token: Option<String>,
@@ -106,34 +108,49 @@ impl Http {
     }
 
     /// The datacenter parameter for rs-consul requests (`""`: the agent's).
-    pub(crate) fn dc(&self) -> &str {
+    fn dc(&self) -> &str {
         self.datacenter.as_deref().unwrap_or("")
-    }
-
-    /// The timeout of one non-blocking request.
-    pub(crate) fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// Runs a short request (not a blocking query) under the in-flight limit and the
     /// request timeout.
-    pub(crate) async fn short<T>(
+    async fn short<T>(
         &self,
+        what: &'static str,
         request: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let _permit = self.in_flight.acquire().await.expect("never closed");
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::connection(
-                BACKEND,
-                format!("{}: no answer within {:?}", self.address, self.timeout),
-            )),
-        }
+        self.within(what, self.timeout, request).await
+    }
+
+    /// Runs `request`, failing with a connection error if it takes longer than `limit`.
+    async fn within<T>(
+        &self,
+        what: &'static str,
+        limit: Duration,
+        request: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::time::timeout(limit, request)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RequestError::Timeout {
+                    what,
+                    address: self.address.clone(),
+                    timeout: limit,
+                }
+                .into())
+            })
+    }
+
+    /// How long a blocking query that waits `wait` may take before it counts as unanswered.
+    fn blocking_limit(&self, wait: Duration) -> Duration {
+        wait + wait / 16 + self.timeout
     }
 
     /// One request of the session helper; `Ok((status, body, X-Consul-Index))`.
     async fn call(
         &self,
+        what: &'static str,
         method: Method,
         path: &str,
         query: &[(&str, String)],
@@ -158,11 +175,16 @@ impl Http {
         let request = request
             .body(body)
             .map_err(|e| Error::InvalidOptions(format!("bad Consul request: {e}")))?;
+        let transport = |source: BoxError| RequestError::Transport {
+            what,
+            address: self.address.clone(),
+            source,
+        };
         let response = self
             .client
             .request(request)
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| transport(e.into()))?;
         let status = response.status();
         let index = response
             .headers()
@@ -174,61 +196,74 @@ impl Http {
             .into_body()
             .collect()
             .await
-            .map_err(|e| Error::connection(BACKEND, format!("{}: {e}", self.address)))?
+            .map_err(|e| transport(e.into()))?
             .to_bytes();
         Ok((status, body, index))
     }
 
-    fn transport(&self, e: hyper_util::client::legacy::Error) -> Error {
-        // Every transport failure (refused, reset, closed mid-answer) is retryable.
-        Error::connection(BACKEND, format!("{}: {}", self.address, describe(&e)))
+    fn status(&self, what: &'static str, status: StatusCode, body: &[u8]) -> Error {
+        RequestError::status(what, &self.address, status, body).into()
     }
 
-    fn unexpected(&self, what: &str, status: StatusCode, body: &[u8]) -> Error {
-        let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
-        Error::backend(
-            BACKEND,
-            format!(
-                "{what}: {} answered {status}: {}",
-                self.address,
-                text.trim()
-            ),
-        )
+    fn answer(&self, what: &'static str, e: serde_json::Error) -> Error {
+        RequestError::Answer {
+            what,
+            address: self.address.clone(),
+            source: e.into(),
+        }
+        .into()
+    }
+
+    fn client_error(&self, what: &'static str, e: ConsulError) -> Error {
+        RequestError::from_client(what, &self.address, e).into()
     }
 
     /// `PUT /v1/session/create`: the new session's ID.
     pub(crate) async fn create_session(&self, session: &NewSession<'_>) -> Result<String> {
+        const WHAT: &str = "session create";
         let body = serde_json::to_vec(session).expect("plain struct");
         let (status, body, _) = self
-            .short(self.call(Method::PUT, "/v1/session/create", &[], Some(body)))
+            .short(
+                WHAT,
+                self.call(WHAT, Method::PUT, "/v1/session/create", &[], Some(body)),
+            )
             .await?;
         if status != StatusCode::OK {
-            return Err(self.unexpected("session create", status, &body));
+            return Err(self.status(WHAT, status, &body));
         }
-        let created: SessionId = serde_json::from_slice(&body)
-            .map_err(|e| Error::backend(BACKEND, format!("session create answer: {e}")))?;
+        let created: SessionId = serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
         Ok(created.id)
     }
 
     /// `PUT /v1/session/renew/<id>`: `false` if the session no longer exists.
     pub(crate) async fn renew_session(&self, id: &str) -> Result<bool> {
-        let path = format!("/v1/session/renew/{id}");
-        let (status, body, _) = self.short(self.call(Method::PUT, &path, &[], None)).await?;
-        match status {
-            StatusCode::OK => Ok(true),
-            StatusCode::NOT_FOUND => Ok(false),
-            _ => Err(self.unexpected("session renew", status, &body)),
-        }
+        self.on_session("session renew", "renew", id, &[StatusCode::NOT_FOUND])
+            .await
+            .map(|status| status == StatusCode::OK)
     }
 
     /// `PUT /v1/session/destroy/<id>`; destroying a session that is gone succeeds.
     pub(crate) async fn destroy_session(&self, id: &str) -> Result<()> {
-        let path = format!("/v1/session/destroy/{id}");
-        let (status, body, _) = self.short(self.call(Method::PUT, &path, &[], None)).await?;
-        match status {
-            StatusCode::OK => Ok(()),
-            _ => Err(self.unexpected("session destroy", status, &body)),
+        self.on_session("session destroy", "destroy", id, &[])
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/session/<action>/<id>`: the status, if OK or one of `also`.
+    async fn on_session(
+        &self,
+        what: &'static str,
+        action: &str,
+        id: &str,
+        also: &[StatusCode],
+    ) -> Result<StatusCode> {
+        let path = format!("/v1/session/{action}/{id}");
+        let call = self.call(what, Method::PUT, &path, &[], None);
+        let (status, body, _) = self.short(what, call).await?;
+        if status == StatusCode::OK || also.contains(&status) {
+            return Ok(status);
         }
+        Err(self.status(what, status, &body))
     }
 
     /// `GET /v1/session/list`, blocking until the sessions change after `index` (or `wait`
@@ -238,65 +273,84 @@ impl Http {
         index: u64,
         wait: Duration,
     ) -> Result<(Vec<String>, u64)> {
+        const WHAT: &str = "session list";
         let query = [("index", index.to_string()), ("wait", go_duration(wait))];
-        let call = self.call(Method::GET, "/v1/session/list", &query, None);
-        let limit = wait + wait / 16 + self.timeout;
-        let (status, body, index) = tokio::time::timeout(limit, call)
-            .await
-            .map_err(|_| Error::connection(BACKEND, "no answer to a blocking query"))??;
+        let call = self.call(WHAT, Method::GET, "/v1/session/list", &query, None);
+        let (status, body, index) = self.within(WHAT, self.blocking_limit(wait), call).await?;
         if status != StatusCode::OK {
-            return Err(self.unexpected("session list", status, &body));
+            return Err(self.status(WHAT, status, &body));
         }
-        let sessions: Vec<SessionId> = serde_json::from_slice(&body)
-            .map_err(|e| Error::backend(BACKEND, format!("session list answer: {e}")))?;
+        let sessions: Vec<SessionId> =
+            serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
         Ok((sessions.into_iter().map(|s| s.id).collect(), index))
     }
 
     /// `GET /v1/status/leader`: fails unless the agent answers and knows a leader.
     pub(crate) async fn ping(&self) -> Result<()> {
-        let (status, body, _) = self
-            .short(self.call(Method::GET, "/v1/status/leader", &[], None))
-            .await?;
-        let leader = String::from_utf8_lossy(&body);
+        const WHAT: &str = "status";
+        let call = self.call(WHAT, Method::GET, "/v1/status/leader", &[], None);
+        let (status, body, _) = self.short(WHAT, call).await?;
         if status != StatusCode::OK {
-            return Err(self.unexpected("status", status, &body));
+            return Err(self.status(WHAT, status, &body));
         }
-        if leader.trim().trim_matches('"').is_empty() {
-            return Err(Error::connection(
-                BACKEND,
-                format!("{}: the agent knows no cluster leader", self.address),
-            ));
+        if String::from_utf8_lossy(&body)
+            .trim()
+            .trim_matches('"')
+            .is_empty()
+        {
+            return Err(RequestError::NoLeader {
+                address: self.address.clone(),
+            }
+            .into());
         }
         Ok(())
     }
 
-    /// Maps an rs-consul error: transport failures and timeouts are connection errors.
-    pub(crate) fn map(&self, what: &str, e: ConsulError) -> Error {
-        match e {
-            ConsulError::ResponseError(e) => self.transport(e),
-            ConsulError::InvalidResponse(e) => {
-                Error::connection(BACKEND, format!("{what}: {}: {e}", self.address))
-            }
-            ConsulError::TimeoutExceeded(d) => Error::connection(
-                BACKEND,
-                format!("{what}: {}: no answer within {d:?}", self.address),
-            ),
-            ConsulError::UnexpectedResponseCode(status, body) => {
-                self.unexpected(what, status, body.unwrap_or_default().as_bytes())
-            }
-            other => Error::backend(BACKEND, format!("{what}: {}: {other}", self.address)),
+    /// Reads the KV key at `path` (URL-escaped), blocking until it changes after `index` (at
+    /// most `wait`) when given: the entry if the key exists, and the index to block on next.
+    pub(crate) async fn read_key(
+        &self,
+        path: &str,
+        index: Option<u64>,
+        wait: Duration,
+    ) -> Result<(Option<ReadKeyResponse>, Option<u64>)> {
+        const WHAT: &str = "read lock key";
+        let request = ReadKeyRequest::builder()
+            .key(path)
+            .datacenter(self.dc())
+            .maybe_index(index)
+            .wait(wait)
+            .build();
+        let read = async { Ok(self.consul.read_key(request).await) };
+        let result = match index {
+            None => self.short(WHAT, read).await?,
+            Some(_) => self.within(WHAT, self.blocking_limit(wait), read).await?,
+        };
+        match result {
+            Ok(meta) => Ok((meta.response.into_iter().next(), Some(meta.index))),
+            Err(ConsulError::UnexpectedResponseCode(StatusCode::NOT_FOUND, _)) => Ok((None, None)),
+            Err(e) => Err(self.client_error(WHAT, e)),
         }
     }
-}
 
-/// The error and its causes on one line (hyper-util's own message is only "client error").
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    /// `PUT ?acquire=<session>` (or `?release=<session>`) on the KV key at `path`: whether
+    /// Consul did it.
+    pub(crate) async fn put_key(&self, path: &str, acquire: &str, release: &str) -> Result<bool> {
+        let what = if acquire.is_empty() {
+            "release"
+        } else {
+            "acquire"
+        };
+        let request = CreateOrUpdateKeyRequest::builder()
+            .key(path)
+            .datacenter(self.dc())
+            .acquire(acquire)
+            .release(release)
+            .build();
+        let put = async { Ok(self.consul.create_or_update_key(request, Vec::new()).await) };
+        match self.short(what, put).await? {
+            Ok((done, _)) => Ok(done),
+            Err(e) => Err(self.client_error(what, e)),
+        }
     }
-    text
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use lockkit_core::LostReason;
 
-use crate::{Inner, LeaseState};
+use crate::lease::LeaseState;
+use crate::lock::Inner;
 
 /// How long one blocking query on the session list may wait.
 const WAIT: Duration = Duration::from_secs(30);

@@ -95,9 +95,10 @@ pub trait Lease: Send + Sync + Debug + 'static {
 
     /// The server-side TTL of this lease, if the server fixed it when the lease was created
     /// (a Consul session): [`Lease::extend`] then renews for this long whatever `ttl` it is
-    /// given, and the keeper renews every third of it until the holder's own TTL is
-    /// covered, also with automatic renewal off. `None` (the default): `extend` honours
-    /// its `ttl`.
+    /// given (and returns until when that renewal holds). With automatic renewal off the
+    /// keeper then renews every third of it until the end the holder asked for (its TTL or
+    /// latest extend) is covered; with it on, at the holder's interval as for any lease.
+    /// `None` (the default): `extend` honours its `ttl`.
     fn fixed_ttl(&self) -> Option<Duration> {
         None
     }

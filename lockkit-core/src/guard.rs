@@ -43,11 +43,39 @@ struct Shared {
 
 #[derive(Debug, Clone, Copy)]
 struct Clock {
+    /// The holder's TTL: the options' or the latest `extend`'s.
     ttl: Duration,
-    valid_until: Instant,
+    /// Until when the backend confirmed the lease (acquisition, last renewal or `extend`).
+    lease_until: Instant,
+    /// When the request that confirmed `lease_until` was sent.
+    lease_start: Instant,
+    /// Without automatic renewal: the end the holder asked for (the TTL from the acquisition
+    /// or the latest `extend`). `None`: renewed for as long as the guard lives.
+    hold_until: Option<Instant>,
+    /// How often to renew: with automatic renewal, and for a lease whose server-side TTL is
+    /// fixed ([`Lease::fixed_ttl`]) while `lease_until` falls short of `hold_until`.
     renew_every: Option<Duration>,
     /// Bumped by every explicit `extend`: a renewal started before it must not overwrite it.
     generation: u64,
+}
+
+impl Clock {
+    /// Until when the lock is known held: the confirmed lease, and no longer than the holder
+    /// asked for.
+    fn valid_until(&self) -> Instant {
+        self.hold_until
+            .map_or(self.lease_until, |hold| hold.min(self.lease_until))
+    }
+
+    /// When the next renewal is due (timed from the start of the lease, not from now), if
+    /// one is: a lease that already covers the holder's end is not renewed.
+    fn renewal_due(&self) -> Option<Instant> {
+        let every = self.renew_every?;
+        if self.hold_until.is_some_and(|hold| self.lease_until >= hold) {
+            return None;
+        }
+        Some(self.lease_start + every)
+    }
 }
 
 #[derive(Debug)]
@@ -100,16 +128,27 @@ impl LockGuard {
             Error::Unsupported("lockkit guards need to be created inside a Tokio runtime".into())
         })?;
         let (lost, _) = watch::channel(None);
+        let fixed_ttl = acquired.lease.fixed_ttl();
+        let lease_ttl = fixed_ttl.unwrap_or(opts.ttl);
+        let renew_every = match (opts.auto_renew, fixed_ttl) {
+            (true, _) => Some(opts.renewal_interval()),
+            // The holder's TTL may outlast the server's: renew until it is covered.
+            (false, Some(fixed)) => Some((fixed / 3).max(Duration::from_millis(1))),
+            (false, None) => None,
+        };
+        let now = Instant::now();
         let shared = Arc::new(Shared {
             backend,
             name,
             token: acquired.token,
-            acquired_at: Instant::now(),
+            acquired_at: now,
             caps: caps.clone(),
             clock: Mutex::new(Clock {
                 ttl: opts.ttl,
-                valid_until: acquired.valid_until,
-                renew_every: opts.auto_renew.then(|| opts.renewal_interval()),
+                lease_until: acquired.valid_until,
+                lease_start: acquired.valid_until.checked_sub(lease_ttl).unwrap_or(now),
+                hold_until: (!opts.auto_renew).then_some(acquired.valid_until),
+                renew_every,
                 generation: 0,
             }),
             clock_changed: Notify::new(),
@@ -149,7 +188,7 @@ impl LockGuard {
 
     /// Whether the lock is still held: not lost, and the lease not past its known validity.
     pub fn is_held(&self) -> bool {
-        self.shared.lost_reason().is_none() && Instant::now() < self.shared.clock().valid_until
+        self.shared.lost_reason().is_none() && Instant::now() < self.valid_until()
     }
 
     /// Why the lock was lost, if it was.
@@ -157,9 +196,13 @@ impl LockGuard {
         self.shared.lost_reason()
     }
 
-    /// Until when the lease is known to be valid.
+    /// Until when the lease is known to be valid: confirmed by the backend, and no later than
+    /// the end the holder asked for (the TTL, or the latest [`LockGuard::extend`]) when
+    /// automatic renewal is off. It moves forward with every renewal, including those that
+    /// carry a lease whose server-side TTL is fixed (a Consul session) to an `extend` longer
+    /// than that TTL.
     pub fn valid_until(&self) -> Instant {
-        self.shared.clock().valid_until
+        self.shared.clock().valid_until()
     }
 
     /// Resolves when the lock is lost: the lease expired, the backend's session is gone, or
@@ -187,24 +230,33 @@ impl LockGuard {
         }
     }
 
-    /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too.
+    /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too. A lease
+    /// whose server-side TTL is fixed ([`Lease::fixed_ttl`]) and shorter than `ttl` is
+    /// renewed by the keeper until `ttl` from now is covered, also with renewal off.
     /// Fails with [`Error::LockLost`] if the lock is no longer ours, and with
     /// [`Error::InvalidOptions`] for a TTL outside the backend's limits.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         validate_ttl(ttl, &self.shared.caps)?;
+        let started = Instant::now();
         let result = self.lease.extend(ttl).await;
         if let Some(reason) = self.shared.lost_reason() {
             return Err(Error::lost(self.name(), reason));
         }
         match result {
-            Ok(valid_until) => {
+            Ok(lease_until) => {
                 {
                     let mut clock = self.shared.clock();
                     clock.ttl = ttl;
-                    clock.valid_until = valid_until;
+                    clock.lease_until = lease_until;
+                    clock.lease_start = started;
                     clock.generation += 1;
-                    if let Some(every) = clock.renew_every.as_mut() {
-                        *every = (*every).min(ttl / 3).max(Duration::from_millis(1));
+                    match clock.hold_until.as_mut() {
+                        Some(hold) => *hold = started + ttl,
+                        None => {
+                            if let Some(every) = clock.renew_every.as_mut() {
+                                *every = (*every).min(ttl / 3).max(Duration::from_millis(1));
+                            }
+                        }
                     }
                 }
                 self.shared.clock_changed.notify_one();
@@ -259,13 +311,7 @@ async fn keep(
     lease: Arc<dyn Lease>,
     mut inbox: mpsc::UnboundedReceiver<Command>,
 ) {
-    // Renewals are timed from the start of the lease (the request), not from now.
-    let renewal_after = |clock: &Clock| {
-        let every = clock.renew_every?;
-        let lease_start = clock.valid_until.checked_sub(clock.ttl);
-        Some(lease_start.map_or_else(Instant::now, |start| start + every))
-    };
-    let mut next_renewal = renewal_after(&shared.clock());
+    let mut next_renewal = shared.clock().renewal_due();
     // Once the lock is lost, the lease is released right away (best effort): a lease that
     // ran out here must not live on in the backend, where a session-based lock (an advisory
     // lock, a ZooKeeper node) would otherwise outlast its TTL.
@@ -280,27 +326,26 @@ async fn keep(
         }
         let lost = shared.lost_reason().is_some();
         let clock = *shared.clock();
-        let renew_at = next_renewal.unwrap_or(clock.valid_until);
+        let valid_until = clock.valid_until();
+        let renew_at = next_renewal.unwrap_or(valid_until);
         tokio::select! {
             biased;
             command = inbox.recv() => break command,
             reason = lease.lost(), if !lost => shared.mark_lost(reason),
             _ = shared.clock_changed.notified() => {
-                // An explicit extend may have shortened the TTL: renew no later than it needs.
-                let soonest = renewal_after(&shared.clock());
-                next_renewal = match (next_renewal, soonest) {
-                    (Some(next), Some(soonest)) => Some(next.min(soonest)),
-                    (next, _) => next,
-                };
+                // An explicit extend may have shortened the TTL, or asked a fixed-TTL lease
+                // to outlast its server-side TTL: renew no later than it needs.
+                let soonest = shared.clock().renewal_due();
+                next_renewal = next_renewal.into_iter().chain(soonest).min();
             }
-            _ = sleep_until(clock.valid_until), if !lost => {
-                if Instant::now() >= shared.clock().valid_until {
+            _ = sleep_until(valid_until), if !lost => {
+                if Instant::now() >= shared.clock().valid_until() {
                     shared.mark_lost(LostReason::Expired);
                 }
             }
             _ = sleep_until(renew_at), if !lost && next_renewal.is_some() => {
                 let started = Instant::now();
-                let renewal = timeout_at(clock.valid_until, lease.extend(clock.ttl));
+                let renewal = timeout_at(valid_until, lease.extend(clock.ttl));
                 let result = tokio::select! {
                     biased;
                     command = inbox.recv() => break command,
@@ -341,7 +386,7 @@ async fn release_with_retries(shared: &Shared, lease: &dyn Lease) -> Result<()> 
     let mut pause = Duration::from_millis(10);
     loop {
         match lease.release().await {
-            Err(e) if e.is_retryable() && Instant::now() + pause < shared.clock().valid_until => {
+            Err(e) if e.is_retryable() && Instant::now() + pause < shared.clock().valid_until() => {
                 tracing::debug!(error = %e, ?pause, "release failed, retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
@@ -351,7 +396,8 @@ async fn release_with_retries(shared: &Shared, lease: &dyn Lease) -> Result<()> 
     }
 }
 
-/// Applies one renewal's outcome; returns when to renew next (`None` once lost).
+/// Applies one renewal's outcome; returns when to renew next (`None` once lost, or once a
+/// fixed-TTL lease covers the holder's end).
 fn renewed(
     shared: &Shared,
     result: std::result::Result<Result<Instant>, tokio::time::error::Elapsed>,
@@ -361,16 +407,18 @@ fn renewed(
     let every = clock.renew_every?;
     let backend = shared.backend;
     match result {
-        Ok(Ok(valid_until)) => {
+        Ok(Ok(lease_until)) => {
             let mut now = shared.clock();
             // An explicit extend since this renewal started decides the lease's end.
             if now.generation == clock.generation {
-                now.valid_until = valid_until;
+                now.lease_until = lease_until;
+                now.lease_start = started;
             }
+            let next = now.renewal_due();
             drop(now);
             metrics::counter!(telemetry::RENEWALS_TOTAL, "backend" => backend).increment(1);
             tracing::debug!(took = ?started.elapsed(), "lease renewed");
-            Some(started + every)
+            next
         }
         Ok(Err(Error::LockLost { reason, .. })) => {
             metrics::counter!(telemetry::RENEWAL_FAILURES_TOTAL, "backend" => backend).increment(1);
@@ -380,13 +428,14 @@ fn renewed(
         Ok(Err(e)) => {
             metrics::counter!(telemetry::RENEWAL_FAILURES_TOTAL, "backend" => backend).increment(1);
             let now = Instant::now();
-            if now >= clock.valid_until {
+            let valid_until = clock.valid_until();
+            if now >= valid_until {
                 shared.mark_lost(LostReason::RenewalFailed(e.to_string()));
                 return None;
             }
             // Retry soon, several times within what is left of the lease.
             let floor = Duration::from_millis(5).min(every);
-            let retry = ((clock.valid_until - now) / 4).clamp(floor, every);
+            let retry = ((valid_until - now) / 4).clamp(floor, every);
             tracing::warn!(error = %e, ?retry, "lease renewal failed, retrying");
             Some(now + retry)
         }
@@ -417,6 +466,8 @@ mod tests {
         extends: AtomicU32,
         releases: AtomicU32,
         session_gone: Notify,
+        /// The lease's server-side TTL, if fixed: `extend` then renews for this long.
+        fixed: Option<Duration>,
     }
 
     #[derive(Debug)]
@@ -437,7 +488,7 @@ mod tests {
                 }
                 return Err(Error::connection("scripted", "connection refused"));
             }
-            Ok(Instant::now() + ttl)
+            Ok(Instant::now() + script.fixed.unwrap_or(ttl))
         }
 
         async fn release(&self) -> Result<()> {
@@ -448,6 +499,10 @@ mod tests {
         async fn lost(&self) -> LostReason {
             self.0.session_gone.notified().await;
             LostReason::SessionLost("scripted".into())
+        }
+
+        fn fixed_ttl(&self) -> Option<Duration> {
+            self.0.fixed
         }
     }
 
@@ -557,5 +612,90 @@ mod tests {
         assert_eq!(lost.await, LostReason::Released);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+
+    /// A lease like a Consul session: its server-side TTL is `TTL`, whatever `extend` asks.
+    fn fixed() -> Arc<Script> {
+        Arc::new(Script {
+            fixed: Some(TTL),
+            ..Script::default()
+        })
+    }
+
+    /// A guard without automatic renewal on a fixed-TTL lease, extended to three TTLs; and
+    /// when it was extended.
+    async fn extended_past_fixed_ttl(script: &Arc<Script>) -> (LockGuard, Instant) {
+        let guard = guard(script, &LockOptions::new().ttl(TTL).auto_renew(false));
+        let extended = Instant::now();
+        guard.extend(TTL * 3).await.unwrap();
+        (guard, extended)
+    }
+
+    fn extends(script: &Script) -> u32 {
+        script.extends.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_ttl_lease_without_renewal_holds_until_an_extend_past_its_ttl() {
+        let script = fixed();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL).auto_renew(false));
+        tokio::time::sleep(TTL / 2).await;
+        let extended = Instant::now();
+        guard.extend(TTL * 3).await.unwrap();
+        // Only the server's TTL is confirmed so far.
+        assert_eq!(guard.valid_until(), extended + TTL);
+        tokio::time::sleep(TTL * 3 - Duration::from_millis(1)).await;
+        assert!(guard.is_held(), "lost before the extended end");
+        assert_eq!(guard.valid_until(), extended + TTL * 3);
+        // The extend, then a renewal every third of the fixed TTL until the end is covered.
+        assert_eq!(extends(&script), 1 + 6);
+        assert_eq!(guard.lost().await, LostReason::Expired);
+        assert_eq!(Instant::now(), extended + TTL * 3);
+        assert!(!guard.is_held());
+        tokio::time::sleep(TTL).await;
+        assert_eq!(extends(&script), 7, "renewed past the holder's end");
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_ttl_lease_without_renewal_or_extend_expires_at_its_ttl() {
+        let script = fixed();
+        let started = Instant::now();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL).auto_renew(false));
+        assert_eq!(guard.lost().await, LostReason::Expired);
+        assert_eq!(started.elapsed(), TTL);
+        assert_eq!(extends(&script), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_ttl_renewal_refused_loses_the_lock_before_the_extended_end() {
+        let script = fixed();
+        let (guard, extended) = extended_past_fixed_ttl(&script).await;
+        script.not_owner.store(true, Ordering::SeqCst);
+        assert_eq!(guard.lost().await, LostReason::NotOwner);
+        assert_eq!(
+            Instant::now(),
+            extended + TTL / 3,
+            "not lost at the first renewal"
+        );
+        assert!(!guard.is_held());
+        assert!(guard.release().await.unwrap_err().is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_ttl_renewals_that_keep_failing_lose_the_lock_at_the_servers_end() {
+        let script = fixed();
+        let (guard, extended) = extended_past_fixed_ttl(&script).await;
+        script.failures.store(u32::MAX, Ordering::SeqCst);
+        let reason = guard.lost().await;
+        assert!(
+            matches!(reason, LostReason::Expired | LostReason::RenewalFailed(_)),
+            "{reason:?}"
+        );
+        // The server's session lapses at its fixed TTL, long before the holder's end.
+        assert_eq!(Instant::now(), extended + TTL);
+        // The extend, then at least three retries of the failing renewal.
+        assert!(extends(&script) >= 4, "retried too little");
+        assert!(!guard.is_held());
     }
 }

@@ -1,0 +1,301 @@
+//! The client and the acquire path: sessions, `PUT ?acquire=`, blocking-query waits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lockkit_core::backend::{
+    run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
+    LockName, LockOptions, Outcome,
+};
+use lockkit_core::Result;
+use rs_consul::types::ReadKeyResponse;
+use tokio::time::Instant;
+
+use crate::error::BACKEND;
+use crate::http::{go_duration, Http, NewSession};
+use crate::lease::ConsulLease;
+use crate::options::{ConsulOptions, Settings};
+use crate::watcher::Watcher;
+
+/// The shortest session TTL Consul accepts, and so the shortest lease.
+pub const MIN_TTL: Duration = Duration::from_secs(10);
+
+/// The longest session TTL Consul accepts (24 h), and so the longest lease.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A lock service on a Consul agent (`consul://host:port/prefix?token=…&dc=…`).
+///
+/// Every acquisition creates its own Consul session (TTL = the lock's TTL, the configured
+/// behavior and lock-delay) and takes the key `<prefix>/<encoded name>` with
+/// `PUT ?acquire=<session>`. The fencing token is the key's `ModifyIndex` right after the
+/// acquisition: a Raft index, so it grows across releases and deletions of the key.
+/// Waiters block on the key with Consul's blocking queries and try again when its session
+/// clears. Renewal renews the session; release releases the key and destroys the session.
+/// See the crate documentation for the details.
+#[derive(Clone)]
+pub struct ConsulLock {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ConsulLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulLock")
+            .field("http", &self.inner.http)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// What a client's guards and waits share.
+pub(crate) struct Inner {
+    pub(crate) http: Http,
+    settings: Settings,
+    pub(crate) watcher: Arc<Watcher>,
+}
+
+/// A session made for one acquisition. Held [`Armed`] until handed to a lease, so a dropped
+/// wait or a failed attempt destroys it.
+pub(crate) struct Session {
+    inner: Arc<Inner>,
+    pub(crate) id: String,
+    pub(crate) ttl: Duration,
+    /// When the request that created or last renewed it was sent: Consul keeps it at least
+    /// until this plus the TTL.
+    fresh_at: Instant,
+}
+
+impl Session {
+    async fn create(inner: &Arc<Inner>, name: &LockName, ttl: Duration) -> Result<Armed<Session>> {
+        let sent = Instant::now();
+        let label = format!("lockkit {}", name.encoded());
+        let id = inner
+            .http
+            .create_session(&NewSession {
+                name: &label,
+                ttl: go_duration(ttl),
+                behavior: inner.settings.behavior.as_str(),
+                lock_delay: go_duration(inner.settings.lock_delay),
+            })
+            .await?;
+        Ok(Armed::new(Session {
+            inner: inner.clone(),
+            id,
+            ttl,
+            fresh_at: sent,
+        }))
+    }
+
+    /// Renews a session kept across the attempts of one wait once it is getting old, so the
+    /// lease starts with most of its TTL; `None` if Consul dropped it (nothing to destroy).
+    async fn refresh(mut session: Armed<Session>) -> Result<Option<Armed<Session>>> {
+        if session.fresh_at.elapsed() <= session.ttl / 3 {
+            return Ok(Some(session));
+        }
+        let sent = Instant::now();
+        if !session.inner.http.renew_session(&session.id).await? {
+            session.disarm();
+            return Ok(None);
+        }
+        session.fresh_at = sent;
+        Ok(Some(session))
+    }
+}
+
+impl Cleanup for Session {
+    const WHAT: &'static str = "destroying an unused session";
+
+    async fn cleanup(self) -> Result<()> {
+        self.inner.http.destroy_session(&self.id).await
+    }
+}
+
+/// What one acquisition request found; when busy, the session comes back for reuse (none if
+/// it was invalidated right after acquiring).
+type Found = Outcome<Option<Armed<Session>>>;
+
+impl ConsulLock {
+    /// Connects with default options to `consul://host[:port][/prefix]` (port 8500 by
+    /// default) with the optional parameters `token=` (ACL token; never logged), `dc=`,
+    /// `behavior=delete|release`, `lock_delay=` (e.g. `0`, `15s`), `connect_timeout=`,
+    /// `request_timeout=` and `max_blocking_wait=`. Other parameters are rejected.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, ConsulOptions::default()).await
+    }
+
+    /// Connects with `options`: a setting made on them wins over the URL's parameter, and
+    /// the URL's parameters fill in what they leave unset. Checks that the agent answers and
+    /// knows a cluster leader.
+    pub async fn connect_with(url: &str, options: ConsulOptions) -> Result<Self> {
+        let settings = options.resolve(url)?;
+        let http = Http::new(
+            settings.address.clone(),
+            settings.token.clone(),
+            settings.datacenter.clone(),
+            settings.connect_timeout,
+            settings.request_timeout,
+        )?;
+        http.ping().await?;
+        Ok(ConsulLock {
+            inner: Arc::new(Inner {
+                http,
+                settings,
+                watcher: Arc::new(Watcher::default()),
+            }),
+        })
+    }
+
+    /// The Consul KV key that holds the lock `name` (for inspection and operations).
+    pub fn lock_key(&self, name: &LockName) -> String {
+        self.inner.key(name)
+    }
+
+    /// The settings in use, every field set: from the options, the URL, or the defaults.
+    pub fn options(&self) -> ConsulOptions {
+        self.inner.settings.options()
+    }
+}
+
+impl Inner {
+    pub(crate) fn key(&self, name: &LockName) -> String {
+        format!("{}/{}", self.settings.prefix, name.encoded())
+    }
+
+    /// The key as it goes into a URL path: the encoding's `%` must itself be escaped.
+    fn key_path(&self, name: &LockName) -> String {
+        self.key(name).replace('%', "%25")
+    }
+
+    /// One acquisition request with `session` (a new one if `None`). Runs detached: it is
+    /// never cancelled half-way.
+    async fn attempt(
+        self: Arc<Self>,
+        name: LockName,
+        ttl: Duration,
+        session: Option<Armed<Session>>,
+    ) -> Result<Found> {
+        let path = self.key_path(&name);
+        let session = match session {
+            Some(session) => session,
+            None => Session::create(&self, &name, ttl).await?,
+        };
+        // On an error the session is dropped, and destroyed: whatever an ambiguous acquire
+        // may have taken is let go with it.
+        if !self.http.put_key(&path, &session.id, "").await? {
+            return Ok(Outcome::Busy(Some(session)));
+        }
+        let (entry, _) = self.http.read_key(&path, None, Duration::ZERO).await?;
+        match entry {
+            Some(entry) if entry.session.as_deref() == Some(session.id.as_str()) => {
+                let token = FencingToken(entry.modify_index.max(0) as u64);
+                let valid_until = session.fresh_at + session.ttl;
+                let lease = ConsulLease::new(self.clone(), name, path, session.disarm(), token);
+                Ok(Outcome::Won(Acquired::new(
+                    token,
+                    valid_until,
+                    Box::new(lease),
+                )))
+            }
+            // Invalidated right after the acquisition: not ours after all.
+            _ => Ok(Outcome::Busy(None)),
+        }
+    }
+}
+
+/// Whether a key entry is free to take.
+fn free(entry: &Option<ReadKeyResponse>) -> bool {
+    entry.as_ref().is_none_or(|e| e.session.is_none())
+}
+
+#[async_trait]
+impl Backend for ConsulLock {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    /// Fencing, lease expiry and renewal; TTLs from 10 s to 24 h. Consul may take up to
+    /// twice a session's TTL to invalidate it, so the expiry slack is the TTL itself; the
+    /// value reported is the slack of the shortest TTL.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(MIN_TTL)
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
+            .max_ttl(MAX_TTL)
+            .expiry_slack(MIN_TTL)
+    }
+
+    async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        let path = self.inner.key_path(name);
+        let (entry, _) = self
+            .inner
+            .http
+            .read_key(&path, None, Duration::ZERO)
+            .await?;
+        if !free(&entry) {
+            return Ok(None);
+        }
+        let attempt = self.inner.clone().attempt(name.clone(), opts.ttl, None);
+        Ok(run_detached(attempt).await?.into_acquired())
+    }
+
+    async fn lock(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        let inner = &self.inner;
+        let path = inner.key_path(name);
+        let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
+        let mut index = None;
+        // A session kept across attempts of this wait (destroyed if the wait is dropped).
+        let mut session: Option<Armed<Session>> = None;
+        let mut refused = 0u32;
+        loop {
+            let wait = deadline.map_or(max_wait, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_secs(1), max_wait)
+            });
+            let (entry, next) = inner.http.read_key(&path, index, wait).await?;
+            if !free(&entry) {
+                index = next;
+                continue;
+            }
+            // Free: take it. A kept session that is getting old is renewed first (or
+            // replaced if Consul dropped it), so the lease starts with most of its TTL.
+            if let Some(kept) = session.take() {
+                session = Session::refresh(kept).await?;
+            }
+            let attempt = inner
+                .clone()
+                .attempt(name.clone(), opts.ttl, session.take());
+            match run_detached(attempt).await? {
+                Outcome::Won(acquired) => return Ok(acquired),
+                Outcome::Busy(back) => session = back,
+            }
+            // Someone else got it: block on the key again. If the key looked free yet the
+            // acquisition was refused twice in a row (a lock-delay), pause before retrying.
+            refused += 1;
+            if refused > 1 {
+                let pause = Duration::from_millis(25 * u64::from(refused.min(40)));
+                tokio::time::sleep(pause).await;
+            }
+            index = None;
+            let (entry, next) = inner.http.read_key(&path, None, Duration::ZERO).await?;
+            if !free(&entry) {
+                refused = 0;
+                index = next;
+            }
+        }
+    }
+}
+
+impl Connect for ConsulLock {
+    const SCHEMES: &'static [&'static str] = &["consul"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        ConsulLock::connect(url).await
+    }
+}

@@ -1,7 +1,7 @@
 //! The backend SPI: what a lock service implements. Users never call it; they call
 //! [`Locks`](crate::Locks), which validates input, retries connection errors, enforces the
-//! wait timeout, records telemetry and wraps every acquisition in a [`LockGuard`]
-//! (crate::LockGuard) kept by the one lease keeper.
+//! wait timeout, records telemetry and wraps every acquisition in a
+//! [`LockGuard`](crate::LockGuard) kept by the one lease keeper.
 //!
 //! # Contract
 //!
@@ -14,14 +14,14 @@
 //! 3. **Be conservative about time.** `valid_until` is measured from before the request was
 //!    sent, less any clock-drift allowance: the server must not free the lock before it.
 //! 4. **Act only as the owner.** [`Lease::extend`] and [`Lease::release`] change nothing and
-//!    fail with [`Error::LockLost`](crate::Error::LockLost) once the lock is not this
+//!    fail with [`Error::LockLost`] once the lock is not this
 //!    lease's any more.
 //! 5. **Leave nothing behind.** Each request that may take a lock runs under
 //!    [`run_detached`], so a caller that stops waiting never leaves a lock held; a dropped
 //!    [`Backend::lock`] future leaves nothing queued (use [`Armed`] for the clean-up).
 //! 6. **Report errors by type.** Unreachable servers and broken connections are
-//!    [`Error::Connection`](crate::Error::Connection) (retried by the caller); answers that
-//!    say no are [`Error::Backend`](crate::Error::Backend); never a panic, never a hang
+//!    [`Error::Connection`] (retried by the caller); answers that
+//!    say no are [`Error::Backend`]; never a panic, never a hang
 //!    past the request timeouts the backend documents.
 //! 7. **Promise only what it keeps.** [`Capabilities`] start with every guarantee off; the
 //!    conformance suite runs the cases of exactly the guarantees a backend claims.

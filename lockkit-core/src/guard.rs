@@ -38,6 +38,10 @@ struct Shared {
     clock: Mutex<Clock>,
     /// Wakes the keeper when `clock` changes.
     clock_changed: Notify,
+    /// Held around every `Lease::extend` (renewals and explicit extends): one request at a
+    /// time, so the server applies them in the order they were made and the clock always
+    /// holds the answer to the request it applied last.
+    extending: tokio::sync::Mutex<()>,
     lost: watch::Sender<Option<LostReason>>,
 }
 
@@ -55,8 +59,6 @@ struct Clock {
     /// How often to renew: with automatic renewal, and for a lease whose server-side TTL is
     /// fixed ([`Lease::fixed_ttl`]) while `lease_until` falls short of `hold_until`.
     renew_every: Option<Duration>,
-    /// Bumped by every explicit `extend`: a renewal started before it must not overwrite it.
-    generation: u64,
 }
 
 impl Clock {
@@ -149,9 +151,9 @@ impl LockGuard {
                 lease_start: acquired.valid_until.checked_sub(lease_ttl).unwrap_or(now),
                 hold_until: (!opts.auto_renew).then_some(acquired.valid_until),
                 renew_every,
-                generation: 0,
             }),
             clock_changed: Notify::new(),
+            extending: tokio::sync::Mutex::new(()),
             lost,
         });
         let lease: Arc<dyn Lease> = Arc::from(acquired.lease);
@@ -237,6 +239,8 @@ impl LockGuard {
     /// [`Error::InvalidOptions`] for a TTL outside the backend's limits.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         validate_ttl(ttl, &self.shared.caps)?;
+        // Waits for a renewal in flight: it is applied first, and this extend after it.
+        let _one_at_a_time = self.shared.extending.lock().await;
         let started = Instant::now();
         let result = self.lease.extend(ttl).await;
         if let Some(reason) = self.shared.lost_reason() {
@@ -249,7 +253,6 @@ impl LockGuard {
                     clock.ttl = ttl;
                     clock.lease_until = lease_until;
                     clock.lease_start = started;
-                    clock.generation += 1;
                     match clock.hold_until.as_mut() {
                         Some(hold) => *hold = started + ttl,
                         None => {
@@ -344,8 +347,15 @@ async fn keep(
                 }
             }
             _ = sleep_until(renew_at), if !lost && next_renewal.is_some() => {
-                let started = Instant::now();
-                let renewal = timeout_at(valid_until, lease.extend(clock.ttl));
+                // Not while an explicit extend is in flight; then with the clock it left.
+                let renewal = async {
+                    let _one_at_a_time = shared.extending.lock().await;
+                    let clock = *shared.clock();
+                    let started = Instant::now();
+                    let result =
+                        timeout_at(clock.valid_until(), lease.extend(clock.ttl)).await;
+                    (result, started, clock)
+                };
                 let result = tokio::select! {
                     biased;
                     command = inbox.recv() => break command,
@@ -353,8 +363,9 @@ async fn keep(
                         shared.mark_lost(reason);
                         continue;
                     }
-                    result = renewal => result,
+                    done = renewal => done,
                 };
+                let (result, started, clock) = result;
                 next_renewal = renewed(&shared, result, started, clock);
             }
         }
@@ -408,12 +419,10 @@ fn renewed(
     let backend = shared.backend;
     match result {
         Ok(Ok(lease_until)) => {
+            // No explicit extend ran meanwhile (they take turns): this answer is the latest.
             let mut now = shared.clock();
-            // An explicit extend since this renewal started decides the lease's end.
-            if now.generation == clock.generation {
-                now.lease_until = lease_until;
-                now.lease_start = started;
-            }
+            now.lease_until = lease_until;
+            now.lease_start = started;
             let next = now.renewal_due();
             drop(now);
             metrics::counter!(telemetry::RENEWALS_TOTAL, "backend" => backend).increment(1);
@@ -468,6 +477,11 @@ mod tests {
         session_gone: Notify,
         /// The lease's server-side TTL, if fixed: `extend` then renews for this long.
         fixed: Option<Duration>,
+        /// How long the next `extend` calls take (front first); none: no time. The "server"
+        /// applies each call when it completes.
+        delays: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+        /// The end of the lease as the "server" last applied it.
+        server_until: std::sync::Mutex<Option<Instant>>,
     }
 
     #[derive(Debug)]
@@ -478,6 +492,10 @@ mod tests {
         async fn extend(&self, ttl: Duration) -> Result<Instant> {
             let script = &self.0;
             script.extends.fetch_add(1, Ordering::SeqCst);
+            let delay = script.delays.lock().unwrap().pop_front();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             if script.not_owner.load(Ordering::SeqCst) {
                 return Err(Error::lost("x", LostReason::NotOwner));
             }
@@ -488,7 +506,9 @@ mod tests {
                 }
                 return Err(Error::connection("scripted", "connection refused"));
             }
-            Ok(Instant::now() + script.fixed.unwrap_or(ttl))
+            let until = Instant::now() + script.fixed.unwrap_or(ttl);
+            *script.server_until.lock().unwrap() = Some(until);
+            Ok(until)
         }
 
         async fn release(&self) -> Result<()> {
@@ -525,6 +545,38 @@ mod tests {
             &caps,
         )
         .unwrap()
+    }
+
+    /// An explicit extend made while an automatic renewal is in flight: the guard's
+    /// validity is the one of the request the server applied last, never the longer one.
+    #[tokio::test(start_paused = true)]
+    async fn an_extend_racing_a_renewal_keeps_what_the_server_applied_last() {
+        for (renewal_takes, extend_takes) in [(200, 0), (0, 200), (100, 100)] {
+            let script = Arc::new(Script::default());
+            let guard = guard(&script, &LockOptions::new().ttl(TTL));
+            // The first renewal is due at TTL/3; make it (and then the extend) take time.
+            script.delays.lock().unwrap().extend([
+                Duration::from_millis(renewal_takes),
+                Duration::from_millis(extend_takes),
+            ]);
+            tokio::time::sleep(TTL / 3 + Duration::from_millis(50)).await;
+            assert_eq!(
+                script.extends.load(Ordering::SeqCst),
+                1,
+                "renewal in flight"
+            );
+            guard.extend(TTL * 10).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let server = script.server_until.lock().unwrap().unwrap();
+            assert!(
+                guard.valid_until() <= server,
+                "renewal {renewal_takes} ms, extend {extend_takes} ms: the guard believes {:?} \
+                 more than the server applied",
+                guard.valid_until() - server
+            );
+            assert!(guard.is_held());
+            guard.release().await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,12 +8,13 @@ use async_trait::async_trait;
 use etcd_client::{
     Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
 };
-use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::backend::{run_detached, spawn_cleanup, Acquired, Attempt, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::{map_err, Inner, BACKEND};
+use crate::error::{lease_not_found, map_err, never_sent, BACKEND};
+use crate::lock::Inner;
 
 /// A key in a lock's queue and its lease. While the key waits it is kept alive by the waiting
 /// `lock` call; once it holds the lock it is the guard's [`Lease`].
@@ -204,9 +205,7 @@ impl EtcdLease {
                 // etcd renews a lease to its full granted TTL.
                 Ok(granted)
             }
-            Err(etcd_client::Error::LeaseKeepAliveError(why)) if why.contains("not found") => {
-                Err(self.lost())
-            }
+            Err(e) if lease_not_found(&e) => Err(self.lost()),
             Err(e) => Err(map_err(e)),
         }
     }
@@ -355,31 +354,28 @@ impl Inner {
             let mut client = self.client.lease_client();
             async move { client.revoke(id).await }
         };
-        match self.call("lease revoke", revoke).await {
-            Err(Error::Backend { source, .. }) if source.to_string().contains("not found") => {
+        let timeout = self.options.request_timeout;
+        match self.within("lease revoke", timeout, revoke).await? {
+            Err(e) if lease_not_found(&e) => {
                 Err(Error::lost(format!("lease {id:x}"), LostReason::NotOwner))
             }
-            other => other.map(drop),
+            other => other.map(drop).map_err(map_err),
         }
     }
 
-    /// Revokes leases that no key needs any more, without waiting.
+    /// Revokes leases that no key needs any more, without waiting. One that is not revoked
+    /// runs out by itself within its TTL: it holds no key.
     pub(crate) fn revoke_in_background(self: &Arc<Self>, ids: Vec<i64>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let inner = self.clone();
-        runtime.spawn(async move {
+        spawn_cleanup("revoking a spare lease", async move {
+            let mut result = Ok(());
             for id in ids {
                 match inner.revoke(id).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_lost() => {}
-                    // It runs out by itself within its TTL; it holds no key.
-                    Err(e) => {
-                        tracing::debug!(lease = id, error = %e, "revoking a spare lease failed")
-                    }
+                    Err(e) if !e.is_lost() => result = Err(e),
+                    _ => {}
                 }
             }
+            result
         });
     }
 
@@ -449,32 +445,21 @@ impl Inner {
     }
 }
 
-/// Whether a request failed before it reached any server (no connection could be made), so
-/// sending it again cannot apply it twice.
-fn never_sent(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::Unavailable
-                && ["connect error", "error trying to connect"]
-                    .iter()
-                    .any(|m| status.message().contains(m))
-        }
-        _ => false,
+/// A lease operation's result. It holds no lock of its own: if the caller stops waiting,
+/// there is nothing to release.
+struct Done<T>(T);
+
+impl<T: Send + 'static> Attempt for Done<T> {
+    fn into_acquired(self) -> Option<Acquired> {
+        None
     }
 }
 
 /// Runs `work` in a task of its own, so it completes even if the caller stops waiting.
-pub(crate) async fn detached<T: Send + 'static>(
+async fn detached<T: Send + 'static>(
     work: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => runtime.spawn(work).await.unwrap_or_else(|e| {
-            Err(Error::Unsupported(format!(
-                "the etcd request task ended early (the runtime is shutting down?): {e}"
-            )))
-        }),
-        Err(_) => work.await,
-    }
+    Ok(run_detached(async move { work.await.map(Done) }).await?.0)
 }
 
 /// A TTL in whole seconds, rounded up: a lease is never shorter than asked.

@@ -1,7 +1,6 @@
 //! The etcd backend and its acquire path: a key per acquisition in create-revision order,
 //! waiting on the deletion of the key just before ours.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,11 +97,9 @@ impl Attempt for Entry {
 impl Cleanup for Entry {
     const WHAT: &'static str = "leaving the queue";
 
-    fn cleanup(self) -> impl Future<Output = Result<()>> + Send + 'static {
-        async move {
-            tracing::debug!(key = self.lease.key(), "leaving the queue");
-            self.lease.release().await
-        }
+    async fn cleanup(self) -> Result<()> {
+        tracing::debug!(key = self.lease.key(), "leaving the queue");
+        self.lease.release().await
     }
 }
 

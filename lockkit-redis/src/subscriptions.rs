@@ -2,7 +2,6 @@
 //! many waiters, and one waiter woken per release message.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,12 +131,10 @@ impl Subscription {
 impl Cleanup for Subscription {
     const WHAT: &'static str = "unsubscribing from a release channel";
 
-    fn cleanup(self) -> impl Future<Output = Result<()>> + Send + 'static {
-        async move {
-            self.subscriptions
-                .unsubscribe(self.channel, self.nodes)
-                .await;
-            Ok(())
-        }
+    async fn cleanup(self) -> Result<()> {
+        self.subscriptions
+            .unsubscribe(self.channel, self.nodes)
+            .await;
+        Ok(())
     }
 }

@@ -2,7 +2,6 @@
 //! acquisition, waiting on the deletion of the node just before ours.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,8 +105,8 @@ impl Node {
 impl Cleanup for Node {
     const WHAT: &'static str = "deleting a lock node";
 
-    fn cleanup(self) -> impl Future<Output = Result<()>> + Send + 'static {
-        async move { self.session.delete(&self.path).await }
+    async fn cleanup(self) -> Result<()> {
+        self.session.delete(&self.path).await
     }
 }
 

@@ -1,6 +1,7 @@
 //! The etcd backend and its acquire path: a key per acquisition in create-revision order,
 //! waiting on the deletion of the key just before ours.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,14 +11,14 @@ use etcd_client::{
     TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use lockkit_core::backend::{
-    run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
-    Lease, LockName, LockOptions,
+    run_detached, spawn_cleanup, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, Lease, LockName, LockOptions,
 };
-use lockkit_core::{Error, Result};
+use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
-use crate::error::{map_err, BACKEND};
-use crate::lease::{secs, ttl_secs, EtcdLease};
+use crate::error::{lease_not_found, map_err, never_sent, BACKEND};
+use crate::lease::{secs, ttl_secs, EtcdLease, Granted};
 use crate::options::EtcdOptions;
 
 /// The shortest lease etcd grants with its default election timeout (1 s) is 1.5 s, which it
@@ -361,6 +362,119 @@ impl Inner {
             _ => None,
         };
         Ok(Some((before, revision)))
+    }
+}
+
+/// The requests, each with the request timeout.
+impl Inner {
+    pub(crate) async fn grant(&self, asked: i64) -> Result<Granted> {
+        let answer = self
+            .call("lease grant", || {
+                let mut client = self.client.lease_client();
+                async move { client.grant(asked, None).await }
+            })
+            .await?;
+        Ok(Granted {
+            id: answer.id(),
+            asked,
+            granted: answer.ttl(),
+        })
+    }
+
+    /// Revokes `id`: `LockLost` if etcd no longer knows it.
+    pub(crate) async fn revoke(&self, id: i64) -> Result<()> {
+        let revoke = || {
+            let mut client = self.client.lease_client();
+            async move { client.revoke(id).await }
+        };
+        let timeout = self.options.request_timeout;
+        match self.within("lease revoke", timeout, revoke).await? {
+            Err(e) if lease_not_found(&e) => {
+                Err(Error::lost(format!("lease {id:x}"), LostReason::NotOwner))
+            }
+            other => other.map(drop).map_err(map_err),
+        }
+    }
+
+    /// Revokes leases that no key needs any more, without waiting. One that is not revoked
+    /// runs out by itself within its TTL: it holds no key.
+    pub(crate) fn revoke_in_background(self: &Arc<Self>, ids: Vec<i64>) {
+        let inner = self.clone();
+        spawn_cleanup("revoking a spare lease", async move {
+            let mut result = Ok(());
+            for id in ids {
+                match inner.revoke(id).await {
+                    Err(e) if !e.is_lost() => result = Err(e),
+                    _ => {}
+                }
+            }
+            result
+        });
+    }
+
+    /// The lease `key` is bound to, `None` if the key does not exist.
+    pub(crate) async fn key_lease(&self, key: &str) -> Result<Option<i64>> {
+        let get = || {
+            let mut client = self.client.kv_client();
+            async move {
+                client
+                    .get(key, Some(GetOptions::new().with_keys_only()))
+                    .await
+            }
+        };
+        let answer = self.call("get", get).await?;
+        Ok(answer.kvs().first().map(|kv| kv.lease()))
+    }
+
+    pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        self.call("txn", || {
+            let (mut client, txn) = (self.client.kv_client(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
+    /// Runs one request with the request timeout, mapping its errors. `request` builds the
+    /// request; it is sent again when it never reached a server (see [`never_sent`]).
+    pub(crate) async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let timeout = self.options.request_timeout;
+        self.within(what, timeout, request).await?.map_err(map_err)
+    }
+
+    /// Runs one request within `timeout` (an `Error::Connection` after it), leaving the
+    /// client's errors unmapped. A request that never reached a server is sent again, up to
+    /// twice per further member: etcd-client's balancer keeps a member that refuses
+    /// connections in rotation, and a request routed to it fails at once, unsent.
+    pub(crate) async fn within<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut request: F,
+    ) -> Result<Result<T, etcd_client::Error>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = 2 * self.endpoints.len() - 1;
+        let run = async {
+            let mut attempt = 1;
+            loop {
+                match request().await {
+                    Err(e) if attempt < attempts && never_sent(&e) => {
+                        tracing::debug!(what, error = %e, "not sent, trying another member");
+                        attempt += 1;
+                    }
+                    answer => return answer,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| {
+            Error::connection(BACKEND, format!("{what}: no answer within {timeout:?}"))
+        })
     }
 }
 

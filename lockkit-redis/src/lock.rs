@@ -417,3 +417,21 @@ impl Connect for RedisLock {
 pub(crate) fn millis(d: Duration) -> u64 {
     d.as_nanos().div_ceil(1_000_000).min(u128::from(u64::MAX)) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_never_shows_the_password() {
+        // RedLock instances connect lazily: nothing needs to listen.
+        let url = "redlock://u:s3cret@127.0.0.1:1,127.0.0.1:2,127.0.0.1:3?prefix=p:";
+        let lock = RedisLock::connect(url).await.unwrap();
+        assert_eq!(lock.quorum(), 2);
+        let shown = format!("{lock:?}");
+        assert!(
+            shown.contains("127.0.0.1:2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}

@@ -127,9 +127,11 @@ impl Node {
         subscriptions: &Arc<Subscriptions>,
         lazy: bool,
     ) -> Result<Node> {
-        let client = redis::Client::open(instance.info.clone()).map_err(|e| {
+        // The client's configuration errors (core's `InvalidOptions` has no source to keep).
+        let invalid = |e: redis::RedisError| {
             Error::InvalidOptions(format!("Redis client for {}: {e}", instance.address))
-        })?;
+        };
+        let client = redis::Client::open(instance.info.clone()).map_err(invalid)?;
         let config = || {
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(options.connection_timeout))
@@ -156,12 +158,10 @@ impl Node {
             let pubsub = ConnectionManager::new_lazy_with_config(client, pubsub_config);
             (Ok(commands), pubsub)
         };
-        let to_err =
-            |e| Error::InvalidOptions(format!("Redis client for {}: {e}", instance.address));
         Ok(Node {
             address: instance.address.clone(),
-            commands: commands.map_err(to_err)?,
-            pubsub: pubsub.map_err(to_err)?,
+            commands: commands.map_err(invalid)?,
+            pubsub: pubsub.map_err(invalid)?,
         })
     }
 }

@@ -5,15 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{
-    Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
-};
-use lockkit_core::backend::{Lease, LockName};
+use etcd_client::{Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use lockkit_core::backend::{run_detached, Acquired, Attempt, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::{map_err, Inner, BACKEND};
+use crate::error::{lease_not_found, map_err, BACKEND};
+use crate::lock::Inner;
 
 /// A key in a lock's queue and its lease. While the key waits it is kept alive by the waiting
 /// `lock` call; once it holds the lock it is the guard's [`Lease`].
@@ -204,9 +203,7 @@ impl EtcdLease {
                 // etcd renews a lease to its full granted TTL.
                 Ok(granted)
             }
-            Err(etcd_client::Error::LeaseKeepAliveError(why)) if why.contains("not found") => {
-                Err(self.lost())
-            }
+            Err(e) if lease_not_found(&e) => Err(self.lost()),
             Err(e) => Err(map_err(e)),
         }
     }
@@ -334,147 +331,21 @@ impl Lease for EtcdLease {
     }
 }
 
-impl Inner {
-    pub(crate) async fn grant(&self, asked: i64) -> Result<Granted> {
-        let answer = self
-            .call("lease grant", || {
-                let mut client = self.client.lease_client();
-                async move { client.grant(asked, None).await }
-            })
-            .await?;
-        Ok(Granted {
-            id: answer.id(),
-            asked,
-            granted: answer.ttl(),
-        })
-    }
+/// A lease operation's result. It holds no lock of its own: if the caller stops waiting,
+/// there is nothing to release.
+struct Done<T>(T);
 
-    /// Revokes `id`: `LockLost` if etcd no longer knows it.
-    pub(crate) async fn revoke(&self, id: i64) -> Result<()> {
-        let revoke = || {
-            let mut client = self.client.lease_client();
-            async move { client.revoke(id).await }
-        };
-        match self.call("lease revoke", revoke).await {
-            Err(Error::Backend { source, .. }) if source.to_string().contains("not found") => {
-                Err(Error::lost(format!("lease {id:x}"), LostReason::NotOwner))
-            }
-            other => other.map(drop),
-        }
-    }
-
-    /// Revokes leases that no key needs any more, without waiting.
-    pub(crate) fn revoke_in_background(self: &Arc<Self>, ids: Vec<i64>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let inner = self.clone();
-        runtime.spawn(async move {
-            for id in ids {
-                match inner.revoke(id).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_lost() => {}
-                    // It runs out by itself within its TTL; it holds no key.
-                    Err(e) => {
-                        tracing::debug!(lease = id, error = %e, "revoking a spare lease failed")
-                    }
-                }
-            }
-        });
-    }
-
-    /// The lease `key` is bound to, `None` if the key does not exist.
-    pub(crate) async fn key_lease(&self, key: &str) -> Result<Option<i64>> {
-        let get = || {
-            let mut client = self.client.kv_client();
-            async move {
-                client
-                    .get(key, Some(GetOptions::new().with_keys_only()))
-                    .await
-            }
-        };
-        let answer = self.call("get", get).await?;
-        Ok(answer.kvs().first().map(|kv| kv.lease()))
-    }
-
-    pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
-        self.call("txn", || {
-            let (mut client, txn) = (self.client.kv_client(), txn.clone());
-            async move { client.txn(txn).await }
-        })
-        .await
-    }
-
-    /// Runs one request with the request timeout, mapping its errors. `request` builds the
-    /// request; it is sent again when it never reached a server (see [`never_sent`]).
-    pub(crate) async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let timeout = self.options.request_timeout;
-        self.within(what, timeout, request).await?.map_err(map_err)
-    }
-
-    /// Runs one request within `timeout` (an `Error::Connection` after it), leaving the
-    /// client's errors unmapped. A request that never reached a server is sent again, up to
-    /// twice per further member: etcd-client's balancer keeps a member that refuses
-    /// connections in rotation, and a request routed to it fails at once, unsent.
-    pub(crate) async fn within<T, F, Fut>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut request: F,
-    ) -> Result<Result<T, etcd_client::Error>>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let attempts = 2 * self.endpoints.len() - 1;
-        let run = async {
-            let mut attempt = 1;
-            loop {
-                match request().await {
-                    Err(e) if attempt < attempts && never_sent(&e) => {
-                        tracing::debug!(what, error = %e, "not sent, trying another member");
-                        attempt += 1;
-                    }
-                    answer => return answer,
-                }
-            }
-        };
-        tokio::time::timeout(timeout, run).await.map_err(|_| {
-            Error::connection(BACKEND, format!("{what}: no answer within {timeout:?}"))
-        })
-    }
-}
-
-/// Whether a request failed before it reached any server (no connection could be made), so
-/// sending it again cannot apply it twice.
-fn never_sent(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::Unavailable
-                && ["connect error", "error trying to connect"]
-                    .iter()
-                    .any(|m| status.message().contains(m))
-        }
-        _ => false,
+impl<T: Send + 'static> Attempt for Done<T> {
+    fn into_acquired(self) -> Option<Acquired> {
+        None
     }
 }
 
 /// Runs `work` in a task of its own, so it completes even if the caller stops waiting.
-pub(crate) async fn detached<T: Send + 'static>(
+async fn detached<T: Send + 'static>(
     work: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => runtime.spawn(work).await.unwrap_or_else(|e| {
-            Err(Error::Unsupported(format!(
-                "the etcd request task ended early (the runtime is shutting down?): {e}"
-            )))
-        }),
-        Err(_) => work.await,
-    }
+    Ok(run_detached(async move { work.await.map(Done) }).await?.0)
 }
 
 /// A TTL in whole seconds, rounded up: a lease is never shorter than asked.

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use lockkit_core::backend::{Armed, Cleanup};
+use lockkit_core::Result;
 use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
@@ -54,7 +56,7 @@ impl Subscriptions {
         self: &Arc<Self>,
         channel: &str,
         nodes: Vec<ConnectionManager>,
-    ) -> Subscription {
+    ) -> Armed<Subscription> {
         let mut counts = self.counts.lock().await;
         let count = counts.entry(channel.to_string()).or_insert(0);
         *count += 1;
@@ -74,7 +76,7 @@ impl Subscriptions {
             on_nodes(&subscription.nodes, channel, true).await;
         }
         drop(counts);
-        subscription
+        Armed::new(subscription)
     }
 
     async fn unsubscribe(&self, channel: String, nodes: Vec<ConnectionManager>) {
@@ -125,13 +127,14 @@ impl Subscription {
     }
 }
 
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let subscriptions = self.subscriptions.clone();
-        let channel = std::mem::take(&mut self.channel);
-        let nodes = std::mem::take(&mut self.nodes);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { subscriptions.unsubscribe(channel, nodes).await });
-        }
+/// Dropping the waiter's hold unsubscribes in the background once no waiter is left.
+impl Cleanup for Subscription {
+    const WHAT: &'static str = "unsubscribing from a release channel";
+
+    async fn cleanup(self) -> Result<()> {
+        self.subscriptions
+            .unsubscribe(self.channel, self.nodes)
+            .await;
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! One ZooKeeper session and the watch over its state that decides when its locks are lost.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lockkit_core::{Error, Result};
@@ -9,7 +10,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use zookeeper_client as zk;
 
-use crate::{timed, ZkOptions, BACKEND};
+use crate::error::{map_err, SessionError, BACKEND};
+use crate::ZkOptions;
 
 /// Whether a session can still be trusted to hold its nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +62,9 @@ impl Session {
                         "bad ZooKeeper connect string `{cluster}`: {why}"
                     )))
                 }
-                Ok(Err(e)) => {
-                    return Err(Error::connection(
-                        BACKEND,
-                        format!("cannot open a session on {cluster}: {e}"),
-                    ))
+                Ok(Err(source)) => {
+                    let cluster = cluster.to_string();
+                    return Err(Error::connection(BACKEND, SessionError { cluster, source }));
                 }
                 Err(_) => {
                     return Err(Error::connection(
@@ -124,57 +124,49 @@ impl Session {
         &self,
         future: impl Future<Output = std::result::Result<T, zk::Error>>,
     ) -> std::result::Result<T, zk::Error> {
-        timed(self.request_timeout, future).await
+        tokio::time::timeout(self.request_timeout, future)
+            .await
+            .unwrap_or(Err(zk::Error::Timeout))
     }
 
-    /// Deletes `path` in the background (best effort, retrying connection losses briefly).
-    /// Also works when called outside a runtime if the session's runtime is still up.
-    pub(crate) fn delete_in_background(&self, path: String, version: Option<i32>) {
-        let client = self.client.clone();
-        let timeout = self.request_timeout;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Nothing to spawn on: the session's own expiry removes the node.
-            return;
-        };
-        runtime.spawn(async move {
-            for _ in 0..3 {
-                match timed(timeout, client.delete(&path, version)).await {
-                    Ok(()) | Err(zk::Error::NoNode | zk::Error::BadVersion) => return,
-                    Err(zk::Error::ConnectionLoss | zk::Error::Timeout) => continue,
-                    Err(e) => {
-                        tracing::debug!(%path, error = %e, "background delete failed");
-                        return;
-                    }
+    /// Deletes `path`, retrying connection losses briefly; a node already gone is fine.
+    pub(crate) async fn delete(&self, path: &str) -> Result<()> {
+        let mut result = Ok(());
+        for _ in 0..3 {
+            match self.request(self.client.delete(path, None)).await {
+                Ok(()) | Err(zk::Error::NoNode | zk::Error::BadVersion) => return Ok(()),
+                Err(e @ (zk::Error::ConnectionLoss | zk::Error::Timeout)) => {
+                    result = Err(map_err(e))
                 }
+                Err(e) => return Err(map_err(e)),
             }
-        });
+        }
+        result
     }
 
-    /// Finds our node by its `marker` under `parent` and deletes it, in the background: for a
-    /// create whose answer was lost and that could not be resolved at once.
-    pub(crate) fn delete_marked_in_background(&self, parent: String, marker: String) {
-        let client = self.client.clone();
-        let timeout = self.request_timeout;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            for _ in 0..3 {
-                let children = match timed(timeout, client.list_children(&parent)).await {
-                    Ok(children) => children,
-                    Err(zk::Error::NoNode) => return,
-                    Err(_) => continue,
-                };
-                match children.into_iter().find(|c| c.starts_with(&marker)) {
-                    Some(child) => {
-                        let path = format!("{parent}/{child}");
-                        let _ = timed(timeout, client.delete(&path, None)).await;
-                        return;
-                    }
-                    None => return,
+    /// Finds our node by its `marker` under `parent` and deletes it: for a create whose
+    /// answer was lost and that could not be resolved at once.
+    pub(crate) async fn delete_marked(
+        self: Arc<Self>,
+        parent: String,
+        marker: String,
+    ) -> Result<()> {
+        let mut result = Ok(());
+        for _ in 0..3 {
+            let children = match self.request(self.client.list_children(&parent)).await {
+                Ok(children) => children,
+                Err(zk::Error::NoNode) => return Ok(()),
+                Err(e) => {
+                    result = Err(map_err(e));
+                    continue;
                 }
-            }
-        });
+            };
+            return match children.into_iter().find(|c| c.starts_with(&marker)) {
+                Some(child) => self.delete(&format!("{parent}/{child}")).await,
+                None => Ok(()),
+            };
+        }
+        result
     }
 }
 

@@ -1,0 +1,536 @@
+//! The etcd backend and its acquire path: a key per acquisition in create-revision order,
+//! waiting on the deletion of the key just before ours.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
+};
+use lockkit_core::backend::{
+    run_detached, spawn_cleanup, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, Lease, LockName, LockOptions,
+};
+use lockkit_core::{Error, LostReason, Result};
+use tokio::time::Instant;
+
+use crate::error::{lease_not_found, map_err, never_sent, BACKEND};
+use crate::lease::{secs, ttl_secs, EtcdLease, Granted};
+use crate::options::EtcdOptions;
+
+/// The shortest lease etcd grants with its default election timeout (1 s) is 1.5 s, which it
+/// rounds up to 2 s: a shorter TTL would silently become 2 s.
+const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// etcd checks for expired leases every 500 ms, then revokes them through Raft.
+const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
+/// HTTP/2 pings find dead connections. etcd refuses pings more often than every 5 s
+/// (`--grpc-keepalive-min-time`) and pings on connections without streams.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lock service on an etcd cluster (v3 API), `etcd://h1:2379,h2:2379`.
+///
+/// Each acquisition grants a lease with the lock's TTL and creates the key
+/// `<prefix><encoded name>/<lease id in hex>` bound to it. The key with the lowest create
+/// revision under the name holds the lock; the others wait in create-revision order, each
+/// watching only the deletion of the key just before its own. The holder's create revision
+/// is its fencing token. See the crate documentation for renewal, TTL changes and
+/// cancellation.
+#[derive(Debug, Clone)]
+pub struct EtcdLock {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    pub(crate) options: EtcdOptions,
+    pub(crate) endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("endpoints", &self.endpoints)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key just created in a lock's queue.
+struct Entry {
+    lease: EtcdLease,
+    /// The key's create revision: the fencing token if it gets the lock.
+    token: i64,
+    /// Until when its lease is known valid.
+    valid_until: Instant,
+    /// Its lease's granted TTL in seconds.
+    granted: i64,
+    /// The key just before it, `None` if it holds the lock.
+    predecessor: Option<Vec<u8>>,
+    /// The revision the queue was read at.
+    revision: i64,
+}
+
+impl Entry {
+    /// Hands the key over as the lock's lease, valid until `valid_until`.
+    fn grant(self, valid_until: Instant) -> Acquired {
+        let token = FencingToken(self.token.max(0) as u64);
+        Acquired::new(token, valid_until, Box::new(self.lease))
+    }
+}
+
+/// An [`Entry`] holds a place in the queue whether or not it holds the lock: if nobody is left
+/// to take it, it must be released all the same, so both are handed over as an acquisition
+/// (whose release deletes the key and revokes the lease).
+impl Attempt for Entry {
+    fn into_acquired(self) -> Option<Acquired> {
+        let valid_until = self.valid_until;
+        Some(self.grant(valid_until))
+    }
+}
+
+/// A waiting key is deleted (its lease revoked) in the background if the wait is dropped.
+impl Cleanup for Entry {
+    const WHAT: &'static str = "leaving the queue";
+
+    async fn cleanup(self) -> Result<()> {
+        tracing::debug!(key = self.lease.key(), "leaving the queue");
+        self.lease.release().await
+    }
+}
+
+impl EtcdLock {
+    /// Connects with default options to `etcd://[user:password@]host:port[,host:port…]`, or
+    /// `etcds://…` (TLS, cargo feature `tls`; `?ca=/path/ca.pem` adds a CA to trust). A
+    /// `prefix=` query parameter sets the key prefix; a host without a port means port 2379.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, EtcdOptions::default()).await
+    }
+
+    /// Connects with `options`. What `options` sets wins over the URL's parameters: a
+    /// `prefix=` or `ca=` in the URL applies only if `options.prefix` or `options.ca` is
+    /// `None`. The cluster must answer now: an unreachable cluster is an
+    /// [`Error::Connection`] within the connect timeout.
+    pub async fn connect_with(url: &str, mut options: EtcdOptions) -> Result<Self> {
+        let parsed = options.apply_url(url)?;
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(options.connect_timeout)
+            .with_keep_alive(PING_INTERVAL, PING_TIMEOUT)
+            .with_keep_alive_while_idle(false);
+        if let Some((user, password)) = parsed.user {
+            connect = connect
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
+        }
+        if parsed.tls {
+            connect = tls(connect, options.ca.as_deref())?;
+        }
+        let endpoints = parsed.endpoints;
+        let limit = options.connect_timeout;
+        let silent = Error::connection(
+            BACKEND,
+            format!("{}: no answer within {limit:?}", endpoints.join(",")),
+        );
+        // With credentials, connecting authenticates; without, it only sets up the channel.
+        let client = tokio::time::timeout(limit, Client::connect(&endpoints, Some(connect)))
+            .await
+            .map_err(|_| silent)?
+            .map_err(map_err)?;
+        let inner = Arc::new(Inner {
+            client,
+            options,
+            endpoints,
+        });
+        let status = || {
+            let mut maintenance = inner.client.maintenance_client();
+            async move { maintenance.status().await }
+        };
+        // The timeout's error names the endpoints, the URL's hosts.
+        let status = inner.within("status", limit, status).await.map_err(|_| {
+            Error::connection(
+                BACKEND,
+                format!("{}: no answer within {limit:?}", inner.endpoints.join(",")),
+            )
+        })?;
+        let status = status.map_err(map_err)?;
+        tracing::debug!(version = status.version(), endpoints = ?inner.endpoints, "connected");
+        Ok(EtcdLock { inner })
+    }
+
+    /// The key prefix of the lock `name` (for inspection and operations). The keys under it
+    /// are the holder (the lowest create revision) and the waiters, each named by the hex id
+    /// of the lease it was created with.
+    pub fn key_prefix(&self, name: &LockName) -> String {
+        self.inner.dir(name)
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls(connect: ConnectOptions, ca: Option<&std::path::Path>) -> Result<ConnectOptions> {
+    let mut tls = etcd_client::TlsOptions::new().with_webpki_roots();
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::InvalidOptions(format!("cannot read the CA file {}: {e}", path.display()))
+        })?;
+        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+    }
+    Ok(connect.with_tls(tls))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(_: ConnectOptions, _: Option<&std::path::Path>) -> Result<ConnectOptions> {
+    Err(Error::Unsupported(
+        "etcds:// URLs need the cargo feature `tls` of lockkit-etcd".into(),
+    ))
+}
+
+impl Inner {
+    /// The key prefix of one lock name: its queue.
+    fn dir(&self, name: &LockName) -> String {
+        format!("{}{}/", self.options.key_prefix(), name.encoded())
+    }
+
+    /// Grants a lease and creates our key bound to it, reading who is before us in the same
+    /// transaction.
+    async fn enqueue(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Entry> {
+        let started = Instant::now();
+        let lease = self.grant(ttl_secs(ttl)).await?;
+        let granted = lease.granted;
+        let dir = self.dir(&name);
+        let key = format!("{dir}{:016x}", lease.id as u64);
+        // Ours is the newest key: sorted by create revision downwards, the first two keys
+        // are ours and our predecessor.
+        let queue = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(2)
+            .with_keys_only();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    name.as_str(),
+                    Some(PutOptions::new().with_lease(lease.id)),
+                ),
+                TxnOp::get(dir.as_str(), Some(queue)),
+            ]);
+        let lease = EtcdLease::new(
+            self.clone(),
+            name,
+            key,
+            lease.id,
+            lease.asked,
+            lease.granted,
+        );
+        let answer = match self.txn(txn).await {
+            Ok(answer) if answer.succeeded() => answer,
+            other => {
+                // The key may exist (a lost reply): revoking the lease deletes it.
+                let _ = lease.withdraw().await;
+                return Err(other.err().unwrap_or_else(|| {
+                    Error::backend(BACKEND, format!("the key {} existed", lease.key()))
+                }));
+            }
+        };
+        let revision = answer.header().map_or(0, |h| h.revision());
+        let kvs = match answer.op_responses().into_iter().nth(1) {
+            Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
+            _ => Vec::new(),
+        };
+        let ours = kvs.first().filter(|kv| kv.key() == lease.key().as_bytes());
+        let Some(ours) = ours else {
+            let _ = lease.withdraw().await;
+            return Err(Error::backend(
+                BACKEND,
+                "the key just created is not the newest of its lock",
+            ));
+        };
+        Ok(Entry {
+            token: ours.create_revision(),
+            valid_until: started + secs(granted),
+            granted,
+            predecessor: kvs.get(1).map(|kv| kv.key().to_vec()),
+            revision,
+            lease,
+        })
+    }
+
+    /// Waits until `entry` is the oldest key. `Ok(None)` when its key or lease vanished
+    /// while waiting (expired: the process was paused, or deleted from outside).
+    async fn wait_turn(&self, entry: &Entry) -> Result<Option<Instant>> {
+        let lease = &entry.lease;
+        let every = secs(entry.granted) / 3;
+        let mut valid_until = entry.valid_until;
+        let mut renew_at = valid_until - secs(entry.granted) + every;
+        let mut predecessor = entry.predecessor.clone();
+        let mut revision = entry.revision;
+        loop {
+            let Some(before) = predecessor else {
+                // First in line. Our key was there when the queue was read; grant it on a
+                // lease that is known valid for a while yet.
+                let now = Instant::now();
+                if valid_until > now && valid_until - now >= secs(entry.granted) / 2 {
+                    return Ok(Some(valid_until));
+                }
+                return match lease.keep_alive().await {
+                    Ok(valid_until) => Ok(Some(valid_until)),
+                    Err(e) if e.is_lost() => Ok(None),
+                    Err(e) => Err(e),
+                };
+            };
+            // Watch the predecessor's deletion from just after the read: nothing is missed.
+            let options = WatchOptions::new()
+                .with_start_revision(revision + 1)
+                .with_filters([WatchFilterType::NoPut]);
+            let open = || {
+                let mut client = self.client.watch_client();
+                let (before, options) = (before.clone(), options.clone());
+                async move { client.watch(before, Some(options)).await }
+            };
+            let mut watch = self.call("watch", open).await?;
+            loop {
+                tokio::select! {
+                    message = watch.message() => match message {
+                        // Deleted, or the watch was cancelled (compacted history): look again.
+                        Ok(Some(m)) if m.canceled() || !m.events().is_empty() => break,
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => return Err(map_err(e)),
+                    },
+                    _ = tokio::time::sleep_until(renew_at) => {
+                        let round = Instant::now();
+                        match lease.keep_alive().await {
+                            Ok(until) => {
+                                valid_until = until;
+                                renew_at = round + every;
+                            }
+                            Err(e) if e.is_lost() => return Ok(None),
+                            Err(e) => {
+                                let now = Instant::now();
+                                if now + Duration::from_millis(50) >= valid_until {
+                                    return Err(e);
+                                }
+                                tracing::debug!(error = %e, "keeping a waiting key failed, retrying");
+                                renew_at = now + ((valid_until - now) / 4).min(every);
+                            }
+                        }
+                    }
+                }
+            }
+            drop(watch);
+            match self.predecessor(lease, entry.token).await? {
+                Some((before, read_at)) => {
+                    predecessor = before;
+                    revision = read_at;
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The key just before ours and the revision of the read, in a transaction that first
+    /// checks that our key still exists on our lease (`None` if not).
+    async fn predecessor(
+        &self,
+        lease: &EtcdLease,
+        token: i64,
+    ) -> Result<Option<(Option<Vec<u8>>, i64)>> {
+        let key = lease.key();
+        let dir = &key[..=key.rfind('/').unwrap_or(0)];
+        let before = GetOptions::new()
+            .with_prefix()
+            .with_max_create_revision((token - 1).max(1))
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(1)
+            .with_keys_only();
+        let txn = Txn::new()
+            .when([Compare::lease(key, CompareOp::Equal, lease.id().await)])
+            .and_then([TxnOp::get(dir, Some(before))]);
+        let answer = self.txn(txn).await?;
+        if !answer.succeeded() {
+            return Ok(None);
+        }
+        let revision = answer.header().map_or(0, |h| h.revision());
+        let before = match answer.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Get(get)) => get.kvs().first().map(|kv| kv.key().to_vec()),
+            _ => None,
+        };
+        Ok(Some((before, revision)))
+    }
+}
+
+/// The requests, each with the request timeout.
+impl Inner {
+    pub(crate) async fn grant(&self, asked: i64) -> Result<Granted> {
+        let answer = self
+            .call("lease grant", || {
+                let mut client = self.client.lease_client();
+                async move { client.grant(asked, None).await }
+            })
+            .await?;
+        Ok(Granted {
+            id: answer.id(),
+            asked,
+            granted: answer.ttl(),
+        })
+    }
+
+    /// Revokes `id`: `LockLost` if etcd no longer knows it.
+    pub(crate) async fn revoke(&self, id: i64) -> Result<()> {
+        let revoke = || {
+            let mut client = self.client.lease_client();
+            async move { client.revoke(id).await }
+        };
+        let timeout = self.options.request_timeout;
+        match self.within("lease revoke", timeout, revoke).await? {
+            Err(e) if lease_not_found(&e) => {
+                Err(Error::lost(format!("lease {id:x}"), LostReason::NotOwner))
+            }
+            other => other.map(drop).map_err(map_err),
+        }
+    }
+
+    /// Revokes leases that no key needs any more, without waiting. One that is not revoked
+    /// runs out by itself within its TTL: it holds no key.
+    pub(crate) fn revoke_in_background(self: &Arc<Self>, ids: Vec<i64>) {
+        let inner = self.clone();
+        spawn_cleanup("revoking a spare lease", async move {
+            let mut result = Ok(());
+            for id in ids {
+                match inner.revoke(id).await {
+                    Err(e) if !e.is_lost() => result = Err(e),
+                    _ => {}
+                }
+            }
+            result
+        });
+    }
+
+    /// The lease `key` is bound to, `None` if the key does not exist.
+    pub(crate) async fn key_lease(&self, key: &str) -> Result<Option<i64>> {
+        let get = || {
+            let mut client = self.client.kv_client();
+            async move {
+                client
+                    .get(key, Some(GetOptions::new().with_keys_only()))
+                    .await
+            }
+        };
+        let answer = self.call("get", get).await?;
+        Ok(answer.kvs().first().map(|kv| kv.lease()))
+    }
+
+    pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        self.call("txn", || {
+            let (mut client, txn) = (self.client.kv_client(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
+    /// Runs one request with the request timeout, mapping its errors. `request` builds the
+    /// request; it is sent again when it never reached a server (see [`never_sent`]).
+    pub(crate) async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let timeout = self.options.request_timeout;
+        self.within(what, timeout, request).await?.map_err(map_err)
+    }
+
+    /// Runs one request within `timeout` (an `Error::Connection` after it), leaving the
+    /// client's errors unmapped. A request that never reached a server is sent again, up to
+    /// twice per further member: etcd-client's balancer keeps a member that refuses
+    /// connections in rotation, and a request routed to it fails at once, unsent.
+    pub(crate) async fn within<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut request: F,
+    ) -> Result<Result<T, etcd_client::Error>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = 2 * self.endpoints.len() - 1;
+        let run = async {
+            let mut attempt = 1;
+            loop {
+                match request().await {
+                    Err(e) if attempt < attempts && never_sent(&e) => {
+                        tracing::debug!(what, error = %e, "not sent, trying another member");
+                        attempt += 1;
+                    }
+                    answer => return answer,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| {
+            Error::connection(BACKEND, format!("{what}: no answer within {timeout:?}"))
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for EtcdLock {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(MIN_TTL)
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
+            .fifo(true)
+            .expiry_slack(EXPIRY_SLACK)
+    }
+
+    async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        let inner = self.inner.clone();
+        let (name, ttl) = (name.clone(), opts.ttl);
+        run_detached(async move {
+            let entry = inner.enqueue(name, ttl).await?;
+            if entry.predecessor.is_none() {
+                return Ok(entry.into_acquired());
+            }
+            // Held: leave nothing behind.
+            entry.lease.withdraw().await?;
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn lock(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        _deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        loop {
+            let enqueue = self.inner.clone().enqueue(name.clone(), opts.ttl);
+            // From here on, a dropped wait deletes the key in the background.
+            let entry = Armed::new(run_detached(enqueue).await?);
+            if let Some(valid_until) = self.inner.wait_turn(&entry).await? {
+                return Ok(entry.disarm().grant(valid_until));
+            }
+            tracing::debug!(lock = %name, "the waiting key expired: queueing again");
+        }
+    }
+}
+
+impl Connect for EtcdLock {
+    const SCHEMES: &'static [&'static str] = &["etcd", "etcds"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        EtcdLock::connect(url).await
+    }
+}

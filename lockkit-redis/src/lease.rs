@@ -1,0 +1,101 @@
+//! A lease held on one or more Redis instances: extend and release, by owner id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::{Error, LostReason, Result};
+use tokio::time::Instant;
+
+use crate::lock::{millis, Inner, Keys};
+use crate::scripts;
+
+/// A lease held on one or more instances.
+#[derive(Debug, Clone)]
+pub(crate) struct RedisLease {
+    inner: Arc<Inner>,
+    name: LockName,
+    keys: Keys,
+    owner: String,
+}
+
+impl RedisLease {
+    pub(crate) fn new(inner: Arc<Inner>, name: LockName, keys: Keys, owner: String) -> Self {
+        RedisLease {
+            inner,
+            name,
+            keys,
+            owner,
+        }
+    }
+
+    /// Releases on every instance (telling waiters if `publish`); returns how many released
+    /// and how many failed to answer.
+    pub(crate) async fn release_all(&self, publish: bool) -> (usize, usize) {
+        let answers: Vec<Result<i64>> = self
+            .inner
+            .on_all(
+                lockkit_core::DEFAULT_TTL,
+                &scripts::RELEASE,
+                &[&self.keys.lock],
+                &[
+                    &self.owner,
+                    &self.keys.channel,
+                    if publish { "1" } else { "0" },
+                ],
+            )
+            .await;
+        let released = answers.iter().filter(|a| matches!(a, Ok(1))).count();
+        let failed = answers.iter().filter(|a| a.is_err()).count();
+        (released, failed)
+    }
+}
+
+#[async_trait]
+impl Lease for RedisLease {
+    async fn extend(&self, ttl: Duration) -> Result<Instant> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let ttl_ms = millis(ttl).to_string();
+        let answers: Vec<Result<i64>> = inner
+            .on_all(
+                ttl,
+                &scripts::EXTEND,
+                &[&self.keys.lock],
+                &[&self.owner, &ttl_ms],
+            )
+            .await;
+        let extended = answers.iter().filter(|a| matches!(a, Ok(1))).count();
+        let refused = answers.iter().filter(|a| matches!(a, Ok(0))).count();
+        let drift = inner.drift(ttl);
+        if extended >= inner.quorum && started.elapsed() + drift < ttl {
+            return Ok(started + ttl - drift);
+        }
+        if refused > inner.nodes.len() - inner.quorum {
+            return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
+        }
+        let error = answers.into_iter().find_map(|a| a.err());
+        Err(error.unwrap_or_else(|| {
+            Error::connection(inner.backend, "the renewal did not reach a quorum in time")
+        }))
+    }
+
+    async fn release(&self) -> Result<()> {
+        let inner = &self.inner;
+        let (released, failed) = self.release_all(true).await;
+        if released >= inner.quorum {
+            Ok(())
+        } else if released + failed >= inner.quorum {
+            Err(Error::connection(
+                inner.backend,
+                format!(
+                    "release confirmed by {released} of {} instances, {failed} did not answer",
+                    inner.nodes.len()
+                ),
+            ))
+        } else {
+            Err(Error::lost(self.name.as_str(), LostReason::NotOwner))
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The Redis backend and its acquire path: one script run per instance, quorum, fencing token
+//! write-back, and waiting on the release channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use lockkit_core::backend::{
+    run_detached, spawn_cleanup, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken,
+    LockName, LockOptions,
+};
+use lockkit_core::{Error, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use crate::error::{map_err, QuorumError};
+use crate::lease::RedisLease;
+use crate::options::{Instance, RedisOptions};
+use crate::scripts;
+use crate::subscriptions::{Subscription, Subscriptions};
+
+/// A lock service on one Redis server (`redis://`), or RedLock over N independent servers
+/// (`redlock://h1:p1,h2:p2,…`, quorum N/2+1).
+///
+/// One acquisition is one round trip per instance: a script does `SET key owner NX PX ttl`
+/// and, when it wins, `INCR`s the name's fence counter (a key that never expires) for the
+/// fencing token. With RedLock, the client takes the highest counter among the instances it
+/// won and writes it back to every instance (`counter = max(counter, token)`) before it
+/// returns the guard: any two quorums share an instance, so the next holder's token is
+/// strictly larger. That assumes instances keep their data across restarts (AOF with fsync,
+/// or a restart delayed past the longest TTL), as RedLock itself does.
+///
+/// Release and extend compare the owner id in a script. Release publishes on the name's
+/// channel; waiters subscribe to it and wake on the message, with a jittered fallback re-check
+/// for lost messages and a wake-up when the holder's lease runs out. Keys and channel of a
+/// name share one hash tag, so they stay on one Redis Cluster slot.
+#[derive(Debug, Clone)]
+pub struct RedisLock {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) backend: &'static str,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) quorum: usize,
+    options: RedisOptions,
+    subscriptions: Arc<Subscriptions>,
+}
+
+/// One Redis instance: a connection for commands, one for subscriptions.
+#[derive(Debug)]
+pub(crate) struct Node {
+    /// `host:port`, for messages (never the password).
+    address: String,
+    commands: ConnectionManager,
+    pubsub: ConnectionManager,
+}
+
+/// The keys and channel of one lock name.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub(crate) lock: String,
+    fence: String,
+    pub(crate) channel: String,
+}
+
+/// Why an acquisition request did not take the lock.
+enum Busy {
+    /// Held elsewhere; the holder's lease has about this much left.
+    Held(Duration),
+    /// RedLock contenders split the instances and nobody reached a quorum; the attempt took
+    /// this long.
+    Split(Duration),
+}
+
+type Outcome = lockkit_core::backend::Outcome<Busy>;
+
+impl RedisLock {
+    /// Connects with default options to `redis://[user:password@]host:port[/db]`,
+    /// `rediss://…` (feature `tls`) or `redlock://[user:password@]h1:p1,h2:p2,…[/db]`
+    /// (`redlocks://…` with TLS). A `prefix=` query parameter sets the key prefix.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connects with `options`. What `options` sets wins over the URL's parameters: a
+    /// `prefix=` in the URL applies only if `options.prefix` is `None`.
+    ///
+    /// A single instance must answer now; RedLock instances are connected lazily, so a
+    /// client starts while a minority of them is down.
+    pub async fn connect_with(url: &str, mut options: RedisOptions) -> Result<Self> {
+        let service = options.apply_url(url)?;
+        let subscriptions = Arc::new(Subscriptions::default());
+        let mut nodes = Vec::with_capacity(service.instances.len());
+        for instance in &service.instances {
+            nodes.push(Node::connect(instance, &options, &subscriptions, service.redlock).await?);
+        }
+        let quorum = nodes.len() / 2 + 1;
+        Ok(RedisLock {
+            inner: Arc::new(Inner {
+                backend: if service.redlock { "redlock" } else { "redis" },
+                nodes,
+                quorum,
+                options,
+                subscriptions,
+            }),
+        })
+    }
+
+    /// The Redis key that holds the lock `name` (for inspection and operations).
+    pub fn lock_key(&self, name: &LockName) -> String {
+        self.inner.keys(name).lock
+    }
+
+    /// How many instances must agree: 1 for a single instance, N/2+1 for RedLock.
+    pub fn quorum(&self) -> usize {
+        self.inner.quorum
+    }
+}
+
+impl Node {
+    async fn connect(
+        instance: &Instance,
+        options: &RedisOptions,
+        subscriptions: &Arc<Subscriptions>,
+        lazy: bool,
+    ) -> Result<Node> {
+        // The client's configuration errors (core's `InvalidOptions` has no source to keep).
+        let invalid = |e: redis::RedisError| {
+            Error::InvalidOptions(format!("Redis client for {}: {e}", instance.address))
+        };
+        let client = redis::Client::open(instance.info.clone()).map_err(invalid)?;
+        let config = || {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(options.connection_timeout))
+                .set_response_timeout(Some(options.response_timeout))
+                .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(500))
+        };
+        let sink = subscriptions.clone();
+        let pubsub_config = config()
+            .set_push_sender(move |push: redis::PushInfo| {
+                sink.on_push(push);
+                Ok::<(), redis::aio::SendError>(())
+            })
+            .set_automatic_resubscription();
+        let (commands, pubsub) = if lazy {
+            (
+                ConnectionManager::new_lazy_with_config(client.clone(), config()),
+                ConnectionManager::new_lazy_with_config(client, pubsub_config),
+            )
+        } else {
+            let commands = ConnectionManager::new_with_config(client.clone(), config()).await;
+            let commands = commands.map_err(|e| map_err(&instance.address, e))?;
+            let pubsub = ConnectionManager::new_lazy_with_config(client, pubsub_config);
+            (Ok(commands), pubsub)
+        };
+        Ok(Node {
+            address: instance.address.clone(),
+            commands: commands.map_err(invalid)?,
+            pubsub: pubsub.map_err(invalid)?,
+        })
+    }
+}
+
+impl Inner {
+    fn keys(&self, name: &LockName) -> Keys {
+        let tag = format!("{}{{{}}}", self.options.key_prefix(), name.encoded());
+        Keys {
+            fence: format!("{tag}:fence"),
+            channel: format!("{tag}:released"),
+            lock: tag,
+        }
+    }
+
+    /// The timeout of one request to one instance.
+    fn request_timeout(&self, ttl: Duration) -> Duration {
+        if self.nodes.len() > 1 {
+            self.options
+                .response_timeout
+                .min(ttl / 10)
+                .max(Duration::from_millis(5))
+        } else {
+            self.options.response_timeout
+        }
+    }
+
+    /// The clock-drift allowance for a lease of `ttl`.
+    pub(crate) fn drift(&self, ttl: Duration) -> Duration {
+        ttl.mul_f64(self.options.drift_factor) + Duration::from_millis(2)
+    }
+
+    /// Runs `script` on every instance in parallel, each with the request timeout.
+    pub(crate) async fn on_all<T: redis::FromRedisValue>(
+        &self,
+        ttl: Duration,
+        script: &redis::Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Vec<Result<T>> {
+        let timeout = self.request_timeout(ttl);
+        join_all(self.nodes.iter().map(|node| async move {
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(*key);
+            }
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            let mut conn = node.commands.clone();
+            match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
+                Ok(result) => result.map_err(|e| map_err(&node.address, e)),
+                Err(_) => Err(Error::connection(
+                    "redis",
+                    format!("{}: no answer within {timeout:?}", node.address),
+                )),
+            }
+        }))
+        .await
+    }
+
+    /// One acquisition request on every instance.
+    async fn attempt(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome> {
+        let keys = self.keys(&name);
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        let ttl_ms = millis(ttl).to_string();
+        let started = Instant::now();
+        let answers: Vec<Result<(i64, i64)>> = self
+            .on_all(
+                ttl,
+                &scripts::ACQUIRE,
+                &[&keys.lock, &keys.fence],
+                &[&owner, &ttl_ms],
+            )
+            .await;
+        let mut tokens = Vec::new();
+        let mut busy_for: Option<i64> = None;
+        let mut failures = Vec::new();
+        for (node, answer) in self.nodes.iter().zip(answers) {
+            match answer {
+                Ok((1, token)) => tokens.push(token),
+                Ok((_, pttl)) => busy_for = Some(busy_for.map_or(pttl, |b| b.min(pttl))),
+                // The script may have run although its answer was lost: ask again.
+                Err(e) => match self.recover(node, &keys, &owner, ttl).await {
+                    Some(token) => tokens.push(token),
+                    None => failures.push(e),
+                },
+            }
+        }
+        let lease = RedisLease::new(self.clone(), name.clone(), keys.clone(), owner);
+        if tokens.len() >= self.quorum {
+            let mut token = tokens.iter().copied().max().unwrap_or(0);
+            if self.nodes.len() > 1 {
+                token = self.write_back(&keys, token, ttl).await.inspect_err(|_| {
+                    let lease = lease.clone();
+                    spawn_cleanup("undoing a partial RedLock acquisition", async move {
+                        lease.release_all(false).await;
+                        Ok(())
+                    });
+                })?;
+            }
+            let drift = self.drift(ttl);
+            if started.elapsed() + drift < ttl {
+                let valid_until = started + ttl - drift;
+                let token = FencingToken(token.max(0) as u64);
+                return Ok(Outcome::Won(Acquired::new(
+                    token,
+                    valid_until,
+                    Box::new(lease),
+                )));
+            }
+            tracing::debug!(lock = %name, "acquired too late to be valid, releasing");
+        }
+        // No quorum (or no validity left): undo the partial acquisitions at once, quietly:
+        // nothing was really held, so waiters are not woken.
+        let split = !tokens.is_empty();
+        if split || !failures.is_empty() {
+            lease.release_all(false).await;
+        }
+        if failures.len() > self.nodes.len() - self.quorum {
+            let first = failures.swap_remove(0);
+            return Err(if self.nodes.len() == 1 {
+                first
+            } else {
+                Error::connection(
+                    self.backend,
+                    QuorumError::Unanswered {
+                        answered: self.nodes.len() - failures.len() - 1,
+                        total: self.nodes.len(),
+                        needed: self.quorum,
+                        first,
+                    },
+                )
+            });
+        }
+        if split {
+            return Ok(Outcome::Busy(Busy::Split(started.elapsed())));
+        }
+        let pttl = busy_for.unwrap_or(0).max(0) as u64;
+        Ok(Outcome::Busy(Busy::Held(Duration::from_millis(pttl))))
+    }
+
+    /// After an ambiguous error: the token if our SET went through after all.
+    async fn recover(&self, node: &Node, keys: &Keys, owner: &str, ttl: Duration) -> Option<i64> {
+        let mut conn = node.commands.clone();
+        let mut call = scripts::RECOVER.prepare_invoke();
+        call.key(&keys.lock).key(&keys.fence).arg(owner);
+        let answer = tokio::time::timeout(self.request_timeout(ttl), call.invoke_async(&mut conn));
+        match answer.await {
+            Ok(Ok(token)) if token >= 0 => Some(token),
+            _ => None,
+        }
+    }
+
+    /// Raises the fence counter of every instance to at least `token`; a quorum must confirm.
+    async fn write_back(&self, keys: &Keys, token: i64, ttl: Duration) -> Result<i64> {
+        let value = token.to_string();
+        let answers: Vec<Result<i64>> = self
+            .on_all(ttl, &scripts::WRITE_BACK, &[&keys.fence], &[&value])
+            .await;
+        let confirmed = answers.iter().filter(|a| a.is_ok()).count();
+        // Below a quorum, some instance failed.
+        match answers.into_iter().find_map(|a| a.err()) {
+            Some(first) if confirmed < self.quorum => Err(Error::connection(
+                self.backend,
+                QuorumError::WriteBack {
+                    confirmed,
+                    total: self.nodes.len(),
+                    first,
+                },
+            )),
+            _ => Ok(token),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RedisLock {
+    fn name(&self) -> &'static str {
+        self.inner.backend
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let min_ttl = if self.inner.nodes.len() > 1 { 500 } else { 100 };
+        Capabilities::new(Duration::from_millis(min_ttl))
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
+    }
+
+    async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        let attempt = self.inner.clone().attempt(name.clone(), opts.ttl);
+        Ok(run_detached(attempt).await?.into_acquired())
+    }
+
+    async fn lock(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        _deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        let inner = &self.inner;
+        let keys = inner.keys(name);
+        let mut subscription = None;
+        let mut poll = Duration::from_millis(50);
+        let mut splits = 0;
+        loop {
+            let notify = subscription.as_deref().map(Subscription::notify);
+            let woken = notify.as_ref().map(|n| n.notified());
+            tokio::pin!(woken);
+            if let Some(woken) = woken.as_mut().as_pin_mut() {
+                woken.enable();
+            }
+            let attempt = inner.clone().attempt(name.clone(), opts.ttl);
+            let busy_for = match run_detached(attempt).await? {
+                Outcome::Won(acquired) => return Ok(acquired),
+                Outcome::Busy(Busy::Held(left)) => left,
+                Outcome::Busy(Busy::Split(took)) => {
+                    // Retry after a random pause that widens with each split in a row, so
+                    // one contender gets ahead instead of all splitting again.
+                    splits = (splits + 1).min(5);
+                    let window = took.max(Duration::from_millis(1)) * (1 << splits);
+                    tokio::time::sleep(window.mul_f64(fastrand::f64())).await;
+                    continue;
+                }
+            };
+            if subscription.is_none() {
+                // Subscribe, then try again: a release before the subscription was missed.
+                let nodes = inner.nodes.iter().map(|n| n.pubsub.clone()).collect();
+                subscription = Some(inner.subscriptions.subscribe(&keys.channel, nodes).await);
+                continue;
+            }
+            let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
+            let pause = jittered.min(busy_for + Duration::from_millis(1));
+            tokio::select! {
+                _ = async { woken.as_pin_mut().expect("subscribed").await } => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            poll = (poll * 2).min(inner.options.max_poll);
+        }
+    }
+}
+
+impl Connect for RedisLock {
+    const SCHEMES: &'static [&'static str] = &["redis", "rediss", "redlock", "redlocks"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        RedisLock::connect(url).await
+    }
+}
+
+/// `d` in whole milliseconds, rounded up, so a lease is never shorter than asked.
+pub(crate) fn millis(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000).min(u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_never_shows_the_password() {
+        // RedLock instances connect lazily: nothing needs to listen.
+        let url = "redlock://u:s3cret@127.0.0.1:1,127.0.0.1:2,127.0.0.1:3?prefix=p:";
+        let lock = RedisLock::connect(url).await.unwrap();
+        assert_eq!(lock.quorum(), 2);
+        let shown = format!("{lock:?}");
+        assert!(
+            shown.contains("127.0.0.1:2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! A held ZooKeeper lock: our node, owned by a shared session whose heartbeats are the
+//! renewal.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::{Error, LostReason, Result};
+use tokio::time::Instant;
+use zookeeper_client as zk;
+
+use crate::error::{map_err, BACKEND};
+use crate::lock::Node;
+use crate::session::Health;
+
+/// A held lock: our node, owned by a shared session.
+#[derive(Debug)]
+pub(crate) struct ZkLease {
+    pub(crate) name: LockName,
+    pub(crate) node: Node,
+}
+
+impl ZkLease {
+    fn lost(&self, reason: LostReason) -> Error {
+        Error::lost(self.name.as_str(), reason)
+    }
+}
+
+#[async_trait]
+impl Lease for ZkLease {
+    /// Checks that the session is connected and our node still exists; the session's own
+    /// heartbeats are the renewal.
+    async fn extend(&self, ttl: Duration) -> Result<Instant> {
+        let started = Instant::now();
+        let session = &self.node.session;
+        match session.health() {
+            Health::Lost(why) => return Err(self.lost(LostReason::SessionLost(why))),
+            Health::Suspended => {
+                return Err(Error::connection(
+                    BACKEND,
+                    "disconnected from the ensemble; waiting for the session to reconnect",
+                ))
+            }
+            Health::Connected => {}
+        }
+        match session
+            .request(session.client.check_stat(&self.node.path))
+            .await
+        {
+            Ok(Some(stat))
+                if stat.czxid == self.node.czxid
+                    && stat.ephemeral_owner == session.client.session_id().0 =>
+            {
+                Ok(started + ttl)
+            }
+            Ok(_) => Err(self.lost(LostReason::NotOwner)),
+            Err(zk::Error::SessionExpired) => Err(self.lost(LostReason::SessionLost(
+                "the ZooKeeper session expired".into(),
+            ))),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Deletes our node (version-checked: an ephemeral lock node is never written).
+    async fn release(&self) -> Result<()> {
+        let session = &self.node.session;
+        match session
+            .request(session.client.delete(&self.node.path, Some(0)))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(zk::Error::NoNode | zk::Error::BadVersion) => Err(self.lost(LostReason::NotOwner)),
+            Err(zk::Error::SessionExpired | zk::Error::ClientClosed) => Err(self.lost(
+                LostReason::SessionLost("the ZooKeeper session expired".into()),
+            )),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Resolves when the session is lost: at once when it expires or is closed, or after it
+    /// stayed disconnected for the session timeout (see [`Session`]).
+    async fn lost(&self) -> LostReason {
+        LostReason::SessionLost(self.node.session.lost().await)
+    }
+}

@@ -1,0 +1,390 @@
+//! The ZooKeeper backend and its acquire path: an ephemeral sequential node per
+//! acquisition, waiting on the deletion of the node just before ours.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lockkit_core::backend::{
+    run_detached, spawn_cleanup, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, LockName, LockOptions,
+};
+use lockkit_core::{Error, Result};
+use tokio::time::Instant;
+use zookeeper_client as zk;
+
+use crate::error::{map_err, BACKEND};
+use crate::lease::ZkLease;
+use crate::options::ZkOptions;
+use crate::session::{Health, Session};
+
+/// Marks the lock nodes of this crate; the sequence number follows it.
+const LOCK_SUFFIX: &str = "-lock-";
+
+/// What `try_lock`'s request found.
+type Outcome = lockkit_core::backend::Outcome;
+
+/// A lock service on a ZooKeeper ensemble (`zk://h1:2181,h2:2181/optional/chroot`).
+///
+/// Each acquisition creates an ephemeral sequential node `<root>/<encoded name>/_c_<uuid>-lock-N`;
+/// the lowest sequence holds the lock, every other contender watches only its immediate
+/// predecessor, so the lock is handed over in FIFO order without a thundering herd. The
+/// fencing token is the node's `czxid`. The lease is the ZooKeeper session that owns the
+/// node: one session per client and per session timeout (the TTL), shared by all the guards
+/// with that TTL. See the crate documentation for the details.
+#[derive(Debug, Clone)]
+pub struct ZkLock {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The connect string for the client crate: `h1:p1,h2:p2[/chroot]`.
+    cluster: String,
+    options: ZkOptions,
+    /// Live sessions by requested session timeout (ms).
+    sessions: tokio::sync::Mutex<HashMap<u64, Arc<Session>>>,
+}
+
+impl ZkLock {
+    /// Connects with default options to `zk://host:port[,host:port…][/chroot][?root=/path]`
+    /// (`zookeeper://` works too).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, ZkOptions::default()).await
+    }
+
+    /// Connects with `options`. What `options` sets wins over the URL's parameters: a
+    /// `root=` in the URL applies only if `options.root` is `None`. A first session (with
+    /// the default TTL as its timeout) is opened now, so an unreachable ensemble is reported
+    /// here as [`Error::Connection`].
+    pub async fn connect_with(url: &str, mut options: ZkOptions) -> Result<Self> {
+        let cluster = options.apply_url(url)?;
+        let lock = ZkLock {
+            inner: Arc::new(Inner {
+                cluster,
+                options,
+                sessions: tokio::sync::Mutex::new(HashMap::new()),
+            }),
+        };
+        lock.inner.session(lockkit_core::DEFAULT_TTL).await?;
+        Ok(lock)
+    }
+
+    /// The znode path (relative to the chroot) of the parent node under which the
+    /// contenders for `name` queue.
+    pub fn lock_path(&self, name: &LockName) -> String {
+        self.inner.parent(name)
+    }
+
+    /// The raw client of the session this lock uses for guards with lease TTL `ttl`
+    /// (opened now if there is none). Guards that hold locks through it lose them if the
+    /// session expires or is closed; meant for inspection and fault-injection tests.
+    pub async fn session_client(&self, ttl: Duration) -> Result<zk::Client> {
+        Ok(self.inner.session(ttl).await?.client.clone())
+    }
+}
+
+/// A node this client created: its path, `czxid` and owning session.
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub(crate) session: Arc<Session>,
+    pub(crate) path: String,
+    pub(crate) czxid: i64,
+}
+
+impl Node {
+    /// The node's name under its parent.
+    fn child(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or("")
+    }
+}
+
+/// An armed node is deleted in the background when dropped: a dropped `lock()` future, or an
+/// attempt that failed after creating its node, leaves nothing queued.
+impl Cleanup for Node {
+    const WHAT: &'static str = "deleting a lock node";
+
+    async fn cleanup(self) -> Result<()> {
+        self.session.delete(&self.path).await
+    }
+}
+
+/// `lock()`'s first request: our node, queued, and the same node as a lease, so a caller that
+/// stops waiting during the request has it deleted.
+struct Queued(Acquired, Node);
+
+impl Attempt for Queued {
+    fn into_acquired(self) -> Option<Acquired> {
+        Some(self.0)
+    }
+}
+
+impl Inner {
+    fn parent(&self, name: &LockName) -> String {
+        format!("{}/{}", self.options.lock_root(), name.encoded())
+    }
+
+    /// The live session for guards with lease TTL `ttl`, opened if there is none (or the
+    /// previous one was lost).
+    async fn session(&self, ttl: Duration) -> Result<Arc<Session>> {
+        let key = ttl.as_millis().min(u128::from(u64::MAX)) as u64;
+        let mut sessions = self.sessions.lock().await;
+        if let Some(session) = sessions.get(&key) {
+            if session.is_usable() {
+                return Ok(session.clone());
+            }
+            sessions.remove(&key);
+        }
+        let session = Arc::new(Session::open(&self.cluster, ttl, &self.options).await?);
+        sessions.insert(key, session.clone());
+        Ok(session)
+    }
+
+    /// Creates our ephemeral sequential node under `parent`, creating the parents on
+    /// demand. A create whose answer was lost is found again by its unique marker.
+    async fn create_node(&self, session: &Arc<Session>, parent: &str) -> Result<Node> {
+        let marker = format!("_c_{}", uuid::Uuid::new_v4());
+        let prefix = format!("{parent}/{marker}{LOCK_SUFFIX}");
+        let client = &session.client;
+        let mode = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+        for _ in 0..10 {
+            let created = session.request(client.create(&prefix, b"", &mode)).await;
+            match created {
+                Ok((stat, sequence)) => {
+                    return Ok(Node {
+                        session: session.clone(),
+                        path: format!("{prefix}{sequence}"),
+                        czxid: stat.czxid,
+                    })
+                }
+                Err(zk::Error::NoNode) => self.create_parent(session, parent).await?,
+                Err(e @ (zk::Error::ConnectionLoss | zk::Error::Timeout)) => {
+                    // The create may have gone through: look for our marker. Requests of a
+                    // session are ordered, so a create the server got is visible now.
+                    match self.find_marked(session, parent, &marker).await {
+                        Ok(Some(node)) => return Ok(node),
+                        Ok(None) => return Err(map_err(e)),
+                        Err(found) => {
+                            // Still unsure: delete it in the background once it is visible.
+                            let delete = session.clone().delete_marked(parent.to_string(), marker);
+                            spawn_cleanup("deleting a lock node created unseen", delete);
+                            return Err(found);
+                        }
+                    }
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        Err(Error::backend(
+            BACKEND,
+            format!("the lock node {parent} kept disappearing while creating a contender"),
+        ))
+    }
+
+    /// Creates the root (persistent) and the lock's parent (a container node, reaped by the
+    /// server once empty).
+    async fn create_parent(&self, session: &Session, parent: &str) -> Result<()> {
+        let client = &session.client;
+        let container = zk::CreateMode::Container.with_acls(zk::Acls::anyone_all());
+        match session
+            .request(client.create(parent, b"", &container))
+            .await
+        {
+            Ok(_) | Err(zk::Error::NodeExists) => return Ok(()),
+            Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        let root = self.options.lock_root();
+        match session.request(client.mkdir(root, &persistent)).await {
+            Ok(()) => {}
+            Err(zk::Error::NoNode) => {
+                return Err(Error::InvalidOptions(format!(
+                    "the chroot of `{}` does not exist: create it first",
+                    self.cluster
+                )))
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+        match session
+            .request(client.create(parent, b"", &container))
+            .await
+        {
+            // NoNode: a racing reaper; the caller's create tries again.
+            Ok(_) | Err(zk::Error::NodeExists | zk::Error::NoNode) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Our node with `marker` under `parent`, if it exists.
+    async fn find_marked(
+        &self,
+        session: &Arc<Session>,
+        parent: &str,
+        marker: &str,
+    ) -> Result<Option<Node>> {
+        let children = session.request(session.client.list_children(parent)).await;
+        let children = match children {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => return Ok(None),
+            Err(e) => return Err(map_err(e)),
+        };
+        let Some(child) = children.into_iter().find(|c| c.starts_with(marker)) else {
+            return Ok(None);
+        };
+        let path = format!("{parent}/{child}");
+        match session.request(session.client.check_stat(&path)).await {
+            Ok(Some(stat)) => Ok(Some(Node {
+                session: session.clone(),
+                path,
+                czxid: stat.czxid,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// The contenders under `parent` in queue order, as names.
+    async fn queue(&self, session: &Session, parent: &str) -> Result<Vec<String>> {
+        let children = session.request(session.client.list_children(parent)).await;
+        let mut children = match children {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => Vec::new(),
+            Err(e) => return Err(map_err(e)),
+        };
+        children.retain(|c| sequence_of(c).is_some());
+        children.sort_by_key(|c| sequence_of(c));
+        Ok(children)
+    }
+
+    fn acquired(&self, name: &LockName, node: Node, ttl: Duration, started: Instant) -> Acquired {
+        let token = FencingToken(node.czxid.max(0) as u64);
+        let lease = ZkLease {
+            name: name.clone(),
+            node,
+        };
+        Acquired::new(token, started + ttl, Box::new(lease))
+    }
+
+    /// `try_lock`'s request: create, and keep the node only if it is first in line.
+    async fn attempt(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome> {
+        let started = Instant::now();
+        let session = self.session(ttl).await?;
+        let parent = self.parent(&name);
+        let node = Armed::new(self.create_node(&session, &parent).await?);
+        let queue = self.queue(&session, &parent).await?;
+        if queue.first().map(String::as_str) == Some(node.child()) {
+            let node = node.disarm();
+            return Ok(Outcome::Won(self.acquired(&name, node, ttl, started)));
+        }
+        // Not first: take our node out of the queue again, waiting for the answer, so a
+        // caller that retries at once does not find itself queued twice (if the delete
+        // fails, the armed node is deleted in the background).
+        let deleted = session.request(session.client.delete(&node.path, None));
+        if let Ok(()) | Err(zk::Error::NoNode) = deleted.await {
+            node.disarm();
+        }
+        Ok(Outcome::Busy(()))
+    }
+
+    /// `lock()`'s first request: queue up.
+    async fn enqueue(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Queued> {
+        let started = Instant::now();
+        let session = self.session(ttl).await?;
+        let node = self.create_node(&session, &self.parent(&name)).await?;
+        let acquired = self.acquired(&name, node.clone(), ttl, started);
+        Ok(Queued(acquired, node))
+    }
+
+    /// Waits until `node` is first in line: watches only its immediate predecessor. Returns
+    /// when the request that saw it first was sent: the lease is known valid from then.
+    async fn wait_turn(&self, name: &LockName, node: &Node) -> Result<Instant> {
+        let session = &node.session;
+        let parent = self.parent(name);
+        let mine = node.child();
+        loop {
+            if let Health::Lost(why) = session.health() {
+                return Err(Error::connection(BACKEND, format!("session lost: {why}")));
+            }
+            let asked = Instant::now();
+            let queue = self.queue(session, &parent).await?;
+            let Some(at) = queue.iter().position(|c| *c == mine) else {
+                return Err(Error::connection(
+                    BACKEND,
+                    "our queued node vanished (session expired?)",
+                ));
+            };
+            if at == 0 {
+                return Ok(asked);
+            }
+            let predecessor = format!("{parent}/{}", queue[at - 1]);
+            let watched = session
+                .request(session.client.check_and_watch_stat(&predecessor))
+                .await;
+            match watched {
+                Ok((None, _)) => continue,
+                Ok((Some(_), watcher)) => {
+                    tokio::select! {
+                        _ = watcher.changed() => {}
+                        why = session.lost() => {
+                            return Err(Error::connection(BACKEND, format!("session lost: {why}")));
+                        }
+                    }
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for ZkLock {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let options = &self.inner.options;
+        Capabilities::new(options.min_ttl)
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(true)
+            .fifo(true)
+            .max_ttl(options.max_ttl)
+    }
+
+    async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        let attempt = self.inner.clone().attempt(name.clone(), opts.ttl);
+        Ok(run_detached(attempt).await?.into_acquired())
+    }
+
+    async fn lock(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        _deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        let enqueue = self.inner.clone().enqueue(name.clone(), opts.ttl);
+        let Queued(_, node) = run_detached(enqueue).await?;
+        // From here on, a dropped future deletes the node in the background.
+        let node = Armed::new(node);
+        let first = self.inner.wait_turn(name, &node).await?;
+        Ok(self.inner.acquired(name, node.disarm(), opts.ttl, first))
+    }
+}
+
+/// The sequence number of a lock node name, if it is one of ours.
+fn sequence_of(child: &str) -> Option<i64> {
+    let (_, sequence) = child.rsplit_once(LOCK_SUFFIX)?;
+    sequence.parse().ok()
+}
+
+impl Connect for ZkLock {
+    const SCHEMES: &'static [&'static str] = &["zk", "zookeeper"];
+
+    async fn connect(url: &str) -> Result<Self> {
+        ZkLock::connect(url).await
+    }
+}

@@ -32,6 +32,7 @@ fn a_negative_wait_is_refused() {
     assert!(err.contains("--wait"), "{err}");
 }
 
+/// One URL per backend with a password (or token) and a broken part.
 #[test]
 fn a_bad_url_never_shows_its_password() {
     for url in [
@@ -39,6 +40,10 @@ fn a_bad_url_never_shows_its_password() {
         "zk://u:s3cretpw@127.0.0.1:1",
         "redis://u:s3c/ret@127.0.0.1:1",
         "postgres://u:s3cret@127.0.0.1:1/db?nonsense=1",
+        "mysql://u:s3cret@127.0.0.1:1/db?strategy=sideways",
+        "redlock://:s3cret@127.0.0.1:1,127.0.0.1:2,[::1/0",
+        "consul://127.0.0.1:1?token=s3cret&colour=red",
+        "consul://u:s3cret%zz@127.0.0.1:1",
         "nosuchscheme://u:s3cret@h",
     ] {
         let (code, err) = run(&["--url", url, "--name", "x", "--wait", "0"]);

@@ -28,6 +28,34 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+/// The table of the INSERT + DELETE floors (valid SQL for PostgreSQL, MySQL and SQLite;
+/// not the old benchmarks' `lockkit_bench_floor`, whose MySQL column was too short).
+const CREATE_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS lockkit_bench_floor_rows (name VARCHAR(64) PRIMARY KEY)";
+
+/// INSERT + DELETE of the round's row, on a `Mutex` of any sqlx connection; `$p` is the
+/// database's placeholder (`$1` or `?`).
+macro_rules! insert_delete {
+    ($conn:expr, $key:expr, $p:literal) => {{
+        let mut conn = $conn.lock().await;
+        sqlx::query(concat!(
+            "INSERT INTO lockkit_bench_floor_rows VALUES (",
+            $p,
+            ")"
+        ))
+        .bind($key)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(concat!(
+            "DELETE FROM lockkit_bench_floor_rows WHERE name = ",
+            $p
+        ))
+        .bind($key)
+        .execute(&mut *conn)
+        .await?;
+    }};
+}
+
 /// A connection to a backend's server through its plain client crate, ready to run floor
 /// rounds.
 pub(crate) struct Floor {
@@ -121,11 +149,7 @@ impl Floor {
                         Client::PgAdvisory(Mutex::new(conn))
                     }),
                     true => {
-                        sqlx::query(
-                            "CREATE TABLE IF NOT EXISTS lockkit_bench_floor (name TEXT PRIMARY KEY)",
-                        )
-                        .execute(&mut conn)
-                        .await?;
+                        sqlx::query(CREATE_TABLE).execute(&mut conn).await?;
                         ("INSERT + DELETE", Client::PgTable(Mutex::new(conn)))
                     }
                 }
@@ -138,12 +162,7 @@ impl Floor {
                         Client::MySqlAdvisory(Mutex::new(conn))
                     }),
                     true => {
-                        sqlx::query(
-                            "CREATE TABLE IF NOT EXISTS lockkit_bench_floor \
-                             (name VARCHAR(64) PRIMARY KEY)",
-                        )
-                        .execute(&mut conn)
-                        .await?;
+                        sqlx::query(CREATE_TABLE).execute(&mut conn).await?;
                         ("INSERT + DELETE", Client::MySqlTable(Mutex::new(conn)))
                     }
                 }
@@ -156,11 +175,7 @@ impl Floor {
                     .busy_timeout(std::time::Duration::from_secs(5))
                     .connect()
                     .await?;
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS lockkit_bench_floor (name TEXT PRIMARY KEY)",
-                )
-                .execute(&mut conn)
-                .await?;
+                sqlx::query(CREATE_TABLE).execute(&mut conn).await?;
                 ("INSERT + DELETE", Client::Sqlite(Mutex::new(conn)))
             }
             other => return Err(parsed.error(format!("no floor for scheme {other}")).into()),
@@ -241,39 +256,9 @@ impl Floor {
                     .execute(&mut *conn)
                     .await?;
             }
-            Client::PgTable(conn) => {
-                let mut conn = conn.lock().await;
-                sqlx::query("INSERT INTO lockkit_bench_floor VALUES ($1)")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("DELETE FROM lockkit_bench_floor WHERE name = $1")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            Client::MySqlTable(conn) => {
-                let mut conn = conn.lock().await;
-                sqlx::query("INSERT INTO lockkit_bench_floor VALUES (?)")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("DELETE FROM lockkit_bench_floor WHERE name = ?")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            Client::Sqlite(conn) => {
-                let mut conn = conn.lock().await;
-                sqlx::query("INSERT INTO lockkit_bench_floor VALUES (?)")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("DELETE FROM lockkit_bench_floor WHERE name = ?")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            Client::PgTable(conn) => insert_delete!(conn, key, "$1"),
+            Client::MySqlTable(conn) => insert_delete!(conn, key, "?"),
+            Client::Sqlite(conn) => insert_delete!(conn, key, "?"),
         }
         Ok(())
     }

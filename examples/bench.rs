@@ -14,8 +14,8 @@
 //! cargo run --release --all-features --example bench -- \
 //!     --url redis://my-host:6379 --url sqlite:///tmp/bench.db --iterations 500 --seconds 2
 //! ```
-//! Without `--url` it runs every URL of `target/services.env` (each `LOCKKIT_*_URL`
-//! environment variable overriding its line), PostgreSQL and MySQL once per strategy.
+//! Without `--url` it runs every server URL: the `LOCKKIT_*_URL` environment variables and
+//! the lines of `target/services.env`, PostgreSQL and MySQL once per strategy.
 
 #[path = "bench/floor.rs"]
 mod floor;
@@ -31,8 +31,8 @@ use floor::Floor;
 
 #[derive(Parser)]
 struct Args {
-    /// A lockkit URL to measure; repeat for several (default: every URL of
-    /// target/services.env).
+    /// A lockkit URL to measure; repeat for several (default: every LOCKKIT_*_URL of the
+    /// environment and target/services.env).
     #[arg(long)]
     url: Vec<String>,
     /// Timed iterations of each uncontended measurement, per round.
@@ -150,7 +150,7 @@ async fn main() {
         false => args.url.clone(),
     };
     println!(
-        "{:<16} {:<30} {:>28} {:>28} {:>6} {:>9} {:>5} {:>17}",
+        "{:<18} {:<30} {:>28} {:>28} {:>6} {:>9} {:>5} {:>17}",
         "",
         "floor",
         "floor ms mean/p50/p99",
@@ -164,7 +164,7 @@ async fn main() {
         let label = label(url);
         match measure(url, &args).await {
             Ok(row) => println!(
-                "{label:<16} {:<30} {:>28} {:>28} {:>5.2}x {:>9.0} {:>5.2} {:>17}",
+                "{label:<18} {:<30} {:>28} {:>28} {:>5.2}x {:>9.0} {:>5.2} {:>17}",
                 row.floor_what,
                 format!(
                     "{}/{}/{}",
@@ -183,7 +183,7 @@ async fn main() {
                 row.fairness,
                 format!("{}/{}", ms(row.wait.p99), ms(row.wait.max)),
             ),
-            Err(e) => println!("{label:<16} failed: {e}"),
+            Err(e) => println!("{label:<18} failed: {e}"),
         }
     }
 }

@@ -14,21 +14,23 @@ fn services_env() -> PathBuf {
         .join("services.env")
 }
 
-/// The `KEY=value` lines of `target/services.env`, in file order. Panics with instructions
-/// when the file cannot be read.
-fn env_file(wanted: &str) -> Vec<(String, String)> {
-    let file = services_env();
-    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
-        panic!(
-            "{wanted} is not set and {} cannot be read ({e}): start the test servers with \
-             `scripts/services up`, or run everything with `scripts/test`",
-            file.display()
-        )
-    });
-    text.lines()
+/// The `KEY=value` lines of `target/services.env`, in file order.
+fn env_file() -> std::io::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(services_env())?;
+    Ok(text
+        .lines()
         .filter_map(|line| line.split_once('='))
         .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
-        .collect()
+        .collect())
+}
+
+/// Fails a test that wants the server URL `wanted` when `target/services.env` cannot be read.
+fn no_env_file(wanted: &str, e: std::io::Error) -> ! {
+    panic!(
+        "{wanted} is not set and {} cannot be read ({e}): start the test servers with \
+         `scripts/services up`, or run everything with `scripts/test`",
+        services_env().display()
+    )
 }
 
 /// The URL of a test server: the environment variable `key` if set (to test against your own
@@ -39,7 +41,8 @@ pub fn service_url(key: &str) -> String {
     if let Ok(url) = std::env::var(key) {
         return url;
     }
-    match env_file(key).into_iter().find(|(k, _)| k == key) {
+    let lines = env_file().unwrap_or_else(|e| no_env_file(key, e));
+    match lines.into_iter().find(|(k, _)| k == key) {
         Some((_, url)) => url,
         None => panic!(
             "{key} is not set and {} has no {key}: start that server with \
@@ -49,18 +52,39 @@ pub fn service_url(key: &str) -> String {
     }
 }
 
-/// Every server URL of `target/services.env` (the `LOCKKIT_*_URL` lines), as `(key, url)` in
-/// file order, each overridden by its environment variable if set. Panics with instructions
-/// when the file cannot be read.
+/// Whether `key` names a server URL: `LOCKKIT_*_URL`.
+fn is_url_key(key: &str) -> bool {
+    key.len() > "LOCKKIT__URL".len() && key.starts_with("LOCKKIT_") && key.ends_with("_URL")
+}
+
+/// Every server URL, as `(key, url)`: the `LOCKKIT_*_URL` lines of `target/services.env` in
+/// file order, each overridden by its environment variable if set, then the `LOCKKIT_*_URL`
+/// environment variables the file does not have, by name. Panics with instructions when
+/// there are none (no such variable, and the file cannot be read).
 pub fn service_urls() -> Vec<(String, String)> {
-    env_file("LOCKKIT_*_URL")
+    let mut from_env: Vec<(String, String)> = std::env::vars()
+        .filter(|(key, _)| is_url_key(key))
+        .collect();
+    from_env.sort();
+    let in_file = match env_file() {
+        Ok(lines) => lines,
+        Err(_) if !from_env.is_empty() => Vec::new(),
+        Err(e) => no_env_file("LOCKKIT_*_URL", e),
+    };
+    let mut urls: Vec<(String, String)> = in_file
         .into_iter()
-        .filter(|(key, _)| key.starts_with("LOCKKIT_") && key.ends_with("_URL"))
+        .filter(|(key, _)| is_url_key(key))
         .map(|(key, url)| {
             let url = std::env::var(&key).unwrap_or(url);
             (key, url)
         })
-        .collect()
+        .collect();
+    for (key, url) in from_env {
+        if !urls.iter().any(|(k, _)| *k == key) {
+            urls.push((key, url));
+        }
+    }
+    urls
 }
 
 /// `url` with the query parameters `params` (`a=1&b=2`) appended: after `?`, or after `&`

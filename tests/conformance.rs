@@ -4,11 +4,10 @@
 //! `scripts/services up`. Each backend lists the guarantees it claims; only their cases are
 //! stamped, and `<backend>::claimed_capabilities` checks the list against the backend.
 
-mod common;
-
 use lockkit::backend::async_trait;
 use lockkit::Locks;
 use lockkit_core::conformance::Harness;
+use lockkit_testkit::{service_url, with_params};
 
 /// Every client of one harness opens the same database file, as separate processes would;
 /// each test gets its own file.
@@ -54,19 +53,10 @@ struct UrlHarness {
     closed: &'static str,
 }
 
-#[allow(dead_code)]
-fn with_params(url: &str, params: &str) -> String {
-    match (params.is_empty(), url.contains('?')) {
-        (true, _) => url.to_string(),
-        (false, true) => format!("{url}&{params}"),
-        (false, false) => format!("{url}?{params}"),
-    }
-}
-
 #[async_trait]
 impl Harness for UrlHarness {
     async fn client(&self) -> Locks {
-        let url = with_params(&common::service_url(self.url_key), self.params);
+        let url = with_params(&service_url(self.url_key), self.params);
         lockkit::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url_key))

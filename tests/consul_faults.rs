@@ -3,24 +3,22 @@
 //! stops itself.
 #![cfg(feature = "consul")]
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
 use lockkit::{ConsulLock, Error, LockName, LockOptions, Locks, LostReason};
+use lockkit_testkit::{fresh_name, hosts, service_url};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 
 fn url() -> String {
-    common::service_url("LOCKKIT_CONSUL_URL")
+    service_url("LOCKKIT_CONSUL_URL")
 }
 
 /// `host:port` of a `consul://` URL.
 fn address(url: &str) -> String {
-    let rest = url.strip_prefix("consul://").expect("consul:// URL");
-    rest.split(['/', '?']).next().unwrap().to_string()
+    hosts(url).swap_remove(0)
 }
 
 /// One raw HTTP/1.0 request to the agent, outside lockkit: (status, body).
@@ -60,10 +58,6 @@ async fn entry(address: &str, key: &str) -> Option<Value> {
     }
 }
 
-fn fresh(case: &str) -> String {
-    format!("lockkit-faults/{case}/{}", fastrand::u64(..))
-}
-
 /// The fencing token is the key's ModifyIndex after the acquisition, not its LockIndex:
 /// LockIndex starts again at 1 when the key is deleted (by `DELETE`, or by Consul when a
 /// `behavior=delete` session holding it is invalidated), ModifyIndex is a Raft index and only
@@ -73,7 +67,7 @@ async fn fencing_token_is_modify_index_and_survives_key_deletion() {
     let url = url();
     let addr = address(&url);
     let locks = Locks::new(ConsulLock::connect(&url).await.unwrap());
-    let name = fresh("fencing");
+    let name = fresh_name("lockkit-faults/fencing");
     let key = locks
         .backend_as::<ConsulLock>()
         .unwrap()
@@ -146,7 +140,7 @@ async fn session_destroyed_from_outside_fires_lost() {
         Locks::new(ConsulLock::connect(&url).await.unwrap()),
         Locks::new(ConsulLock::connect(&url).await.unwrap()),
     );
-    let name = fresh("destroyed");
+    let name = fresh_name("lockkit-faults/destroyed");
     let key = a
         .backend_as::<ConsulLock>()
         .unwrap()

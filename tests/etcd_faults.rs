@@ -1,34 +1,20 @@
-//! etcd beyond the conformance suite: FIFO hand-off, a lease revoked from outside, and a
-//! server killed, paused and restarted under a holder. The shared etcd of `scripts/services`
-//! is never stopped: the restart test starts a private etcd of its own.
+//! etcd beyond the conformance suite (which checks FIFO hand-off): a lease revoked from
+//! outside, a waiter's key lost, a dead cluster member, and a server killed, paused and
+//! restarted under a holder. The shared etcd of `scripts/services` is never stopped: the
+//! restart test starts a private etcd of its own.
 #![cfg(feature = "etcd")]
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockkit::etcd::etcd_client::{self, GetOptions};
 use lockkit::{EtcdLock, LockGuard, LockName, LockOptions, Locks, LostReason};
 use tokio::time::Instant;
 
-use common::service_url;
-
-fn fresh(case: &str) -> String {
-    format!("lockkit-faults/{case}/{}", fastrand::u64(..))
-}
-
-/// `host:port` of every endpoint of an `etcd://` URL, for a raw client.
-fn endpoints(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let hosts = rest.split(['/', '?']).next().unwrap_or_default();
-    let hosts = hosts.rsplit_once('@').map_or(hosts, |(_, hosts)| hosts);
-    hosts.split(',').map(str::to_string).collect()
-}
+use lockkit_testkit::{fresh_name, hosts, service_url};
 
 async fn raw_client(url: &str) -> etcd_client::Client {
-    etcd_client::Client::connect(endpoints(url), None)
+    etcd_client::Client::connect(hosts(url), None)
         .await
         .expect("raw etcd client")
 }
@@ -61,44 +47,6 @@ async fn wait_for_queue(raw: &mut etcd_client::Client, prefix: &str, len: usize)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiters_are_served_in_the_order_they_queued() {
-    let url = service_url("LOCKKIT_ETCD_URL");
-    let mut raw = raw_client(&url).await;
-    let holder_client = Locks::new(EtcdLock::connect(&url).await.unwrap());
-    let name = fresh("fifo");
-    let prefix = holder_client
-        .backend_as::<EtcdLock>()
-        .unwrap()
-        .key_prefix(&LockName::new(&name).unwrap());
-    let opts = LockOptions::new().wait_timeout(Duration::from_secs(20));
-    let holder = holder_client.acquire_with(&name, &opts).await.unwrap();
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let mut waiters = Vec::new();
-    for i in 0..5 {
-        // Each waiter on a client (connection) of its own, as separate processes would.
-        let client = Locks::new(EtcdLock::connect(&url).await.unwrap());
-        let (name, opts, order) = (name.clone(), opts.clone(), order.clone());
-        waiters.push(tokio::spawn(async move {
-            let guard = client.acquire_with(&name, &opts).await.expect("waiter");
-            order.lock().unwrap().push(i);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            guard.release().await.expect("release");
-        }));
-        // Queued (its key exists) before the next one starts.
-        wait_for_queue(&mut raw, &prefix, i + 2).await;
-    }
-    holder.release().await.unwrap();
-    for waiter in waiters {
-        waiter.await.unwrap();
-    }
-    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
-    assert!(
-        queue(&mut raw, &prefix).await.is_empty(),
-        "keys left behind"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_revoked_from_outside_fires_lost_and_frees_the_lock() {
     let url = service_url("LOCKKIT_ETCD_URL");
     let mut raw = raw_client(&url).await;
@@ -106,7 +54,7 @@ async fn a_lease_revoked_from_outside_fires_lost_and_frees_the_lock() {
         Locks::new(EtcdLock::connect(&url).await.unwrap()),
         Locks::new(EtcdLock::connect(&url).await.unwrap()),
     );
-    let name = fresh("revoked");
+    let name = fresh_name("lockkit-faults/revoked");
     let prefix = a
         .backend_as::<EtcdLock>()
         .unwrap()
@@ -146,7 +94,7 @@ async fn extend_to_another_ttl_rebinds_the_key_and_keeps_its_token() {
         Locks::new(EtcdLock::connect(&url).await.unwrap()),
         Locks::new(EtcdLock::connect(&url).await.unwrap()),
     );
-    let name = fresh("rebind");
+    let name = fresh_name("lockkit-faults/rebind");
     let prefix = a
         .backend_as::<EtcdLock>()
         .unwrap()
@@ -189,7 +137,7 @@ async fn a_waiter_whose_key_vanished_queues_again_instead_of_taking_the_lock() {
         Locks::new(EtcdLock::connect(&url).await.unwrap()),
         Locks::new(EtcdLock::connect(&url).await.unwrap()),
     );
-    let name = fresh("vanished_waiter");
+    let name = fresh_name("lockkit-faults/vanished_waiter");
     let prefix = a
         .backend_as::<EtcdLock>()
         .unwrap()
@@ -224,7 +172,7 @@ async fn a_waiter_whose_key_vanished_queues_again_instead_of_taking_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_url_with_a_dead_member_still_locks() {
     let url = service_url("LOCKKIT_ETCD_URL");
-    let live = endpoints(&url).join(",");
+    let live = hosts(&url).join(",");
     // Port 1 on loopback is closed: a member that is down.
     let cluster = format!("etcd://127.0.0.1:1,{live}");
     let started = Instant::now();
@@ -233,7 +181,7 @@ async fn a_cluster_url_with_a_dead_member_still_locks() {
             .await
             .expect("connect with one member down"),
     );
-    let name = fresh("dead_member");
+    let name = fresh_name("lockkit-faults/dead_member");
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
     for _ in 0..20 {
         let guard = client.acquire_with(&name, &opts).await.expect("acquire");
@@ -374,7 +322,7 @@ async fn server_killed_paused_and_restarted_under_a_renewing_holder() {
 
     // 1. Killed and restarted within the lease: the holder renews across the restart and
     // keeps the lock, or reports it lost; a contender never gets it while the holder holds.
-    let name = fresh("restart");
+    let name = fresh_name("lockkit-faults/restart");
     let ttl = Duration::from_secs(6);
     let guard = a
         .acquire_with(&name, &LockOptions::new().ttl(ttl))
@@ -400,7 +348,7 @@ async fn server_killed_paused_and_restarted_under_a_renewing_holder() {
     // 2. Paused past the lease: the holder reports the lock lost by the end of its lease;
     // once the server runs again, the contender gets the lock, and never before the holder
     // has given it up.
-    let name = fresh("paused");
+    let name = fresh_name("lockkit-faults/paused");
     let ttl = Duration::from_secs(2);
     let guard = a
         .acquire_with(&name, &LockOptions::new().ttl(ttl))

@@ -3,15 +3,13 @@
 //! time, in their own test binary (cargo runs test binaries one after another).
 #![cfg(feature = "redis")]
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
 use lockkit::{Error, LockName, LockOptions, Locks, LostReason, RedisLock};
 use tokio::time::Instant;
 
-use common::service_url;
+use lockkit_testkit::{fresh_name, service_url};
 
 /// One fault test at a time: they stop shared servers.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -43,10 +41,6 @@ impl Drop for Stopped {
     }
 }
 
-fn fresh(case: &str) -> String {
-    format!("lockkit-faults/{case}/{}", fastrand::u64(..))
-}
-
 async fn redlock() -> Locks {
     Locks::new(
         RedisLock::connect(&service_url("LOCKKIT_REDLOCK_URL"))
@@ -61,7 +55,7 @@ async fn redlock_with_two_of_five_down_acquires_renews_and_releases() {
     let before = redlock().await; // connected while all instances were up
     let down = Stopped::new(&["redis-16380", "redis-16381"]);
     let after = redlock().await; // connected while two are down
-    let name = fresh("two_down");
+    let name = fresh_name("lockkit-faults/two_down");
     let ttl = Duration::from_secs(1);
     let opts = LockOptions::new()
         .ttl(ttl)
@@ -95,7 +89,7 @@ async fn redlock_with_three_of_five_down_fails_fast_and_leaves_no_key() {
     let _serial = SERIAL.lock().await;
     let down = Stopped::new(&["redis-16380", "redis-16381", "redis-16382"]);
     let client = redlock().await;
-    let name = fresh("three_down");
+    let name = fresh_name("lockkit-faults/three_down");
     let started = Instant::now();
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(3));
     let err = client
@@ -127,7 +121,7 @@ async fn redlock_with_three_of_five_down_fails_fast_and_leaves_no_key() {
 async fn redlock_tokens_rise_while_the_answering_instances_change() {
     let _serial = SERIAL.lock().await;
     let (a, b) = (redlock().await, redlock().await);
-    let name = fresh("changing_quorum");
+    let name = fresh_name("lockkit-faults/changing_quorum");
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(10));
     let mut tokens = Vec::new();
     for phase in [
@@ -160,7 +154,7 @@ async fn redis_waiter_wakes_on_the_release_message() {
         Locks::new(RedisLock::connect(&url).await.unwrap()),
         Locks::new(RedisLock::connect(&url).await.unwrap()),
     );
-    let name = fresh("wake");
+    let name = fresh_name("lockkit-faults/wake");
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(10));
     for round in 0..5 {
         let guard = a.acquire_with(&name, &opts).await.unwrap();
@@ -191,7 +185,7 @@ async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
             .await
             .unwrap(),
     );
-    let name = fresh("server_gone");
+    let name = fresh_name("lockkit-faults/server_gone");
     let ttl = Duration::from_secs(2);
     let guard = client
         .acquire_with(&name, &LockOptions::new().ttl(ttl))
@@ -209,7 +203,7 @@ async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
     let started = Instant::now();
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
     let err = client
-        .acquire_with(&fresh("server_gone"), &opts)
+        .acquire_with(&fresh_name("lockkit-faults/server_gone"), &opts)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
@@ -219,7 +213,10 @@ async fn redis_server_gone_mid_lease_fires_lost_and_errors_are_typed() {
     // Back up: the same client works again once the server returns.
     let again = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match client.acquire_with(&fresh("server_back"), &opts).await {
+            match client
+                .acquire_with(&fresh_name("lockkit-faults/server_back"), &opts)
+                .await
+            {
                 Ok(guard) => break guard,
                 Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
                 Err(e) => panic!("{e}"),

@@ -2,23 +2,15 @@
 //! URLs. These fail loudly when a server is missing, so no backend's tests are skipped
 //! silently.
 
-mod common;
-
 use std::time::Duration;
 
+use lockkit_testkit::{hosts, service_url};
 use tokio::net::TcpStream;
 
 /// Connects to every `host:port` of a URL's authority (RedLock and etcd URLs list several).
 async fn answers(key: &str) {
-    let url = common::service_url(key);
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, hosts)| hosts);
-    assert!(!authority.is_empty(), "{key}={url} names no host");
-    for host in authority.split(',') {
-        let connect = TcpStream::connect(host);
+    for host in hosts(&service_url(key)) {
+        let connect = TcpStream::connect(&host);
         match tokio::time::timeout(Duration::from_secs(5), connect).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => panic!("{key}: {host} refused: {e}"),

@@ -3,8 +3,6 @@
 //! keys that collide.
 #![cfg(all(feature = "postgres", feature = "mysql"))]
 
-mod common;
-
 use std::time::Duration;
 
 use lockkit::sql::{MySqlLock, PgLock};
@@ -12,14 +10,10 @@ use lockkit::{LockName, LockOptions, Locks, LostReason};
 use sqlx::{MySqlPool, PgPool};
 use tokio::time::Instant;
 
-use common::service_url;
-
-fn fresh(case: &str) -> String {
-    format!("lockkit-sql-faults/{case}/{}", fastrand::u64(..))
-}
+use lockkit_testkit::{fresh_name, service_url, with_params};
 
 fn url(key: &str, strategy: &str) -> String {
-    format!("{}?strategy={strategy}", service_url(key))
+    with_params(&service_url(key), &format!("strategy={strategy}"))
 }
 
 /// The backend pid holding the advisory lock of `key`, if any.
@@ -74,7 +68,7 @@ async fn postgres_killed_connection_fires_lost_and_frees_the_lock() {
                 .unwrap(),
         ),
     );
-    let name = fresh("pg_killed");
+    let name = fresh_name("lockkit-sql-faults/pg_killed");
     let ttl = Duration::from_secs(3);
     let guard = a
         .acquire_with(&name, &LockOptions::new().ttl(ttl))
@@ -125,7 +119,7 @@ async fn mysql_killed_connection_fires_lost_and_frees_the_lock() {
                 .unwrap(),
         ),
     );
-    let name = fresh("mysql_killed");
+    let name = fresh_name("lockkit-sql-faults/mysql_killed");
     let ttl = Duration::from_secs(3);
     let guard = a
         .acquire_with(&name, &LockOptions::new().ttl(ttl))
@@ -175,7 +169,7 @@ async fn cancelled_acquires_leave_pool_connections_lock_free() {
     );
     let clients: [(&Locks, &str); 2] = [(&pg, "pg"), (&my, "mysql")];
     for (client, which) in clients {
-        let name = fresh("cancelled");
+        let name = fresh_name("lockkit-sql-faults/cancelled");
         let holder = client
             .acquire_with(&name, &LockOptions::new())
             .await
@@ -236,7 +230,7 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
                 lockkit::connect(&url(key, strategy)).await.unwrap(),
                 lockkit::connect(&url(key, strategy)).await.unwrap(),
             );
-            let base = fresh("hundred");
+            let base = fresh_name("lockkit-sql-faults/hundred");
             let opts = LockOptions::new();
             let mut held = Vec::new();
             for i in 0..100 {
@@ -267,8 +261,8 @@ async fn hundred_names_and_a_forced_key_collision_never_block_each_other() {
             .await
             .unwrap(),
     );
-    let name = LockName::new(&fresh("collision")).unwrap();
-    let squatter = fresh("squatter");
+    let name = LockName::new(&fresh_name("lockkit-sql-faults/collision")).unwrap();
+    let squatter = fresh_name("lockkit-sql-faults/squatter");
     sqlx::query("INSERT INTO lockkit_advisory_keys (name, key) VALUES ($1, $2)")
         .bind(&squatter)
         .bind(name.hash64() as i64)

@@ -1,24 +1,18 @@
-//! ZooKeeper beyond the conformance suite: FIFO hand-off, session loss forced from outside,
-//! and cancellation cleanup, checked by listing the lock's znodes with a raw client.
+//! ZooKeeper beyond the conformance suite (which checks FIFO hand-off): session loss forced
+//! from outside, cancellation cleanup and long waits, checked by listing the lock's znodes
+//! with a raw client.
 #![cfg(feature = "zk")]
 
-mod common;
-
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockkit::zk::zookeeper_client as zk;
 use lockkit::{LockName, LockOptions, Locks, LostReason, ZkLock};
 use tokio::time::Instant;
 
-use common::service_url;
+use lockkit_testkit::{fresh_name, hosts, service_url};
 
 fn url() -> String {
     service_url("LOCKKIT_ZK_URL")
-}
-
-fn fresh(case: &str) -> String {
-    format!("lockkit-zk-faults/{case}/{}", fastrand::u64(..))
 }
 
 async fn client() -> Locks {
@@ -27,8 +21,7 @@ async fn client() -> Locks {
 
 /// A raw session, as an operator's tool would open one.
 async fn raw() -> zk::Client {
-    let cluster = url().trim_start_matches("zk://").to_string();
-    zk::Client::connect(&cluster)
+    zk::Client::connect(&hosts(&url()).join(","))
         .await
         .expect("raw ZooKeeper client")
 }
@@ -63,47 +56,9 @@ async fn wait_for_contenders(raw: &zk::Client, lock: &Locks, name: &str, count: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_waiters_get_the_lock_in_arrival_order() {
-    let raw = raw().await;
-    let holder = client().await;
-    let name = fresh("fifo");
-    let guard = holder
-        .acquire_with(&name, &LockOptions::new())
-        .await
-        .unwrap();
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let mut waiters = Vec::new();
-    for i in 0..5 {
-        let lock = client().await;
-        let (mine, order) = (name.clone(), order.clone());
-        waiters.push(tokio::spawn(async move {
-            let opts = LockOptions::new().wait_timeout(Duration::from_secs(30));
-            let guard = lock
-                .acquire_with(&mine, &opts)
-                .await
-                .expect("waiter acquires");
-            order.lock().unwrap().push((i, guard.fencing_token()));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            guard.release().await.expect("waiter releases");
-        }));
-        // The next waiter starts only once this one is queued.
-        wait_for_contenders(&raw, &holder, &name, i + 2).await;
-    }
-    guard.release().await.unwrap();
-    for waiter in waiters {
-        waiter.await.expect("waiter task");
-    }
-    let order = order.lock().unwrap().clone();
-    let ids: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
-    assert_eq!(ids, [0, 1, 2, 3, 4], "not FIFO");
-    assert!(order.windows(2).all(|w| w[0].1 < w[1].1), "{order:?}");
-    wait_for_contenders(&raw, &holder, &name, 0).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_closed_from_outside_fires_lost() {
     let (a, b) = (client().await, client().await);
-    let name = fresh("session_closed");
+    let name = fresh_name("lockkit-zk-faults/session_closed");
     // A long TTL and renewal: only the session's end can take the lock away here.
     let ttl = Duration::from_secs(20);
     let opts = LockOptions::new().ttl(ttl);
@@ -119,7 +74,7 @@ async fn a_session_closed_from_outside_fires_lost() {
         .unwrap()
         .session()
         .clone();
-    let cluster = url().trim_start_matches("zk://").to_string();
+    let cluster = hosts(&url()).join(",");
     let twin = zk::Client::connector()
         .with_session(session)
         .connect(&cluster)
@@ -157,7 +112,7 @@ async fn a_session_closed_from_outside_fires_lost() {
 async fn a_cancelled_wait_leaves_no_node() {
     let raw = raw().await;
     let (a, b) = (client().await, client().await);
-    let name = fresh("cancelled");
+    let name = fresh_name("lockkit-zk-faults/cancelled");
     let guard = a.acquire_with(&name, &LockOptions::new()).await.unwrap();
 
     // Cancelled while queued.
@@ -191,7 +146,7 @@ async fn a_cancelled_wait_leaves_no_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_longer_than_the_ttl_still_gets_a_full_lease() {
     let (a, b) = (client().await, client().await);
-    let name = fresh("long_wait");
+    let name = fresh_name("lockkit-zk-faults/long_wait");
     let guard = a.acquire_with(&name, &LockOptions::new()).await.unwrap();
     let ttl = Duration::from_secs(1);
     let opts = LockOptions::new()

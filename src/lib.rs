@@ -66,23 +66,22 @@ fn entry<B: backend::Connect>() -> Compiled {
 
 /// The backends compiled into this build, each with the schemes it declares.
 fn compiled() -> Vec<Compiled> {
-    #[allow(unused_mut)]
-    let mut backends = Vec::new();
-    #[cfg(feature = "sqlite")]
-    backends.push(entry::<lockkit_sql::SqliteLock>());
-    #[cfg(feature = "postgres")]
-    backends.push(entry::<lockkit_sql::PgLock>());
-    #[cfg(feature = "mysql")]
-    backends.push(entry::<lockkit_sql::MySqlLock>());
-    #[cfg(feature = "redis")]
-    backends.push(entry::<lockkit_redis::RedisLock>());
-    #[cfg(feature = "etcd")]
-    backends.push(entry::<lockkit_etcd::EtcdLock>());
-    #[cfg(feature = "zk")]
-    backends.push(entry::<lockkit_zk::ZkLock>());
-    #[cfg(feature = "consul")]
-    backends.push(entry::<lockkit_consul::ConsulLock>());
-    backends
+    vec![
+        #[cfg(feature = "sqlite")]
+        entry::<lockkit_sql::SqliteLock>(),
+        #[cfg(feature = "postgres")]
+        entry::<lockkit_sql::PgLock>(),
+        #[cfg(feature = "mysql")]
+        entry::<lockkit_sql::MySqlLock>(),
+        #[cfg(feature = "redis")]
+        entry::<lockkit_redis::RedisLock>(),
+        #[cfg(feature = "etcd")]
+        entry::<lockkit_etcd::EtcdLock>(),
+        #[cfg(feature = "zk")]
+        entry::<lockkit_zk::ZkLock>(),
+        #[cfg(feature = "consul")]
+        entry::<lockkit_consul::ConsulLock>(),
+    ]
 }
 
 /// For a scheme no compiled-in backend accepts: the cargo feature that brings the backend

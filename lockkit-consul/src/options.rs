@@ -398,4 +398,123 @@ mod tests {
         let settings = options.resolve("consul://h?token=other").unwrap();
         assert!(!format!("{settings:?}").contains("s3cret"));
     }
+
+    /// A URL carrying a secret (the `token=` parameter, or a password in the user part) and
+    /// something broken: the error names what is broken and never shows the secret.
+    #[test]
+    fn errors_about_broken_urls_never_show_the_secret() {
+        for bad in [
+            "consul://h:notaport?token=s3cret",
+            "consul://h?token=s3cret&lock_delay=soon",
+            "consul://h?token=s3cret&lock_delay=99s",
+            "consul://h?token=s3cret&dc=a%20b",
+            "consul://h?token=s3cret&token=s3cret",
+            "consul://h?token=s3cret%zz",
+            "consul://h?Token=s3cret",
+            "consul://h?token=s3cret&x=a@b",
+            "consul://h?token=s3c@ret",
+            "consul://h/a%20b?token=s3cret",
+            "consul://h?token=s3cret&request_timeout=0",
+            "consul://u:s3cret@h?token=s3cret",
+            "consul://u:s3cret@h:1:2",
+            "consul://u:s3c@ret@h",
+            "consul://h?token=s3c%0Aret",
+            "consul://h?token=s3c%7Fret",
+        ] {
+            let err = ConsulOptions::new()
+                .resolve(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(matches!(err, Error::InvalidOptions(_)), "{bad}: {err:?}");
+            let (text, debug) = (err.to_string(), format!("{err:?}"));
+            assert!(
+                !text.contains("s3c"),
+                "{bad}: the error shows the secret: {text}"
+            );
+            assert!(
+                !debug.contains("s3c"),
+                "{bad}: the error shows the secret: {debug}"
+            );
+        }
+    }
+
+    /// Timeouts so long that deadline arithmetic overflows (a panic) and zero timeouts (every
+    /// request fails at once, and a retrying caller spins) are refused up front.
+    #[test]
+    fn timeouts_that_would_panic_or_spin_are_rejected() {
+        for (what, options) in unusable_options() {
+            let err = options
+                .resolve("consul://h")
+                .err()
+                .unwrap_or_else(|| panic!("{what} accepted"));
+            assert!(matches!(err, Error::InvalidOptions(_)), "{what}: {err:?}");
+        }
+        for bad in [
+            "consul://h?connect_timeout=0",
+            "consul://h?request_timeout=0s",
+            "consul://h?max_blocking_wait=0ms",
+            "consul://h?connect_timeout=1e12",
+            "consul://h?request_timeout=1e12",
+            "consul://h?max_blocking_wait=1e12",
+            "consul://h?max_blocking_wait=11m",
+            "consul://h?lock_delay=1e12",
+        ] {
+            let err = ConsulOptions::new()
+                .resolve(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(matches!(err, Error::InvalidOptions(_)), "{bad}: {err:?}");
+        }
+        // The limits themselves are fine.
+        ConsulOptions::new()
+            .connect_timeout(Duration::from_secs(3600))
+            .request_timeout(Duration::from_secs(3600))
+            .max_blocking_wait(Duration::from_secs(600))
+            .lock_delay(Duration::from_secs(60))
+            .resolve("consul://h")
+            .unwrap();
+        ConsulOptions::new()
+            .connect_timeout(Duration::from_millis(1))
+            .request_timeout(Duration::from_millis(1))
+            .max_blocking_wait(Duration::from_millis(1))
+            .lock_delay(Duration::ZERO)
+            .resolve("consul://h")
+            .unwrap();
+    }
+
+    /// `connect_with` refuses them before sending anything: no panic, no hang, and not a
+    /// connection error from the unreachable agent.
+    #[tokio::test]
+    async fn connect_rejects_unusable_timeouts_before_any_request() {
+        for (what, options) in unusable_options() {
+            let connecting = crate::ConsulLock::connect_with("consul://127.0.0.1:1", options);
+            let result = tokio::time::timeout(Duration::from_secs(10), connecting)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: connect hung"));
+            let err = result.err().unwrap_or_else(|| panic!("{what} accepted"));
+            assert!(matches!(err, Error::InvalidOptions(_)), "{what}: {err:?}");
+        }
+    }
+
+    fn unusable_options() -> Vec<(&'static str, ConsulOptions)> {
+        let (max, zero) = (Duration::MAX, Duration::ZERO);
+        let o = ConsulOptions::new;
+        vec![
+            ("connect_timeout MAX", o().connect_timeout(max)),
+            ("request_timeout MAX", o().request_timeout(max)),
+            ("max_blocking_wait MAX", o().max_blocking_wait(max)),
+            ("lock_delay MAX", o().lock_delay(max)),
+            ("connect_timeout 0", o().connect_timeout(zero)),
+            ("request_timeout 0", o().request_timeout(zero)),
+            ("max_blocking_wait 0", o().max_blocking_wait(zero)),
+            (
+                "request_timeout 2 h",
+                o().request_timeout(Duration::from_secs(7200)),
+            ),
+            (
+                "max_blocking_wait 11 min",
+                o().max_blocking_wait(Duration::from_secs(660)),
+            ),
+        ]
+    }
 }

@@ -8,7 +8,8 @@ use lockkit_core::url::ServiceUrl;
 use lockkit_core::{Error, Result};
 
 /// What Consul does with a held key when the session holding it is invalidated (TTL
-/// expired, destroyed, node failed). An explicit release always only releases the key.
+/// expired, or destroyed; lockkit's sessions have no health checks, so a failing node does
+/// not invalidate them). An explicit release always only releases the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Behavior {
@@ -30,6 +31,13 @@ impl Behavior {
 
 /// The longest lock-delay Consul accepts.
 const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
+
+/// The longest connect or request timeout taken: longer ones are mistakes (and
+/// `Duration::MAX` would overflow deadline arithmetic).
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The longest wait of one blocking query: Consul itself caps `wait=` at 10 minutes.
+const MAX_BLOCKING_WAIT: Duration = Duration::from_secs(600);
 
 /// The URL parameters the backend takes (`behaviour` is accepted for `behavior`).
 const PARAMS: &[&str] = &[
@@ -68,16 +76,20 @@ pub struct ConsulOptions {
     /// The sessions' lock-delay, at most 60 s (URL `lock_delay=`, e.g. `15s`): after a
     /// session holding a lock is *invalidated* (not after an explicit release), Consul
     /// refuses to hand that lock to anyone for this long. Default 0 here; note that Consul's
-    /// own default is 15 s.
+    /// own default is 15 s. Sessions carry no health checks, so invalidation means the TTL
+    /// lapsed (the holder has already given the lock up by then) or someone destroyed the
+    /// session; a lock-delay covers the holder in the second case.
     pub lock_delay: Option<Duration>,
-    /// Timeout of each TCP connection attempt (URL `connect_timeout=`). Default 2 s.
+    /// Timeout of each TCP connection attempt (URL `connect_timeout=`): more than 0, at
+    /// most 1 h. Default 2 s.
     pub connect_timeout: Option<Duration>,
-    /// Timeout of each request that is not a blocking query (URL `request_timeout=`).
-    /// Default 5 s.
+    /// Timeout of each request that is not a blocking query (URL `request_timeout=`): more
+    /// than 0, at most 1 h. Default 5 s.
     pub request_timeout: Option<Duration>,
     /// Longest wait of one blocking query while waiting for a lock (URL
-    /// `max_blocking_wait=`). Waits end earlier at the caller's deadline; shorter values
-    /// re-check more often. Default 5 s.
+    /// `max_blocking_wait=`): more than 0, at most 10 min (Consul's own limit). Waits end
+    /// earlier at the caller's deadline; shorter values re-check more often, down to once a
+    /// second. Default 5 s.
     pub max_blocking_wait: Option<Duration>,
     /// The ACL token (URL `token=`), sent as `X-Consul-Token`. Never shown.
     token: Option<String>,
@@ -248,7 +260,31 @@ impl Settings {
             }
         }
         if self.lock_delay > MAX_LOCK_DELAY {
-            return bad("Consul's lock-delay is at most 60 s".into());
+            return bad(format!(
+                "lock_delay is at most 60 s (Consul's limit), not {:?}",
+                self.lock_delay
+            ));
+        }
+        for (what, value, max) in [
+            ("connect_timeout", self.connect_timeout, MAX_TIMEOUT),
+            ("request_timeout", self.request_timeout, MAX_TIMEOUT),
+            (
+                "max_blocking_wait",
+                self.max_blocking_wait,
+                MAX_BLOCKING_WAIT,
+            ),
+        ] {
+            if value.is_zero() || value > max {
+                return bad(format!(
+                    "{what} must be more than 0 and at most {max:?}, not {value:?}"
+                ));
+            }
+        }
+        // Checked here rather than failing every request later; never shown.
+        if let Some(token) = &self.token {
+            if hyper::header::HeaderValue::from_str(token).is_err() {
+                return bad("the token must be printable ASCII".into());
+            }
         }
         Ok(())
     }
@@ -296,6 +332,17 @@ fn parse_url(input: &str) -> Result<(String, ConsulOptions)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resolving `options` for `url` fails with `InvalidOptions`: the error.
+    fn rejected(options: ConsulOptions, url: &str) -> Error {
+        let shown = format!("{url} with {options:?}");
+        let err = options
+            .resolve(url)
+            .err()
+            .unwrap_or_else(|| panic!("{shown} accepted"));
+        assert!(matches!(err, Error::InvalidOptions(_)), "{shown}: {err:?}");
+        err
+    }
 
     #[test]
     fn parses_everything() {
@@ -367,11 +414,7 @@ mod tests {
             "consul://h?what=1",
             "consul://user:pw@h",
         ] {
-            let err = ConsulOptions::new()
-                .resolve(bad)
-                .err()
-                .unwrap_or_else(|| panic!("{bad} accepted"));
-            assert!(matches!(err, Error::InvalidOptions(_)), "{bad}: {err:?}");
+            rejected(ConsulOptions::new(), bad);
         }
         let err = ConsulOptions::new()
             .prefix("a b")
@@ -421,11 +464,7 @@ mod tests {
             "consul://h?token=s3c%0Aret",
             "consul://h?token=s3c%7Fret",
         ] {
-            let err = ConsulOptions::new()
-                .resolve(bad)
-                .err()
-                .unwrap_or_else(|| panic!("{bad} accepted"));
-            assert!(matches!(err, Error::InvalidOptions(_)), "{bad}: {err:?}");
+            let err = rejected(ConsulOptions::new(), bad);
             let (text, debug) = (err.to_string(), format!("{err:?}"));
             assert!(
                 !text.contains("s3c"),
@@ -443,11 +482,11 @@ mod tests {
     #[test]
     fn timeouts_that_would_panic_or_spin_are_rejected() {
         for (what, options) in unusable_options() {
-            let err = options
-                .resolve("consul://h")
-                .err()
-                .unwrap_or_else(|| panic!("{what} accepted"));
-            assert!(matches!(err, Error::InvalidOptions(_)), "{what}: {err:?}");
+            let err = rejected(options, "consul://h");
+            assert!(
+                err.to_string().contains(what.split(' ').next().unwrap()),
+                "{what}: {err}"
+            );
         }
         for bad in [
             "consul://h?connect_timeout=0",
@@ -459,11 +498,7 @@ mod tests {
             "consul://h?max_blocking_wait=11m",
             "consul://h?lock_delay=1e12",
         ] {
-            let err = ConsulOptions::new()
-                .resolve(bad)
-                .err()
-                .unwrap_or_else(|| panic!("{bad} accepted"));
-            assert!(matches!(err, Error::InvalidOptions(_)), "{bad}: {err:?}");
+            rejected(ConsulOptions::new(), bad);
         }
         // The limits themselves are fine.
         ConsulOptions::new()

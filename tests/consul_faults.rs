@@ -23,11 +23,18 @@ fn address(url: &str) -> String {
 
 /// One raw HTTP/1.0 request to the agent, outside lockkit: (status, body).
 async fn raw(address: &str, method: &str, path: &str) -> (u16, String) {
+    raw_with(address, method, path, "").await
+}
+
+/// One raw HTTP/1.0 request with a body: (status, body).
+async fn raw_with(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect to the Consul agent");
-    let request =
-        format!("{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
@@ -280,4 +287,88 @@ async fn agent_stopped_while_holder_renews() {
         .await
         .expect_err("released without an agent");
     assert!(err.is_lost(), "{err:?}");
+}
+
+/// A held lock's session carries no health checks (TTL only), so a failing node check (the
+/// agent's `serfHealth`, as when the holder's agent is partitioned away or dies, or any other
+/// node-level check) does not invalidate it and hand the lock to someone else while the
+/// holder still believes it holds it. On the private agent (it marks its own node's
+/// `serfHealth` critical).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_node_checks_do_not_hand_the_lock_over() {
+    let _agent = PrivateAgent::start().await;
+    let addr = format!("127.0.0.1:{}", PrivateAgent::HTTP);
+    let url = format!("consul://{addr}");
+    let (a, b) = (
+        Locks::new(ConsulLock::connect(&url).await.unwrap()),
+        Locks::new(ConsulLock::connect(&url).await.unwrap()),
+    );
+    let name = "faults/node-checks";
+    let key = a
+        .backend_as::<ConsulLock>()
+        .unwrap()
+        .lock_key(&LockName::new(name).unwrap());
+    // A 60 s TTL renews every 20 s: nothing below depends on a renewal.
+    let opts = LockOptions::new().ttl(Duration::from_secs(60));
+    let guard = a.acquire_with(name, &opts).await.unwrap();
+    let session = entry(&addr, &key).await.unwrap()["Session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (status, body) = raw(&addr, "GET", &format!("/v1/session/info/{session}")).await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    let info = &info[0];
+    for field in ["Checks", "NodeChecks", "ServiceChecks"] {
+        assert!(
+            info[field].as_array().is_none_or(Vec::is_empty),
+            "the lock's session has health checks: {field} = {}",
+            info[field]
+        );
+    }
+    let node = info["Node"].as_str().unwrap().to_string();
+
+    // A node-level check of the holder's agent fails, and so does its serfHealth check
+    // (what Consul's leader does when the agent stops answering).
+    let (status, body) = raw_with(
+        &addr,
+        "PUT",
+        "/v1/agent/check/register",
+        r#"{"ID":"lockkit-faults","Name":"lockkit faults","TTL":"1h"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = raw(&addr, "PUT", "/v1/agent/check/fail/lockkit-faults").await;
+    assert_eq!(status, 200, "{body}");
+    let serf = |status: &str| {
+        format!(
+            r#"{{"Node":"{node}","Address":"127.0.0.1","SkipNodeUpdate":true,
+                "Check":{{"Node":"{node}","CheckID":"serfHealth","Name":"Serf Health Status",
+                "Status":"{status}"}}}}"#
+        )
+    };
+    let (status, body) = raw_with(&addr, "PUT", "/v1/catalog/register", &serf("critical")).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The holder keeps the lock, and nobody else gets it.
+    if let Ok(reason) = timeout(Duration::from_secs(3), guard.lost()).await {
+        panic!("the holder lost its lock when a node check failed: {reason:?}");
+    }
+    assert!(guard.is_held());
+    assert_eq!(
+        entry(&addr, &key).await.map(|e| e["Session"].clone()),
+        Some(Value::from(session.clone())),
+        "the key changed hands when a node check failed"
+    );
+    let other = b
+        .try_acquire_with(name, &opts)
+        .await
+        .expect("a new session while a node check fails");
+    assert!(other.is_none(), "another client took the held lock");
+    guard.extend(opts.ttl).await.unwrap();
+    guard.release().await.unwrap();
+
+    raw_with(&addr, "PUT", "/v1/catalog/register", &serf("passing")).await;
+    raw(&addr, "PUT", "/v1/agent/check/deregister/lockkit-faults").await;
 }

@@ -1,6 +1,7 @@
 //! The Consul agent's HTTP API as lockkit uses it: one pooled hyper client shared by
-//! rs-consul (KV reads and acquire/release) and the session calls below (rs-consul has no
-//! public session API).
+//! rs-consul (KV acquire/release) and the calls below: sessions (rs-consul has no public
+//! session API) and KV reads (rs-consul always sends `recurse=`, and Consul lists a whole
+//! prefix whenever that parameter is present, whatever its value).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use lockkit_core::{BoxError, Error, Result};
-use rs_consul::types::{CreateOrUpdateKeyRequest, ReadKeyRequest, ReadKeyResponse};
+use rs_consul::types::CreateOrUpdateKeyRequest;
 use rs_consul::{Consul, ConsulError, HttpsClient};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -52,6 +53,44 @@ pub(crate) struct NewSession<'a> {
     pub(crate) ttl: String,
     pub(crate) behavior: &'a str,
     pub(crate) lock_delay: String,
+}
+
+/// What `PUT /v1/session/create` is sent: the session, and no health checks at all.
+///
+/// By default Consul ties a new session to the agent's `serfHealth` check: when the
+/// holder's agent is partitioned away or fails, Consul invalidates the session, and with it
+/// the lock goes to the next client at once, while the holder, which cannot hear about it,
+/// still believes it holds the lock. A session with no checks ends only when its TTL lapses
+/// (the holder gives the lock up at the TTL counted from when it sent the renewal, before
+/// Consul can invalidate it) or when it is destroyed. `Checks: []` is how Consul before 1.7
+/// says "no checks"; 1.7 and later also take `NodeChecks: []` (and clear the node checks on
+/// an empty `Checks` too). `ServiceChecks` is empty unless given.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct SessionBody<'a> {
+    #[serde(flatten)]
+    session: &'a NewSession<'a>,
+    checks: [&'static str; 0],
+    node_checks: [&'static str; 0],
+}
+
+/// One KV entry as `GET /v1/kv/<key>` returns it (the fields lockkit reads).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct KeyEntry {
+    /// The entry's key (unescaped).
+    pub(crate) key: String,
+    /// The Raft index of the entry's last change.
+    pub(crate) modify_index: u64,
+    /// The session holding the key, if any.
+    #[serde(default)]
+    pub(crate) session: Option<String>,
+}
+
+/// A KV key as it goes into a URL path: the name encoding's `%` must itself be escaped (the
+/// prefix and the encoded name hold nothing else that needs escaping).
+fn escaped(key: &str) -> String {
+    key.replace('%', "%25")
 }
 
 #[derive(Deserialize)]
@@ -142,9 +181,10 @@ impl Http {
             })
     }
 
-    /// How long a blocking query that waits `wait` may take before it counts as unanswered.
+    /// How long a blocking query that waits `wait` may take before it counts as unanswered
+    /// (saturating: a wait too long to add to is bounded by the options check anyway).
     fn blocking_limit(&self, wait: Duration) -> Duration {
-        wait + wait / 16 + self.timeout
+        wait.saturating_add(wait / 16).saturating_add(self.timeout)
     }
 
     /// One request of the session helper; `Ok((status, body, X-Consul-Index))`.
@@ -221,7 +261,12 @@ impl Http {
     /// `PUT /v1/session/create`: the new session's ID.
     pub(crate) async fn create_session(&self, session: &NewSession<'_>) -> Result<String> {
         const WHAT: &str = "session create";
-        let body = serde_json::to_vec(session).expect("plain struct");
+        let body = SessionBody {
+            session,
+            checks: [],
+            node_checks: [],
+        };
+        let body = serde_json::to_vec(&body).expect("plain struct");
         let (status, body, _) = self
             .short(
                 WHAT,
@@ -306,43 +351,52 @@ impl Http {
         Ok(())
     }
 
-    /// Reads the KV key at `path` (URL-escaped), blocking until it changes after `index` (at
-    /// most `wait`) when given: the entry if the key exists, and the index to block on next.
+    /// Reads exactly the KV key `key` (no `recurse`: Consul would list every key it starts
+    /// with), blocking until it changes after `index` (at most `wait`) when given: the entry
+    /// if the key exists, and the index to block on next (none if it does not exist).
     pub(crate) async fn read_key(
         &self,
-        path: &str,
+        key: &str,
         index: Option<u64>,
         wait: Duration,
-    ) -> Result<(Option<ReadKeyResponse>, Option<u64>)> {
+    ) -> Result<(Option<KeyEntry>, Option<u64>)> {
         const WHAT: &str = "read lock key";
-        let request = ReadKeyRequest::builder()
-            .key(path)
-            .datacenter(self.dc())
-            .maybe_index(index)
-            .wait(wait)
-            .build();
-        let read = async { Ok(self.consul.read_key(request).await) };
-        let result = match index {
-            None => self.short(WHAT, read).await?,
-            Some(_) => self.within(WHAT, self.blocking_limit(wait), read).await?,
+        let path = format!("/v1/kv/{}", escaped(key));
+        let (status, body, next) = match index {
+            None => {
+                let call = self.call(WHAT, Method::GET, &path, &[], None);
+                self.short(WHAT, call).await?
+            }
+            Some(index) => {
+                let query = [("index", index.to_string()), ("wait", go_duration(wait))];
+                let call = self.call(WHAT, Method::GET, &path, &query, None);
+                self.within(WHAT, self.blocking_limit(wait), call).await?
+            }
         };
-        match result {
-            Ok(meta) => Ok((meta.response.into_iter().next(), Some(meta.index))),
-            Err(ConsulError::UnexpectedResponseCode(StatusCode::NOT_FOUND, _)) => Ok((None, None)),
-            Err(e) => Err(self.client_error(WHAT, e)),
+        match status {
+            StatusCode::NOT_FOUND => Ok((None, None)),
+            StatusCode::OK => {
+                let entries: Vec<KeyEntry> =
+                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
+                // Only this key, even if an agent ever answered with a listing.
+                let entry = entries.into_iter().find(|e| e.key == key);
+                Ok((entry, Some(next)))
+            }
+            _ => Err(self.status(WHAT, status, &body)),
         }
     }
 
-    /// `PUT ?acquire=<session>` (or `?release=<session>`) on the KV key at `path`: whether
+    /// `PUT ?acquire=<session>` (or `?release=<session>`) on the KV key `key`: whether
     /// Consul did it.
-    pub(crate) async fn put_key(&self, path: &str, acquire: &str, release: &str) -> Result<bool> {
+    pub(crate) async fn put_key(&self, key: &str, acquire: &str, release: &str) -> Result<bool> {
         let what = if acquire.is_empty() {
             "release"
         } else {
             "acquire"
         };
+        let path = escaped(key);
         let request = CreateOrUpdateKeyRequest::builder()
-            .key(path)
+            .key(&path)
             .datacenter(self.dc())
             .acquire(acquire)
             .release(release)

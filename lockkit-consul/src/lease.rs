@@ -10,7 +10,7 @@ use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::lock::{Inner, Session};
+use crate::lock::{lease_end, Inner, Session};
 use crate::watcher::Watcher;
 
 /// A lease's loss signal, set by the client's session watcher.
@@ -37,7 +37,7 @@ impl LeaseState {
 pub(crate) struct ConsulLease {
     inner: Arc<Inner>,
     name: LockName,
-    path: String,
+    key: String,
     session: String,
     session_ttl: Duration,
     state: Arc<LeaseState>,
@@ -46,7 +46,7 @@ pub(crate) struct ConsulLease {
 impl std::fmt::Debug for ConsulLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulLease")
-            .field("key", &self.inner.key(&self.name))
+            .field("key", &self.key)
             .field("session", &self.session)
             .field("session_ttl", &self.session_ttl)
             .finish_non_exhaustive()
@@ -54,12 +54,12 @@ impl std::fmt::Debug for ConsulLease {
 }
 
 impl ConsulLease {
-    /// The lease of `session`, which took the key at `path` with fencing token `token`;
+    /// The lease of `session`, which took the KV key `key` with fencing token `token`;
     /// watched for invalidation from now on.
     pub(crate) fn new(
         inner: Arc<Inner>,
         name: LockName,
-        path: String,
+        key: String,
         session: Session,
         token: FencingToken,
     ) -> Self {
@@ -69,7 +69,7 @@ impl ConsulLease {
         ConsulLease {
             inner,
             name,
-            path,
+            key,
             session: session.id,
             session_ttl: session.ttl,
             state,
@@ -94,17 +94,17 @@ impl Lease for ConsulLease {
         let (entry, _) = self
             .inner
             .http
-            .read_key(&self.path, None, Duration::ZERO)
+            .read_key(&self.key, None, Duration::ZERO)
             .await?;
         if entry.and_then(|e| e.session).as_deref() != Some(self.session.as_str()) {
             return Err(self.not_owner());
         }
-        Ok(sent + self.session_ttl)
+        lease_end(sent, self.session_ttl)
     }
 
     /// Releases the key (only if this session holds it), then destroys the session.
     async fn release(&self) -> Result<()> {
-        let released = self.inner.http.put_key(&self.path, "", &self.session).await;
+        let released = self.inner.http.put_key(&self.key, "", &self.session).await;
         let destroyed = self.inner.http.destroy_session(&self.session).await;
         self.inner.watcher.deregister(&self.session);
         match (released?, destroyed) {

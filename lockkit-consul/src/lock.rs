@@ -8,12 +8,11 @@ use lockkit_core::backend::{
     run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
     LockName, LockOptions, Outcome,
 };
-use lockkit_core::Result;
-use rs_consul::types::ReadKeyResponse;
+use lockkit_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::error::BACKEND;
-use crate::http::{go_duration, Http, NewSession};
+use crate::http::{go_duration, Http, KeyEntry, NewSession};
 use crate::lease::ConsulLease;
 use crate::options::{ConsulOptions, Settings};
 use crate::watcher::Watcher;
@@ -27,9 +26,13 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A lock service on a Consul agent (`consul://host:port/prefix?token=…&dc=…`).
 ///
 /// Every acquisition creates its own Consul session (TTL = the lock's TTL, the configured
-/// behavior and lock-delay) and takes the key `<prefix>/<encoded name>` with
-/// `PUT ?acquire=<session>`. The fencing token is the key's `ModifyIndex` right after the
-/// acquisition: a Raft index, so it grows across releases and deletions of the key.
+/// behavior and lock-delay, and **no health checks**: not even the agent's `serfHealth`, so
+/// a partitioned or failed agent does not hand the lock to someone else while its holder
+/// still believes it holds it; the session ends only when its TTL lapses or it is
+/// destroyed) and takes the key `<prefix>/<encoded name>` with `PUT ?acquire=<session>`.
+/// Every read is of exactly that key (never a prefix listing). The fencing token is the
+/// key's `ModifyIndex` right after the acquisition: a Raft index, so it grows across
+/// releases and deletions of the key.
 /// Waiters block on the key with Consul's blocking queries and try again when its session
 /// clears. Renewal renews the session; release releases the key and destroys the session.
 /// See the crate documentation for the details.
@@ -67,6 +70,11 @@ pub(crate) struct Session {
 
 impl Session {
     async fn create(inner: &Arc<Inner>, name: &LockName, ttl: Duration) -> Result<Armed<Session>> {
+        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+            return Err(Error::InvalidOptions(format!(
+                "a Consul session's TTL is 10 s to 24 h, not {ttl:?}"
+            )));
+        }
         let sent = Instant::now();
         let label = format!("lockkit {}", name.encoded());
         let id = inner
@@ -161,11 +169,6 @@ impl Inner {
         format!("{}/{}", self.settings.prefix, name.encoded())
     }
 
-    /// The key as it goes into a URL path: the encoding's `%` must itself be escaped.
-    fn key_path(&self, name: &LockName) -> String {
-        self.key(name).replace('%', "%25")
-    }
-
     /// One acquisition request with `session` (a new one if `None`). Runs detached: it is
     /// never cancelled half-way.
     async fn attempt(
@@ -174,22 +177,22 @@ impl Inner {
         ttl: Duration,
         session: Option<Armed<Session>>,
     ) -> Result<Found> {
-        let path = self.key_path(&name);
+        let key = self.key(&name);
         let session = match session {
             Some(session) => session,
             None => Session::create(&self, &name, ttl).await?,
         };
         // On an error the session is dropped, and destroyed: whatever an ambiguous acquire
         // may have taken is let go with it.
-        if !self.http.put_key(&path, &session.id, "").await? {
+        if !self.http.put_key(&key, &session.id, "").await? {
             return Ok(Outcome::Busy(Some(session)));
         }
-        let (entry, _) = self.http.read_key(&path, None, Duration::ZERO).await?;
+        let (entry, _) = self.http.read_key(&key, None, Duration::ZERO).await?;
         match entry {
             Some(entry) if entry.session.as_deref() == Some(session.id.as_str()) => {
-                let token = FencingToken(entry.modify_index.max(0) as u64);
-                let valid_until = session.fresh_at + session.ttl;
-                let lease = ConsulLease::new(self.clone(), name, path, session.disarm(), token);
+                let token = FencingToken(entry.modify_index);
+                let valid_until = lease_end(session.fresh_at, session.ttl)?;
+                let lease = ConsulLease::new(self.clone(), name, key, session.disarm(), token);
                 Ok(Outcome::Won(Acquired::new(
                     token,
                     valid_until,
@@ -202,8 +205,15 @@ impl Inner {
     }
 }
 
+/// When a lease of `ttl` counted from `from` ends; an error, not a panic, if that is past
+/// what an `Instant` can hold.
+pub(crate) fn lease_end(from: Instant, ttl: Duration) -> Result<Instant> {
+    from.checked_add(ttl)
+        .ok_or_else(|| Error::InvalidOptions(format!("a lease of {ttl:?} ends too far ahead")))
+}
+
 /// Whether a key entry is free to take.
-fn free(entry: &Option<ReadKeyResponse>) -> bool {
+fn free(entry: &Option<KeyEntry>) -> bool {
     entry.as_ref().is_none_or(|e| e.session.is_none())
 }
 
@@ -227,12 +237,8 @@ impl Backend for ConsulLock {
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
-        let path = self.inner.key_path(name);
-        let (entry, _) = self
-            .inner
-            .http
-            .read_key(&path, None, Duration::ZERO)
-            .await?;
+        let key = self.inner.key(name);
+        let (entry, _) = self.inner.http.read_key(&key, None, Duration::ZERO).await?;
         if !free(&entry) {
             return Ok(None);
         }
@@ -247,7 +253,7 @@ impl Backend for ConsulLock {
         deadline: Option<Instant>,
     ) -> Result<Acquired> {
         let inner = &self.inner;
-        let path = inner.key_path(name);
+        let key = inner.key(name);
         let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
         let mut index = None;
         // A session kept across attempts of this wait (destroyed if the wait is dropped).
@@ -258,7 +264,7 @@ impl Backend for ConsulLock {
                 d.saturating_duration_since(Instant::now())
                     .clamp(Duration::from_secs(1), max_wait)
             });
-            let (entry, next) = inner.http.read_key(&path, index, wait).await?;
+            let (entry, next) = inner.http.read_key(&key, index, wait).await?;
             if !free(&entry) {
                 index = next;
                 continue;
@@ -283,7 +289,7 @@ impl Backend for ConsulLock {
                 tokio::time::sleep(pause).await;
             }
             index = None;
-            let (entry, next) = inner.http.read_key(&path, None, Duration::ZERO).await?;
+            let (entry, next) = inner.http.read_key(&key, None, Duration::ZERO).await?;
             if !free(&entry) {
                 refused = 0;
                 index = next;

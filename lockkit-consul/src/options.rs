@@ -8,7 +8,8 @@ use lockkit_core::url::ServiceUrl;
 use lockkit_core::{Error, Result};
 
 /// What Consul does with a held key when the session holding it is invalidated (TTL
-/// expired, destroyed, node failed). An explicit release always only releases the key.
+/// expired, or destroyed; lockkit's sessions have no health checks, so a failing node does
+/// not invalidate them). An explicit release always only releases the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Behavior {
@@ -30,6 +31,13 @@ impl Behavior {
 
 /// The longest lock-delay Consul accepts.
 const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
+
+/// The longest connect or request timeout taken: longer ones are mistakes (and
+/// `Duration::MAX` would overflow deadline arithmetic).
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The longest wait of one blocking query: Consul itself caps `wait=` at 10 minutes.
+const MAX_BLOCKING_WAIT: Duration = Duration::from_secs(600);
 
 /// The URL parameters the backend takes (`behaviour` is accepted for `behavior`).
 const PARAMS: &[&str] = &[
@@ -68,16 +76,20 @@ pub struct ConsulOptions {
     /// The sessions' lock-delay, at most 60 s (URL `lock_delay=`, e.g. `15s`): after a
     /// session holding a lock is *invalidated* (not after an explicit release), Consul
     /// refuses to hand that lock to anyone for this long. Default 0 here; note that Consul's
-    /// own default is 15 s.
+    /// own default is 15 s. Sessions carry no health checks, so invalidation means the TTL
+    /// lapsed (the holder has already given the lock up by then) or someone destroyed the
+    /// session; a lock-delay covers the holder in the second case.
     pub lock_delay: Option<Duration>,
-    /// Timeout of each TCP connection attempt (URL `connect_timeout=`). Default 2 s.
+    /// Timeout of each TCP connection attempt (URL `connect_timeout=`): more than 0, at
+    /// most 1 h. Default 2 s.
     pub connect_timeout: Option<Duration>,
-    /// Timeout of each request that is not a blocking query (URL `request_timeout=`).
-    /// Default 5 s.
+    /// Timeout of each request that is not a blocking query (URL `request_timeout=`): more
+    /// than 0, at most 1 h. Default 5 s.
     pub request_timeout: Option<Duration>,
     /// Longest wait of one blocking query while waiting for a lock (URL
-    /// `max_blocking_wait=`). Waits end earlier at the caller's deadline; shorter values
-    /// re-check more often. Default 5 s.
+    /// `max_blocking_wait=`): more than 0, at most 10 min (Consul's own limit). Waits end
+    /// earlier at the caller's deadline; shorter values re-check more often, down to once a
+    /// second. Default 5 s.
     pub max_blocking_wait: Option<Duration>,
     /// The ACL token (URL `token=`), sent as `X-Consul-Token`. Never shown.
     token: Option<String>,
@@ -248,7 +260,31 @@ impl Settings {
             }
         }
         if self.lock_delay > MAX_LOCK_DELAY {
-            return bad("Consul's lock-delay is at most 60 s".into());
+            return bad(format!(
+                "lock_delay is at most 60 s (Consul's limit), not {:?}",
+                self.lock_delay
+            ));
+        }
+        for (what, value, max) in [
+            ("connect_timeout", self.connect_timeout, MAX_TIMEOUT),
+            ("request_timeout", self.request_timeout, MAX_TIMEOUT),
+            (
+                "max_blocking_wait",
+                self.max_blocking_wait,
+                MAX_BLOCKING_WAIT,
+            ),
+        ] {
+            if value.is_zero() || value > max {
+                return bad(format!(
+                    "{what} must be more than 0 and at most {max:?}, not {value:?}"
+                ));
+            }
+        }
+        // Checked here rather than failing every request later; never shown.
+        if let Some(token) = &self.token {
+            if hyper::header::HeaderValue::from_str(token).is_err() {
+                return bad("the token must be printable ASCII".into());
+            }
         }
         Ok(())
     }
@@ -296,6 +332,17 @@ fn parse_url(input: &str) -> Result<(String, ConsulOptions)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resolving `options` for `url` fails with `InvalidOptions`: the error.
+    fn rejected(options: ConsulOptions, url: &str) -> Error {
+        let shown = format!("{url} with {options:?}");
+        let err = options
+            .resolve(url)
+            .err()
+            .unwrap_or_else(|| panic!("{shown} accepted"));
+        assert!(matches!(err, Error::InvalidOptions(_)), "{shown}: {err:?}");
+        err
+    }
 
     #[test]
     fn parses_everything() {
@@ -367,11 +414,7 @@ mod tests {
             "consul://h?what=1",
             "consul://user:pw@h",
         ] {
-            let err = ConsulOptions::new()
-                .resolve(bad)
-                .err()
-                .unwrap_or_else(|| panic!("{bad} accepted"));
-            assert!(matches!(err, Error::InvalidOptions(_)), "{bad}: {err:?}");
+            rejected(ConsulOptions::new(), bad);
         }
         let err = ConsulOptions::new()
             .prefix("a b")
@@ -397,5 +440,116 @@ mod tests {
         assert!(!format!("{options:?}").contains("s3cret"));
         let settings = options.resolve("consul://h?token=other").unwrap();
         assert!(!format!("{settings:?}").contains("s3cret"));
+    }
+
+    /// A URL carrying a secret (the `token=` parameter, or a password in the user part) and
+    /// something broken: the error names what is broken and never shows the secret.
+    #[test]
+    fn errors_about_broken_urls_never_show_the_secret() {
+        for bad in [
+            "consul://h:notaport?token=s3cret",
+            "consul://h?token=s3cret&lock_delay=soon",
+            "consul://h?token=s3cret&lock_delay=99s",
+            "consul://h?token=s3cret&dc=a%20b",
+            "consul://h?token=s3cret&token=s3cret",
+            "consul://h?token=s3cret%zz",
+            "consul://h?Token=s3cret",
+            "consul://h?token=s3cret&x=a@b",
+            "consul://h?token=s3c@ret",
+            "consul://h/a%20b?token=s3cret",
+            "consul://h?token=s3cret&request_timeout=0",
+            "consul://u:s3cret@h?token=s3cret",
+            "consul://u:s3cret@h:1:2",
+            "consul://u:s3c@ret@h",
+            "consul://h?token=s3c%0Aret",
+            "consul://h?token=s3c%7Fret",
+        ] {
+            let err = rejected(ConsulOptions::new(), bad);
+            let (text, debug) = (err.to_string(), format!("{err:?}"));
+            assert!(
+                !text.contains("s3c"),
+                "{bad}: the error shows the secret: {text}"
+            );
+            assert!(
+                !debug.contains("s3c"),
+                "{bad}: the error shows the secret: {debug}"
+            );
+        }
+    }
+
+    /// Timeouts so long that deadline arithmetic overflows (a panic) and zero timeouts (every
+    /// request fails at once, and a retrying caller spins) are refused up front.
+    #[test]
+    fn timeouts_that_would_panic_or_spin_are_rejected() {
+        for (what, options) in unusable_options() {
+            let err = rejected(options, "consul://h");
+            assert!(
+                err.to_string().contains(what.split(' ').next().unwrap()),
+                "{what}: {err}"
+            );
+        }
+        for bad in [
+            "consul://h?connect_timeout=0",
+            "consul://h?request_timeout=0s",
+            "consul://h?max_blocking_wait=0ms",
+            "consul://h?connect_timeout=1e12",
+            "consul://h?request_timeout=1e12",
+            "consul://h?max_blocking_wait=1e12",
+            "consul://h?max_blocking_wait=11m",
+            "consul://h?lock_delay=1e12",
+        ] {
+            rejected(ConsulOptions::new(), bad);
+        }
+        // The limits themselves are fine.
+        ConsulOptions::new()
+            .connect_timeout(Duration::from_secs(3600))
+            .request_timeout(Duration::from_secs(3600))
+            .max_blocking_wait(Duration::from_secs(600))
+            .lock_delay(Duration::from_secs(60))
+            .resolve("consul://h")
+            .unwrap();
+        ConsulOptions::new()
+            .connect_timeout(Duration::from_millis(1))
+            .request_timeout(Duration::from_millis(1))
+            .max_blocking_wait(Duration::from_millis(1))
+            .lock_delay(Duration::ZERO)
+            .resolve("consul://h")
+            .unwrap();
+    }
+
+    /// `connect_with` refuses them before sending anything: no panic, no hang, and not a
+    /// connection error from the unreachable agent.
+    #[tokio::test]
+    async fn connect_rejects_unusable_timeouts_before_any_request() {
+        for (what, options) in unusable_options() {
+            let connecting = crate::ConsulLock::connect_with("consul://127.0.0.1:1", options);
+            let result = tokio::time::timeout(Duration::from_secs(10), connecting)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: connect hung"));
+            let err = result.err().unwrap_or_else(|| panic!("{what} accepted"));
+            assert!(matches!(err, Error::InvalidOptions(_)), "{what}: {err:?}");
+        }
+    }
+
+    fn unusable_options() -> Vec<(&'static str, ConsulOptions)> {
+        let (max, zero) = (Duration::MAX, Duration::ZERO);
+        let o = ConsulOptions::new;
+        vec![
+            ("connect_timeout MAX", o().connect_timeout(max)),
+            ("request_timeout MAX", o().request_timeout(max)),
+            ("max_blocking_wait MAX", o().max_blocking_wait(max)),
+            ("lock_delay MAX", o().lock_delay(max)),
+            ("connect_timeout 0", o().connect_timeout(zero)),
+            ("request_timeout 0", o().request_timeout(zero)),
+            ("max_blocking_wait 0", o().max_blocking_wait(zero)),
+            (
+                "request_timeout 2 h",
+                o().request_timeout(Duration::from_secs(7200)),
+            ),
+            (
+                "max_blocking_wait 11 min",
+                o().max_blocking_wait(Duration::from_secs(660)),
+            ),
+        ]
     }
 }

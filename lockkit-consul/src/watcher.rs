@@ -1,5 +1,6 @@
 //! One blocking query per client on the session list, so a guard learns at once when Consul
-//! invalidates its session (TTL lapsed, destroyed from outside, node failure): the lease's
+//! invalidates its session (TTL lapsed, destroyed from outside; sessions carry no health
+//! checks, so a node failure is not a cause): the lease's
 //! `lost()` then resolves without waiting for the next renewal.
 
 use std::collections::HashMap;
@@ -81,8 +82,7 @@ async fn watch(watcher: Arc<Watcher>, inner: Weak<Inner>) {
                         return true;
                     }
                     lease.mark_lost(LostReason::SessionLost(
-                        "Consul invalidated the session (TTL lapsed, destroyed, or its node failed)"
-                            .into(),
+                        "Consul invalidated the session (TTL lapsed or destroyed)".into(),
                     ));
                     false
                 });

@@ -113,22 +113,24 @@ fn bad_escape(part: &str) -> bool {
 /// The URL as it may be shown: any password replaced by `***`. Works on text that does not
 /// parse, so errors about a broken URL never print its secret either.
 pub fn redact(url: &str) -> String {
+    // Secret parameters first: their values may hold an unescaped `@`, which must not pass
+    // for the end of a user part.
+    let url = redact_query(url);
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return url;
     };
     // The userinfo ends at the last `@`: a malformed URL may hold `/`, `?` or `#` unescaped
     // in its password, so look through the whole rest (an `@` in a parameter value only
     // hides more than needed).
     let Some(at) = rest.rfind('@') else {
-        return redact_query(url);
+        return url;
     };
     let userinfo = &rest[..at];
     let user = match userinfo.split_once(':') {
         Some((user, _)) => format!("{user}:***"),
         None => userinfo.to_string(),
     };
-    let query_secrets = redact_query(&rest[at + 1..]);
-    format!("{scheme}://{user}@{query_secrets}")
+    format!("{scheme}://{user}@{}", &rest[at + 1..])
 }
 
 /// Parameters whose values are secrets.
@@ -564,6 +566,8 @@ mod tests {
             "consul://u:s3cret@h:1?token=s3cret&x=%ff",
             "postgres://u:s3cret@[::1/db",
             "mysql://u:s3cret@h:1/db?a=1&a=2",
+            "consul://h?token=s3cret&x=a@b",
+            "consul://h:1?token=s3c@ret&x=%ff",
         ] {
             let err = ServiceUrl::parse(url)
                 .and_then(|u| u.finish(&[]))

@@ -1,6 +1,5 @@
 //! Extending and releasing: a session lock on its held connection, or a lease row.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::lock::Shared;
 use crate::wait::CLOCK_MARGIN;
 
 /// A lock held by the session of `conn` (the advisory strategy).
+#[derive(Debug)]
 pub(crate) struct SessionLease<D: Dialect> {
     lock: Arc<Shared<D>>,
     name: LockName,
@@ -49,16 +49,6 @@ impl<D: Dialect> SessionLease<D> {
         conn.close_on_drop();
         let e = error::map::<D>(e);
         Error::lost(self.name.as_str(), LostReason::SessionLost(e.to_string()))
-    }
-}
-
-impl<D: Dialect> fmt::Debug for SessionLease<D> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionLease")
-            .field("backend", &D::NAME)
-            .field("name", &self.name)
-            .field("key", &self.key)
-            .finish_non_exhaustive()
     }
 }
 
@@ -98,6 +88,7 @@ impl<D: Dialect> Lease for SessionLease<D> {
 }
 
 /// A lease row (the lease-table strategy).
+#[derive(Debug)]
 pub(crate) struct TableLease<D: Dialect> {
     lock: Arc<Shared<D>>,
     name: LockName,
@@ -122,16 +113,6 @@ impl<D: Dialect> TableLease<D> {
                 other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
             }
         }
-    }
-}
-
-impl<D: Dialect> fmt::Debug for TableLease<D> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TableLease")
-            .field("backend", &D::NAME)
-            .field("name", &self.name)
-            .field("owner", &self.owner)
-            .finish_non_exhaustive()
     }
 }
 

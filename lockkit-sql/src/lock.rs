@@ -21,6 +21,7 @@ use crate::{advisory, error, table};
 /// A lock service on a SQL database of dialect `D`: use the aliases [`PgLock`](crate::PgLock),
 /// [`MySqlLock`](crate::MySqlLock) and [`SqliteLock`](crate::SqliteLock). See the
 /// [crate docs](crate) for the strategies.
+#[derive(Debug)]
 pub struct SqlLock<D: Dialect> {
     inner: Arc<Shared<D>>,
 }
@@ -44,12 +45,12 @@ impl<D: Dialect> Clone for SqlLock<D> {
     }
 }
 
-impl<D: Dialect> fmt::Debug for SqlLock<D> {
+impl<D: Dialect> fmt::Debug for Shared<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqlLock")
+        f.debug_struct("Shared")
             .field("backend", &D::NAME)
-            .field("settings", &self.inner.settings)
-            .field("state", &self.inner.state)
+            .field("settings", &self.settings)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -139,7 +140,7 @@ impl<D: Dialect> Backend for SqlLock<D> {
             .fencing(true)
             .lease_expiry(true)
             .renewal(true)
-            .networked(D::NETWORKED)
+            .networked(D::SERVER)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {

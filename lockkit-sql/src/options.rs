@@ -5,7 +5,7 @@ use std::time::Duration;
 use lockkit_core::url::ServiceUrl;
 use lockkit_core::{Error, Result};
 
-use crate::dialect::Dialect;
+use crate::dialect::{ConnectOptions, Dialect, Target};
 
 /// How a database holds locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,21 +35,70 @@ impl std::str::FromStr for Strategy {
     }
 }
 
-/// Options of [`SqlLock`](crate::SqlLock) (all three databases), set with the builder
-/// methods. Every option can also be given as a URL parameter of the same name
-/// (`?strategy=table&table_prefix=app_&max_poll=250ms`); an option set here overrides the
-/// URL's. Options a database does not use are rejected as URL parameters and ignored here.
-#[derive(Debug, Clone, Default)]
-pub struct SqlOptions {
-    strategy: Option<Strategy>,
-    table_prefix: Option<String>,
-    auto_migrate: Option<bool>,
-    max_connections: Option<u32>,
-    acquire_timeout: Option<Duration>,
-    wait_slice: Option<Duration>,
-    max_poll: Option<Duration>,
-    busy_timeout: Option<Duration>,
-    durable: Option<bool>,
+/// Declares [`SqlOptions`]: each option unset until a setter (or the URL) sets it, and
+/// the rule that one set in code wins over the URL's.
+macro_rules! options {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty,)*) => {
+        /// Options of [`SqlLock`](crate::SqlLock) (all three databases), set with the
+        /// builder methods. Every option can also be given as a URL parameter of the same
+        /// name (`?strategy=table&table_prefix=app_&max_poll=250ms`); **an option set here
+        /// overrides the URL's**. The URL rejects parameters its database does not use;
+        /// here they are ignored.
+        #[derive(Debug, Clone, Default)]
+        pub struct SqlOptions {
+            $($name: Option<$ty>,)*
+        }
+
+        impl SqlOptions {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: impl Into<$ty>) -> Self {
+                    self.$name = Some(value.into());
+                    self
+                }
+            )*
+
+            /// These options over `fallback`'s: each one set here wins.
+            fn over(self, fallback: SqlOptions) -> SqlOptions {
+                SqlOptions {
+                    $($name: self.$name.or(fallback.$name),)*
+                }
+            }
+        }
+    };
+}
+
+options! {
+    /// Advisory locks or the lease table (`strategy=`). Default: advisory where the
+    /// database has them (PostgreSQL, MySQL), else the table.
+    strategy: Strategy,
+    /// Prefix of the tables lockkit uses (`<prefix>locks`, `<prefix>fences`, ...): up to
+    /// 40 ASCII letters, digits and `_` (`table_prefix=`). Default `lockkit_`.
+    table_prefix: String,
+    /// Create the tables on connect (`auto_migrate=`). Off for users who forbid runtime
+    /// DDL: then run `migrate()` once (or its SQL) ahead of time. Default on.
+    auto_migrate: bool,
+    /// Pool size (`max_connections=`). With advisory locks every held or waiting guard
+    /// uses one connection. Default 256 for advisory locks, 32 for a server's lease table,
+    /// 4 for SQLite (1 for an in-memory database, whatever is set).
+    max_connections: u32,
+    /// How long to wait for a connection, to connect or from the pool
+    /// (`acquire_timeout=`). Default 3 s; SQLite: its busy timeout.
+    acquire_timeout: Duration,
+    /// Advisory waits block on the server in slices of at most this long, so a cancelled
+    /// wait lets go of its connection soon (`wait_slice=`). Default 1 s.
+    wait_slice: Duration,
+    /// Lease table: longest pause between re-checks when no release signal arrives
+    /// (`max_poll=`). Default 1 s on PostgreSQL (which has `NOTIFY`), 100 ms on MySQL and
+    /// SQLite.
+    max_poll: Duration,
+    /// SQLite: how long a statement waits for another connection's write lock
+    /// (`busy_timeout=`). Default 5 s.
+    busy_timeout: Duration,
+    /// SQLite: `PRAGMA synchronous=FULL` (the default) makes every acquisition durable
+    /// across power loss, so a fencing token is never handed out twice; `false` uses
+    /// `NORMAL`, faster but a power cut may lose the last acquisitions (`durable=`).
+    durable: bool,
 }
 
 /// The options of SQLite: the same type as the others'.
@@ -61,75 +110,8 @@ impl SqlOptions {
         Self::default()
     }
 
-    /// Advisory locks or the lease table (`strategy=`). Default: advisory where the
-    /// database has them (PostgreSQL, MySQL), else the table.
-    pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.strategy = Some(strategy);
-        self
-    }
-
-    /// Prefix of the tables lockkit uses (`<prefix>locks`, `<prefix>fences`, ...): up to
-    /// 40 ASCII letters, digits and `_` (`table_prefix=`). Default `lockkit_`.
-    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.table_prefix = Some(prefix.into());
-        self
-    }
-
-    /// Create the tables on connect (`auto_migrate=`). Off for users who forbid runtime
-    /// DDL: then run `migrate()` once (or its SQL) ahead of time. Default on.
-    pub fn auto_migrate(mut self, on: bool) -> Self {
-        self.auto_migrate = Some(on);
-        self
-    }
-
-    /// Pool size (`max_connections=`). With advisory locks every held or waiting guard
-    /// uses one connection. Default 256 for advisory locks, 32 for a server's lease table,
-    /// 4 for SQLite (1 for an in-memory database, whatever is set).
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = Some(n);
-        self
-    }
-
-    /// How long to wait for a connection, to connect or from the pool
-    /// (`acquire_timeout=`). Default 3 s; SQLite: its busy timeout.
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = Some(timeout);
-        self
-    }
-
-    /// Advisory waits block on the server in slices of at most this long, so a cancelled
-    /// wait lets go of its connection soon (`wait_slice=`). Default 1 s.
-    pub fn wait_slice(mut self, slice: Duration) -> Self {
-        self.wait_slice = Some(slice);
-        self
-    }
-
-    /// Lease table: longest pause between re-checks when no release signal arrives
-    /// (`max_poll=`). Default 1 s on PostgreSQL (which has `NOTIFY`), 100 ms on MySQL and
-    /// SQLite.
-    pub fn max_poll(mut self, max_poll: Duration) -> Self {
-        self.max_poll = Some(max_poll);
-        self
-    }
-
-    /// SQLite: how long a statement waits for another connection's write lock
-    /// (`busy_timeout=`). Default 5 s.
-    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
-        self.busy_timeout = Some(timeout);
-        self
-    }
-
-    /// SQLite: `PRAGMA synchronous=FULL` (the default) makes every acquisition durable
-    /// across power loss, so a fencing token is never handed out twice; `false` uses
-    /// `NORMAL`, faster but a power cut may lose the last acquisitions (`durable=`).
-    pub fn durable(mut self, durable: bool) -> Self {
-        self.durable = Some(durable);
-        self
-    }
-
     /// Reads lockkit's own parameters of dialect `D` from `url`.
     fn from_url<D: Dialect>(url: &mut ServiceUrl) -> Result<Self> {
-        let own = |key: &str| D::OWN_PARAMS.contains(&key);
         let mut options = SqlOptions {
             strategy: url.take_parsed("strategy")?,
             table_prefix: url.take("table_prefix"),
@@ -139,31 +121,13 @@ impl SqlOptions {
             max_poll: url.take_duration("max_poll")?,
             ..SqlOptions::default()
         };
-        if own("wait_slice") {
+        if D::SERVER {
             options.wait_slice = url.take_duration("wait_slice")?;
-        }
-        if own("busy_timeout") {
+        } else {
             options.busy_timeout = url.take_duration("busy_timeout")?;
-        }
-        if own("durable") {
             options.durable = url.take_bool("durable")?;
         }
         Ok(options)
-    }
-
-    /// These options over `fallback`'s: each one set here wins.
-    fn over(self, fallback: SqlOptions) -> SqlOptions {
-        SqlOptions {
-            strategy: self.strategy.or(fallback.strategy),
-            table_prefix: self.table_prefix.or(fallback.table_prefix),
-            auto_migrate: self.auto_migrate.or(fallback.auto_migrate),
-            max_connections: self.max_connections.or(fallback.max_connections),
-            acquire_timeout: self.acquire_timeout.or(fallback.acquire_timeout),
-            wait_slice: self.wait_slice.or(fallback.wait_slice),
-            max_poll: self.max_poll.or(fallback.max_poll),
-            busy_timeout: self.busy_timeout.or(fallback.busy_timeout),
-            durable: self.durable.or(fallback.durable),
-        }
     }
 }
 
@@ -193,7 +157,12 @@ fn known<D: Dialect>() -> Vec<&'static str> {
         "acquire_timeout",
         "max_poll",
     ];
-    [&common[..], D::OWN_PARAMS, D::PASS_THROUGH].concat()
+    let own: &[&str] = match D::SERVER {
+        true => &["wait_slice"],
+        false => &["busy_timeout", "durable"],
+    };
+    let pass_through: Vec<_> = D::PASS_THROUGH.split(' ').collect();
+    [&common[..], own, &pass_through].concat()
 }
 
 impl Settings {
@@ -207,11 +176,11 @@ impl Settings {
         let mut url = ServiceUrl::parse(url)?;
         url.expect_scheme(D::SCHEMES)?;
         let o = explicit.over(SqlOptions::from_url::<D>(&mut url)?);
-        let strategy = o.strategy.unwrap_or(match D::ADVISORY {
+        let strategy = o.strategy.unwrap_or(match D::SERVER {
             true => Strategy::Advisory,
             false => Strategy::Table,
         });
-        if strategy == Strategy::Advisory && !D::ADVISORY {
+        if strategy == Strategy::Advisory && !D::SERVER {
             return Err(url.error(format_args!(
                 "{} has no advisory locks: use strategy=table",
                 D::NAME
@@ -222,11 +191,12 @@ impl Settings {
             strategy,
             table_prefix: o.table_prefix.unwrap_or_else(|| "lockkit_".into()),
             auto_migrate: o.auto_migrate.unwrap_or(true),
-            max_connections: o.max_connections.unwrap_or(match strategy {
-                Strategy::Advisory => 256,
-                Strategy::Table => D::TABLE_POOL,
+            max_connections: o.max_connections.unwrap_or(match (strategy, D::SERVER) {
+                (Strategy::Advisory, _) => 256,
+                (Strategy::Table, true) => 32,
+                (Strategy::Table, false) => 4,
             }),
-            acquire_timeout: o.acquire_timeout.unwrap_or(match D::NETWORKED {
+            acquire_timeout: o.acquire_timeout.unwrap_or(match D::SERVER {
                 true => Duration::from_secs(3),
                 false => busy_timeout,
             }),
@@ -265,11 +235,22 @@ impl Settings {
     }
 }
 
-/// A server's URL (`scheme://user:password@host:port/database?…`) rebuilt for its sqlx
-/// driver from the parsed parts, with the dialect's pass-through parameters and nothing
-/// else, so the driver reads exactly what lockkit checked.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-pub(crate) fn server_url<D: Dialect>(url: &mut ServiceUrl) -> Result<url::Url> {
+/// A server's connect options (`scheme://user:password@host:port/database?…`), read by its
+/// sqlx driver from a URL rebuilt from the parsed parts with the dialect's pass-through
+/// parameters and nothing else, so the driver reads exactly what lockkit checked.
+pub(crate) fn server_target<D: Dialect>(url: &mut ServiceUrl) -> Result<Target<D>> {
+    let sqlx_url = server_url::<D>(url)?;
+    let options = <ConnectOptions<D> as sqlx::ConnectOptions>::from_url(&sqlx_url)
+        .map_err(|e| url.error(format_args!("{}: {e}", D::NAME)))?;
+    let host = url.hosts().first().map(ToString::to_string);
+    let database = format!("{}{}", host.unwrap_or_default(), url.path());
+    Ok(Target {
+        options,
+        database: Some(database),
+    })
+}
+
+fn server_url<D: Dialect>(url: &mut ServiceUrl) -> Result<url::Url> {
     let host = match url.hosts() {
         [] => "localhost".to_string(),
         [one] => one.to_string(),
@@ -282,7 +263,7 @@ pub(crate) fn server_url<D: Dialect>(url: &mut ServiceUrl) -> Result<url::Url> {
         .and_then(|()| out.set_password(url.password()));
     set.map_err(|()| url.error("cannot carry the user or password"))?;
     out.set_path(url.path());
-    for &key in D::PASS_THROUGH {
+    for key in D::PASS_THROUGH.split(' ') {
         if let Some(value) = url.take(key) {
             out.query_pairs_mut().append_pair(key, &value);
         }

@@ -201,6 +201,9 @@ impl<'a> Bind<'a> {
     }
 }
 
+/// A list of names (URL schemes).
+pub(crate) type Names = &'static [&'static str];
+
 /// Where a statement runs: on the pool, or on one connection that holds a session lock.
 pub(crate) enum On<'a, DB: Database> {
     Pool(&'a Pool<DB>),
@@ -317,28 +320,27 @@ pub(crate) mod hooks {
         /// listener).
         type State: Send + Sync + Debug;
 
-        /// The backend's name in errors and metrics.
-        const NAME: &'static str;
         /// The URL schemes.
-        const SCHEMES: &'static [&'static str];
-        /// Whether it has advisory (session) locks; the default strategy then.
-        const ADVISORY: bool;
-        /// Whether it runs on a server (as opposed to a local file).
-        const NETWORKED: bool;
-        /// URL parameters passed to sqlx as they are.
-        const PASS_THROUGH: &'static [&'static str];
-        /// lockkit's own URL parameters that only this database takes.
-        const OWN_PARAMS: &'static [&'static str];
-        /// Longest pause between re-checks of a lease-table wait, by default.
-        const MAX_POLL: Duration;
-        /// Pool size of the lease-table strategy, by default.
-        const TABLE_POOL: u32;
+        const SCHEMES: Names;
+        /// The backend's name in errors and metrics: its first scheme.
+        const NAME: &'static str = Self::SCHEMES[0];
+        /// A server database (networked, with advisory locks, the default strategy then),
+        /// as opposed to a local file with only the lease table.
+        const SERVER: bool = true;
+        /// URL parameters passed to sqlx as they are, separated by spaces.
+        const PASS_THROUGH: &'static str;
+        /// Longest pause between re-checks of a lease-table wait, by default: short, as
+        /// only waiters in this process are woken on release.
+        const MAX_POLL: Duration = Duration::from_millis(100);
 
         /// The statements, with the table prefix `p`.
         fn statements(p: &str) -> Statements;
 
-        /// Reads the connect options from `url` (its pass-through parameters taken).
-        fn target(url: &mut ServiceUrl, settings: &Settings) -> Result<Target<Self>>;
+        /// Reads the connect options from `url` (its pass-through parameters taken). By
+        /// default a server's: `scheme://user:password@host:port/database`.
+        fn target(url: &mut ServiceUrl, _settings: &Settings) -> Result<Target<Self>> {
+            crate::options::server_target(url)
+        }
 
         /// Adjusts the pool (per-connection setup, in-memory lifetimes).
         fn pool(pool: PoolOptions<Self::Db>, _target: &Target<Self>) -> PoolOptions<Self::Db> {

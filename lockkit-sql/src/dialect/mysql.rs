@@ -1,21 +1,16 @@
 //! MySQL and MariaDB: `GET_LOCK` on hashed names, the server's clock, `VARBINARY` names
 //! compared byte for byte, and InnoDB deadlock victims counted as lost races.
 
-use std::time::Duration;
-
 use lockkit_core::backend::LockName;
-use lockkit_core::url::ServiceUrl;
 use lockkit_core::Result;
 use sha2::{Digest, Sha256};
 use sqlx::error::DatabaseError;
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError};
+use sqlx::mysql::MySqlDatabaseError;
 use sqlx::pool::PoolOptions;
-use sqlx::ConnectOptions;
 
 use super::hooks::Hooks;
-use super::{AdvisorySql, Arg, Key, Sql, Statements, Target};
+use super::{AdvisorySql, Arg, Key, Names, Sql, Statements, Target};
 use crate::lock::Shared;
-use crate::options::{server_url, Settings};
 use crate::SqlLock;
 
 /// MySQL and MariaDB (feature `mysql`): `GET_LOCK` by default, or the lease table.
@@ -31,22 +26,8 @@ impl Hooks for MySql {
     type Db = sqlx::MySql;
     type State = ();
 
-    const NAME: &'static str = "mysql";
-    const SCHEMES: &'static [&'static str] = &["mysql", "mariadb"];
-    const ADVISORY: bool = true;
-    const NETWORKED: bool = true;
-    const PASS_THROUGH: &'static [&'static str] = &[
-        "ssl-mode",
-        "ssl-ca",
-        "ssl-cert",
-        "ssl-key",
-        "charset",
-        "collation",
-    ];
-    const OWN_PARAMS: &'static [&'static str] = &["wait_slice"];
-    // No notifications: waiters of other clients re-check often.
-    const MAX_POLL: Duration = Duration::from_millis(100);
-    const TABLE_POOL: u32 = 32;
+    const SCHEMES: Names = &["mysql", "mariadb"];
+    const PASS_THROUGH: &'static str = "ssl-mode ssl-ca ssl-cert ssl-key charset collation";
 
     fn statements(p: &str) -> Statements {
         use Arg::*;
@@ -102,22 +83,6 @@ impl Hooks for MySql {
                 unlock: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
             }),
         }
-    }
-
-    fn target(url: &mut ServiceUrl, _: &Settings) -> Result<Target<Self>> {
-        let sqlx_url = server_url::<Self>(url)?;
-        let options = MySqlConnectOptions::from_url(&sqlx_url)
-            .map_err(|e| url.error(format_args!("MySQL: {e}")))?;
-        let database = format!(
-            "{}:{}/{}",
-            options.get_host(),
-            options.get_port(),
-            options.get_database().unwrap_or_default()
-        );
-        Ok(Target {
-            options,
-            database: Some(database),
-        })
     }
 
     fn pool(pool: PoolOptions<sqlx::MySql>, _: &Target<Self>) -> PoolOptions<sqlx::MySql> {

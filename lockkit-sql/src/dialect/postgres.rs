@@ -6,17 +6,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lockkit_core::backend::LockName;
-use lockkit_core::url::ServiceUrl;
 use lockkit_core::{Error, Result};
 use sqlx::error::DatabaseError;
-use sqlx::postgres::{PgConnectOptions, PgListener};
-use sqlx::ConnectOptions;
+use sqlx::postgres::PgListener;
 use tokio::task::JoinHandle;
 
 use super::hooks::Hooks;
-use super::{AdvisorySql, Arg, Bind, Db, Key, On, Sql, Statements, Target};
+use super::{AdvisorySql, Arg, Bind, Db, Key, Names, On, Sql, Statements};
 use crate::lock::Shared;
-use crate::options::{server_url, Settings};
 use crate::{error, SqlLock};
 
 /// PostgreSQL (feature `postgres`): session advisory locks by default, or the lease table.
@@ -52,20 +49,10 @@ impl Hooks for Postgres {
     type Db = sqlx::Postgres;
     type State = PgState;
 
-    const NAME: &'static str = "postgres";
-    const SCHEMES: &'static [&'static str] = &["postgres", "postgresql"];
-    const ADVISORY: bool = true;
-    const NETWORKED: bool = true;
-    const PASS_THROUGH: &'static [&'static str] = &[
-        "sslmode",
-        "sslrootcert",
-        "sslcert",
-        "sslkey",
-        "application_name",
-    ];
-    const OWN_PARAMS: &'static [&'static str] = &["wait_slice"];
+    const SCHEMES: Names = &["postgres", "postgresql"];
+    const PASS_THROUGH: &'static str = "sslmode sslrootcert sslcert sslkey application_name";
+    // `NOTIFY` wakes the waiters of every client: re-check seldom.
     const MAX_POLL: Duration = Duration::from_secs(1);
-    const TABLE_POOL: u32 = 32;
 
     fn statements(p: &str) -> Statements {
         use Arg::*;
@@ -133,22 +120,6 @@ impl Hooks for Postgres {
                 unlock: Sql::scalar("SELECT pg_advisory_unlock($1)::int::bigint", &[Key]),
             }),
         }
-    }
-
-    fn target(url: &mut ServiceUrl, _: &Settings) -> Result<Target<Self>> {
-        let sqlx_url = server_url::<Self>(url)?;
-        let options = PgConnectOptions::from_url(&sqlx_url)
-            .map_err(|e| url.error(format_args!("PostgreSQL: {e}")))?;
-        let database = format!(
-            "{}:{}/{}",
-            options.get_host(),
-            options.get_port(),
-            options.get_database().unwrap_or_default()
-        );
-        Ok(Target {
-            options,
-            database: Some(database),
-        })
     }
 
     fn state(p: &str) -> PgState {

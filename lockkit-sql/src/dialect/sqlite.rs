@@ -2,7 +2,6 @@
 //! process that opens it (WAL, a busy timeout); the fence counter is kept by triggers.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use lockkit_core::backend::LockName;
 use lockkit_core::url::ServiceUrl;
@@ -12,7 +11,7 @@ use sqlx::pool::PoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use super::hooks::Hooks;
-use super::{Arg, Key, Sql, Statements, Target};
+use super::{Arg, Key, Names, Sql, Statements, Target};
 use crate::lock::Shared;
 use crate::options::Settings;
 
@@ -26,15 +25,9 @@ impl Hooks for Sqlite {
     type Db = sqlx::Sqlite;
     type State = ();
 
-    const NAME: &'static str = "sqlite";
-    const SCHEMES: &'static [&'static str] = &["sqlite"];
-    const ADVISORY: bool = false;
-    const NETWORKED: bool = false;
-    const PASS_THROUGH: &'static [&'static str] = &["mode"];
-    const OWN_PARAMS: &'static [&'static str] = &["busy_timeout", "durable"];
-    // No cross-process notification: waiters of other processes re-check often.
-    const MAX_POLL: Duration = Duration::from_millis(100);
-    const TABLE_POOL: u32 = 4;
+    const SCHEMES: Names = &["sqlite"];
+    const SERVER: bool = false;
+    const PASS_THROUGH: &'static str = "mode";
 
     fn statements(p: &str) -> Statements {
         use Arg::*;

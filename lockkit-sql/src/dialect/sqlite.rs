@@ -167,3 +167,51 @@ impl Hooks for Sqlite {
         Err(Error::Unsupported("SQLite has no advisory locks".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SqlOptions, SqliteLock};
+
+    fn file_of(url: &str) -> String {
+        let (settings, mut url) = Settings::resolve::<Sqlite>(url, SqlOptions::new()).unwrap();
+        let target = Sqlite::target(&mut url, &settings).unwrap();
+        target.options.get_filename().display().to_string()
+    }
+
+    #[test]
+    fn every_url_form_names_its_file() {
+        assert_eq!(file_of("sqlite:///abs/locks.db"), "/abs/locks.db");
+        assert_eq!(file_of("sqlite://dir/locks.db"), "dir/locks.db");
+        assert_eq!(file_of("sqlite:relative.db"), "relative.db");
+        assert_eq!(file_of("sqlite:dir/with%3Fmark.db"), "dir/with?mark.db");
+    }
+
+    #[tokio::test]
+    async fn memory_and_files_open_and_parameters_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        for url in [
+            "sqlite::memory:".to_string(),
+            format!("sqlite://{}?busy_timeout=1s&durable=false", file.display()),
+            format!("sqlite:{}?mode=rw", file.display()),
+        ] {
+            SqliteLock::connect(&url).await.expect(&url);
+        }
+        let err = SqliteLock::connect("sqlite::memory:?colour=red&wait_slice=1s")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`colour`") && err.contains("`wait_slice`"),
+            "{err}"
+        );
+        let advisory = SqliteLock::connect("sqlite::memory:?strategy=advisory").await;
+        assert!(advisory.is_err());
+        // Code wins over the URL.
+        let explicit = SqlOptions::new().strategy(crate::Strategy::Table);
+        SqliteLock::connect_with("sqlite::memory:?strategy=advisory", explicit)
+            .await
+            .unwrap();
+    }
+}

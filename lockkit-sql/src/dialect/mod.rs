@@ -1,8 +1,8 @@
 //! What differs between the databases: the SQL text of each step, the URL parameters passed
 //! to sqlx, which error codes mean a lost connection or a lost race, and the few mechanisms
 //! only one database has (PostgreSQL's `LISTEN`, MySQL's hashed `GET_LOCK` names, SQLite's
-//! pragmas and fence triggers). The strategies ([`crate::advisory`], [`crate::table`]) run
-//! these statements through [`Db::run`] and never name a database.
+//! pragmas and fence triggers). The strategies (`advisory.rs`, `table.rs`, `lease.rs`) run
+//! these statements and never name a database.
 
 use std::fmt::Debug;
 use std::future::Future;

@@ -34,6 +34,7 @@ pub(crate) struct Shared<D: Dialect> {
     /// Wake-ups of lease-table waiters, shared by every client of the database in this
     /// process.
     pub(crate) wake: Arc<WakeSlots>,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) state: D::State,
 }
 
@@ -50,7 +51,6 @@ impl<D: Dialect> fmt::Debug for Shared<D> {
         f.debug_struct("Shared")
             .field("backend", &D::NAME)
             .field("settings", &self.settings)
-            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }

@@ -242,51 +242,47 @@ where
         sql: &'a Sql,
         bind: &'a Bind<'a>,
     ) -> Result<Option<i64>, sqlx::Error> {
-        {
-            let mut pooled;
-            let conn: &mut DB::Connection = match on {
-                On::Conn(conn) => conn,
-                On::Pool(pool) => {
-                    pooled = pool.acquire().await?;
-                    &mut pooled
-                }
-            };
-            let mut query = sqlx::query::<DB>(&sql.text);
-            for arg in sql.args {
-                query = match (arg, bind.key) {
-                    (Arg::Name, _) => query.bind(bind.name.to_string()),
-                    (Arg::Owner, _) => query.bind(bind.owner.to_string()),
-                    (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
-                    (Arg::NowMs, _) => query.bind(bind.now_ms),
-                    (Arg::SliceMs, _) => query.bind(bind.slice_ms),
-                    (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
-                    (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
-                    (Arg::Key, None) => unreachable!("a key statement without a key"),
-                };
+        let mut pooled;
+        let conn: &mut DB::Connection = match on {
+            On::Conn(conn) => conn,
+            On::Pool(pool) => {
+                pooled = pool.acquire().await?;
+                &mut pooled
             }
-            Ok(match sql.out {
-                Out::Scalar => match query.fetch_optional(&mut *conn).await? {
-                    Some(row) => row.try_get::<Option<i64>, _>(0)?,
-                    None => None,
-                },
-                Out::Count => {
-                    let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
-                    Some(done.rows_affected() as i64)
-                }
-                Out::InsertId => {
-                    let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
-                    done.last_insert_id()
-                }
-            })
+        };
+        let mut query = sqlx::query::<DB>(&sql.text);
+        for arg in sql.args {
+            query = match (arg, bind.key) {
+                (Arg::Name, _) => query.bind(bind.name.to_string()),
+                (Arg::Owner, _) => query.bind(bind.owner.to_string()),
+                (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
+                (Arg::NowMs, _) => query.bind(bind.now_ms),
+                (Arg::SliceMs, _) => query.bind(bind.slice_ms),
+                (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
+                (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
+                (Arg::Key, None) => unreachable!("a key statement without a key"),
+            };
         }
+        Ok(match sql.out {
+            Out::Scalar => match query.fetch_optional(&mut *conn).await? {
+                Some(row) => row.try_get::<Option<i64>, _>(0)?,
+                None => None,
+            },
+            Out::Count => {
+                let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
+                Some(done.rows_affected() as i64)
+            }
+            Out::InsertId => {
+                let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
+                done.last_insert_id()
+            }
+        })
     }
 
     async fn script<'a>(pool: &'a Pool<Self>, text: &'a str) -> Result<(), sqlx::Error> {
-        {
-            let mut conn = pool.acquire().await?;
-            // Unprepared text: one round trip that may hold several statements.
-            conn.execute(text).await.map(drop)
-        }
+        let mut conn = pool.acquire().await?;
+        // Unprepared text: one round trip that may hold several statements.
+        conn.execute(text).await.map(drop)
     }
 }
 

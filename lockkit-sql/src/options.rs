@@ -254,7 +254,7 @@ fn server_url<D: Dialect>(url: &mut ServiceUrl) -> Result<url::Url> {
     let host = match url.hosts() {
         [] => "localhost".to_string(),
         [one] => one.to_string(),
-        _ => return Err(url.error("a single host, please")),
+        _ => return Err(url.error(format_args!("{} takes one host", D::NAME))),
     };
     let mut out = url::Url::parse(&format!("{}://{host}", D::SCHEMES[0]))
         .map_err(|e| url.error(format_args!("cannot read the host: {e}")))?;

@@ -27,7 +27,7 @@ impl Hooks for MySql {
     type State = ();
 
     const SCHEMES: Names = &["mysql", "mariadb"];
-    const PASS_THROUGH: &'static str = "ssl-mode ssl-ca ssl-cert ssl-key charset collation";
+    const PASS_THROUGH: &'static str = "ssl-mode sslmode ssl-ca ssl-cert ssl-key charset collation";
 
     fn statements(p: &str) -> Statements {
         use Arg::*;

@@ -1,23 +1,31 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+// Without a database feature there is nothing to run the statements on.
+#![cfg_attr(
+    not(any(feature = "sqlite", feature = "postgres", feature = "mysql")),
+    allow(dead_code)
+)]
 
-#[cfg(feature = "sqlite")]
-mod sqlite;
+mod advisory;
+pub mod dialect;
+mod error;
+mod lease;
+mod lock;
+mod options;
+mod table;
 mod wait;
 
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-mod options;
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-pub use options::{SqlOptions, Strategy};
+pub use lock::SqlLock;
+pub use options::{SqlOptions, SqliteOptions, Strategy};
 
+/// A lock service on PostgreSQL: advisory locks (default) or the lease table.
 #[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "postgres")]
-pub use postgres::PgLock;
+pub type PgLock = SqlLock<dialect::Postgres>;
 
+/// A lock service on MySQL or MariaDB: `GET_LOCK` (default) or the lease table.
 #[cfg(feature = "mysql")]
-mod mysql;
-#[cfg(feature = "mysql")]
-pub use mysql::MySqlLock;
+pub type MySqlLock = SqlLock<dialect::MySql>;
+
+/// A lock service on one SQLite database file: the lease table.
 #[cfg(feature = "sqlite")]
-pub use sqlite::{SqliteLock, SqliteOptions};
+pub type SqliteLock = SqlLock<dialect::Sqlite>;

@@ -1,100 +1,220 @@
-//! Options shared by the PostgreSQL and MySQL backends.
+//! Options of the SQL backends, and reading them from a URL.
 
 use std::time::Duration;
 
+use lockkit_core::url::ServiceUrl;
 use lockkit_core::{Error, Result};
 
-/// How a server database holds locks.
+use crate::dialect::{ConnectOptions, Dialect, Target};
+
+/// How a database holds locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Strategy {
     /// Session advisory locks (`pg_advisory_lock`, MySQL `GET_LOCK`), each on a connection
     /// held for the guard's life. The lock dies with the session, so a crashed holder frees
-    /// it at once; a holder that stops renewing frees it at its TTL. The default.
+    /// it at once; a holder that stops renewing frees it at its TTL. The default on
+    /// PostgreSQL and MySQL; SQLite has none.
     #[default]
     Advisory,
-    /// A lease table (`<prefix>locks`), as the SQLite backend uses: for setups where session
-    /// locks do not fit, such as poolers in transaction mode.
+    /// A lease table (`<prefix>locks`): one row per held lock, with its owner and expiry.
+    /// The only strategy of SQLite; on servers, for setups where session locks do not fit,
+    /// such as poolers in transaction mode.
     Table,
 }
 
-/// Tuning of the PostgreSQL and MySQL backends. URL parameters `strategy=advisory|table`
-/// and `table_prefix=` override the matching fields.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct SqlOptions {
-    /// Advisory locks or the lease table.
-    pub strategy: Strategy,
-    /// Prefix of the tables lockkit uses (`<prefix>fences`, `<prefix>locks`, ...): ASCII
-    /// letters, digits and `_`. Default `lockkit_`.
-    pub table_prefix: String,
-    /// Create the tables on connect. Off for users who forbid runtime DDL: then run
-    /// `migrate()` once (or its SQL) ahead of time. Default on.
-    pub auto_migrate: bool,
-    /// Pool size. With advisory locks every held or waiting guard uses one connection.
-    /// Default 256 for advisory locks, 32 for the lease table.
-    pub max_connections: Option<u32>,
-    /// How long to wait for a connection (connect or pool). Default 3 s.
-    pub acquire_timeout: Duration,
-    /// Advisory waits block on the server in slices of at most this long, so a cancelled
-    /// wait lets go of its connection soon. Default 1 s.
-    pub wait_slice: Duration,
-    /// Lease table: longest pause between re-checks when no release signal arrives.
-    /// Default 1 s with `NOTIFY` (PostgreSQL), 100 ms without (MySQL).
-    pub max_poll: Option<Duration>,
-}
+impl std::str::FromStr for Strategy {
+    type Err = String;
 
-impl Default for SqlOptions {
-    fn default() -> Self {
-        SqlOptions {
-            strategy: Strategy::Advisory,
-            table_prefix: "lockkit_".into(),
-            auto_migrate: true,
-            max_connections: None,
-            acquire_timeout: Duration::from_secs(3),
-            wait_slice: Duration::from_secs(1),
-            max_poll: None,
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "advisory" => Ok(Strategy::Advisory),
+            "table" => Ok(Strategy::Table),
+            _ => Err("use `advisory` or `table`".into()),
         }
     }
 }
 
-impl SqlOptions {
-    /// The pool size in effect.
-    pub(crate) fn pool_size(&self) -> u32 {
-        self.max_connections.unwrap_or(match self.strategy {
-            Strategy::Advisory => 256,
-            Strategy::Table => 32,
-        })
-    }
+/// Declares [`SqlOptions`]: each option unset until a setter (or the URL) sets it, and
+/// the rule that one set in code wins over the URL's.
+macro_rules! options {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty,)*) => {
+        /// Options of [`SqlLock`](crate::SqlLock) (all three databases), set with the
+        /// builder methods. Every option can also be given as a URL parameter of the same
+        /// name (`?strategy=table&table_prefix=app_&max_poll=250ms`); **an option set here
+        /// overrides the URL's**. The URL rejects parameters its database does not use;
+        /// here they are ignored.
+        #[derive(Debug, Clone, Default)]
+        pub struct SqlOptions {
+            $($name: Option<$ty>,)*
+        }
 
-    /// Takes lockkit's own parameters out of `url`, applying them; returns the URL for sqlx.
-    pub(crate) fn apply_url(&mut self, url: &str) -> Result<String> {
-        let Some((base, query)) = url.split_once('?') else {
-            return Ok(url.to_string());
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("strategy", "advisory")) => self.strategy = Strategy::Advisory,
-                Some(("strategy", "table")) => self.strategy = Strategy::Table,
-                Some(("strategy", other)) => {
-                    return Err(Error::InvalidOptions(format!(
-                        "strategy `{other}`: use `advisory` or `table`"
-                    )))
+        impl SqlOptions {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: impl Into<$ty>) -> Self {
+                    self.$name = Some(value.into());
+                    self
                 }
-                Some(("table_prefix", prefix)) => self.table_prefix = prefix.to_string(),
-                _ => kept.push(pair),
+            )*
+
+            /// These options over `fallback`'s: each one set here wins.
+            fn over(self, fallback: SqlOptions) -> SqlOptions {
+                SqlOptions {
+                    $($name: self.$name.or(fallback.$name),)*
+                }
             }
         }
-        self.check()?;
-        Ok(if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        })
+    };
+}
+
+options! {
+    /// Advisory locks or the lease table (`strategy=`). Default: advisory where the
+    /// database has them (PostgreSQL, MySQL), else the table.
+    strategy: Strategy,
+    /// Prefix of the tables lockkit uses (`<prefix>locks`, `<prefix>fences`, ...): up to
+    /// 40 ASCII letters, digits and `_` (`table_prefix=`). Default `lockkit_`.
+    table_prefix: String,
+    /// Create the tables on connect (`auto_migrate=`). Off for users who forbid runtime
+    /// DDL: then run `migrate()` once (or its SQL) ahead of time. Default on.
+    auto_migrate: bool,
+    /// Pool size (`max_connections=`). With advisory locks every held or waiting guard
+    /// uses one connection. Default 256 for advisory locks, 32 for a server's lease table,
+    /// 4 for SQLite (1 for an in-memory database, whatever is set).
+    max_connections: u32,
+    /// How long to wait for a connection, to connect or from the pool
+    /// (`acquire_timeout=`). Default 3 s; SQLite: its busy timeout.
+    acquire_timeout: Duration,
+    /// Advisory waits block on the server in slices of at most this long, so a cancelled
+    /// wait lets go of its connection soon (`wait_slice=`). Default 1 s.
+    wait_slice: Duration,
+    /// Lease table: longest pause between re-checks when no release signal arrives
+    /// (`max_poll=`). Default 1 s on PostgreSQL (which has `NOTIFY`), 100 ms on MySQL and
+    /// SQLite.
+    max_poll: Duration,
+    /// SQLite: how long a statement waits for another connection's write lock
+    /// (`busy_timeout=`). Default 5 s.
+    busy_timeout: Duration,
+    /// SQLite: `PRAGMA synchronous=FULL` (the default) makes every acquisition durable
+    /// across power loss, so a fencing token is never handed out twice; `false` uses
+    /// `NORMAL`, faster but a power cut may lose the last acquisitions (`durable=`).
+    durable: bool,
+}
+
+/// The options of SQLite: the same type as the others'.
+pub type SqliteOptions = SqlOptions;
+
+impl SqlOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    pub(crate) fn check(&self) -> Result<()> {
+    /// Reads lockkit's own parameters of dialect `D` from `url`.
+    fn from_url<D: Dialect>(url: &mut ServiceUrl) -> Result<Self> {
+        let mut options = SqlOptions {
+            strategy: url.take_parsed("strategy")?,
+            table_prefix: url.take("table_prefix"),
+            auto_migrate: url.take_bool("auto_migrate")?,
+            max_connections: url.take_parsed("max_connections")?,
+            acquire_timeout: url.take_duration("acquire_timeout")?,
+            max_poll: url.take_duration("max_poll")?,
+            ..SqlOptions::default()
+        };
+        if D::SERVER {
+            options.wait_slice = url.take_duration("wait_slice")?;
+        } else {
+            options.busy_timeout = url.take_duration("busy_timeout")?;
+            options.durable = url.take_bool("durable")?;
+        }
+        Ok(options)
+    }
+}
+
+/// The options in effect, defaults filled in.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) strategy: Strategy,
+    pub(crate) table_prefix: String,
+    pub(crate) auto_migrate: bool,
+    pub(crate) max_connections: u32,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) wait_slice: Duration,
+    pub(crate) max_poll: Duration,
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) busy_timeout: Duration,
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) durable: bool,
+}
+
+/// The names lockkit takes from a URL of dialect `D`, for the unknown-parameter error.
+fn known<D: Dialect>() -> Vec<&'static str> {
+    let common = [
+        "strategy",
+        "table_prefix",
+        "auto_migrate",
+        "max_connections",
+        "acquire_timeout",
+        "max_poll",
+    ];
+    let own: &[&str] = match D::SERVER {
+        true => &["wait_slice"],
+        false => &["busy_timeout", "durable"],
+    };
+    let pass_through: Vec<_> = D::PASS_THROUGH.split(' ').collect();
+    [&common[..], own, &pass_through].concat()
+}
+
+impl Settings {
+    /// Reads `url` for dialect `D`, with `explicit` options over the URL's parameters.
+    /// Returns the settings and the URL with lockkit's parameters taken, for the dialect to
+    /// read its connect options from.
+    pub(crate) fn resolve<D: Dialect>(
+        url: &str,
+        explicit: SqlOptions,
+    ) -> Result<(Settings, ServiceUrl)> {
+        let mut url = ServiceUrl::parse(url)?;
+        url.expect_scheme(D::SCHEMES)?;
+        let o = explicit.over(SqlOptions::from_url::<D>(&mut url)?);
+        let strategy = o.strategy.unwrap_or(match D::SERVER {
+            true => Strategy::Advisory,
+            false => Strategy::Table,
+        });
+        if strategy == Strategy::Advisory && !D::SERVER {
+            return Err(url.error(format_args!(
+                "{} has no advisory locks: use strategy=table",
+                D::NAME
+            )));
+        }
+        let busy_timeout = o.busy_timeout.unwrap_or(Duration::from_secs(5));
+        let settings = Settings {
+            strategy,
+            table_prefix: o.table_prefix.unwrap_or_else(|| "lockkit_".into()),
+            auto_migrate: o.auto_migrate.unwrap_or(true),
+            max_connections: o.max_connections.unwrap_or(match (strategy, D::SERVER) {
+                (Strategy::Advisory, _) => 256,
+                (Strategy::Table, true) => 32,
+                (Strategy::Table, false) => 4,
+            }),
+            acquire_timeout: o.acquire_timeout.unwrap_or(match D::SERVER {
+                true => Duration::from_secs(3),
+                false => busy_timeout,
+            }),
+            wait_slice: o.wait_slice.unwrap_or(Duration::from_secs(1)),
+            max_poll: o.max_poll.unwrap_or(D::MAX_POLL),
+            busy_timeout,
+            durable: o.durable.unwrap_or(true),
+        };
+        settings.check()?;
+        Ok((settings, url))
+    }
+
+    /// Checks that `url` has no parameter left that neither lockkit nor the dialect took.
+    pub(crate) fn finish<D: Dialect>(url: &ServiceUrl) -> Result<()> {
+        url.finish(&known::<D>())
+    }
+
+    fn check(&self) -> Result<()> {
         let prefix = &self.table_prefix;
         let valid = prefix.len() <= 40
             && prefix
@@ -106,7 +226,7 @@ impl SqlOptions {
                 "table prefix `{prefix}`: use up to 40 ASCII letters, digits and `_`"
             )));
         }
-        if self.max_connections == Some(0) {
+        if self.max_connections == 0 {
             return Err(Error::InvalidOptions(
                 "max_connections must be above 0".into(),
             ));
@@ -115,24 +235,73 @@ impl SqlOptions {
     }
 }
 
-#[cfg(test)]
+/// A server's connect options (`scheme://user:password@host:port/database?…`), read by its
+/// sqlx driver from a URL rebuilt from the parsed parts with the dialect's pass-through
+/// parameters and nothing else, so the driver reads exactly what lockkit checked.
+pub(crate) fn server_target<D: Dialect>(url: &mut ServiceUrl) -> Result<Target<D>> {
+    let sqlx_url = server_url::<D>(url)?;
+    let options = <ConnectOptions<D> as sqlx::ConnectOptions>::from_url(&sqlx_url)
+        .map_err(|e| url.error(format_args!("{}: {e}", D::NAME)))?;
+    let host = url.hosts().first().map(ToString::to_string);
+    let database = format!("{}{}", host.unwrap_or_default(), url.path());
+    Ok(Target {
+        options,
+        database: Some(database),
+    })
+}
+
+fn server_url<D: Dialect>(url: &mut ServiceUrl) -> Result<url::Url> {
+    let host = match url.hosts() {
+        [] => "localhost".to_string(),
+        [one] => one.to_string(),
+        _ => return Err(url.error(format_args!("{} takes one host", D::NAME))),
+    };
+    let mut out = url::Url::parse(&format!("{}://{host}", D::SCHEMES[0]))
+        .map_err(|e| url.error(format_args!("cannot read the host: {e}")))?;
+    let set = out
+        .set_username(url.username().unwrap_or_default())
+        .and_then(|()| out.set_password(url.password()));
+    set.map_err(|()| url.error("cannot carry the user or password"))?;
+    out.set_path(url.path());
+    for key in D::PASS_THROUGH.split(' ') {
+        if let Some(value) = url.take(key) {
+            out.query_pairs_mut().append_pair(key, &value);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(all(test, feature = "postgres"))]
 mod tests {
     use super::*;
+    use crate::dialect::Postgres;
 
     #[test]
-    fn url_parameters_are_taken_out() {
-        let mut o = SqlOptions::default();
-        let url = o
-            .apply_url("postgres://u:p@h:1/db?strategy=table&sslmode=disable&table_prefix=app_")
-            .unwrap();
-        assert_eq!(url, "postgres://u:p@h:1/db?sslmode=disable");
-        assert_eq!(o.strategy, Strategy::Table);
-        assert_eq!(o.table_prefix, "app_");
-        assert!(SqlOptions::default()
-            .apply_url("mysql://h/db?strategy=magic")
-            .is_err());
-        assert!(SqlOptions::default()
-            .apply_url("mysql://h/db?table_prefix=x;drop")
-            .is_err());
+    fn url_parameters_are_read_and_options_override_them() {
+        let (s, mut url) = Settings::resolve::<Postgres>(
+            "postgres://u:p%40ss@h:1/db?strategy=table&sslmode=disable&table_prefix=app_",
+            SqlOptions::new().table_prefix("mine_"),
+        )
+        .unwrap();
+        assert_eq!(s.strategy, Strategy::Table);
+        assert_eq!(s.table_prefix, "mine_");
+        let sqlx_url = server_url::<Postgres>(&mut url).unwrap();
+        Settings::finish::<Postgres>(&url).unwrap();
+        assert_eq!(
+            sqlx_url.as_str(),
+            "postgres://u:p%40ss@h:1/db?sslmode=disable"
+        );
+        for bad in [
+            "postgres://h/db?strategy=magic",
+            "postgres://h/db?table_prefix=x;drop",
+            "mysql://h/db",
+        ] {
+            assert!(Settings::resolve::<Postgres>(bad, SqlOptions::new()).is_err());
+        }
+        let (_, mut url) =
+            Settings::resolve::<Postgres>("postgres://h/db?colour=red", SqlOptions::new()).unwrap();
+        server_url::<Postgres>(&mut url).unwrap();
+        let err = Settings::finish::<Postgres>(&url).unwrap_err().to_string();
+        assert!(err.contains("`colour`"), "{err}");
     }
 }

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use lockkit_core::backend::{Acquired, LockName};
+use lockkit_core::backend::{Acquired, LockName, Outcome};
 use lockkit_core::Result;
 use tokio::sync::Notify;
 
@@ -21,7 +21,6 @@ pub(crate) fn millis(d: Duration) -> i64 {
 
 /// How long the next server-side blocking wait may take: at most `slice`, no longer than
 /// the caller still waits, and not so short that it spins.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn next_slice(deadline: Option<tokio::time::Instant>, slice: Duration) -> Duration {
     let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
     left.unwrap_or(slice)
@@ -66,11 +65,8 @@ pub(crate) fn wake_slots(key: Option<String>) -> Arc<WakeSlots> {
     slots
 }
 
-/// What one attempt at a lease-table lock found: the lock, or how long the holder's lease
-/// has left (`None`: unknown).
-pub(crate) type Found = std::result::Result<Acquired, Option<Duration>>;
-
-/// Tries `attempt` until it wins. Between attempts it waits for a wake-up on `slot`, the
+/// Tries `attempt` until it wins; a busy attempt says how long the holder's lease has left
+/// (`None`: unknown). Between attempts it waits for a wake-up on `slot`, the
 /// end of the holder's lease, or a jittered backoff from 2 ms up to `max_poll`. Once the
 /// database has answered once, a retryable error does not end the wait.
 pub(crate) async fn until_acquired<F, Fut>(
@@ -80,7 +76,7 @@ pub(crate) async fn until_acquired<F, Fut>(
 ) -> Result<Acquired>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Found>>,
+    Fut: Future<Output = Result<Outcome<Option<Duration>>>>,
 {
     let max_poll = max_poll.max(Duration::from_millis(1));
     let mut poll = Duration::from_millis(2).min(max_poll);
@@ -91,8 +87,8 @@ where
         tokio::pin!(woken);
         woken.as_mut().enable();
         let left = match attempt().await {
-            Ok(Ok(acquired)) => return Ok(acquired),
-            Ok(Err(left)) => {
+            Ok(Outcome::Won(acquired)) => return Ok(acquired),
+            Ok(Outcome::Busy(left)) => {
                 reached = true;
                 left.unwrap_or(max_poll)
             }

@@ -1,0 +1,141 @@
+//! MySQL and MariaDB: `GET_LOCK` on hashed names, the server's clock, `VARBINARY` names
+//! compared byte for byte, and InnoDB deadlock victims counted as lost races.
+
+use lockkit_core::backend::LockName;
+use lockkit_core::Result;
+use sha2::{Digest, Sha256};
+use sqlx::error::DatabaseError;
+use sqlx::mysql::MySqlDatabaseError;
+use sqlx::pool::PoolOptions;
+
+use super::hooks::Hooks;
+use super::{AdvisorySql, Arg, Key, Names, Sql, Statements, Target};
+use crate::lock::Shared;
+use crate::SqlLock;
+
+/// MySQL and MariaDB (feature `mysql`): `GET_LOCK` by default, or the lease table.
+#[derive(Debug)]
+pub struct MySql;
+
+/// The server's clock in milliseconds since the epoch.
+const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+
+// The hooks speak the crate's own types: the trait is sealed.
+#[allow(private_interfaces)]
+impl Hooks for MySql {
+    type Db = sqlx::MySql;
+    type State = ();
+
+    const SCHEMES: Names = &["mysql", "mariadb"];
+    const PASS_THROUGH: &'static str = "ssl-mode sslmode ssl-ca ssl-cert ssl-key charset collation";
+
+    fn statements(p: &str) -> Statements {
+        use Arg::*;
+        Statements {
+            schema: format!(
+                "CREATE TABLE IF NOT EXISTS {p}fences (name VARBINARY(255) PRIMARY KEY,
+                 value BIGINT NOT NULL) ENGINE=InnoDB;
+                 CREATE TABLE IF NOT EXISTS {p}locks (name VARBINARY(255) PRIMARY KEY,
+                 owner CHAR(32) NOT NULL, expires_at BIGINT NOT NULL) ENGINE=InnoDB;"
+            ),
+            fence: Sql::insert_id(
+                format!(
+                    "INSERT INTO {p}fences (name, value) VALUES (?, LAST_INSERT_ID(1))
+                     ON DUPLICATE KEY UPDATE value = LAST_INSERT_ID(value + 1)"
+                ),
+                &[Name],
+            ),
+            acquire: Sql::count(
+                format!(
+                    "INSERT IGNORE INTO {p}locks (name, owner, expires_at) VALUES (?, ?, {NOW} + ?)"
+                ),
+                &[Name, Owner, TtlMs],
+            ),
+            take_over: Some(Sql::count(
+                format!(
+                    "UPDATE {p}locks SET owner = ?, expires_at = {NOW} + ?
+                     WHERE name = ? AND expires_at < {NOW}"
+                ),
+                &[Owner, TtlMs, Name],
+            )),
+            time_left: Sql::scalar(
+                format!("SELECT expires_at - {NOW} FROM {p}locks WHERE name = ?"),
+                &[Name],
+            ),
+            extend: Sql::count(
+                format!(
+                    "UPDATE {p}locks SET expires_at = {NOW} + ?
+                     WHERE name = ? AND owner = ? AND expires_at >= {NOW}"
+                ),
+                &[TtlMs, Name, Owner],
+            ),
+            release: [format!("AND expires_at >= {NOW}"), String::new()].map(|in_time| {
+                Sql::count(
+                    format!("DELETE FROM {p}locks WHERE name = ? AND owner = ? {in_time}"),
+                    &[Name, Owner],
+                )
+            }),
+            advisory: Some(AdvisorySql {
+                try_lock: Sql::scalar("SELECT GET_LOCK(?, 0)", &[Key]),
+                prepare_wait: None,
+                wait: Sql::scalar("SELECT GET_LOCK(?, ? / 1000)", &[Key, SliceMs]),
+                held: Sql::scalar("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", &[Key]),
+                unlock: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
+            }),
+        }
+    }
+
+    fn pool(pool: PoolOptions<sqlx::MySql>, _: &Target<Self>) -> PoolOptions<sqlx::MySql> {
+        // Fewer gap locks between concurrent lease-row statements.
+        pool.after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            })
+        })
+    }
+
+    fn state(_: &str) {}
+
+    fn connection_lost(e: &dyn DatabaseError) -> bool {
+        // Too many connections, server shutdown, aborted or killed connections.
+        e.try_downcast_ref::<MySqlDatabaseError>().is_some_and(|e| {
+            matches!(
+                e.number(),
+                1040 | 1053 | 1152 | 1153 | 1158..=1161 | 1927 | 2002 | 2003 | 2006 | 2013
+            )
+        })
+    }
+
+    fn lost_race(e: &dyn DatabaseError) -> bool {
+        // InnoDB deadlock (1213) or lock wait timeout (1205).
+        e.try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|e| matches!(e.number(), 1205 | 1213))
+    }
+
+    async fn advisory_key(lock: &Shared<Self>, name: &LockName) -> Result<Key> {
+        Ok(Key::Text(lock_name(&lock.settings.table_prefix, name)))
+    }
+}
+
+/// `GET_LOCK` names are limited to 64 characters and compared without regard to case on some
+/// servers, so every lock name is mapped to `lockkit_` followed by 56 lowercase hex digits of
+/// the SHA-256 of the table prefix and the name: 224 bits, so two names never meet in
+/// practice, whatever their length, case or trailing spaces.
+fn lock_name(prefix: &str, name: &LockName) -> String {
+    let mut hash = Sha256::new();
+    hash.update(prefix.as_bytes());
+    hash.update([0]);
+    hash.update(name.as_str().as_bytes());
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("lockkit_{}", &hex[..56])
+}
+
+impl SqlLock<MySql> {
+    /// The `GET_LOCK` name that stands for `name`.
+    pub fn lock_name(&self, name: &LockName) -> String {
+        lock_name(&self.shared().settings.table_prefix, name)
+    }
+}

@@ -1,0 +1,252 @@
+//! PostgreSQL: advisory keys from a name → key table, `lock_timeout` slices, the server's
+//! clock, and `NOTIFY` on release heard by a `LISTEN` task.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lockkit_core::backend::LockName;
+use lockkit_core::{Error, Result};
+use sqlx::error::DatabaseError;
+use sqlx::postgres::PgListener;
+use tokio::task::JoinHandle;
+
+use super::hooks::Hooks;
+use super::{AdvisorySql, Arg, Bind, Db, Key, Names, On, Sql, Statements};
+use crate::lock::Shared;
+use crate::{error, SqlLock};
+
+/// PostgreSQL (feature `postgres`): session advisory locks by default, or the lease table.
+#[derive(Debug)]
+pub struct Postgres;
+
+/// The server's clock in milliseconds since the epoch (all clients share it).
+const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// A PostgreSQL client's advisory keys and `LISTEN` task.
+#[derive(Debug)]
+pub struct PgState {
+    /// Advisory keys already resolved (a name's key never changes).
+    keys: Mutex<HashMap<LockName, i64>>,
+    /// Finds or assigns a name's key, starting at a candidate.
+    key: Sql,
+    /// The release channel.
+    channel: String,
+    listener: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for PgState {
+    fn drop(&mut self) {
+        if let Some(task) = self.listener.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+// The hooks speak the crate's own types: the trait is sealed.
+#[allow(private_interfaces)]
+impl Hooks for Postgres {
+    type Db = sqlx::Postgres;
+    type State = PgState;
+
+    const SCHEMES: Names = &["postgres", "postgresql"];
+    const PASS_THROUGH: &'static str = "sslmode sslrootcert sslcert sslkey application_name";
+    // `NOTIFY` wakes the waiters of every client: re-check seldom.
+    const MAX_POLL: Duration = Duration::from_secs(1);
+
+    fn statements(p: &str) -> Statements {
+        use Arg::*;
+        Statements {
+            // One simple query is one implicit transaction: the migration lock is held to
+            // its end, so concurrent clients do not race on the DDL.
+            schema: format!(
+                "SELECT pg_advisory_xact_lock(hashtext('lockkit migrate'));
+                 CREATE TABLE IF NOT EXISTS {p}fences (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {p}advisory_keys (name TEXT PRIMARY KEY, key BIGINT NOT NULL UNIQUE);
+                 CREATE TABLE IF NOT EXISTS {p}locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);"
+            ),
+            fence: Sql::scalar(
+                format!(
+                    "INSERT INTO {p}fences (name, value) VALUES ($1, 1)
+                     ON CONFLICT (name) DO UPDATE SET value = {p}fences.value + 1 RETURNING value"
+                ),
+                &[Name],
+            ),
+            acquire: Sql::count(
+                format!(
+                    "INSERT INTO {p}locks (name, owner, expires_at) VALUES ($1, $2, {NOW} + $3)
+                     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                     WHERE {p}locks.expires_at < {NOW}"
+                ),
+                &[Name, Owner, TtlMs],
+            ),
+            take_over: None,
+            time_left: Sql::scalar(
+                format!("SELECT expires_at - {NOW} FROM {p}locks WHERE name = $1"),
+                &[Name],
+            ),
+            extend: Sql::count(
+                format!(
+                    "UPDATE {p}locks SET expires_at = {NOW} + $3
+                     WHERE name = $1 AND owner = $2 AND expires_at >= {NOW}"
+                ),
+                &[Name, Owner, TtlMs],
+            ),
+            // Each deletion notifies the waiters of every client (one row per deleted row:
+            // its count is the rows deleted).
+            release: [format!("AND expires_at >= {NOW}"), String::new()].map(|in_time| {
+                Sql::count(
+                    format!(
+                        "WITH d AS (DELETE FROM {p}locks WHERE name = $1 AND owner = $2 {in_time} RETURNING name)
+                         SELECT pg_notify('{p}released', name) FROM d"
+                    ),
+                    &[Name, Owner],
+                )
+            }),
+            advisory: Some(AdvisorySql {
+                try_lock: Sql::scalar("SELECT pg_try_advisory_lock($1)::int::bigint", &[Key]),
+                prepare_wait: Some(Sql::count(
+                    "SELECT set_config('lock_timeout', $1::text || 'ms', false)".into(),
+                    &[SliceMs],
+                )),
+                wait: Sql::scalar("SELECT 1::bigint FROM pg_advisory_lock($1)", &[Key]),
+                held: Sql::scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+                     AND pid = pg_backend_pid() AND granted AND objsubid = 1
+                     AND classid = (($1 >> 32) & 4294967295)::oid
+                     AND objid = ($1 & 4294967295)::oid)::int::bigint",
+                    &[Key],
+                ),
+                unlock: Sql::scalar("SELECT pg_advisory_unlock($1)::int::bigint", &[Key]),
+            }),
+        }
+    }
+
+    fn state(p: &str) -> PgState {
+        PgState {
+            keys: Mutex::default(),
+            key: Sql::scalar(
+                format!(
+                    "WITH ins AS (INSERT INTO {p}advisory_keys (name, key) VALUES ($1, $2)
+                                  ON CONFLICT DO NOTHING RETURNING key)
+                     SELECT key FROM ins UNION ALL
+                     SELECT key FROM {p}advisory_keys WHERE name = $1 LIMIT 1"
+                ),
+                &[Arg::Name, Arg::Key],
+            ),
+            channel: format!("{p}released"),
+            listener: Mutex::default(),
+        }
+    }
+
+    fn connection_lost(e: &dyn DatabaseError) -> bool {
+        // Class 08 (connection exception), 57P01-03 (admin shutdown, crash, cannot connect
+        // now).
+        e.code().is_some_and(|c| {
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+        })
+    }
+
+    fn lost_race(e: &dyn DatabaseError) -> bool {
+        // lock_not_available: a wait slice ran out.
+        e.code().as_deref() == Some("55P03")
+    }
+
+    /// The name's key from `<prefix>advisory_keys`: its FNV-1a hash, or the next free key
+    /// above it when another name has that one, so two names never share a key.
+    async fn advisory_key(lock: &Shared<Self>, name: &LockName) -> Result<Key> {
+        let state = &lock.state;
+        if let Some(key) = state
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(Key::Int(*key));
+        }
+        let mut candidate = name.hash64() as i64;
+        for _ in 0..64 {
+            let probe = Key::Int(candidate);
+            let bind = Bind::new(name).key(&probe, None);
+            let key = sqlx::Postgres::run(On::Pool(&lock.pool), &state.key, &bind)
+                .await
+                .map_err(error::map::<Self>)?;
+            if let Some(key) = key {
+                let mut keys = state.keys.lock().unwrap_or_else(|e| e.into_inner());
+                keys.insert(name.clone(), key);
+                return Ok(Key::Int(key));
+            }
+            // The candidate belongs to another name (or a concurrent insert of this name
+            // is not visible yet): probe the next key.
+            candidate = candidate.wrapping_add(1);
+        }
+        Err(Error::backend(
+            Self::NAME,
+            format!("no free advisory key for `{name}`"),
+        ))
+    }
+
+    /// Starts the `LISTEN` task once: it wakes the waiters of every name it hears released.
+    fn listen(lock: &Shared<Self>) {
+        let mut task = lock
+            .state
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if task.is_some() {
+            return;
+        }
+        let (pool, channel, wake) = (
+            lock.pool.clone(),
+            lock.state.channel.clone(),
+            lock.wake.clone(),
+        );
+        *task = Some(tokio::spawn(async move {
+            loop {
+                let listener = async {
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    listener.listen(&channel).await?;
+                    Ok::<_, sqlx::Error>(listener)
+                };
+                let mut listener = match listener.await {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "LISTEN failed, retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                // Whatever was released before we listened is found by the waiters' re-check.
+                wake.wake_all();
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(note)) => {
+                            if let Ok(name) = LockName::new(note.payload()) {
+                                wake.slot(&name).notify_waiters();
+                            }
+                        }
+                        // The connection was lost (and is re-established by the next call):
+                        // notifications may have been missed.
+                        Ok(None) => wake.wake_all(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "LISTEN connection failed");
+                            wake.wake_all();
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+}
+
+impl SqlLock<Postgres> {
+    /// The advisory-lock key of `name` (for inspecting `pg_locks`), assigning one if the name
+    /// has none yet.
+    pub async fn advisory_key(&self, name: &LockName) -> Result<i64> {
+        match Postgres::advisory_key(self.shared(), name).await? {
+            Key::Int(key) => Ok(key),
+            Key::Text(_) => unreachable!("PostgreSQL keys are numbers"),
+        }
+    }
+}

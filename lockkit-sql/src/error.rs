@@ -1,0 +1,55 @@
+//! sqlx errors as lockkit errors: connection errors (retryable) and backend errors, each
+//! with the sqlx error as its source.
+
+use lockkit_core::Error;
+
+use crate::dialect::Dialect;
+
+/// Sorts a sqlx error of dialect `D` into a connection error (the caller retries) or a
+/// backend error.
+pub(crate) fn map<D: Dialect>(e: sqlx::Error) -> Error {
+    let connection = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => D::connection_lost(db.as_ref()),
+        _ => false,
+    };
+    if connection {
+        Error::connection(D::NAME, e)
+    } else {
+        Error::backend(D::NAME, e)
+    }
+}
+
+/// Whether `e` is a statement of dialect `D` that lost a race and changed nothing (a
+/// deadlock victim, a lock wait that ran out).
+pub(crate) fn lost_race<D: Dialect>(e: &Error) -> bool {
+    let source = match e {
+        Error::Backend { source, .. } => source,
+        _ => return false,
+    };
+    match source.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => D::lost_race(db.as_ref()),
+        _ => false,
+    }
+}
+
+/// A statement that must return a value returned none (or NULL).
+#[derive(Debug)]
+pub(crate) struct NoValue(pub(crate) &'static str);
+
+impl std::fmt::Display for NoValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} returned no value", self.0)
+    }
+}
+
+impl std::error::Error for NoValue {}
+
+/// The backend error of a statement (`what`) that returned no value.
+pub(crate) fn no_value<D: Dialect>(what: &'static str) -> Error {
+    Error::backend(D::NAME, NoValue(what))
+}

@@ -1,0 +1,192 @@
+//! [`SqlLock`]: connecting, the schema, and the acquire path of both strategies.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lockkit_core::backend::{
+    run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, LockName,
+    LockOptions, Outcome,
+};
+use lockkit_core::Result;
+use sqlx::pool::{Pool, PoolConnection, PoolOptions};
+use tokio::time::Instant;
+
+use crate::dialect::{Bind, Db, Dialect, On, Statements};
+use crate::options::{Settings, SqlOptions, Strategy};
+use crate::wait::{self, WakeSlots};
+use crate::{advisory, error, table};
+
+/// A lock service on a SQL database of dialect `D`: use the aliases [`PgLock`](crate::PgLock),
+/// [`MySqlLock`](crate::MySqlLock) and [`SqliteLock`](crate::SqliteLock). See the
+/// [crate docs](crate) for the strategies.
+#[derive(Debug)]
+pub struct SqlLock<D: Dialect> {
+    inner: Arc<Shared<D>>,
+}
+
+/// What every clone of a client, and every lease it hands out, shares.
+pub(crate) struct Shared<D: Dialect> {
+    pub(crate) pool: Pool<D::Db>,
+    pub(crate) sql: Statements,
+    pub(crate) settings: Settings,
+    /// Wake-ups of lease-table waiters, shared by every client of the database in this
+    /// process.
+    pub(crate) wake: Arc<WakeSlots>,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) state: D::State,
+}
+
+impl<D: Dialect> Clone for SqlLock<D> {
+    fn clone(&self) -> Self {
+        SqlLock {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<D: Dialect> fmt::Debug for Shared<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("backend", &D::NAME)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Dialect> SqlLock<D> {
+    /// Connects to `url` with default options (URL parameters apply).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, SqlOptions::default()).await
+    }
+
+    /// Connects to `url` with `options`. An option set in `options` overrides the URL
+    /// parameter of the same name. Creates the tables unless auto-migration is off.
+    pub async fn connect_with(url: &str, options: SqlOptions) -> Result<Self> {
+        let (settings, mut url) = Settings::resolve::<D>(url, options)?;
+        let target = D::target(&mut url, &settings)?;
+        Settings::finish::<D>(&url)?;
+        let pool = PoolOptions::<D::Db>::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            // No ping before every use: a broken connection fails its statement, which
+            // counts as a retryable connection error.
+            .test_before_acquire(false);
+        let pool = D::pool(pool, &target)
+            .connect_with(target.options)
+            .await
+            .map_err(error::map::<D>)?;
+        let database = target
+            .database
+            .map(|db| format!("{}:{db}:{}", D::NAME, settings.table_prefix));
+        let lock = SqlLock {
+            inner: Arc::new(Shared {
+                pool,
+                sql: D::statements(&settings.table_prefix),
+                state: D::state(&settings.table_prefix),
+                wake: wait::wake_slots(database),
+                settings,
+            }),
+        };
+        if lock.inner.settings.auto_migrate {
+            lock.migrate().await?;
+        }
+        Ok(lock)
+    }
+
+    /// Creates lockkit's tables if they are missing. Idempotent, and safe from many clients
+    /// at once. [`SqlLock::connect`] runs it unless auto-migration is off.
+    pub async fn migrate(&self) -> Result<()> {
+        D::Db::script(&self.inner.pool, &self.inner.sql.schema)
+            .await
+            .map_err(error::map::<D>)
+    }
+
+    /// The shared state, for the dialects' own inspection methods.
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+    pub(crate) fn shared(&self) -> &Shared<D> {
+        &self.inner
+    }
+}
+
+impl<D: Dialect> Shared<D> {
+    /// Takes the fencing token of `name` on the connection that has just taken its lock: its
+    /// own committed statement, so a token is never handed out twice.
+    pub(crate) async fn fence(
+        &self,
+        conn: &mut PoolConnection<D::Db>,
+        bind: &Bind<'_>,
+    ) -> Result<FencingToken> {
+        let token = D::Db::run(On::Conn(conn), &self.sql.fence, bind)
+            .await
+            .map_err(error::map::<D>)?;
+        let token = token.ok_or_else(|| error::no_value::<D>("the fence counter"))?;
+        Ok(FencingToken(token as u64))
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> Backend for SqlLock<D> {
+    fn name(&self) -> &'static str {
+        D::NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // Blocked advisory waiters are granted in queue order within a wait slice, but a
+        // waiter whose slice ends queues again at the back: no FIFO promise.
+        Capabilities::new(Duration::from_millis(100))
+            .fencing(true)
+            .lease_expiry(true)
+            .renewal(true)
+            .networked(D::SERVER)
+    }
+
+    async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        let (lock, name) = (self.inner.clone(), name.clone());
+        let outcome = match lock.settings.strategy {
+            Strategy::Advisory => run_detached(advisory::attempt(lock, name, opts.ttl, None)).await,
+            Strategy::Table => run_detached(table::attempt(lock, name, opts.ttl)).await,
+        };
+        Ok(outcome?.into_acquired())
+    }
+
+    async fn lock(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        let lock = &self.inner;
+        let settings = &lock.settings;
+        match settings.strategy {
+            Strategy::Advisory => loop {
+                let slice = Some(wait::next_slice(deadline, settings.wait_slice));
+                let attempt = advisory::attempt(lock.clone(), name.clone(), opts.ttl, slice);
+                if let Outcome::Won(acquired) = run_detached(attempt).await? {
+                    return Ok(acquired);
+                }
+            },
+            Strategy::Table => {
+                D::listen(lock);
+                wait::until_acquired(lock.wake.slot(name), settings.max_poll, || async {
+                    let attempt = table::attempt(lock.clone(), name.clone(), opts.ttl);
+                    Ok(match run_detached(attempt).await? {
+                        Outcome::Won(acquired) => Outcome::Won(acquired),
+                        Outcome::Busy(()) => Outcome::Busy(table::time_left(lock, name).await?),
+                    })
+                })
+                .await
+            }
+        }
+    }
+}
+
+impl<D: Dialect> Connect for SqlLock<D> {
+    const SCHEMES: &'static [&'static str] = D::SCHEMES;
+
+    async fn connect(url: &str) -> Result<Self> {
+        SqlLock::connect(url).await
+    }
+}

@@ -173,7 +173,12 @@ impl Locks {
     }
 }
 
-async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+/// Checks the name and options before anything is sent, and opens the acquisition's span.
+fn prepare(
+    lock: &dyn Backend,
+    name: &str,
+    opts: &LockOptions,
+) -> Result<(&'static str, LockName, Capabilities, tracing::Span)> {
     let backend = lock.name();
     let name = LockName::new(name)?;
     let caps = lock.capabilities();
@@ -185,6 +190,11 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
         wait_ms = field::Empty,
         token = field::Empty,
     );
+    Ok((backend, name, caps, span))
+}
+
+async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+    let (backend, name, caps, span) = prepare(lock, name, opts)?;
     async {
         let started = Instant::now();
         let result = match opts.wait {
@@ -224,17 +234,7 @@ async fn try_acquire(
     name: &str,
     opts: &LockOptions,
 ) -> Result<Option<LockGuard>> {
-    let backend = lock.name();
-    let name = LockName::new(name)?;
-    let caps = lock.capabilities();
-    opts.validate(&caps)?;
-    let span = tracing::info_span!(
-        "lockkit.acquire",
-        backend,
-        lock = %name,
-        wait_ms = field::Empty,
-        token = field::Empty,
-    );
+    let (backend, name, caps, span) = prepare(lock, name, opts)?;
     async {
         let started = Instant::now();
         let result = with_retries(opts, None, || {

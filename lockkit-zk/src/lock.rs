@@ -245,17 +245,15 @@ impl Inner {
         }
     }
 
-    /// The contenders under `parent` in queue order, as names.
-    async fn queue(&self, session: &Session, parent: &str) -> Result<Vec<String>> {
+    /// The contenders under `parent` in queue order, as names; `mine` is our node's name.
+    async fn queue(&self, session: &Session, parent: &str, mine: &str) -> Result<Vec<String>> {
         let children = session.request(session.client.list_children(parent)).await;
-        let mut children = match children {
+        let children = match children {
             Ok(children) => children,
             Err(zk::Error::NoNode) => Vec::new(),
             Err(e) => return Err(map_err(e)),
         };
-        children.retain(|c| sequence_of(c).is_some());
-        children.sort_by_key(|c| sequence_of(c));
-        Ok(children)
+        Ok(queue_order(children, mine))
     }
 
     fn acquired(&self, name: &LockName, node: Node, ttl: Duration, started: Instant) -> Acquired {
@@ -273,7 +271,7 @@ impl Inner {
         let session = self.session(ttl).await?;
         let parent = self.parent(&name);
         let node = Armed::new(self.create_node(&session, &parent).await?);
-        let queue = self.queue(&session, &parent).await?;
+        let queue = self.queue(&session, &parent, node.child()).await?;
         if queue.first().map(String::as_str) == Some(node.child()) {
             let node = node.disarm();
             return Ok(Outcome::Won(self.acquired(&name, node, ttl, started)));
@@ -308,7 +306,7 @@ impl Inner {
                 return Err(Error::connection(BACKEND, format!("session lost: {why}")));
             }
             let asked = Instant::now();
-            let queue = self.queue(session, &parent).await?;
+            let queue = self.queue(session, &parent, mine).await?;
             let Some(at) = queue.iter().position(|c| *c == mine) else {
                 return Err(Error::connection(
                     BACKEND,
@@ -381,10 +379,56 @@ fn sequence_of(child: &str) -> Option<i64> {
     sequence.parse().ok()
 }
 
+/// The lock nodes among `children` in queue order; `mine` is our node's name.
+fn queue_order(mut children: Vec<String>, mine: &str) -> Vec<String> {
+    let _ = mine;
+    children.retain(|c| sequence_of(c).is_some());
+    children.sort_by_key(|c| sequence_of(c));
+    children
+}
+
 impl Connect for ZkLock {
     const SCHEMES: &'static [&'static str] = &["zk", "zookeeper"];
 
     async fn connect(url: &str) -> Result<Self> {
         ZkLock::connect(url).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node name as ZooKeeper makes it: the sequence is the parent's `cversion`, an `i32`
+    /// printed as `%010d`.
+    fn node(sequence: i32) -> String {
+        format!("_c_{sequence}{LOCK_SUFFIX}{sequence:010}")
+    }
+
+    #[test]
+    fn queue_order_survives_the_sequence_wrap() {
+        let order = |children: &[i32], mine: i32| -> Vec<i64> {
+            let mut names: Vec<String> = children.iter().map(|&s| node(s)).collect();
+            names.push("not-a-lock-node".into());
+            queue_order(names, &node(mine))
+                .iter()
+                .map(|c| sequence_of(c).unwrap())
+                .collect()
+        };
+        assert_eq!(order(&[10, 2, 9], 9), [2, 9, 10]);
+        let wrapped = [i32::MIN + 1, i32::MAX, i32::MIN, i32::MAX - 2, i32::MAX - 1];
+        let expected = [
+            i64::from(i32::MAX - 2),
+            i64::from(i32::MAX - 1),
+            i64::from(i32::MAX),
+            i64::from(i32::MIN),
+            i64::from(i32::MIN + 1),
+        ];
+        for mine in wrapped {
+            assert_eq!(order(&wrapped, mine), expected, "seen from {mine}");
+        }
+        // From -1 the counter goes on to 0.
+        assert_eq!(order(&[1, -1, 0, -2], -2), [-2, -1, 0, 1]);
+        assert_eq!(node(-5), "_c_-5-lock--000000005");
     }
 }

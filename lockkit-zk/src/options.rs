@@ -49,6 +49,9 @@ pub struct ZkOptions {
     ///
     /// [`Capabilities::max_ttl`]: lockkit_core::Capabilities::max_ttl
     pub max_ttl: Duration,
+    /// How long a session no guard and no waiter uses stays open before it is closed.
+    /// Default 60 s.
+    pub session_idle_timeout: Duration,
 }
 
 impl Default for ZkOptions {
@@ -59,11 +62,16 @@ impl Default for ZkOptions {
             request_timeout: Duration::from_secs(5),
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(24 * 3600),
+            session_idle_timeout: Duration::from_secs(60),
         }
     }
 }
 
 impl ZkOptions {
+    /// The largest `max_ttl` accepted: the longest session timeout ZooKeeper's protocol can
+    /// carry (`i32::MAX` milliseconds, about 24.8 days).
+    pub const MAX_TTL: Duration = Duration::from_millis(i32::MAX as u64);
+
     /// The defaults.
     pub fn new() -> Self {
         Self::default()
@@ -101,6 +109,13 @@ impl ZkOptions {
     #[must_use]
     pub fn max_ttl(mut self, ttl: Duration) -> Self {
         self.max_ttl = ttl;
+        self
+    }
+
+    /// Sets how long an unused session stays open.
+    #[must_use]
+    pub fn session_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.session_idle_timeout = timeout;
         self
     }
 
@@ -189,6 +204,73 @@ mod tests {
         assert_eq!(options.lock_root(), "/mine");
         let mut options = ZkOptions::new().root("/");
         assert!(options.apply_url("zk://a:1?root=/url").is_err());
+    }
+
+    #[tokio::test]
+    async fn durations_that_would_overflow_or_spin_are_refused() {
+        let refused = [
+            ("max_ttl Duration::MAX", ZkOptions::new().max_ttl(Duration::MAX)),
+            (
+                "max_ttl above MAX_TTL",
+                ZkOptions::new().max_ttl(ZkOptions::MAX_TTL + Duration::from_millis(1)),
+            ),
+            (
+                "min_ttl above max_ttl",
+                ZkOptions::new()
+                    .min_ttl(Duration::from_secs(10))
+                    .max_ttl(Duration::from_secs(5)),
+            ),
+            ("min_ttl zero", ZkOptions::new().min_ttl(Duration::ZERO)),
+            ("connect_timeout zero", ZkOptions::new().connect_timeout(Duration::ZERO)),
+            ("request_timeout zero", ZkOptions::new().request_timeout(Duration::ZERO)),
+            (
+                "session_idle_timeout zero",
+                ZkOptions::new().session_idle_timeout(Duration::ZERO),
+            ),
+        ];
+        for (what, options) in refused {
+            let err = crate::ZkLock::connect_with("zk://127.0.0.1:1", options)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidOptions(_)), "{what}: {err:?}");
+        }
+        // The largest values are fine: checked before any connection is tried.
+        let largest = ZkOptions::new()
+            .max_ttl(ZkOptions::MAX_TTL)
+            .connect_timeout(Duration::MAX)
+            .request_timeout(Duration::MAX)
+            .session_idle_timeout(Duration::MAX);
+        let err = crate::ZkLock::connect_with("zk://127.0.0.1:1", largest)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn errors_never_show_the_password() {
+        let secret = "s3cretpw";
+        for url in [
+            "zk://u:s3cretpw@127.0.0.1:1",
+            "zk://:s3cretpw@127.0.0.1:1/app",
+            "zk://u:s3cretpw@127.0.0.1:1/chroot/",
+            "zk://u:s3cretpw@127.0.0.1:1?x=1",
+            "zk://u:s3cretpw@127.0.0.1:1?root=relative",
+            "zk://u:s3cretpw@",
+            "zk://u:s3cretpw@h:port",
+            "zookeeper://u:s3cretpw@127.0.0.1:1,h:2",
+            "redis://u:s3cretpw@127.0.0.1:1",
+        ] {
+            let err = crate::ZkLock::connect(url).await.unwrap_err();
+            let mut texts = vec![err.to_string(), format!("{err:?}")];
+            let mut source = std::error::Error::source(&err);
+            while let Some(e) = source {
+                texts.push(e.to_string());
+                source = e.source();
+            }
+            for text in texts {
+                assert!(!text.contains(secret), "{url}: {text}");
+            }
+        }
     }
 
     #[test]

@@ -342,10 +342,16 @@ async fn a_release_lost_in_a_silent_disconnect_is_done_after_reconnect() {
     wait_connected(&session, Duration::from_secs(3)).await;
 
     let next = direct
-        .acquire_with(&name, &LockOptions::new().wait_timeout(ttl + Duration::from_secs(3)))
+        .acquire_with(
+            &name,
+            &LockOptions::new().wait_timeout(ttl + Duration::from_secs(3)),
+        )
         .await
         .expect("the node of the abandoned release wedged the lock");
-    eprintln!("the lock was free {:?} after the restore", restored.elapsed());
+    eprintln!(
+        "the lock was free {:?} after the restore",
+        restored.elapsed()
+    );
     next.release().await.unwrap();
 }
 
@@ -357,7 +363,12 @@ async fn server_sessions() -> HashSet<String> {
     conn.read_to_string(&mut text).await.unwrap();
     text.split("sid=")
         .skip(1)
-        .map(|rest| rest.split([',', ')']).next().unwrap_or_default().to_string())
+        .map(|rest| {
+            rest.split([',', ')'])
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect()
 }
 

@@ -43,14 +43,15 @@ pub struct ZkOptions {
     ///
     /// [`Capabilities::min_ttl`]: lockkit_core::Capabilities::min_ttl
     pub min_ttl: Duration,
-    /// The longest TTL accepted ([`Capabilities::max_ttl`]). Default one day. Session timeouts
-    /// are clamped by the server's `maxSessionTimeout` (default 20 ticks): a holder that
-    /// crashes loses the lock after the shorter of the two.
+    /// The longest TTL accepted ([`Capabilities::max_ttl`]), at most [`ZkOptions::MAX_TTL`].
+    /// Default one day. Session timeouts are clamped by the server's `maxSessionTimeout`
+    /// (default 20 ticks): a holder that crashes loses the lock after the shorter of the two,
+    /// and a lease is known valid for at most the session timeout after each renewal.
     ///
     /// [`Capabilities::max_ttl`]: lockkit_core::Capabilities::max_ttl
     pub max_ttl: Duration,
-    /// How long a session no guard and no waiter uses stays open before it is closed.
-    /// Default 60 s.
+    /// How long a session that no guard and no waiter uses stays open before it is closed
+    /// (one is opened per distinct TTL in use). Default 60 s.
     pub session_idle_timeout: Duration,
 }
 
@@ -141,9 +142,37 @@ impl ZkOptions {
         if chroot.ends_with('/') {
             return Err(url.error("the chroot must not end with `/`"));
         }
-        self.check_root()?;
+        self.check()?;
         let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
         Ok(format!("{}{chroot}", hosts.join(",")))
+    }
+
+    /// Durations that the backend adds to instants or waits for must be usable: above zero,
+    /// and TTLs within what a session timeout can carry.
+    fn check(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidOptions(format!("ZooKeeper options: {why}")));
+        if self.max_ttl > Self::MAX_TTL {
+            return bad(format!(
+                "max_ttl {:?} is above {:?}, the longest session timeout ZooKeeper can carry",
+                self.max_ttl,
+                Self::MAX_TTL
+            ));
+        }
+        if self.min_ttl.is_zero() || self.min_ttl > self.max_ttl {
+            return bad(format!(
+                "min_ttl {:?} must be above zero and at most max_ttl {:?}",
+                self.min_ttl, self.max_ttl
+            ));
+        }
+        let timeouts = [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("session_idle_timeout", self.session_idle_timeout),
+        ];
+        if let Some((name, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
+            return bad(format!("{name} must be above zero"));
+        }
+        self.check_root()
     }
 
     /// The lock root must be an absolute path of non-empty segments, not `/` itself.
@@ -209,7 +238,10 @@ mod tests {
     #[tokio::test]
     async fn durations_that_would_overflow_or_spin_are_refused() {
         let refused = [
-            ("max_ttl Duration::MAX", ZkOptions::new().max_ttl(Duration::MAX)),
+            (
+                "max_ttl Duration::MAX",
+                ZkOptions::new().max_ttl(Duration::MAX),
+            ),
             (
                 "max_ttl above MAX_TTL",
                 ZkOptions::new().max_ttl(ZkOptions::MAX_TTL + Duration::from_millis(1)),
@@ -221,8 +253,14 @@ mod tests {
                     .max_ttl(Duration::from_secs(5)),
             ),
             ("min_ttl zero", ZkOptions::new().min_ttl(Duration::ZERO)),
-            ("connect_timeout zero", ZkOptions::new().connect_timeout(Duration::ZERO)),
-            ("request_timeout zero", ZkOptions::new().request_timeout(Duration::ZERO)),
+            (
+                "connect_timeout zero",
+                ZkOptions::new().connect_timeout(Duration::ZERO),
+            ),
+            (
+                "request_timeout zero",
+                ZkOptions::new().request_timeout(Duration::ZERO),
+            ),
             (
                 "session_idle_timeout zero",
                 ZkOptions::new().session_idle_timeout(Duration::ZERO),

@@ -19,8 +19,6 @@ use crate::session::{Health, Orphan};
 pub(crate) struct ZkLease {
     pub(crate) name: LockName,
     pub(crate) node: Node,
-    /// The TTL the lock was acquired with.
-    pub(crate) ttl: Duration,
     /// Set once a release that failed on a connection problem was handed to the session,
     /// which deletes the node when it is connected again.
     pub(crate) handed_over: AtomicBool,
@@ -97,10 +95,10 @@ impl Lease for ZkLease {
         LostReason::SessionLost(self.node.session.lost().await)
     }
 
-    /// The negotiated session timeout when the server set it below the TTL: the keeper then
-    /// renews often enough for it.
+    /// The negotiated session timeout: no check makes the lease valid for longer, whatever
+    /// TTL it asks, so the keeper renews within it until the holder's TTL (say, after an
+    /// `extend` past the session timeout) is covered, also with automatic renewal off.
     fn fixed_ttl(&self) -> Option<Duration> {
-        let timeout = self.node.session.timeout;
-        (timeout < self.ttl).then_some(timeout)
+        Some(self.node.session.timeout)
     }
 }

@@ -311,7 +311,6 @@ impl Inner {
         let lease = ZkLease {
             name: name.clone(),
             node,
-            ttl,
             handed_over: AtomicBool::new(false),
         };
         Acquired::new(token, valid_until, Box::new(lease))

@@ -15,12 +15,24 @@ pub(crate) struct SessionError {
     pub(crate) source: zk::Error,
 }
 
+/// Whether a request failed in transit, its outcome unknown: the connection was lost or
+/// declared dead (the client fails the requests in flight with the connection's own error,
+/// such as "no response from connection"), or no answer came in time.
+pub(crate) fn in_transit(e: &zk::Error) -> bool {
+    matches!(
+        e,
+        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::Custom(_)
+    )
+}
+
 /// Sorts client errors into connection errors (retryable) and backend errors.
 pub(crate) fn map_err(e: zk::Error) -> Error {
     use zk::Error::*;
     match e {
-        ConnectionLoss | Timeout | NoHosts | SessionExpired | ClientClosed | SessionMoved
-        | Throttled => Error::connection(BACKEND, e),
+        NoHosts | SessionExpired | ClientClosed | SessionMoved | Throttled => {
+            Error::connection(BACKEND, e)
+        }
+        e if in_transit(&e) => Error::connection(BACKEND, e),
         e => Error::backend(BACKEND, e),
     }
 }

@@ -1,6 +1,7 @@
 //! A held ZooKeeper lock: our node, owned by a shared session whose heartbeats are the
 //! renewal.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,15 +10,18 @@ use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
-use crate::error::{map_err, BACKEND};
+use crate::error::{in_transit, map_err, BACKEND};
 use crate::lock::Node;
-use crate::session::Health;
+use crate::session::{Health, Orphan};
 
 /// A held lock: our node, owned by a shared session.
 #[derive(Debug)]
 pub(crate) struct ZkLease {
     pub(crate) name: LockName,
     pub(crate) node: Node,
+    /// Set once a release that failed on a connection problem was handed to the session,
+    /// which deletes the node when it is connected again.
+    pub(crate) handed_over: AtomicBool,
 }
 
 impl ZkLease {
@@ -29,7 +33,8 @@ impl ZkLease {
 #[async_trait]
 impl Lease for ZkLease {
     /// Checks that the session is connected and our node still exists; the session's own
-    /// heartbeats are the renewal.
+    /// heartbeats are the renewal. Valid for `ttl`, and at most the negotiated session
+    /// timeout, from when the check was sent.
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
         let started = Instant::now();
         let session = &self.node.session;
@@ -51,7 +56,7 @@ impl Lease for ZkLease {
                 if stat.czxid == self.node.czxid
                     && stat.ephemeral_owner == session.client.session_id().0 =>
             {
-                Ok(started + ttl)
+                Ok(session.valid_until(started, ttl))
             }
             Ok(_) => Err(self.lost(LostReason::NotOwner)),
             Err(zk::Error::SessionExpired) => Err(self.lost(LostReason::SessionLost(
@@ -61,15 +66,22 @@ impl Lease for ZkLease {
         }
     }
 
-    /// Deletes our node (version-checked: an ephemeral lock node is never written).
+    /// Deletes our node (version-checked: an ephemeral lock node is never written). If the
+    /// request fails on a connection problem, the session deletes the node once connected
+    /// again (the error is still returned, so the keeper may retry).
     async fn release(&self) -> Result<()> {
         let session = &self.node.session;
-        match session
-            .request(session.client.delete(&self.node.path, Some(0)))
-            .await
-        {
+        let path = &self.node.path;
+        match session.request(session.client.delete(path, Some(0))).await {
             Ok(()) => Ok(()),
+            // Deleted by the session since a failed attempt handed it over.
+            Err(zk::Error::NoNode) if self.handed_over.load(Ordering::SeqCst) => Ok(()),
             Err(zk::Error::NoNode | zk::Error::BadVersion) => Err(self.lost(LostReason::NotOwner)),
+            Err(e) if in_transit(&e) => {
+                self.handed_over.store(true, Ordering::SeqCst);
+                session.orphan(Orphan::Node(path.clone()));
+                Err(map_err(e))
+            }
             Err(zk::Error::SessionExpired | zk::Error::ClientClosed) => Err(self.lost(
                 LostReason::SessionLost("the ZooKeeper session expired".into()),
             )),
@@ -81,5 +93,12 @@ impl Lease for ZkLease {
     /// stayed disconnected for the session timeout (see [`Session`]).
     async fn lost(&self) -> LostReason {
         LostReason::SessionLost(self.node.session.lost().await)
+    }
+
+    /// The negotiated session timeout: no check makes the lease valid for longer, whatever
+    /// TTL it asks, so the keeper renews within it until the holder's TTL (say, after an
+    /// `extend` past the session timeout) is covered, also with automatic renewal off.
+    fn fixed_ttl(&self) -> Option<Duration> {
+        Some(self.node.session.timeout)
     }
 }

@@ -2,22 +2,23 @@
 //! acquisition, waiting on the deletion of the node just before ours.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{
-    run_detached, spawn_cleanup, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
-    FencingToken, LockName, LockOptions,
+    run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
+    LockName, LockOptions,
 };
 use lockkit_core::{Error, Result};
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
-use crate::error::{map_err, BACKEND};
+use crate::error::{in_transit, map_err, BACKEND};
 use crate::lease::ZkLease;
 use crate::options::ZkOptions;
-use crate::session::{Health, Session};
+use crate::session::{Health, Orphan, Session};
 
 /// Marks the lock nodes of this crate; the sequence number follows it.
 const LOCK_SUFFIX: &str = "-lock-";
@@ -32,7 +33,8 @@ type Outcome = lockkit_core::backend::Outcome;
 /// predecessor, so the lock is handed over in FIFO order without a thundering herd. The
 /// fencing token is the node's `czxid`. The lease is the ZooKeeper session that owns the
 /// node: one session per client and per session timeout (the TTL), shared by all the guards
-/// with that TTL. See the crate documentation for the details.
+/// with that TTL, and closed once unused for [`ZkOptions::session_idle_timeout`]. See the
+/// crate documentation for the details.
 #[derive(Debug, Clone)]
 pub struct ZkLock {
     inner: Arc<Inner>,
@@ -44,7 +46,14 @@ struct Inner {
     cluster: String,
     options: ZkOptions,
     /// Live sessions by requested session timeout (ms).
-    sessions: tokio::sync::Mutex<HashMap<u64, Arc<Session>>>,
+    sessions: tokio::sync::Mutex<HashMap<u64, Slot>>,
+}
+
+/// A session, and since when nothing but the map holds it.
+#[derive(Debug)]
+struct Slot {
+    session: Arc<Session>,
+    idle_since: Option<Instant>,
 }
 
 impl ZkLock {
@@ -68,6 +77,7 @@ impl ZkLock {
             }),
         };
         lock.inner.session(lockkit_core::DEFAULT_TTL).await?;
+        tokio::spawn(reap(Arc::downgrade(&lock.inner)));
         Ok(lock)
     }
 
@@ -130,15 +140,52 @@ impl Inner {
     async fn session(&self, ttl: Duration) -> Result<Arc<Session>> {
         let key = ttl.as_millis().min(u128::from(u64::MAX)) as u64;
         let mut sessions = self.sessions.lock().await;
-        if let Some(session) = sessions.get(&key) {
-            if session.is_usable() {
-                return Ok(session.clone());
+        if let Some(slot) = sessions.get_mut(&key) {
+            if slot.session.is_usable() {
+                slot.idle_since = None;
+                return Ok(slot.session.clone());
             }
             sessions.remove(&key);
         }
         let session = Arc::new(Session::open(&self.cluster, ttl, &self.options).await?);
-        sessions.insert(key, session.clone());
+        let slot = Slot {
+            session: session.clone(),
+            idle_since: None,
+        };
+        sessions.insert(key, slot);
         Ok(session)
+    }
+
+    /// Closes the sessions nobody uses (no guard, no waiter, no request): those idle for
+    /// the idle timeout, and lost ones at once. The server limits connections per client
+    /// address, so sessions for TTLs used once must not pile up.
+    async fn close_idle(&self) {
+        let now = Instant::now();
+        let idle = self.options.session_idle_timeout;
+        let mut sessions = self.sessions.lock().await;
+        sessions.retain(|_, slot| {
+            // Only the map holds it: nobody can take a new reference without this lock.
+            if Arc::strong_count(&slot.session) > 1 {
+                slot.idle_since = None;
+                return true;
+            }
+            let since = *slot.idle_since.get_or_insert(now);
+            slot.session.is_usable() && now.duration_since(since) < idle
+        });
+    }
+
+    /// Renewals must come more often than the session timeout the server negotiated: a
+    /// lease is known valid for at most that long after each.
+    fn check_renewal(session: &Session, renew_every: Option<Duration>) -> Result<()> {
+        match renew_every {
+            Some(every) if every >= session.timeout => Err(Error::InvalidOptions(format!(
+                "renewing every {every:?} cannot keep a ZooKeeper lease: the server negotiated \
+                 a session timeout of {:?}; use a TTL below three times that, or renew more \
+                 often",
+                session.timeout
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Creates our ephemeral sequential node under `parent`, creating the parents on
@@ -159,16 +206,18 @@ impl Inner {
                     })
                 }
                 Err(zk::Error::NoNode) => self.create_parent(session, parent).await?,
-                Err(e @ (zk::Error::ConnectionLoss | zk::Error::Timeout)) => {
+                Err(e) if in_transit(&e) => {
                     // The create may have gone through: look for our marker. Requests of a
                     // session are ordered, so a create the server got is visible now.
                     match self.find_marked(session, parent, &marker).await {
                         Ok(Some(node)) => return Ok(node),
                         Ok(None) => return Err(map_err(e)),
                         Err(found) => {
-                            // Still unsure: delete it in the background once it is visible.
-                            let delete = session.clone().delete_marked(parent.to_string(), marker);
-                            spawn_cleanup("deleting a lock node created unseen", delete);
+                            // Still unsure: the session deletes it once it is visible.
+                            session.orphan(Orphan::Marked {
+                                parent: parent.to_string(),
+                                marker,
+                            });
                             return Err(found);
                         }
                     }
@@ -245,35 +294,37 @@ impl Inner {
         }
     }
 
-    /// The contenders under `parent` in queue order, as names.
-    async fn queue(&self, session: &Session, parent: &str) -> Result<Vec<String>> {
+    /// The contenders under `parent` in queue order, as names; `mine` is our node's name.
+    async fn queue(&self, session: &Session, parent: &str, mine: &str) -> Result<Vec<String>> {
         let children = session.request(session.client.list_children(parent)).await;
-        let mut children = match children {
+        let children = match children {
             Ok(children) => children,
             Err(zk::Error::NoNode) => Vec::new(),
             Err(e) => return Err(map_err(e)),
         };
-        children.retain(|c| sequence_of(c).is_some());
-        children.sort_by_key(|c| sequence_of(c));
-        Ok(children)
+        Ok(queue_order(children, mine))
     }
 
     fn acquired(&self, name: &LockName, node: Node, ttl: Duration, started: Instant) -> Acquired {
         let token = FencingToken(node.czxid.max(0) as u64);
+        let valid_until = node.session.valid_until(started, ttl);
         let lease = ZkLease {
             name: name.clone(),
             node,
+            handed_over: AtomicBool::new(false),
         };
-        Acquired::new(token, started + ttl, Box::new(lease))
+        Acquired::new(token, valid_until, Box::new(lease))
     }
 
     /// `try_lock`'s request: create, and keep the node only if it is first in line.
-    async fn attempt(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome> {
+    async fn attempt(self: Arc<Self>, name: LockName, opts: Renewal) -> Result<Outcome> {
+        let (ttl, renew_every) = opts;
         let started = Instant::now();
         let session = self.session(ttl).await?;
+        Self::check_renewal(&session, renew_every)?;
         let parent = self.parent(&name);
         let node = Armed::new(self.create_node(&session, &parent).await?);
-        let queue = self.queue(&session, &parent).await?;
+        let queue = self.queue(&session, &parent, node.child()).await?;
         if queue.first().map(String::as_str) == Some(node.child()) {
             let node = node.disarm();
             return Ok(Outcome::Won(self.acquired(&name, node, ttl, started)));
@@ -289,9 +340,11 @@ impl Inner {
     }
 
     /// `lock()`'s first request: queue up.
-    async fn enqueue(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Queued> {
+    async fn enqueue(self: Arc<Self>, name: LockName, opts: Renewal) -> Result<Queued> {
+        let (ttl, renew_every) = opts;
         let started = Instant::now();
         let session = self.session(ttl).await?;
+        Self::check_renewal(&session, renew_every)?;
         let node = self.create_node(&session, &self.parent(&name)).await?;
         let acquired = self.acquired(&name, node.clone(), ttl, started);
         Ok(Queued(acquired, node))
@@ -308,7 +361,7 @@ impl Inner {
                 return Err(Error::connection(BACKEND, format!("session lost: {why}")));
             }
             let asked = Instant::now();
-            let queue = self.queue(session, &parent).await?;
+            let queue = self.queue(session, &parent, mine).await?;
             let Some(at) = queue.iter().position(|c| *c == mine) else {
                 return Err(Error::connection(
                     BACKEND,
@@ -356,7 +409,7 @@ impl Backend for ZkLock {
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
-        let attempt = self.inner.clone().attempt(name.clone(), opts.ttl);
+        let attempt = self.inner.clone().attempt(name.clone(), renewal(opts));
         Ok(run_detached(attempt).await?.into_acquired())
     }
 
@@ -366,12 +419,34 @@ impl Backend for ZkLock {
         opts: &LockOptions,
         _deadline: Option<Instant>,
     ) -> Result<Acquired> {
-        let enqueue = self.inner.clone().enqueue(name.clone(), opts.ttl);
+        let enqueue = self.inner.clone().enqueue(name.clone(), renewal(opts));
         let Queued(_, node) = run_detached(enqueue).await?;
         // From here on, a dropped future deletes the node in the background.
         let node = Armed::new(node);
         let first = self.inner.wait_turn(name, &node).await?;
         Ok(self.inner.acquired(name, node.disarm(), opts.ttl, first))
+    }
+}
+
+/// An acquisition's TTL, and its renewal interval if it renews automatically.
+type Renewal = (Duration, Option<Duration>);
+
+fn renewal(opts: &LockOptions) -> Renewal {
+    (opts.ttl, opts.auto_renew.then(|| opts.renewal_interval()))
+}
+
+/// Closes the idle sessions of a lock service now and then, until the service is dropped.
+async fn reap(inner: Weak<Inner>) {
+    let Some(idle) = inner.upgrade().map(|i| i.options.session_idle_timeout) else {
+        return;
+    };
+    let every = (idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.close_idle().await;
     }
 }
 
@@ -381,10 +456,75 @@ fn sequence_of(child: &str) -> Option<i64> {
     sequence.parse().ok()
 }
 
+/// The lock nodes among `children` in queue order; `mine` is our node's name.
+///
+/// Sequence numbers are the parent's `cversion`, an `i32` that wraps to negative after
+/// 2^31 creates: ordered by value, a node created after the wrap would jump the queue (and
+/// take the lock while it is held). So they are ordered by their distance from ours, as
+/// wrapping 32-bit serial numbers: right for any queue shorter than 2^31.
+fn queue_order(children: Vec<String>, mine: &str) -> Vec<String> {
+    let Some(reference) = sequence_of(mine) else {
+        return Vec::new();
+    };
+    let mut queue: Vec<(i64, String)> = children
+        .into_iter()
+        .filter_map(|c| Some((distance(reference, sequence_of(&c)?), c)))
+        .collect();
+    queue.sort();
+    queue.into_iter().map(|(_, c)| c).collect()
+}
+
+/// How far `sequence` comes after `reference` (negative: before it).
+fn distance(reference: i64, sequence: i64) -> i64 {
+    match (i32::try_from(reference), i32::try_from(sequence)) {
+        (Ok(reference), Ok(sequence)) => i64::from(sequence.wrapping_sub(reference)),
+        // Not 32-bit sequence numbers (a server that counts in 64 bits): they do not wrap.
+        _ => sequence.saturating_sub(reference),
+    }
+}
+
 impl Connect for ZkLock {
     const SCHEMES: &'static [&'static str] = &["zk", "zookeeper"];
 
     async fn connect(url: &str) -> Result<Self> {
         ZkLock::connect(url).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node name as ZooKeeper makes it: the sequence is the parent's `cversion`, an `i32`
+    /// printed as `%010d`.
+    fn node(sequence: i32) -> String {
+        format!("_c_{sequence}{LOCK_SUFFIX}{sequence:010}")
+    }
+
+    #[test]
+    fn queue_order_survives_the_sequence_wrap() {
+        let order = |children: &[i32], mine: i32| -> Vec<i64> {
+            let mut names: Vec<String> = children.iter().map(|&s| node(s)).collect();
+            names.push("not-a-lock-node".into());
+            queue_order(names, &node(mine))
+                .iter()
+                .map(|c| sequence_of(c).unwrap())
+                .collect()
+        };
+        assert_eq!(order(&[10, 2, 9], 9), [2, 9, 10]);
+        let wrapped = [i32::MIN + 1, i32::MAX, i32::MIN, i32::MAX - 2, i32::MAX - 1];
+        let expected = [
+            i64::from(i32::MAX - 2),
+            i64::from(i32::MAX - 1),
+            i64::from(i32::MAX),
+            i64::from(i32::MIN),
+            i64::from(i32::MIN + 1),
+        ];
+        for mine in wrapped {
+            assert_eq!(order(&wrapped, mine), expected, "seen from {mine}");
+        }
+        // From -1 the counter goes on to 0.
+        assert_eq!(order(&[1, -1, 0, -2], -2), [-2, -1, 0, 1]);
+        assert_eq!(node(-5), "_c_-5-lock--000000005");
     }
 }

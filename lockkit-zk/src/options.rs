@@ -43,12 +43,16 @@ pub struct ZkOptions {
     ///
     /// [`Capabilities::min_ttl`]: lockkit_core::Capabilities::min_ttl
     pub min_ttl: Duration,
-    /// The longest TTL accepted ([`Capabilities::max_ttl`]). Default one day. Session timeouts
-    /// are clamped by the server's `maxSessionTimeout` (default 20 ticks): a holder that
-    /// crashes loses the lock after the shorter of the two.
+    /// The longest TTL accepted ([`Capabilities::max_ttl`]), at most [`ZkOptions::MAX_TTL`].
+    /// Default one day. Session timeouts are clamped by the server's `maxSessionTimeout`
+    /// (default 20 ticks): a holder that crashes loses the lock after the shorter of the two,
+    /// and a lease is known valid for at most the session timeout after each renewal.
     ///
     /// [`Capabilities::max_ttl`]: lockkit_core::Capabilities::max_ttl
     pub max_ttl: Duration,
+    /// How long a session that no guard and no waiter uses stays open before it is closed
+    /// (one is opened per distinct TTL in use). Default 60 s.
+    pub session_idle_timeout: Duration,
 }
 
 impl Default for ZkOptions {
@@ -59,11 +63,16 @@ impl Default for ZkOptions {
             request_timeout: Duration::from_secs(5),
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(24 * 3600),
+            session_idle_timeout: Duration::from_secs(60),
         }
     }
 }
 
 impl ZkOptions {
+    /// The largest `max_ttl` accepted: the longest session timeout ZooKeeper's protocol can
+    /// carry (`i32::MAX` milliseconds, about 24.8 days).
+    pub const MAX_TTL: Duration = Duration::from_millis(i32::MAX as u64);
+
     /// The defaults.
     pub fn new() -> Self {
         Self::default()
@@ -104,6 +113,13 @@ impl ZkOptions {
         self
     }
 
+    /// Sets how long an unused session stays open.
+    #[must_use]
+    pub fn session_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.session_idle_timeout = timeout;
+        self
+    }
+
     /// The root of the lock nodes in effect, without a trailing `/`.
     pub(crate) fn lock_root(&self) -> &str {
         let root = self.root.as_deref().unwrap_or(DEFAULT_ROOT);
@@ -126,9 +142,37 @@ impl ZkOptions {
         if chroot.ends_with('/') {
             return Err(url.error("the chroot must not end with `/`"));
         }
-        self.check_root()?;
+        self.check()?;
         let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
         Ok(format!("{}{chroot}", hosts.join(",")))
+    }
+
+    /// Durations that the backend adds to instants or waits for must be usable: above zero,
+    /// and TTLs within what a session timeout can carry.
+    fn check(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidOptions(format!("ZooKeeper options: {why}")));
+        if self.max_ttl > Self::MAX_TTL {
+            return bad(format!(
+                "max_ttl {:?} is above {:?}, the longest session timeout ZooKeeper can carry",
+                self.max_ttl,
+                Self::MAX_TTL
+            ));
+        }
+        if self.min_ttl.is_zero() || self.min_ttl > self.max_ttl {
+            return bad(format!(
+                "min_ttl {:?} must be above zero and at most max_ttl {:?}",
+                self.min_ttl, self.max_ttl
+            ));
+        }
+        let timeouts = [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("session_idle_timeout", self.session_idle_timeout),
+        ];
+        if let Some((name, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
+            return bad(format!("{name} must be above zero"));
+        }
+        self.check_root()
     }
 
     /// The lock root must be an absolute path of non-empty segments, not `/` itself.
@@ -189,6 +233,82 @@ mod tests {
         assert_eq!(options.lock_root(), "/mine");
         let mut options = ZkOptions::new().root("/");
         assert!(options.apply_url("zk://a:1?root=/url").is_err());
+    }
+
+    #[tokio::test]
+    async fn durations_that_would_overflow_or_spin_are_refused() {
+        let refused = [
+            (
+                "max_ttl Duration::MAX",
+                ZkOptions::new().max_ttl(Duration::MAX),
+            ),
+            (
+                "max_ttl above MAX_TTL",
+                ZkOptions::new().max_ttl(ZkOptions::MAX_TTL + Duration::from_millis(1)),
+            ),
+            (
+                "min_ttl above max_ttl",
+                ZkOptions::new()
+                    .min_ttl(Duration::from_secs(10))
+                    .max_ttl(Duration::from_secs(5)),
+            ),
+            ("min_ttl zero", ZkOptions::new().min_ttl(Duration::ZERO)),
+            (
+                "connect_timeout zero",
+                ZkOptions::new().connect_timeout(Duration::ZERO),
+            ),
+            (
+                "request_timeout zero",
+                ZkOptions::new().request_timeout(Duration::ZERO),
+            ),
+            (
+                "session_idle_timeout zero",
+                ZkOptions::new().session_idle_timeout(Duration::ZERO),
+            ),
+        ];
+        for (what, options) in refused {
+            let err = crate::ZkLock::connect_with("zk://127.0.0.1:1", options)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidOptions(_)), "{what}: {err:?}");
+        }
+        // The largest values are fine: checked before any connection is tried.
+        let largest = ZkOptions::new()
+            .max_ttl(ZkOptions::MAX_TTL)
+            .connect_timeout(Duration::MAX)
+            .request_timeout(Duration::MAX)
+            .session_idle_timeout(Duration::MAX);
+        let err = crate::ZkLock::connect_with("zk://127.0.0.1:1", largest)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn errors_never_show_the_password() {
+        let secret = "s3cretpw";
+        for url in [
+            "zk://u:s3cretpw@127.0.0.1:1",
+            "zk://:s3cretpw@127.0.0.1:1/app",
+            "zk://u:s3cretpw@127.0.0.1:1/chroot/",
+            "zk://u:s3cretpw@127.0.0.1:1?x=1",
+            "zk://u:s3cretpw@127.0.0.1:1?root=relative",
+            "zk://u:s3cretpw@",
+            "zk://u:s3cretpw@h:port",
+            "zookeeper://u:s3cretpw@127.0.0.1:1,h:2",
+            "redis://u:s3cretpw@127.0.0.1:1",
+        ] {
+            let err = crate::ZkLock::connect(url).await.unwrap_err();
+            let mut texts = vec![err.to_string(), format!("{err:?}")];
+            let mut source = std::error::Error::source(&err);
+            while let Some(e) = source {
+                texts.push(e.to_string());
+                source = e.source();
+            }
+            for text in texts {
+                assert!(!text.contains(secret), "{url}: {text}");
+            }
+        }
     }
 
     #[test]

@@ -1,16 +1,18 @@
-//! One ZooKeeper session and the watch over its state that decides when its locks are lost.
+//! One ZooKeeper session, the watch over its state that decides when its locks are lost,
+//! and the deletes it still owes the server.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lockkit_core::{Error, Result};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep, sleep_until, Instant};
 use zookeeper_client as zk;
 
-use crate::error::{map_err, SessionError, BACKEND};
+use crate::error::{in_transit, map_err, SessionError, BACKEND};
 use crate::ZkOptions;
 
 /// Whether a session can still be trusted to hold its nodes.
@@ -34,19 +36,61 @@ pub(crate) enum Health {
 /// contact, that is 3/5 of the session timeout after we see the disconnect. If the session
 /// has not reconnected by then, it is [`Health::Lost`] too (and stays lost even if it
 /// reconnects later: a new session is opened for new acquisitions).
+///
+/// A delete that fails on a connection problem (a release, or the clean-up of a queued node)
+/// is not abandoned: it is handed to the session's janitor, which deletes the node once the
+/// session is connected again. Otherwise a session that reconnects after a silent disconnect
+/// would keep the node, and with it the lock, for as long as the process lives.
+///
+/// Dropping the last reference closes the session (the client's own clones are dropped with
+/// the tasks), and the server deletes whatever ephemeral nodes it still has.
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) client: zk::Client,
+    /// The session timeout the server negotiated: how long after our last contact it may
+    /// expire the session, and so the longest a lease on it is known valid.
+    pub(crate) timeout: Duration,
     request_timeout: Duration,
     health: watch::Receiver<Health>,
-    monitor: JoinHandle<()>,
+    orphans: Arc<Orphans>,
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.monitor.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
+
+/// A node the session must still delete.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Orphan {
+    /// The node at this path.
+    Node(String),
+    /// Our node under `parent` whose name starts with `marker`, if there is one: a create
+    /// whose answer was lost.
+    Marked { parent: String, marker: String },
+}
+
+/// The deletes a session owes, and a wake-up for its janitor when one is added.
+#[derive(Debug, Default)]
+struct Orphans {
+    pending: Mutex<HashSet<Orphan>>,
+    added: Notify,
+}
+
+impl Orphans {
+    fn pending(&self) -> MutexGuard<'_, HashSet<Orphan>> {
+        // Never held across an await or a panic point.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The janitor's pause after a failed round, doubled up to the maximum.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Session {
     /// Opens a session whose timeout is `ttl` (clamped by the server).
@@ -86,13 +130,28 @@ impl Session {
             );
         }
         let (tx, health) = watch::channel(Health::Connected);
+        let orphans = Arc::new(Orphans::default());
         let monitor = tokio::spawn(monitor(client.state_watcher(), negotiated, tx));
+        let janitor = tokio::spawn(janitor(
+            client.clone(),
+            orphans.clone(),
+            options.request_timeout,
+        ));
         Ok(Session {
             client,
+            timeout: negotiated,
             request_timeout: options.request_timeout,
             health,
-            monitor,
+            orphans,
+            tasks: [monitor, janitor],
         })
+    }
+
+    /// Until when a lease confirmed by a request sent at `sent` is known valid: `ttl` later,
+    /// and never later than the session timeout, after which the server may have expired
+    /// the session (and deleted the node) without our hearing of it.
+    pub(crate) fn valid_until(&self, sent: Instant, ttl: Duration) -> Instant {
+        sent + ttl.min(self.timeout)
     }
 
     /// The session's health now.
@@ -129,44 +188,98 @@ impl Session {
             .unwrap_or(Err(zk::Error::Timeout))
     }
 
-    /// Deletes `path`, retrying connection losses briefly; a node already gone is fine.
+    /// Deletes `path` (a node already gone is fine). On a connection problem the delete is
+    /// handed to the janitor, which retries it whenever the session is connected, and the
+    /// error is returned.
     pub(crate) async fn delete(&self, path: &str) -> Result<()> {
-        let mut result = Ok(());
-        for _ in 0..3 {
-            match self.request(self.client.delete(path, None)).await {
-                Ok(()) | Err(zk::Error::NoNode | zk::Error::BadVersion) => return Ok(()),
-                Err(e @ (zk::Error::ConnectionLoss | zk::Error::Timeout)) => {
-                    result = Err(map_err(e))
-                }
-                Err(e) => return Err(map_err(e)),
+        match self.request(self.client.delete(path, None)).await {
+            Ok(()) | Err(zk::Error::NoNode | zk::Error::BadVersion) => Ok(()),
+            Err(e) if in_transit(&e) => {
+                self.orphan(Orphan::Node(path.to_string()));
+                Err(map_err(e))
             }
+            Err(e) => Err(map_err(e)),
         }
-        result
     }
 
-    /// Finds our node by its `marker` under `parent` and deletes it: for a create whose
-    /// answer was lost and that could not be resolved at once.
-    pub(crate) async fn delete_marked(
-        self: Arc<Self>,
-        parent: String,
-        marker: String,
-    ) -> Result<()> {
-        let mut result = Ok(());
-        for _ in 0..3 {
-            let children = match self.request(self.client.list_children(&parent)).await {
-                Ok(children) => children,
-                Err(zk::Error::NoNode) => return Ok(()),
-                Err(e) => {
-                    result = Err(map_err(e));
+    /// Hands `orphan` to the janitor: it is deleted as soon as the session is connected.
+    pub(crate) fn orphan(&self, orphan: Orphan) {
+        tracing::debug!(?orphan, "deleting once the session is connected");
+        self.orphans.pending().insert(orphan);
+        self.orphans.added.notify_one();
+    }
+}
+
+/// Deletes the session's orphans whenever it is connected, retrying each until it is gone.
+/// Ends when the session ends: the server deletes its ephemeral nodes then.
+async fn janitor(client: zk::Client, orphans: Arc<Orphans>, request_timeout: Duration) {
+    let mut states = client.state_watcher();
+    let mut pause = RETRY_MIN;
+    loop {
+        let pending: Vec<Orphan> = orphans.pending().iter().cloned().collect();
+        if pending.is_empty() {
+            // A permit stored by `notify_one` since the check wakes this at once.
+            orphans.added.notified().await;
+            continue;
+        }
+        match states.state() {
+            zk::SessionState::SyncConnected => {}
+            // A read-only server refuses deletes: wait for a writable one.
+            zk::SessionState::Disconnected | zk::SessionState::ConnectedReadOnly => {
+                states.changed().await;
+                continue;
+            }
+            _ => return,
+        }
+        let mut failed = false;
+        for orphan in pending {
+            let deleted = tokio::time::timeout(request_timeout, delete_orphan(&client, &orphan));
+            match deleted.await.unwrap_or(Err(zk::Error::Timeout)) {
+                Ok(()) => {}
+                Err(e) if in_transit(&e) => {
+                    failed = true;
                     continue;
                 }
-            };
-            return match children.into_iter().find(|c| c.starts_with(&marker)) {
-                Some(child) => self.delete(&format!("{parent}/{child}")).await,
-                None => Ok(()),
-            };
+                Err(zk::Error::SessionExpired | zk::Error::ClientClosed) => return,
+                Err(e) => tracing::warn!(error = %e, ?orphan, "cannot delete a lock node"),
+            }
+            orphans.pending().remove(&orphan);
         }
-        result
+        if failed {
+            tokio::select! {
+                _ = sleep(pause) => {}
+                _ = states.changed() => {}
+            }
+            pause = (pause * 2).min(RETRY_MAX);
+        } else {
+            pause = RETRY_MIN;
+        }
+    }
+}
+
+/// Deletes one orphan; one already gone is fine.
+async fn delete_orphan(client: &zk::Client, orphan: &Orphan) -> std::result::Result<(), zk::Error> {
+    let path = match orphan {
+        Orphan::Node(path) => path.clone(),
+        Orphan::Marked { parent, marker } => {
+            // Requests of a session are ordered: a create the server got is visible now.
+            let children = match client.list_children(parent).await {
+                Ok(children) => children,
+                Err(zk::Error::NoNode) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            match children
+                .into_iter()
+                .find(|c| c.starts_with(marker.as_str()))
+            {
+                Some(child) => format!("{parent}/{child}"),
+                None => return Ok(()),
+            }
+        }
+    };
+    match client.delete(&path, None).await {
+        Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -434,4 +434,43 @@ mod tests {
             "{shown}"
         );
     }
+
+    #[tokio::test]
+    async fn errors_about_broken_urls_never_show_the_password() {
+        let mut leaks = Vec::new();
+        for bad in [
+            "redis://u:s3cret@a:1/db",
+            "redis://u:s3cret@a:1/%ZZ",
+            "redis://u:s3cret@a:1,b:2",
+            "redis://u:s3cret@a:99999",
+            "redis://u:s3cret@:1",
+            "redis://u:s3cret@a:1?prefix",
+            "redis://u:s3cret@a:1?colour=red",
+            "redis://u:s3cret@a:1?unsafe_allow_eviction=maybe",
+            "redis://u:s3cret@a b:1",
+            "redis://u:s3cret@[::1:1",
+            "redis://u:s3c/ret@a:1/x",
+            "redis://u:s3c?ret@a:1",
+            "redis://u:s3c#ret@a:1",
+            "redis://u:s3cret%ZZ@a:1",
+            "redis:u:s3cret@a:1",
+            "redis:/u:s3cret@a:1",
+            "redis//u:s3cret@a:1",
+            "u:s3cret@a:1",
+            "redis:://u:s3cret@a:1",
+            " redis://u:s3cret@a:1",
+            "http://u:s3cret@a:1",
+            "redlock://u:s3cret@a:1,b:2",
+            "redlock://u:s3cret@a:1,,c:3",
+            "redlock://u:s3cret@a:1,b:2,c:x",
+            "redlocks://u:s3cret@a:1,b:2,c:3/nodb",
+        ] {
+            let err = RedisLock::connect(bad).await.expect_err(bad);
+            let shown = format!("{err} | {err:?}");
+            if shown.contains("s3c") {
+                leaks.push(format!("{bad}: {shown}"));
+            }
+        }
+        assert!(leaks.is_empty(), "{leaks:#?}");
+    }
 }

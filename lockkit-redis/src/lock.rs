@@ -1,6 +1,8 @@
 //! The Redis backend and its acquire path: one script run per instance, quorum, fencing token
 //! write-back, and waiting on the release channel.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +14,12 @@ use lockkit_core::backend::{
 };
 use lockkit_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::ErrorKind;
 use tokio::time::Instant;
 
 use crate::error::{map_err, QuorumError};
 use crate::lease::RedisLease;
-use crate::options::{Instance, RedisOptions};
+use crate::options::{Instance, RedisOptions, UNSAFE_ALLOW_EVICTION};
 use crate::scripts;
 use crate::subscriptions::{Subscription, Subscriptions};
 
@@ -90,12 +93,23 @@ impl RedisLock {
     ///
     /// A single instance must answer now; RedLock instances are connected lazily, so a
     /// client starts while a minority of them is down.
+    ///
+    /// Fails with [`Error::InvalidOptions`] when an option is out of range (see
+    /// [`RedisOptions::validate`]), or when an instance that answers has a `maxmemory-policy`
+    /// other than `noeviction` and neither the options nor the URL
+    /// (`?unsafe_allow_eviction=true`) accept that. Where `CONFIG GET` is refused (managed
+    /// Redis often renames it), the policy cannot be read: the client warns once through
+    /// `tracing` and goes on.
     pub async fn connect_with(url: &str, mut options: RedisOptions) -> Result<Self> {
         let service = options.apply_url(url)?;
+        options.validate()?;
         let subscriptions = Arc::new(Subscriptions::default());
         let mut nodes = Vec::with_capacity(service.instances.len());
         for instance in &service.instances {
             nodes.push(Node::connect(instance, &options, &subscriptions, service.redlock).await?);
+        }
+        if !options.eviction_allowed() {
+            refuse_eviction(&nodes, &options, service.redlock).await?;
         }
         let quorum = nodes.len() / 2 + 1;
         Ok(RedisLock {
@@ -166,6 +180,84 @@ impl Node {
     }
 }
 
+/// The answer of a server to `CONFIG GET maxmemory-policy`.
+enum Policy {
+    /// The policy.
+    Read(String),
+    /// The server refused the command (renamed, disabled, not allowed): the reason.
+    Unreadable(String),
+}
+
+impl Node {
+    /// Asks the server for its `maxmemory-policy`. A RedLock node connects here.
+    async fn maxmemory_policy(&self, timeout: Duration) -> Result<Policy> {
+        let mut conn = self.commands.clone();
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("maxmemory-policy");
+        let query = command.query_async::<HashMap<String, String>>(&mut conn);
+        match tokio::time::timeout(timeout, query).await {
+            Ok(Ok(mut config)) => Ok(match config.remove("maxmemory-policy") {
+                Some(policy) => Policy::Read(policy),
+                None => Policy::Unreadable("CONFIG GET answered without it".into()),
+            }),
+            Ok(Err(e)) if matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) => {
+                Ok(Policy::Unreadable(e.to_string()))
+            }
+            Ok(Err(e)) => Err(map_err(&self.address, e)),
+            Err(_) => Err(Error::connection(
+                "redis",
+                format!("{}: no answer within {timeout:?}", self.address),
+            )),
+        }
+    }
+}
+
+/// Whether the warning about an unreadable `maxmemory-policy` was given (once per process).
+static POLICY_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Fails with [`Error::InvalidOptions`] if an instance may evict keys. A RedLock instance
+/// that does not answer now is not checked; a single instance must answer.
+async fn refuse_eviction(nodes: &[Node], options: &RedisOptions, redlock: bool) -> Result<()> {
+    let timeout = options
+        .connection_timeout
+        .saturating_add(options.response_timeout);
+    let answers = join_all(nodes.iter().map(|n| n.maxmemory_policy(timeout))).await;
+    for (node, answer) in nodes.iter().zip(answers) {
+        match answer {
+            Ok(Policy::Read(policy)) if policy.eq_ignore_ascii_case("noeviction") => {}
+            Ok(Policy::Read(policy)) => {
+                return Err(Error::InvalidOptions(format!(
+                    "{}: maxmemory-policy is `{policy}`, so the server may evict a held lock's \
+                     key (and under allkeys-* its fence counter): set `maxmemory-policy \
+                     noeviction` on the server (CONFIG SET and redis.conf), or accept the \
+                     risk with `?{UNSAFE_ALLOW_EVICTION}=true` in the URL or \
+                     RedisOptions::unsafe_allow_eviction(true)",
+                    node.address
+                )));
+            }
+            Ok(Policy::Unreadable(why)) => {
+                let address = &node.address;
+                if POLICY_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(%address, %why, "cannot read maxmemory-policy");
+                } else {
+                    tracing::warn!(
+                        %address,
+                        %why,
+                        "cannot read maxmemory-policy (CONFIG disabled or renamed?): make \
+                         sure the server never evicts keys (noeviction), or locks may be \
+                         lost and fencing tokens rest on the server clock alone"
+                    );
+                }
+            }
+            Err(e) if redlock => {
+                tracing::debug!(address = %node.address, error = %e, "maxmemory-policy not checked");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl Inner {
     fn keys(&self, name: &LockName) -> Keys {
         let tag = format!("{}{{{}}}", self.options.key_prefix(), name.encoded());
@@ -188,9 +280,29 @@ impl Inner {
         }
     }
 
-    /// The clock-drift allowance for a lease of `ttl`.
-    pub(crate) fn drift(&self, ttl: Duration) -> Duration {
-        ttl.mul_f64(self.options.drift_factor) + Duration::from_millis(2)
+    /// How long a lease of `ttl` counts as valid from when it was asked for: the TTL less
+    /// the clock-drift allowance (`ttl * drift_factor + 2 ms`). [`Error::InvalidOptions`]
+    /// when the allowance leaves nothing: no acquisition could ever be valid.
+    pub(crate) fn validity(&self, ttl: Duration) -> Result<Duration> {
+        let share = ttl.as_secs_f64() * self.options.drift_factor;
+        let drift = Duration::try_from_secs_f64(share)
+            .unwrap_or(ttl)
+            .saturating_add(Duration::from_millis(2));
+        match ttl.checked_sub(drift) {
+            Some(validity) if !validity.is_zero() => Ok(validity),
+            _ => Err(Error::InvalidOptions(format!(
+                "the lease TTL {ttl:?} leaves no validity after the clock-drift allowance \
+                 {drift:?} (ttl * drift_factor {} + 2 ms): raise the TTL",
+                self.options.drift_factor
+            ))),
+        }
+    }
+
+    /// The end of a lease of `validity` asked for at `started`, if it is still ahead.
+    pub(crate) fn valid_until(started: Instant, validity: Duration) -> Option<Instant> {
+        started
+            .checked_add(validity)
+            .filter(|until| Instant::now() < *until)
     }
 
     /// Runs `script` on every instance in parallel, each with the request timeout.
@@ -224,6 +336,7 @@ impl Inner {
 
     /// One acquisition request on every instance.
     async fn attempt(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome> {
+        let validity = self.validity(ttl)?;
         let keys = self.keys(&name);
         let owner = uuid::Uuid::new_v4().simple().to_string();
         let ttl_ms = millis(ttl).to_string();
@@ -242,6 +355,8 @@ impl Inner {
         for (node, answer) in self.nodes.iter().zip(answers) {
             match answer {
                 Ok((1, token)) => tokens.push(token),
+                // -1: a key without TTL (not ours); its end is unknown.
+                Ok((_, pttl)) if pttl < 0 => {}
                 Ok((_, pttl)) => busy_for = Some(busy_for.map_or(pttl, |b| b.min(pttl))),
                 // The script may have run although its answer was lost: ask again.
                 Err(e) => match self.recover(node, &keys, &owner, ttl).await {
@@ -262,9 +377,7 @@ impl Inner {
                     });
                 })?;
             }
-            let drift = self.drift(ttl);
-            if started.elapsed() + drift < ttl {
-                let valid_until = started + ttl - drift;
+            if let Some(valid_until) = Inner::valid_until(started, validity) {
                 let token = FencingToken(token.max(0) as u64);
                 return Ok(Outcome::Won(Acquired::new(
                     token,
@@ -299,8 +412,9 @@ impl Inner {
         if split {
             return Ok(Outcome::Busy(Busy::Split(started.elapsed())));
         }
-        let pttl = busy_for.unwrap_or(0).max(0) as u64;
-        Ok(Outcome::Busy(Busy::Held(Duration::from_millis(pttl))))
+        // Unknown: wake on the message or the fallback re-check only.
+        let left = busy_for.map_or(self.options.max_poll, |ms| Duration::from_millis(ms as u64));
+        Ok(Outcome::Busy(Busy::Held(left)))
     }
 
     /// After an ambiguous error: the token if our SET went through after all.
@@ -383,7 +497,9 @@ impl Backend for RedisLock {
                     // Retry after a random pause that widens with each split in a row, so
                     // one contender gets ahead instead of all splitting again.
                     splits = (splits + 1).min(5);
-                    let window = took.max(Duration::from_millis(1)) * (1 << splits);
+                    let window = took
+                        .max(Duration::from_millis(1))
+                        .saturating_mul(1 << splits);
                     tokio::time::sleep(window.mul_f64(fastrand::f64())).await;
                     continue;
                 }
@@ -395,12 +511,12 @@ impl Backend for RedisLock {
                 continue;
             }
             let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
-            let pause = jittered.min(busy_for + Duration::from_millis(1));
+            let pause = jittered.min(busy_for.saturating_add(Duration::from_millis(1)));
             tokio::select! {
                 _ = async { woken.as_pin_mut().expect("subscribed").await } => {}
                 _ = tokio::time::sleep(pause) => {}
             }
-            poll = (poll * 2).min(inner.options.max_poll);
+            poll = poll.saturating_mul(2).min(inner.options.max_poll);
         }
     }
 }

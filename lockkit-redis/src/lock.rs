@@ -27,12 +27,28 @@ use crate::subscriptions::{Subscription, Subscriptions};
 /// (`redlock://h1:p1,h2:p2,…`, quorum N/2+1).
 ///
 /// One acquisition is one round trip per instance: a script does `SET key owner NX PX ttl`
-/// and, when it wins, `INCR`s the name's fence counter (a key that never expires) for the
-/// fencing token. With RedLock, the client takes the highest counter among the instances it
-/// won and writes it back to every instance (`counter = max(counter, token)`) before it
-/// returns the guard: any two quorums share an instance, so the next holder's token is
-/// strictly larger. That assumes instances keep their data across restarts (AOF with fsync,
-/// or a restart delayed past the longest TTL), as RedLock itself does.
+/// and, when it wins, issues the fencing token `max(fence + 1, server TIME in µs)` and stores
+/// it in the name's fence key (which never expires): a hybrid logical clock. With RedLock,
+/// the client takes the highest token among the instances it won and writes it back to every
+/// instance (`fence = max(fence, token)`) before it returns the guard: any two quorums share
+/// an instance, so the next holder's token is strictly larger.
+///
+/// Tokens keep rising when a fence key is lost (a restart without persistence or with the
+/// last second of AOF lost, a failover to a replica that missed it, a FLUSHALL, eviction):
+/// the server clock then carries on above the tokens issued before. **Assumed:** the clock of
+/// the server that issues the next token reads later than the last token issued, i.e. no
+/// server clock steps back (a slewing NTP is fine), and servers that take over from one
+/// another (a promoted replica, RedLock instances) agree to within the time between the last
+/// token and the loss. Tokens are microseconds since the Unix epoch (about 1.7e15), not
+/// small consecutive numbers. Mutual exclusion itself still needs the lock key to survive:
+/// a server that loses it while the lock is held lets a second holder in (then the tokens
+/// tell them apart), so use persistence (AOF with fsync) or restart past the longest TTL.
+///
+/// At connect, every instance that answers must have `maxmemory-policy noeviction` (eviction
+/// may drop a held lock's key, which has a TTL, and under `allkeys-*` the fence key), unless
+/// the URL (`?unsafe_allow_eviction=true`) or [`RedisOptions::unsafe_allow_eviction`] accept
+/// the risk. Not checked: a policy changed after connect, RedLock instances down at connect,
+/// and servers that refuse `CONFIG GET` (a warning is logged once).
 ///
 /// Release and extend compare the owner id in a script. Release publishes on the name's
 /// channel; waiters subscribe to it and wake on the message, with a jittered fallback re-check

@@ -45,16 +45,18 @@ pub struct RedisOptions {
     /// Prefix of every key and channel. `None` (the default): the URL's `prefix=`
     /// parameter, else `lockkit:`.
     pub prefix: Option<String>,
-    /// Timeout of each connection attempt. Default 2 s.
+    /// Timeout of each connection attempt. Default 2 s; above zero, at most a day.
     pub connection_timeout: Duration,
-    /// Timeout of each request to one instance. Default 1 s. With RedLock, requests to the
-    /// instances run in parallel, each with this timeout, capped at a tenth of the TTL.
+    /// Timeout of each request to one instance. Default 1 s; above zero, at most a day. With
+    /// RedLock, requests to the instances run in parallel, each with this timeout, capped at
+    /// a tenth of the TTL.
     pub response_timeout: Duration,
     /// Share of the TTL assumed lost to clock drift between client and servers (the RedLock
-    /// paper's factor); a guard's validity ends `ttl * drift_factor + 2 ms` early. Default 0.01.
+    /// paper's factor); a guard's validity ends `ttl * drift_factor + 2 ms` early. Default
+    /// 0.01; at least 0 and below 1.
     pub drift_factor: f64,
     /// Longest pause between re-checks of a busy lock when no release message arrives
-    /// (messages can be lost during a reconnect). Default 1 s.
+    /// (messages can be lost during a reconnect). Default 1 s; from 10 ms to a day.
     pub max_poll: Duration,
     /// Accept servers whose `maxmemory-policy` may evict keys (anything but `noeviction`).
     /// `None` (the default): the URL's `unsafe_allow_eviction=` parameter, else `false`, and

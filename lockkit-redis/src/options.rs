@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lockkit_core::backend::Connect;
-use lockkit_core::url::{redact, HostPort, ServiceUrl};
+use lockkit_core::url::{HostPort, ServiceUrl};
 use lockkit_core::{Error, Result};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 
@@ -173,26 +173,24 @@ impl RedisOptions {
     /// Reads `url`: returns the instances it names, and completes these options with its
     /// parameters where they leave a field unset.
     pub(crate) fn apply_url(&mut self, url: &str) -> Result<Service> {
-        let schemes = <crate::RedisLock as Connect>::SCHEMES;
-        // Anything but `scheme://…` cannot be told apart from a password (`redis:u:pw@h`):
-        // refuse it without echoing it.
-        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
-        if !scheme.is_some_and(|s| schemes.contains(&s.as_str())) {
-            let shown = if url.contains("://") || !url.contains('@') {
-                format!("`{}`", redact(url))
-            } else {
-                "(not shown: it may hold a password)".to_string()
-            };
-            return Err(Error::InvalidOptions(format!(
-                "invalid URL {shown}: expected {}",
-                schemes
-                    .iter()
-                    .map(|s| format!("{s}://…"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+        // Without `//` (`scheme:opaque`) a mistyped `redis:user:pw@host` cannot be told from
+        // a path, so no part of it is known to be safe to show: refuse it unseen.
+        let opaque = || {
+            Error::InvalidOptions(
+                "invalid URL (not shown: it may hold a password): expected \
+                 redis://[user:password@]host:port[/db], rediss://…, redlock://h1,h2,h3… or \
+                 redlocks://…"
+                    .into(),
+            )
+        };
+        if !url.contains("://") {
+            return Err(opaque());
         }
         let mut url = ServiceUrl::parse(url)?;
+        if !url.has_authority() {
+            return Err(opaque());
+        }
+        url.expect_scheme(<crate::RedisLock as Connect>::SCHEMES)?;
         let prefix = url.take("prefix");
         self.prefix = self.prefix.take().or(prefix);
         let allow = url.take_bool(UNSAFE_ALLOW_EVICTION)?;

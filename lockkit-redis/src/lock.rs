@@ -108,7 +108,8 @@ impl RedisLock {
     /// `prefix=` in the URL applies only if `options.prefix` is `None`.
     ///
     /// A single instance must answer now; RedLock instances are connected lazily, so a
-    /// client starts while a minority of them is down.
+    /// client starts while a minority of them is down (the policy check below waits at most
+    /// `connection_timeout + response_timeout` for them).
     ///
     /// Fails with [`Error::InvalidOptions`] when an option is out of range (see
     /// [`RedisOptions::validate`]), or when an instance that answers has a `maxmemory-policy`

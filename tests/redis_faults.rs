@@ -146,6 +146,50 @@ async fn redlock_tokens_rise_while_the_answering_instances_change() {
     );
 }
 
+/// The issue's duplicate: token t1 with all up; t2 with two down (they miss the write-back);
+/// one of the three that have t2 loses its fence counter, the two come back and two others
+/// go down. The next quorum (the one that lost the counter and the two that missed t2) must
+/// still issue a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_token_rises_after_an_instance_loses_the_fence_counter() {
+    let _serial = SERIAL.lock().await;
+    let client = redlock().await;
+    let name = fresh("fence_lost");
+    let fence = format!(
+        "{}:fence",
+        client
+            .backend_as::<RedisLock>()
+            .unwrap()
+            .lock_key(&LockName::new(&name).unwrap())
+    );
+    let opts = LockOptions::new().wait_timeout(Duration::from_secs(10));
+    let token = |guard: lockkit::LockGuard| async move {
+        let token = guard.fencing_token().get();
+        guard.release().await.expect("release");
+        token
+    };
+    let t1 = token(client.acquire_with(&name, &opts).await.expect("all up")).await;
+    let down = Stopped::new(&["redis-16383", "redis-16384"]);
+    let t2 = token(client.acquire_with(&name, &opts).await.expect("3 of 5")).await;
+    // 16382 loses its data, as far as this lock goes.
+    let out = Command::new("redis-cli")
+        .args(["-p", "16382", "DEL", &fence])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{fence}");
+    drop(down);
+    let down = Stopped::new(&["redis-16380", "redis-16381"]);
+    let t3 = token(
+        client
+            .acquire_with(&name, &opts)
+            .await
+            .expect("the other 3"),
+    )
+    .await;
+    drop(down);
+    assert!(t1 < t2 && t2 < t3, "tokens {t1}, {t2}, {t3}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_waiter_wakes_on_the_release_message() {
     let _serial = SERIAL.lock().await;

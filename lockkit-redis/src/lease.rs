@@ -56,6 +56,7 @@ impl RedisLease {
 impl Lease for RedisLease {
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
         let inner = &self.inner;
+        let validity = inner.validity(ttl)?;
         let started = Instant::now();
         let ttl_ms = millis(ttl).to_string();
         let answers: Vec<Result<i64>> = inner
@@ -68,9 +69,10 @@ impl Lease for RedisLease {
             .await;
         let extended = answers.iter().filter(|a| matches!(a, Ok(1))).count();
         let refused = answers.iter().filter(|a| matches!(a, Ok(0))).count();
-        let drift = inner.drift(ttl);
-        if extended >= inner.quorum && started.elapsed() + drift < ttl {
-            return Ok(started + ttl - drift);
+        if extended >= inner.quorum {
+            if let Some(valid_until) = Inner::valid_until(started, validity) {
+                return Ok(valid_until);
+            }
         }
         if refused > inner.nodes.len() - inner.quorum {
             return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));

@@ -1,6 +1,8 @@
 //! The Redis backend and its acquire path: one script run per instance, quorum, fencing token
 //! write-back, and waiting on the release channel.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +14,12 @@ use lockkit_core::backend::{
 };
 use lockkit_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::ErrorKind;
 use tokio::time::Instant;
 
 use crate::error::{map_err, QuorumError};
 use crate::lease::RedisLease;
-use crate::options::{Instance, RedisOptions};
+use crate::options::{Instance, RedisOptions, UNSAFE_ALLOW_EVICTION};
 use crate::scripts;
 use crate::subscriptions::{Subscription, Subscriptions};
 
@@ -24,12 +27,28 @@ use crate::subscriptions::{Subscription, Subscriptions};
 /// (`redlock://h1:p1,h2:p2,…`, quorum N/2+1).
 ///
 /// One acquisition is one round trip per instance: a script does `SET key owner NX PX ttl`
-/// and, when it wins, `INCR`s the name's fence counter (a key that never expires) for the
-/// fencing token. With RedLock, the client takes the highest counter among the instances it
-/// won and writes it back to every instance (`counter = max(counter, token)`) before it
-/// returns the guard: any two quorums share an instance, so the next holder's token is
-/// strictly larger. That assumes instances keep their data across restarts (AOF with fsync,
-/// or a restart delayed past the longest TTL), as RedLock itself does.
+/// and, when it wins, issues the fencing token `max(fence + 1, server TIME in µs)` and stores
+/// it in the name's fence key (which never expires): a hybrid logical clock. With RedLock,
+/// the client takes the highest token among the instances it won and writes it back to every
+/// instance (`fence = max(fence, token)`) before it returns the guard: any two quorums share
+/// an instance, so the next holder's token is strictly larger.
+///
+/// Tokens keep rising when a fence key is lost (a restart without persistence or with the
+/// last second of AOF lost, a failover to a replica that missed it, a FLUSHALL, eviction):
+/// the server clock then carries on above the tokens issued before. **Assumed:** the clock of
+/// the server that issues the next token reads later than the last token issued, i.e. no
+/// server clock steps back (a slewing NTP is fine), and servers that take over from one
+/// another (a promoted replica, RedLock instances) agree to within the time between the last
+/// token and the loss. Tokens are microseconds since the Unix epoch (about 1.7e15), not
+/// small consecutive numbers. Mutual exclusion itself still needs the lock key to survive:
+/// a server that loses it while the lock is held lets a second holder in (then the tokens
+/// tell them apart), so use persistence (AOF with fsync) or restart past the longest TTL.
+///
+/// At connect, every instance that answers must have `maxmemory-policy noeviction` (eviction
+/// may drop a held lock's key, which has a TTL, and under `allkeys-*` the fence key), unless
+/// the URL (`?unsafe_allow_eviction=true`) or [`RedisOptions::unsafe_allow_eviction`] accept
+/// the risk. Not checked: a policy changed after connect, RedLock instances down at connect,
+/// and servers that refuse `CONFIG GET` (a warning is logged once).
 ///
 /// Release and extend compare the owner id in a script. Release publishes on the name's
 /// channel; waiters subscribe to it and wake on the message, with a jittered fallback re-check
@@ -89,13 +108,25 @@ impl RedisLock {
     /// `prefix=` in the URL applies only if `options.prefix` is `None`.
     ///
     /// A single instance must answer now; RedLock instances are connected lazily, so a
-    /// client starts while a minority of them is down.
+    /// client starts while a minority of them is down (the policy check below waits at most
+    /// `connection_timeout + response_timeout` for them).
+    ///
+    /// Fails with [`Error::InvalidOptions`] when an option is out of range (see
+    /// [`RedisOptions::validate`]), or when an instance that answers has a `maxmemory-policy`
+    /// other than `noeviction` and neither the options nor the URL
+    /// (`?unsafe_allow_eviction=true`) accept that. Where `CONFIG GET` is refused (managed
+    /// Redis often renames it), the policy cannot be read: the client warns once through
+    /// `tracing` and goes on.
     pub async fn connect_with(url: &str, mut options: RedisOptions) -> Result<Self> {
         let service = options.apply_url(url)?;
+        options.validate()?;
         let subscriptions = Arc::new(Subscriptions::default());
         let mut nodes = Vec::with_capacity(service.instances.len());
         for instance in &service.instances {
             nodes.push(Node::connect(instance, &options, &subscriptions, service.redlock).await?);
+        }
+        if !options.eviction_allowed() {
+            refuse_eviction(&nodes, &options, service.redlock).await?;
         }
         let quorum = nodes.len() / 2 + 1;
         Ok(RedisLock {
@@ -166,6 +197,84 @@ impl Node {
     }
 }
 
+/// The answer of a server to `CONFIG GET maxmemory-policy`.
+enum Policy {
+    /// The policy.
+    Read(String),
+    /// The server refused the command (renamed, disabled, not allowed): the reason.
+    Unreadable(String),
+}
+
+impl Node {
+    /// Asks the server for its `maxmemory-policy`. A RedLock node connects here.
+    async fn maxmemory_policy(&self, timeout: Duration) -> Result<Policy> {
+        let mut conn = self.commands.clone();
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("maxmemory-policy");
+        let query = command.query_async::<HashMap<String, String>>(&mut conn);
+        match tokio::time::timeout(timeout, query).await {
+            Ok(Ok(mut config)) => Ok(match config.remove("maxmemory-policy") {
+                Some(policy) => Policy::Read(policy),
+                None => Policy::Unreadable("CONFIG GET answered without it".into()),
+            }),
+            Ok(Err(e)) if matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) => {
+                Ok(Policy::Unreadable(e.to_string()))
+            }
+            Ok(Err(e)) => Err(map_err(&self.address, e)),
+            Err(_) => Err(Error::connection(
+                "redis",
+                format!("{}: no answer within {timeout:?}", self.address),
+            )),
+        }
+    }
+}
+
+/// Whether the warning about an unreadable `maxmemory-policy` was given (once per process).
+static POLICY_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Fails with [`Error::InvalidOptions`] if an instance may evict keys. A RedLock instance
+/// that does not answer now is not checked; a single instance must answer.
+async fn refuse_eviction(nodes: &[Node], options: &RedisOptions, redlock: bool) -> Result<()> {
+    let timeout = options
+        .connection_timeout
+        .saturating_add(options.response_timeout);
+    let answers = join_all(nodes.iter().map(|n| n.maxmemory_policy(timeout))).await;
+    for (node, answer) in nodes.iter().zip(answers) {
+        match answer {
+            Ok(Policy::Read(policy)) if policy.eq_ignore_ascii_case("noeviction") => {}
+            Ok(Policy::Read(policy)) => {
+                return Err(Error::InvalidOptions(format!(
+                    "{}: maxmemory-policy is `{policy}`, so the server may evict a held lock's \
+                     key (and under allkeys-* its fence counter): set `maxmemory-policy \
+                     noeviction` on the server (CONFIG SET and redis.conf), or accept the \
+                     risk with `?{UNSAFE_ALLOW_EVICTION}=true` in the URL or \
+                     RedisOptions::unsafe_allow_eviction(true)",
+                    node.address
+                )));
+            }
+            Ok(Policy::Unreadable(why)) => {
+                let address = &node.address;
+                if POLICY_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(%address, %why, "cannot read maxmemory-policy");
+                } else {
+                    tracing::warn!(
+                        %address,
+                        %why,
+                        "cannot read maxmemory-policy (CONFIG disabled or renamed?): make \
+                         sure the server never evicts keys (noeviction), or locks may be \
+                         lost and fencing tokens rest on the server clock alone"
+                    );
+                }
+            }
+            Err(e) if redlock => {
+                tracing::debug!(address = %node.address, error = %e, "maxmemory-policy not checked");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl Inner {
     fn keys(&self, name: &LockName) -> Keys {
         let tag = format!("{}{{{}}}", self.options.key_prefix(), name.encoded());
@@ -188,9 +297,29 @@ impl Inner {
         }
     }
 
-    /// The clock-drift allowance for a lease of `ttl`.
-    pub(crate) fn drift(&self, ttl: Duration) -> Duration {
-        ttl.mul_f64(self.options.drift_factor) + Duration::from_millis(2)
+    /// How long a lease of `ttl` counts as valid from when it was asked for: the TTL less
+    /// the clock-drift allowance (`ttl * drift_factor + 2 ms`). [`Error::InvalidOptions`]
+    /// when the allowance leaves nothing: no acquisition could ever be valid.
+    pub(crate) fn validity(&self, ttl: Duration) -> Result<Duration> {
+        let share = ttl.as_secs_f64() * self.options.drift_factor;
+        let drift = Duration::try_from_secs_f64(share)
+            .unwrap_or(ttl)
+            .saturating_add(Duration::from_millis(2));
+        match ttl.checked_sub(drift) {
+            Some(validity) if !validity.is_zero() => Ok(validity),
+            _ => Err(Error::InvalidOptions(format!(
+                "the lease TTL {ttl:?} leaves no validity after the clock-drift allowance \
+                 {drift:?} (ttl * drift_factor {} + 2 ms): raise the TTL",
+                self.options.drift_factor
+            ))),
+        }
+    }
+
+    /// The end of a lease of `validity` asked for at `started`, if it is still ahead.
+    pub(crate) fn valid_until(started: Instant, validity: Duration) -> Option<Instant> {
+        started
+            .checked_add(validity)
+            .filter(|until| Instant::now() < *until)
     }
 
     /// Runs `script` on every instance in parallel, each with the request timeout.
@@ -224,6 +353,7 @@ impl Inner {
 
     /// One acquisition request on every instance.
     async fn attempt(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome> {
+        let validity = self.validity(ttl)?;
         let keys = self.keys(&name);
         let owner = uuid::Uuid::new_v4().simple().to_string();
         let ttl_ms = millis(ttl).to_string();
@@ -242,6 +372,8 @@ impl Inner {
         for (node, answer) in self.nodes.iter().zip(answers) {
             match answer {
                 Ok((1, token)) => tokens.push(token),
+                // -1: a key without TTL (not ours); its end is unknown.
+                Ok((_, pttl)) if pttl < 0 => {}
                 Ok((_, pttl)) => busy_for = Some(busy_for.map_or(pttl, |b| b.min(pttl))),
                 // The script may have run although its answer was lost: ask again.
                 Err(e) => match self.recover(node, &keys, &owner, ttl).await {
@@ -262,9 +394,7 @@ impl Inner {
                     });
                 })?;
             }
-            let drift = self.drift(ttl);
-            if started.elapsed() + drift < ttl {
-                let valid_until = started + ttl - drift;
+            if let Some(valid_until) = Inner::valid_until(started, validity) {
                 let token = FencingToken(token.max(0) as u64);
                 return Ok(Outcome::Won(Acquired::new(
                     token,
@@ -299,8 +429,9 @@ impl Inner {
         if split {
             return Ok(Outcome::Busy(Busy::Split(started.elapsed())));
         }
-        let pttl = busy_for.unwrap_or(0).max(0) as u64;
-        Ok(Outcome::Busy(Busy::Held(Duration::from_millis(pttl))))
+        // Unknown: wake on the message or the fallback re-check only.
+        let left = busy_for.map_or(self.options.max_poll, |ms| Duration::from_millis(ms as u64));
+        Ok(Outcome::Busy(Busy::Held(left)))
     }
 
     /// After an ambiguous error: the token if our SET went through after all.
@@ -383,7 +514,9 @@ impl Backend for RedisLock {
                     // Retry after a random pause that widens with each split in a row, so
                     // one contender gets ahead instead of all splitting again.
                     splits = (splits + 1).min(5);
-                    let window = took.max(Duration::from_millis(1)) * (1 << splits);
+                    let window = took
+                        .max(Duration::from_millis(1))
+                        .saturating_mul(1 << splits);
                     tokio::time::sleep(window.mul_f64(fastrand::f64())).await;
                     continue;
                 }
@@ -395,12 +528,12 @@ impl Backend for RedisLock {
                 continue;
             }
             let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
-            let pause = jittered.min(busy_for + Duration::from_millis(1));
+            let pause = jittered.min(busy_for.saturating_add(Duration::from_millis(1)));
             tokio::select! {
                 _ = async { woken.as_pin_mut().expect("subscribed").await } => {}
                 _ = tokio::time::sleep(pause) => {}
             }
-            poll = (poll * 2).min(inner.options.max_poll);
+            poll = poll.saturating_mul(2).min(inner.options.max_poll);
         }
     }
 }
@@ -433,5 +566,44 @@ mod tests {
             shown.contains("127.0.0.1:2") && !shown.contains("s3cret"),
             "{shown}"
         );
+    }
+
+    #[tokio::test]
+    async fn errors_about_broken_urls_never_show_the_password() {
+        let mut leaks = Vec::new();
+        for bad in [
+            "redis://u:s3cret@a:1/db",
+            "redis://u:s3cret@a:1/%ZZ",
+            "redis://u:s3cret@a:1,b:2",
+            "redis://u:s3cret@a:99999",
+            "redis://u:s3cret@:1",
+            "redis://u:s3cret@a:1?prefix",
+            "redis://u:s3cret@a:1?colour=red",
+            "redis://u:s3cret@a:1?unsafe_allow_eviction=maybe",
+            "redis://u:s3cret@a b:1",
+            "redis://u:s3cret@[::1:1",
+            "redis://u:s3c/ret@a:1/x",
+            "redis://u:s3c?ret@a:1",
+            "redis://u:s3c#ret@a:1",
+            "redis://u:s3cret%ZZ@a:1",
+            "redis:u:s3cret@a:1",
+            "redis:/u:s3cret@a:1",
+            "redis//u:s3cret@a:1",
+            "u:s3cret@a:1",
+            "redis:://u:s3cret@a:1",
+            " redis://u:s3cret@a:1",
+            "http://u:s3cret@a:1",
+            "redlock://u:s3cret@a:1,b:2",
+            "redlock://u:s3cret@a:1,,c:3",
+            "redlock://u:s3cret@a:1,b:2,c:x",
+            "redlocks://u:s3cret@a:1,b:2,c:3/nodb",
+        ] {
+            let err = RedisLock::connect(bad).await.expect_err(bad);
+            let shown = format!("{err} | {err:?}");
+            if shown.contains("s3c") {
+                leaks.push(format!("{bad}: {shown}"));
+            }
+        }
+        assert!(leaks.is_empty(), "{leaks:#?}");
     }
 }

@@ -15,7 +15,17 @@ const DEFAULT_PREFIX: &str = "lockkit:";
 const DEFAULT_PORT: u16 = 6379;
 
 /// The URL parameters the backend reads.
-const PARAMS: &[&str] = &["prefix"];
+const PARAMS: &[&str] = &["prefix", UNSAFE_ALLOW_EVICTION];
+
+/// The URL parameter (and option) that lets a client use servers that may evict keys.
+pub(crate) const UNSAFE_ALLOW_EVICTION: &str = "unsafe_allow_eviction";
+
+/// The longest timeout or poll interval accepted: longer ones are mistakes (and would
+/// overflow deadline arithmetic at `Duration::MAX`).
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest `max_poll`: below it the fallback re-check is a busy loop on the server.
+const MIN_POLL: Duration = Duration::from_millis(10);
 
 /// Tuning of the Redis backend. Build with the chained setters; what is set here wins over
 /// the URL's parameters.
@@ -35,17 +45,25 @@ pub struct RedisOptions {
     /// Prefix of every key and channel. `None` (the default): the URL's `prefix=`
     /// parameter, else `lockkit:`.
     pub prefix: Option<String>,
-    /// Timeout of each connection attempt. Default 2 s.
+    /// Timeout of each connection attempt. Default 2 s; above zero, at most a day.
     pub connection_timeout: Duration,
-    /// Timeout of each request to one instance. Default 1 s. With RedLock, requests to the
-    /// instances run in parallel, each with this timeout, capped at a tenth of the TTL.
+    /// Timeout of each request to one instance. Default 1 s; above zero, at most a day. With
+    /// RedLock, requests to the instances run in parallel, each with this timeout, capped at
+    /// a tenth of the TTL.
     pub response_timeout: Duration,
     /// Share of the TTL assumed lost to clock drift between client and servers (the RedLock
-    /// paper's factor); a guard's validity ends `ttl * drift_factor + 2 ms` early. Default 0.01.
+    /// paper's factor); a guard's validity ends `ttl * drift_factor + 2 ms` early. Default
+    /// 0.01; at least 0 and below 1.
     pub drift_factor: f64,
     /// Longest pause between re-checks of a busy lock when no release message arrives
-    /// (messages can be lost during a reconnect). Default 1 s.
+    /// (messages can be lost during a reconnect). Default 1 s; from 10 ms to a day.
     pub max_poll: Duration,
+    /// Accept servers whose `maxmemory-policy` may evict keys (anything but `noeviction`).
+    /// `None` (the default): the URL's `unsafe_allow_eviction=` parameter, else `false`, and
+    /// connecting to such a server fails. Eviction can delete a held lock's key (it has a
+    /// TTL, so every `volatile-*` policy may pick it) and, under `allkeys-*`, the fence key:
+    /// two holders at once, and tokens that rest on the server clock alone.
+    pub unsafe_allow_eviction: Option<bool>,
 }
 
 impl Default for RedisOptions {
@@ -56,6 +74,7 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(1),
             drift_factor: 0.01,
             max_poll: Duration::from_secs(1),
+            unsafe_allow_eviction: None,
         }
     }
 }
@@ -101,6 +120,51 @@ impl RedisOptions {
         self
     }
 
+    /// Accepts (`true`) or refuses (`false`) servers whose `maxmemory-policy` may evict keys,
+    /// over the URL's `unsafe_allow_eviction=`. See [`RedisOptions::unsafe_allow_eviction`].
+    #[must_use]
+    pub fn unsafe_allow_eviction(mut self, allow: bool) -> Self {
+        self.unsafe_allow_eviction = Some(allow);
+        self
+    }
+
+    /// Checks the values: a drift factor in `[0, 1)`; timeouts above zero and at most a day;
+    /// `max_poll` from 10 ms to a day. Values outside would panic in `Duration` arithmetic,
+    /// make every request fail, or turn waiting into a busy loop.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.drift_factor) {
+            return Err(Error::InvalidOptions(format!(
+                "drift_factor must be at least 0 and below 1, not {}",
+                self.drift_factor
+            )));
+        }
+        for (field, value, min) in [
+            (
+                "connection_timeout",
+                self.connection_timeout,
+                Duration::from_nanos(1),
+            ),
+            (
+                "response_timeout",
+                self.response_timeout,
+                Duration::from_nanos(1),
+            ),
+            ("max_poll", self.max_poll, MIN_POLL),
+        ] {
+            if value < min || value > MAX_DURATION {
+                return Err(Error::InvalidOptions(format!(
+                    "{field} must be from {min:?} to {MAX_DURATION:?}, not {value:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether servers that may evict keys are accepted.
+    pub(crate) fn eviction_allowed(&self) -> bool {
+        self.unsafe_allow_eviction.unwrap_or(false)
+    }
+
     /// The key prefix in effect.
     pub(crate) fn key_prefix(&self) -> &str {
         self.prefix.as_deref().unwrap_or(DEFAULT_PREFIX)
@@ -109,10 +173,28 @@ impl RedisOptions {
     /// Reads `url`: returns the instances it names, and completes these options with its
     /// parameters where they leave a field unset.
     pub(crate) fn apply_url(&mut self, url: &str) -> Result<Service> {
+        // Without `//` (`scheme:opaque`) a mistyped `redis:user:pw@host` cannot be told from
+        // a path, so no part of it is known to be safe to show: refuse it unseen.
+        let opaque = || {
+            Error::InvalidOptions(
+                "invalid URL (not shown: it may hold a password): expected \
+                 redis://[user:password@]host:port[/db], rediss://…, redlock://h1,h2,h3… or \
+                 redlocks://…"
+                    .into(),
+            )
+        };
+        if !url.contains("://") {
+            return Err(opaque());
+        }
         let mut url = ServiceUrl::parse(url)?;
+        if !url.has_authority() {
+            return Err(opaque());
+        }
         url.expect_scheme(<crate::RedisLock as Connect>::SCHEMES)?;
         let prefix = url.take("prefix");
         self.prefix = self.prefix.take().or(prefix);
+        let allow = url.take_bool(UNSAFE_ALLOW_EVICTION)?;
+        self.unsafe_allow_eviction = self.unsafe_allow_eviction.or(allow);
         url.finish(PARAMS)?;
         Service::from_url(&url)
     }
@@ -257,6 +339,57 @@ mod tests {
         let mut options = RedisOptions::new().prefix("mine:");
         options.apply_url("redis://h:1?prefix=url:").unwrap();
         assert_eq!(options.key_prefix(), "mine:");
+    }
+
+    #[test]
+    fn eviction_opt_out_from_the_url_or_the_options() {
+        let (_, o) = parse("redis://h:1").unwrap();
+        assert!(!o.eviction_allowed());
+        let (_, o) = parse("redis://h:1?unsafe_allow_eviction=true").unwrap();
+        assert!(o.eviction_allowed());
+        let mut options = RedisOptions::new().unsafe_allow_eviction(false);
+        options
+            .apply_url("redis://h:1?unsafe_allow_eviction=true")
+            .unwrap();
+        assert!(!options.eviction_allowed(), "the options win over the URL");
+        let mut options = RedisOptions::new().unsafe_allow_eviction(true);
+        options.apply_url("redis://h:1").unwrap();
+        assert!(options.eviction_allowed());
+    }
+
+    #[test]
+    fn validate_accepts_the_edges_and_refuses_beyond() {
+        let d = RedisOptions::new;
+        let day = Duration::from_secs(24 * 3600);
+        for good in [
+            d(),
+            d().drift_factor(0.0),
+            d().drift_factor(0.999),
+            d().connection_timeout(Duration::from_nanos(1)),
+            d().response_timeout(day),
+            d().max_poll(Duration::from_millis(10)),
+            d().max_poll(day),
+        ] {
+            good.validate().unwrap();
+        }
+        for (field, bad) in [
+            ("drift_factor", d().drift_factor(-0.0001)),
+            ("drift_factor", d().drift_factor(f64::NAN)),
+            ("drift_factor", d().drift_factor(1.0)),
+            ("drift_factor", d().drift_factor(f64::NEG_INFINITY)),
+            (
+                "connection_timeout",
+                d().connection_timeout(day + Duration::from_nanos(1)),
+            ),
+            ("response_timeout", d().response_timeout(Duration::ZERO)),
+            ("max_poll", d().max_poll(Duration::from_millis(9))),
+            ("max_poll", d().max_poll(Duration::MAX)),
+        ] {
+            match bad.validate() {
+                Err(Error::InvalidOptions(msg)) => assert!(msg.contains(field), "{msg}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

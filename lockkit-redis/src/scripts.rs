@@ -5,11 +5,27 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// KEYS: lock, fence. ARGV: owner, ttl ms. `{1, token}` when taken, `{0, pttl}` when held.
+///
+/// The token is `max(fence + 1, server time in µs)`, stored back in the fence key: a hybrid
+/// logical clock. While the fence key lives, tokens rise by the counter; when it is lost
+/// (a restart without persistence, a failover to a replica that missed it, eviction, a
+/// FLUSHALL), the server's clock carries on above every token it issued before, as long as
+/// that clock did not step back past them. The clock is assembled as a string and compared
+/// as a number below 2^53 (µs until the year 2255), so Lua's doubles keep it exact; a fence
+/// at or above it is `INCR`ed by Redis itself, exactly.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.replicate_commands then redis.replicate_commands() end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {1, redis.call('INCR', KEYS[2])}
+    local time = redis.call('TIME')
+    local clock = time[1] .. string.format('%06d', tonumber(time[2]))
+    local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if fence and fence >= tonumber(clock) then
+        return {1, redis.call('INCR', KEYS[2])}
+    end
+    redis.call('SET', KEYS[2], clock)
+    return {1, tonumber(clock)}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 ",

@@ -4,8 +4,6 @@
 //! single instance. Nothing here stops a shared server, so these run in parallel.
 #![cfg(feature = "redis")]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +12,7 @@ use std::time::{Duration, Instant};
 use lockkit::redis::RedisOptions;
 use lockkit::{Error, LockGuard, LockName, LockOptions, Locks, RedisLock};
 
-use common::service_url;
+use lockkit_testkit::{fresh_name, service_url};
 
 /// A `redis-server` of this test alone, killed when dropped.
 struct PrivateRedis {
@@ -105,7 +103,7 @@ impl Drop for PrivateRedis {
 }
 
 fn fresh(case: &str) -> String {
-    format!("lockkit-safety/{case}/{}", fastrand::u64(..))
+    fresh_name(&format!("lockkit-safety/{case}"))
 }
 
 async fn token_of(locks: &Locks, name: &str) -> u64 {

@@ -117,7 +117,7 @@ pub fn redact(url: &str) -> String {
     // for the end of a user part.
     let url = redact_query(url);
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url;
+        return redact_opaque(&url);
     };
     // The userinfo ends at the last `@`: a malformed URL may hold `/`, `?` or `#` unescaped
     // in its password, so look through the whole rest (an `@` in a parameter value only
@@ -131,6 +131,26 @@ pub fn redact(url: &str) -> String {
         None => userinfo.to_string(),
     };
     format!("{scheme}://{user}@{}", &rest[at + 1..])
+}
+
+/// A URL without `scheme://` that still looks like it carries credentials (`redis:u:pw@h`,
+/// `u:pw@h`): everything between the first `:` and the last `@` is hidden.
+fn redact_opaque(url: &str) -> String {
+    let url = redact_query(url);
+    let (before_query, query) = match url.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (url.as_str(), None),
+    };
+    let Some(at) = before_query.rfind('@') else {
+        return url.clone();
+    };
+    let keep = before_query[..at].find(':').map_or(0, |colon| colon + 1);
+    let mut out = format!("{}***{}", &before_query[..keep], &before_query[at..]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }
 
 /// Parameters whose values are secrets.
@@ -297,7 +317,11 @@ impl ServiceUrl {
             let hosts: Vec<String> = self.hosts.iter().map(ToString::to_string).collect();
             out.push_str(&hosts.join(","));
         }
-        out.push_str(&self.path);
+        if self.has_authority {
+            out.push_str(&self.path);
+        } else {
+            out.push_str(&redact_opaque(&self.path));
+        }
         let params: Vec<String> = self
             .params
             .iter()
@@ -566,14 +590,22 @@ mod tests {
             "consul://u:s3cret@h:1?token=s3cret&x=%ff",
             "postgres://u:s3cret@[::1/db",
             "mysql://u:s3cret@h:1/db?a=1&a=2",
+            "redis:u:s3cret@a:1",
+            "redis:/u:s3cret@a:1",
+            "redis//u:s3cret@a:1",
+            "u:s3cret@a:1",
+            "redis:://u:s3cret@a:1",
             "consul://h?token=s3cret&x=a@b",
             "consul://h:1?token=s3c@ret&x=%ff",
         ] {
-            let err = ServiceUrl::parse(url)
-                .and_then(|u| u.finish(&[]))
-                .expect_err(url)
-                .to_string();
-            assert!(!err.contains("s3c"), "{url}: {err}");
+            // A malformed URL is an error; an opaque one (`redis:u:pw@h`) may parse, and
+            // then its shown form must hide the secret as well.
+            let shown = match ServiceUrl::parse(url).and_then(|u| u.finish(&[]).map(|()| u)) {
+                Err(err) => err.to_string(),
+                Ok(parsed) => format!("{} {parsed:?}", parsed.redacted()),
+            };
+            assert!(!shown.contains("s3c"), "{url}: {shown}");
+            assert!(!redact(url).contains("s3c"), "{url}: {}", redact(url));
         }
         let url = ServiceUrl::parse("redis://u:s3cret@h:1?token=s3cret").unwrap();
         assert!(!format!("{url:?}").contains("s3c"));

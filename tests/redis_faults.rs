@@ -154,7 +154,7 @@ async fn redlock_tokens_rise_while_the_answering_instances_change() {
 async fn redlock_token_rises_after_an_instance_loses_the_fence_counter() {
     let _serial = SERIAL.lock().await;
     let client = redlock().await;
-    let name = fresh("fence_lost");
+    let name = fresh_name("lockkit-faults/fence_lost");
     let fence = format!(
         "{}:fence",
         client

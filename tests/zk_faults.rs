@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockkit::zk::zookeeper_client as zk;

@@ -139,6 +139,15 @@ impl LockGuard {
             (false, None) => None,
         };
         let now = Instant::now();
+        let lease_start = acquired.valid_until.checked_sub(lease_ttl).unwrap_or(now);
+        // Without renewal the holder keeps the lock for its TTL; a server that fixed a
+        // shorter lease (a capped session timeout) is renewed until then.
+        let hold_until = match fixed_ttl {
+            Some(_) => lease_start
+                .checked_add(opts.ttl)
+                .unwrap_or(acquired.valid_until),
+            None => acquired.valid_until,
+        };
         let shared = Arc::new(Shared {
             backend,
             name,
@@ -148,8 +157,8 @@ impl LockGuard {
             clock: Mutex::new(Clock {
                 ttl: opts.ttl,
                 lease_until: acquired.valid_until,
-                lease_start: acquired.valid_until.checked_sub(lease_ttl).unwrap_or(now),
-                hold_until: (!opts.auto_renew).then_some(acquired.valid_until),
+                lease_start,
+                hold_until: (!opts.auto_renew).then_some(hold_until),
                 renew_every,
             }),
             clock_changed: Notify::new(),
@@ -717,6 +726,45 @@ mod tests {
         assert_eq!(guard.lost().await, LostReason::Expired);
         assert_eq!(started.elapsed(), TTL);
         assert_eq!(extends(&script), 0);
+    }
+
+    /// A server that caps the lease below the holder's TTL (ZooKeeper's negotiated session
+    /// timeout): without automatic renewal the guard still holds for its own TTL, renewing
+    /// within the server's, and expires at its TTL.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_capped_below_the_ttl_is_held_for_the_ttl_without_renewal() {
+        let server_cap = TTL / 3;
+        let script = Arc::new(Script {
+            fixed: Some(server_cap),
+            ..Script::default()
+        });
+        let started = Instant::now();
+        let acquired = Acquired::new(
+            FencingToken(7),
+            started + server_cap,
+            Box::new(ScriptedLease(script.clone())),
+        );
+        let caps = Capabilities::new(Duration::from_millis(1))
+            .lease_expiry(true)
+            .renewal(true);
+        let opts = LockOptions::new().ttl(TTL).auto_renew(false);
+        let guard = LockGuard::start(
+            "scripted",
+            LockName::new("x").unwrap(),
+            acquired,
+            &opts,
+            &caps,
+        )
+        .unwrap();
+        tokio::time::sleep(TTL - Duration::from_millis(100)).await;
+        assert!(
+            guard.is_held(),
+            "expired at the server's cap, not at its TTL"
+        );
+        assert!(extends(&script) >= 2, "not renewed within the server's cap");
+        assert_eq!(guard.lost().await, LostReason::Expired);
+        let took = started.elapsed();
+        assert!(took >= TTL - server_cap / 2 && took <= TTL, "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]

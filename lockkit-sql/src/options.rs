@@ -13,8 +13,10 @@ use crate::dialect::{ConnectOptions, Dialect, Target};
 pub enum Strategy {
     /// Session advisory locks (`pg_advisory_lock`, MySQL `GET_LOCK`), each on a connection
     /// held for the guard's life. The lock dies with the session, so a crashed holder frees
-    /// it at once; a holder that stops renewing frees it at its TTL. The default on
-    /// PostgreSQL and MySQL; SQLite has none.
+    /// it at once; a holder that stops renewing, or cannot run (frozen), frees it at its
+    /// TTL: the server ends a session silent for that long (`idle_session_timeout`,
+    /// PostgreSQL 14+ only; MySQL `wait_timeout`). The default on PostgreSQL and MySQL;
+    /// SQLite has none.
     #[default]
     Advisory,
     /// A lease table (`<prefix>locks`): one row per held lock, with its owner and expiry.

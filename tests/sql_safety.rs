@@ -239,3 +239,16 @@ async fn a_backend_asked_for_an_endless_lease_does_not_panic() {
         tokio::spawn(async move { lock.try_lock(&name, &opts).await.map(|a| a.is_some()) }).await;
     assert!(got.is_ok(), "panicked: {:?}", got.err());
 }
+
+#[tokio::test]
+async fn a_lease_extended_endlessly_does_not_panic() {
+    let lock = SqliteLock::connect("sqlite::memory:").await.unwrap();
+    let name = LockName::new("extended").unwrap();
+    let acquired = lock
+        .try_lock(&name, &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("free");
+    let got = tokio::spawn(async move { acquired.lease.extend(Duration::MAX).await.is_ok() }).await;
+    assert!(got.is_ok(), "panicked: {:?}", got.err());
+}

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use crate::dialect::{AdvisorySql, Bind, Db, Dialect, On};
 use crate::error;
 use crate::lease::SessionLease;
-use crate::lock::Shared;
-use crate::wait::CLOCK_MARGIN;
+use crate::lock::{fence, Shared};
+use crate::wait::lease_end;
 
 /// The advisory statements of a client whose strategy is advisory (checked on connect).
 pub(crate) fn statements<D: Dialect>(lock: &Shared<D>) -> &AdvisorySql {
@@ -37,7 +37,8 @@ impl<D: Dialect> Cleanup for Session<D> {
 }
 
 /// One advisory attempt: a try-lock (`slice` `None`), or a wait on the server of at most
-/// `slice`. Then the fencing token, on the same session.
+/// `slice`; the session is armed first to end once silent for `ttl`. Then the fencing token,
+/// on the same session.
 pub(crate) async fn attempt<D: Dialect>(
     lock: Arc<Shared<D>>,
     name: LockName,
@@ -49,32 +50,36 @@ pub(crate) async fn attempt<D: Dialect>(
     let conn = lock.pool.acquire().await.map_err(error::map::<D>)?;
     let mut session = Armed::new(Session::<D>(conn));
     let started = Instant::now();
-    let bind = Bind::new(&name).key(&key, slice);
+    let bind = Bind::new(&name).key(&key, slice).ttl(ttl);
+    // Armed before the lock is taken, so there is no moment the session holds it unarmed.
     let steps = match slice {
-        None => [None, Some(&sql.try_lock)],
-        Some(_) => [sql.prepare_wait.as_ref(), Some(&sql.wait)],
+        None => [Some(&sql.arm), None, Some(&sql.try_lock)],
+        Some(_) => [Some(&sql.arm), sql.prepare_wait.as_ref(), Some(&sql.wait)],
     };
     let mut got = None;
     for step in steps.into_iter().flatten() {
-        got = match D::Db::run(On::Conn(&mut session.0), step, &bind).await {
+        got = match D::Db::run(On::Conn(&mut *session.0), step, &bind).await {
             Err(sqlx::Error::Database(e)) if D::lost_race(e.as_ref()) => Some(0),
             other => other.map_err(error::map::<D>)?,
         };
     }
     match got {
         Some(1) => {}
-        // Held elsewhere: the connection goes back to the pool.
+        // Held elsewhere: the connection goes back to the pool, disarmed (closed if that
+        // fails).
         Some(_) => {
+            let disarm = D::Db::run(On::Conn(&mut *session.0), &sql.disarm, &bind).await;
+            disarm.map_err(error::map::<D>)?;
             drop(session.disarm());
             return Ok(Outcome::Busy(()));
         }
         None => return Err(error::no_value::<D>("the advisory lock")),
     }
-    let token = lock.fence(&mut session.0, &bind).await?;
+    let token = fence::<D>(&mut *session.0, &sql.fence, &bind).await?;
     let lease = SessionLease::<D>::new(lock.clone(), name, key, session.disarm().0);
     Ok(Outcome::Won(Acquired::new(
         token,
-        started + ttl - CLOCK_MARGIN,
+        lease_end(started, ttl),
         Box::new(lease),
     )))
 }

@@ -8,7 +8,55 @@ use crate::dialect::Dialect;
 /// Sorts a sqlx error of dialect `D` into a connection error (the caller retries) or a
 /// backend error.
 pub(crate) fn map<D: Dialect>(e: sqlx::Error) -> Error {
-    let connection = match &e {
+    match is_connection::<D>(&e) {
+        true => Error::connection(D::NAME, e),
+        false => Error::backend(D::NAME, e),
+    }
+}
+
+/// [`map`] for an error of connecting to `address`, which the message names.
+pub(crate) fn map_at<D: Dialect>(address: &str, e: sqlx::Error) -> Error {
+    let connection = is_connection::<D>(&e);
+    let e = At {
+        address: address.to_string(),
+        source: e.into(),
+    };
+    match connection {
+        true => Error::connection(D::NAME, e),
+        false => Error::backend(D::NAME, e),
+    }
+}
+
+/// No connection to `address` within `timeout`.
+pub(crate) fn no_answer<D: Dialect>(address: &str, timeout: std::time::Duration) -> Error {
+    let e = At {
+        address: address.to_string(),
+        source: format!("no connection within {timeout:?}").into(),
+    };
+    Error::connection(D::NAME, e)
+}
+
+/// An error of connecting to a server, with its address.
+#[derive(Debug)]
+pub(crate) struct At {
+    address: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.address, self.source)
+    }
+}
+
+impl std::error::Error for At {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+fn is_connection<D: Dialect>(e: &sqlx::Error) -> bool {
+    match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
@@ -16,11 +64,6 @@ pub(crate) fn map<D: Dialect>(e: sqlx::Error) -> Error {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => D::connection_lost(db.as_ref()),
         _ => false,
-    };
-    if connection {
-        Error::connection(D::NAME, e)
-    } else {
-        Error::backend(D::NAME, e)
     }
 }
 

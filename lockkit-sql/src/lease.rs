@@ -13,7 +13,7 @@ use crate::advisory::statements;
 use crate::dialect::{Bind, Db, Dialect, Key, On};
 use crate::error;
 use crate::lock::Shared;
-use crate::wait::CLOCK_MARGIN;
+use crate::wait::lease_end;
 
 /// A lock held by the session of `conn` (the advisory strategy).
 #[derive(Debug)]
@@ -54,16 +54,25 @@ impl<D: Dialect> SessionLease<D> {
 
 #[async_trait]
 impl<D: Dialect> Lease for SessionLease<D> {
+    /// Re-arms the session for `ttl` (the server ends it once silent that long), then checks
+    /// it still holds the lock. A session the server ended is found here: the lock is lost
+    /// no later than the first renewal after it ended.
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
         let started = Instant::now();
         let mut slot = self.conn.lock().await;
         let conn = slot.as_mut().ok_or_else(|| self.not_owner())?;
-        let bind = Bind::new(&self.name).key(&self.key, None);
-        let held = &statements(&self.lock).held;
-        match D::Db::run(On::Conn(conn), held, &bind).await {
-            Ok(Some(1)) => Ok(started + ttl - CLOCK_MARGIN),
-            Ok(_) => Err(self.not_owner()),
-            Err(e) => Err(self.gone(slot.take().expect("checked above"), e)),
+        let bind = Bind::new(&self.name).key(&self.key, None).ttl(ttl);
+        let sql = statements(&self.lock);
+        let mut held = None;
+        for step in [&sql.arm, &sql.held] {
+            match D::Db::run(On::Conn(&mut **conn), step, &bind).await {
+                Ok(got) => held = got,
+                Err(e) => return Err(self.gone(slot.take().expect("checked above"), e)),
+            }
+        }
+        match held {
+            Some(1) => Ok(lease_end(started, ttl)),
+            _ => Err(self.not_owner()),
         }
     }
 
@@ -75,14 +84,30 @@ impl<D: Dialect> Lease for SessionLease<D> {
             .take()
             .ok_or_else(|| self.not_owner())?;
         let bind = Bind::new(&self.name).key(&self.key, None);
-        let unlock = &statements(&self.lock).unlock;
-        match D::Db::run(On::Conn(&mut conn), unlock, &bind).await {
-            Ok(Some(1)) => Ok(()),
+        let sql = statements(&self.lock);
+        match D::Db::run(On::Conn(&mut *conn), &sql.unlock, &bind).await {
+            // Back to the pool, disarmed (or closed).
+            Ok(Some(1)) => {
+                if let Err(e) = D::Db::run(On::Conn(&mut *conn), &sql.disarm, &bind).await {
+                    tracing::debug!(error = %e, "closing a session that could not be disarmed");
+                    conn.close_on_drop();
+                }
+                Ok(())
+            }
             Ok(_) => {
                 conn.close_on_drop();
                 Err(self.not_owner())
             }
             Err(e) => Err(self.gone(conn, e)),
+        }
+    }
+}
+
+impl<D: Dialect> Drop for SessionLease<D> {
+    fn drop(&mut self) {
+        // Not released: the session may still hold the lock, and is armed. Close it.
+        if let Some(conn) = self.conn.get_mut().as_mut() {
+            conn.close_on_drop();
         }
     }
 }
@@ -123,7 +148,7 @@ impl<D: Dialect> Lease for TableLease<D> {
         if !self.run(&self.lock.sql.extend, ttl).await? {
             return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
         }
-        Ok(started + ttl - CLOCK_MARGIN)
+        Ok(lease_end(started, ttl))
     }
 
     async fn release(&self) -> Result<()> {

@@ -9,11 +9,11 @@ use lockkit_core::backend::{
     run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, LockName,
     LockOptions, Outcome,
 };
-use lockkit_core::Result;
-use sqlx::pool::{Pool, PoolConnection, PoolOptions};
+use lockkit_core::{Error, Result};
+use sqlx::pool::{Pool, PoolOptions};
 use tokio::time::Instant;
 
-use crate::dialect::{Bind, Db, Dialect, On, Statements};
+use crate::dialect::{Bind, Db, Dialect, On, Sql, Statements, Target};
 use crate::options::{Settings, SqlOptions, Strategy};
 use crate::wait::{self, WakeSlots};
 use crate::{advisory, error, table};
@@ -74,10 +74,14 @@ impl<D: Dialect> SqlLock<D> {
             // No ping before every use: a broken connection fails its statement, which
             // counts as a retryable connection error.
             .test_before_acquire(false);
-        let pool = D::pool(pool, &target)
-            .connect_with(target.options)
+        let pool = match D::pool(pool, &target)
+            .connect_with(target.options.clone())
             .await
-            .map_err(error::map::<D>)?;
+        {
+            Ok(pool) => pool,
+            Err(e) => return Err(cause::<D>(e, &target, settings.acquire_timeout).await),
+        };
+        D::check_server(&pool, &settings).await?;
         let database = target
             .database
             .map(|db| format!("{}:{db}:{}", D::NAME, settings.table_prefix));
@@ -111,21 +115,42 @@ impl<D: Dialect> SqlLock<D> {
     }
 }
 
-impl<D: Dialect> Shared<D> {
-    /// Takes the fencing token of `name` on the connection that has just taken its lock: its
-    /// own committed statement, so a token is never handed out twice.
-    pub(crate) async fn fence(
-        &self,
-        conn: &mut PoolConnection<D::Db>,
-        bind: &Bind<'_>,
-    ) -> Result<FencingToken> {
-        let token = D::Db::run(On::Conn(conn), &self.sql.fence, bind)
-            .await
-            .map_err(error::map::<D>)?;
-        let token = token.ok_or_else(|| error::no_value::<D>("the fence counter"))?;
-        Ok(FencingToken(token as u64))
+/// Why a pool could not connect: the pool retries a refused connection until its timeout and
+/// then reports only the timeout, so one direct connection finds the cause. Every error names
+/// the server's address (never its password).
+async fn cause<D: Dialect>(e: sqlx::Error, target: &Target<D>, timeout: Duration) -> Error {
+    let Some(address) = &target.address else {
+        return error::map::<D>(e);
+    };
+    if !matches!(e, sqlx::Error::PoolTimedOut) {
+        return error::map_at::<D>(address, e);
+    }
+    match tokio::time::timeout(timeout, sqlx::ConnectOptions::connect(&target.options)).await {
+        Ok(Err(e)) => error::map_at::<D>(address, e),
+        Ok(Ok(conn)) => {
+            let _ = sqlx::Connection::close(conn).await;
+            error::map_at::<D>(address, e)
+        }
+        Err(_) => error::no_answer::<D>(address, timeout),
     }
 }
+
+/// The fencing token read by `fence` on `conn`, which has just taken its lock (or its row,
+/// in the same transaction).
+pub(crate) async fn fence<D: Dialect>(
+    conn: &mut Conn<D>,
+    fence: &Sql,
+    bind: &Bind<'_>,
+) -> Result<FencingToken> {
+    let token = D::Db::run(On::Conn(conn), fence, bind)
+        .await
+        .map_err(error::map::<D>)?;
+    let token = token.ok_or_else(|| error::no_value::<D>("the fence counter"))?;
+    Ok(FencingToken(token as u64))
+}
+
+/// A connection of dialect `D`.
+pub(crate) type Conn<D> = <<D as crate::dialect::hooks::Hooks>::Db as sqlx::Database>::Connection;
 
 #[async_trait]
 impl<D: Dialect> Backend for SqlLock<D> {

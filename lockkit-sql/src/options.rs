@@ -13,8 +13,10 @@ use crate::dialect::{ConnectOptions, Dialect, Target};
 pub enum Strategy {
     /// Session advisory locks (`pg_advisory_lock`, MySQL `GET_LOCK`), each on a connection
     /// held for the guard's life. The lock dies with the session, so a crashed holder frees
-    /// it at once; a holder that stops renewing frees it at its TTL. The default on
-    /// PostgreSQL and MySQL; SQLite has none.
+    /// it at once; a holder that stops renewing, or cannot run (frozen), frees it at its
+    /// TTL: the server ends a session silent for that long (`idle_session_timeout`,
+    /// PostgreSQL 14+ only; MySQL `wait_timeout`). The default on PostgreSQL and MySQL;
+    /// SQLite has none.
     #[default]
     Advisory,
     /// A lease table (`<prefix>locks`): one row per held lock, with its owner and expiry.
@@ -131,6 +133,9 @@ impl SqlOptions {
     }
 }
 
+/// The longest timeout, wait slice or poll pause an option may set.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// The options in effect, defaults filled in.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -226,6 +231,26 @@ impl Settings {
                 "table prefix `{prefix}`: use up to 40 ASCII letters, digits and `_`"
             )));
         }
+        // Longer ones overflow the clock arithmetic of sqlx and of the waits, or block a
+        // cancelled wait's connection for that long.
+        // The busy timeout first: it is SQLite's default acquire timeout.
+        for (option, value) in [
+            ("busy_timeout", self.busy_timeout),
+            ("acquire_timeout", self.acquire_timeout),
+            ("wait_slice", self.wait_slice),
+            ("max_poll", self.max_poll),
+        ] {
+            if value > MAX_TIMEOUT {
+                return Err(Error::InvalidOptions(format!(
+                    "{option} {value:?} is above the limit of {MAX_TIMEOUT:?}"
+                )));
+            }
+        }
+        if self.acquire_timeout.is_zero() {
+            return Err(Error::InvalidOptions(
+                "acquire_timeout must be above 0".into(),
+            ));
+        }
         if self.max_connections == 0 {
             return Err(Error::InvalidOptions(
                 "max_connections must be above 0".into(),
@@ -243,9 +268,10 @@ pub(crate) fn server_target<D: Dialect>(url: &mut ServiceUrl) -> Result<Target<D
     let options = <ConnectOptions<D> as sqlx::ConnectOptions>::from_url(&sqlx_url)
         .map_err(|e| url.error(format_args!("{}: {e}", D::NAME)))?;
     let host = url.hosts().first().map(ToString::to_string);
-    let database = format!("{}{}", host.unwrap_or_default(), url.path());
+    let database = format!("{}{}", host.clone().unwrap_or_default(), url.path());
     Ok(Target {
         options,
+        address: Some(host.unwrap_or_else(|| "localhost".into())),
         database: Some(database),
     })
 }

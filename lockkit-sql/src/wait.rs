@@ -14,6 +14,13 @@ use tokio::sync::Notify;
 /// Subtracted from a lease's validity: expiries are stored in whole milliseconds.
 pub(crate) const CLOCK_MARGIN: Duration = Duration::from_millis(1);
 
+/// Until when a lease of `ttl` taken by a request sent at `started` is valid (a TTL too long
+/// for the clock counts as a century).
+pub(crate) fn lease_end(started: tokio::time::Instant, ttl: Duration) -> tokio::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    started + ttl.min(CENTURY) - CLOCK_MARGIN
+}
+
 /// A TTL in whole milliseconds, rounded up so a lease is never shorter than asked.
 pub(crate) fn millis(d: Duration) -> i64 {
     d.as_nanos().div_ceil(1_000_000).min(i64::MAX as u128) as i64

@@ -14,7 +14,7 @@ use lockkit_core::Result;
 use sqlx::any::AnyQueryResult;
 use sqlx::database::Database;
 use sqlx::error::DatabaseError;
-use sqlx::pool::{Pool, PoolConnection, PoolOptions};
+use sqlx::pool::{Pool, PoolOptions};
 use sqlx::{ColumnIndex, Connection, Decode, Encode, Executor, IntoArguments, Row, Type};
 
 use crate::lock::Shared;
@@ -115,6 +115,14 @@ impl Sql {
 /// The advisory-lock statements of a database that has them.
 #[derive(Debug)]
 pub(crate) struct AdvisorySql {
+    /// Run on the connection that has just taken a lock: its fencing token.
+    pub(crate) fence: Sql,
+    /// Makes the server end this session once it has been silent for [`Arg::TtlMs`]
+    /// (PostgreSQL `idle_session_timeout`, MySQL `wait_timeout`), so a frozen holder's lock
+    /// ends at its TTL. Run before every attempt and every renewal.
+    pub(crate) arm: Sql,
+    /// Undoes `arm`, before the connection goes back to the pool.
+    pub(crate) disarm: Sql,
     /// Takes the lock without waiting: 1 if taken, 0 if held elsewhere.
     pub(crate) try_lock: Sql,
     /// Run before `wait` on the same connection (PostgreSQL: sets `lock_timeout`).
@@ -133,10 +141,12 @@ pub(crate) struct AdvisorySql {
 pub(crate) struct Statements {
     /// Creates the tables (one script, idempotent).
     pub(crate) schema: String,
-    /// Run on the connection that has just taken a lock: its fencing token.
-    pub(crate) fence: Sql,
-    /// Takes the lease row if it is free or expired: 1 if taken.
+    /// Takes the lease row if it is free or expired: its fencing token if taken, in the
+    /// same statement (PostgreSQL, SQLite), or 1 when `table_fence` takes the token.
     pub(crate) acquire: Sql,
+    /// MySQL: the token of a row `acquire` or `take_over` took, in one transaction with
+    /// them, so the row stays locked until its token is taken.
+    pub(crate) table_fence: Option<Sql>,
     /// Tried when `acquire` took nothing (MySQL: the expired row, after `INSERT IGNORE`).
     pub(crate) take_over: Option<Sql>,
     /// Milliseconds left on the holder's lease.
@@ -189,6 +199,11 @@ impl<'a> Bind<'a> {
     /// With a lease row's owner and TTL.
     pub(crate) fn lease(mut self, owner: &'a str, ttl: Duration) -> Self {
         self.owner = owner;
+        self.ttl(ttl)
+    }
+
+    /// With a TTL.
+    pub(crate) fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl_ms = millis(ttl);
         self
     }
@@ -196,7 +211,7 @@ impl<'a> Bind<'a> {
     /// With an advisory key and, for a wait, its slice.
     pub(crate) fn key(mut self, key: &'a Key, slice: Option<Duration>) -> Self {
         self.key = Some(key);
-        self.slice_ms = slice.map_or(0, |s| s.as_millis().max(1) as i64);
+        self.slice_ms = slice.map_or(0, |s| millis(s).max(1));
         self
     }
 }
@@ -204,10 +219,11 @@ impl<'a> Bind<'a> {
 /// A list of names (URL schemes).
 pub(crate) type Names = &'static [&'static str];
 
-/// Where a statement runs: on the pool, or on one connection that holds a session lock.
+/// Where a statement runs: on the pool, or on one connection (one that holds a session
+/// lock, or is in a transaction).
 pub(crate) enum On<'a, DB: Database> {
     Pool(&'a Pool<DB>),
-    Conn(&'a mut PoolConnection<DB>),
+    Conn(&'a mut DB::Connection),
 }
 
 /// A sqlx database the strategies can run [`Sql`] on. Implemented for every driver that
@@ -294,6 +310,8 @@ pub(crate) type ConnectOptions<D> =
 pub(crate) struct Target<D: hooks::Hooks> {
     /// The driver's options.
     pub(crate) options: ConnectOptions<D>,
+    /// The server's `host[:port]`, for errors (`None`: a file).
+    pub(crate) address: Option<String>,
     /// Names the database for the wake-ups shared by its clients in this process (`None`:
     /// a database no other client can open, such as SQLite's `:memory:`).
     pub(crate) database: Option<String>,
@@ -341,6 +359,15 @@ pub(crate) mod hooks {
         /// Adjusts the pool (per-connection setup, in-memory lifetimes).
         fn pool(pool: PoolOptions<Self::Db>, _target: &Target<Self>) -> PoolOptions<Self::Db> {
             pool
+        }
+
+        /// Checks the server can keep the promises of `settings` (PostgreSQL: version 14+
+        /// for advisory locks, which need `idle_session_timeout`).
+        fn check_server(
+            _pool: &Pool<Self::Db>,
+            _settings: &Settings,
+        ) -> impl Future<Output = Result<()>> + Send {
+            async { Ok(()) }
         }
 
         /// Fresh client state.

@@ -31,6 +31,13 @@ impl Hooks for MySql {
 
     fn statements(p: &str) -> Statements {
         use Arg::*;
+        let fence = Sql::insert_id(
+            format!(
+                "INSERT INTO {p}fences (name, value) VALUES (?, LAST_INSERT_ID(1))
+                 ON DUPLICATE KEY UPDATE value = LAST_INSERT_ID(value + 1)"
+            ),
+            &[Name],
+        );
         Statements {
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {p}fences (name VARBINARY(255) PRIMARY KEY,
@@ -38,19 +45,14 @@ impl Hooks for MySql {
                  CREATE TABLE IF NOT EXISTS {p}locks (name VARBINARY(255) PRIMARY KEY,
                  owner CHAR(32) NOT NULL, expires_at BIGINT NOT NULL) ENGINE=InnoDB;"
             ),
-            fence: Sql::insert_id(
-                format!(
-                    "INSERT INTO {p}fences (name, value) VALUES (?, LAST_INSERT_ID(1))
-                     ON DUPLICATE KEY UPDATE value = LAST_INSERT_ID(value + 1)"
-                ),
-                &[Name],
-            ),
             acquire: Sql::count(
                 format!(
                     "INSERT IGNORE INTO {p}locks (name, owner, expires_at) VALUES (?, ?, {NOW} + ?)"
                 ),
                 &[Name, Owner, TtlMs],
             ),
+            // Run in one transaction with `acquire` and `take_over`, whose row lock it keeps.
+            table_fence: Some(fence.clone()),
             take_over: Some(Sql::count(
                 format!(
                     "UPDATE {p}locks SET owner = ?, expires_at = {NOW} + ?
@@ -76,6 +78,18 @@ impl Hooks for MySql {
                 )
             }),
             advisory: Some(AdvisorySql {
+                fence,
+                // Whole seconds, rounded up; renewals run a statement at least every TTL/3,
+                // which restarts the clock.
+                arm: Sql::count(
+                    "SET SESSION wait_timeout = LEAST(GREATEST(CEIL(? / 1000), 1), 31536000)"
+                        .into(),
+                    &[TtlMs],
+                ),
+                disarm: Sql::count(
+                    "SET SESSION wait_timeout = @@GLOBAL.wait_timeout".into(),
+                    &[],
+                ),
                 try_lock: Sql::scalar("SELECT GET_LOCK(?, 0)", &[Key]),
                 prepare_wait: None,
                 wait: Sql::scalar("SELECT GET_LOCK(?, ? / 1000)", &[Key, SliceMs]),

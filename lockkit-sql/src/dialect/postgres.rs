@@ -8,13 +8,15 @@ use std::time::Duration;
 use lockkit_core::backend::LockName;
 use lockkit_core::{Error, Result};
 use sqlx::error::DatabaseError;
+use sqlx::pool::Pool;
 use sqlx::postgres::PgListener;
 use tokio::task::JoinHandle;
 
 use super::hooks::Hooks;
 use super::{AdvisorySql, Arg, Bind, Db, Key, Names, On, Sql, Statements};
 use crate::lock::Shared;
-use crate::{error, SqlLock};
+use crate::options::Settings;
+use crate::{error, SqlLock, Strategy};
 
 /// PostgreSQL (feature `postgres`): session advisory locks by default, or the lease table.
 #[derive(Debug)]
@@ -56,6 +58,10 @@ impl Hooks for Postgres {
 
     fn statements(p: &str) -> Statements {
         use Arg::*;
+        // Bumps the fence counter of the names of the rows that follow; returns the value.
+        let fence = format!("INSERT INTO {p}fences (name, value)");
+        let bump =
+            format!("ON CONFLICT (name) DO UPDATE SET value = {p}fences.value + 1 RETURNING value");
         Statements {
             // One simple query is one implicit transaction: the migration lock is held to
             // its end, so concurrent clients do not race on the DDL.
@@ -65,21 +71,20 @@ impl Hooks for Postgres {
                  CREATE TABLE IF NOT EXISTS {p}advisory_keys (name TEXT PRIMARY KEY, key BIGINT NOT NULL UNIQUE);
                  CREATE TABLE IF NOT EXISTS {p}locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);"
             ),
-            fence: Sql::scalar(
+            // The row and its token in one statement: the row stays locked until the token
+            // is taken, so a holder delayed in between never gets a token above the next
+            // holder's.
+            acquire: Sql::scalar(
                 format!(
-                    "INSERT INTO {p}fences (name, value) VALUES ($1, 1)
-                     ON CONFLICT (name) DO UPDATE SET value = {p}fences.value + 1 RETURNING value"
-                ),
-                &[Name],
-            ),
-            acquire: Sql::count(
-                format!(
-                    "INSERT INTO {p}locks (name, owner, expires_at) VALUES ($1, $2, {NOW} + $3)
-                     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-                     WHERE {p}locks.expires_at < {NOW}"
+                    "WITH l AS (INSERT INTO {p}locks (name, owner, expires_at) VALUES ($1, $2, {NOW} + $3)
+                        ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                        WHERE {p}locks.expires_at < {NOW} RETURNING name)
+                     , f AS ({fence} SELECT name, 1 FROM l {bump})
+                     SELECT value FROM f"
                 ),
                 &[Name, Owner, TtlMs],
             ),
+            table_fence: None,
             take_over: None,
             time_left: Sql::scalar(
                 format!("SELECT expires_at - {NOW} FROM {p}locks WHERE name = $1"),
@@ -104,6 +109,18 @@ impl Hooks for Postgres {
                 )
             }),
             advisory: Some(AdvisorySql {
+                fence: Sql::scalar(format!("{fence} VALUES ($1, 1) {bump}"), &[Name]),
+                // Renewals run a statement at least every TTL/3, which restarts the clock.
+                arm: Sql::count(
+                    "SELECT set_config('idle_session_timeout', LEAST(GREATEST($1, 1), 2147483647)::text, false)".into(),
+                    &[TtlMs],
+                ),
+                disarm: Sql::count(
+                    "SELECT set_config(name, reset_val, false) FROM pg_settings
+                     WHERE name = 'idle_session_timeout'"
+                        .into(),
+                    &[],
+                ),
                 try_lock: Sql::scalar("SELECT pg_try_advisory_lock($1)::int::bigint", &[Key]),
                 prepare_wait: Some(Sql::count(
                     "SELECT set_config('lock_timeout', $1::text || 'ms', false)".into(),
@@ -141,15 +158,34 @@ impl Hooks for Postgres {
 
     fn connection_lost(e: &dyn DatabaseError) -> bool {
         // Class 08 (connection exception), 57P01-03 (admin shutdown, crash, cannot connect
-        // now).
+        // now), 57P05 (idle session timeout).
         e.code().is_some_and(|c| {
-            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "57P05")
         })
     }
 
     fn lost_race(e: &dyn DatabaseError) -> bool {
         // lock_not_available: a wait slice ran out.
         e.code().as_deref() == Some("55P03")
+    }
+
+    /// Advisory locks end with a silent holder's session only where the server has
+    /// `idle_session_timeout` (PostgreSQL 14+): older servers get the lease table.
+    async fn check_server(pool: &Pool<Self::Db>, settings: &Settings) -> Result<()> {
+        if settings.strategy != Strategy::Advisory {
+            return Ok(());
+        }
+        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+            .fetch_one(pool)
+            .await
+            .map_err(error::map::<Self>)?;
+        if version < 140_000 {
+            return Err(Error::Unsupported(format!(
+                "PostgreSQL {version} has no idle_session_timeout (14+), so a frozen holder \
+                 would keep an advisory lock past its TTL: use strategy=table"
+            )));
+        }
+        Ok(())
     }
 
     /// The name's key from `<prefix>advisory_keys`: its FNV-1a hash, or the next free key

@@ -56,25 +56,23 @@ impl Hooks for Sqlite {
                     UPDATE {p}fence SET value = NEW.token WHERE id = 1 AND value < NEW.token;
                 END;"
             ),
-            // The token was set with the row, one above the counter.
-            fence: Sql::scalar(
-                format!("SELECT token FROM {p}locks WHERE name = ?1 AND owner = ?2"),
-                &[Name, Owner],
-            ),
             // A lease stored as ending at millisecond `e` is held through all of `e` (taken
             // over only once `now > e`), so it never ends before the holder's
-            // `valid_until`, which is measured from before the statement.
-            acquire: Sql::count(
+            // `valid_until`, which is measured from before the statement. The token, one
+            // above the counter, is set with the row and returned by the same statement.
+            acquire: Sql::scalar(
                 format!(
                     "INSERT INTO {p}locks (name, owner, token, expires_at)
                      VALUES (?1, ?2, (SELECT value + 1 FROM {p}fence WHERE id = 1), ?3 + ?4)
                      ON CONFLICT (name) DO UPDATE
                          SET owner = excluded.owner, token = excluded.token,
                              expires_at = excluded.expires_at
-                         WHERE {p}locks.expires_at < ?3"
+                         WHERE {p}locks.expires_at < ?3
+                     RETURNING token"
                 ),
                 &[Name, Owner, NowMs, TtlMs],
             ),
+            table_fence: None,
             take_over: None,
             time_left: Sql::scalar(
                 format!("SELECT expires_at - ?2 FROM {p}locks WHERE name = ?1"),
@@ -140,7 +138,11 @@ impl Hooks for Sqlite {
             let path = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone().into());
             path.display().to_string()
         });
-        Ok(Target { options, database })
+        Ok(Target {
+            options,
+            address: None,
+            database,
+        })
     }
 
     fn pool(pool: PoolOptions<sqlx::Sqlite>, target: &Target<Self>) -> PoolOptions<sqlx::Sqlite> {

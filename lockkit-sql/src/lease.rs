@@ -125,15 +125,18 @@ impl<D: Dialect> TableLease<D> {
         TableLease { lock, name, owner }
     }
 
-    /// Runs a statement on our row; one that lost a race changed nothing and runs again.
+    /// Runs a statement on our row; one that lost a race (an InnoDB deadlock against an
+    /// acquiring transaction, which holds the row until its token is taken) changed nothing
+    /// and runs again, with a jittered pause of at most 25 ms, for up to about a second.
     async fn run(&self, sql: &crate::dialect::Sql, ttl: Duration) -> Result<bool> {
         let bind = Bind::new(&self.name).lease(&self.owner, ttl);
         let mut tries = 0;
         loop {
             match D::Db::run(On::Pool(&self.lock.pool), sql, &bind).await {
-                Err(sqlx::Error::Database(e)) if tries < 10 && D::lost_race(e.as_ref()) => {
+                Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
                     tries += 1;
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=5 * tries))).await;
+                    let most = (5 * tries).min(25);
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=most))).await;
                 }
                 other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
             }

@@ -9,12 +9,14 @@
 mod advisory;
 pub mod dialect;
 mod error;
+pub mod fence;
 mod lease;
 mod lock;
 mod options;
 mod table;
 mod wait;
 
+pub use fence::{FenceError, SqlFence};
 pub use lock::SqlLock;
 pub use options::{SqlOptions, SqliteOptions, Strategy};
 
@@ -29,3 +31,10 @@ pub type MySqlLock = SqlLock<dialect::MySql>;
 /// A lock service on one SQLite database file: the lease table.
 #[cfg(feature = "sqlite")]
 pub type SqliteLock = SqlLock<dialect::Sqlite>;
+
+#[cfg(feature = "mysql")]
+pub use fence::MySqlFence;
+#[cfg(feature = "postgres")]
+pub use fence::PgFence;
+#[cfg(feature = "sqlite")]
+pub use fence::SqliteFence;

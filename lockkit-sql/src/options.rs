@@ -221,12 +221,7 @@ impl Settings {
 
     fn check(&self) -> Result<()> {
         let prefix = &self.table_prefix;
-        let valid = prefix.len() <= 40
-            && prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !prefix.starts_with(|c: char| c.is_ascii_digit());
-        if !valid {
+        if !(prefix.is_empty() || identifier(prefix, 40)) {
             return Err(Error::InvalidOptions(format!(
                 "table prefix `{prefix}`: use up to 40 ASCII letters, digits and `_`"
             )));
@@ -258,6 +253,14 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Whether `name` can be spliced into SQL as a table name (or part of one) on every
+/// database: 1 to `max` ASCII letters, digits and `_`, not starting with a digit.
+pub(crate) fn identifier(name: &str, max: usize) -> bool {
+    (1..=max).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
 /// A server's connect options (`scheme://user:password@host:port/database?…`), read by its

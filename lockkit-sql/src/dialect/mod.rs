@@ -60,6 +60,8 @@ pub(crate) enum Arg {
     /// The server-side wait in milliseconds.
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     SliceMs,
+    /// A fencing token presented to a fence table.
+    Token,
 }
 
 /// What a statement yields, read as one optional number.
@@ -159,6 +161,20 @@ pub(crate) struct Statements {
     pub(crate) advisory: Option<AdvisorySql>,
 }
 
+/// The statements of a fence table (`crate::fence`), with its name.
+#[derive(Debug, Clone)]
+pub(crate) struct FenceSql {
+    /// Creates the table (one script, idempotent).
+    pub(crate) create: String,
+    /// Raises the resource's ([`Arg::Name`]) recorded token to [`Arg::Token`] if that is
+    /// higher, locking its row to the end of the caller's transaction; a scalar statement
+    /// returns the highest token after it.
+    pub(crate) record: Sql,
+    /// Read after `record` when it returns no value (MySQL has no `RETURNING`): the highest
+    /// token, by a locking read, so the latest committed row is read, not a snapshot.
+    pub(crate) highest: Option<Sql>,
+}
+
 /// An advisory-lock key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Key {
@@ -179,6 +195,7 @@ pub(crate) struct Bind<'a> {
     now_ms: i64,
     key: Option<&'a Key>,
     slice_ms: i64,
+    token: i64,
 }
 
 impl<'a> Bind<'a> {
@@ -193,6 +210,20 @@ impl<'a> Bind<'a> {
                 .map_or(0, |d| d.as_millis() as i64),
             key: None,
             slice_ms: 0,
+            token: 0,
+        }
+    }
+
+    /// The values of a fence check: the resource (bound as [`Arg::Name`]) and the token.
+    pub(crate) fn fence(resource: &'a str, token: i64) -> Self {
+        Bind {
+            name: resource,
+            owner: "",
+            ttl_ms: 0,
+            now_ms: 0,
+            key: None,
+            slice_ms: 0,
+            token,
         }
     }
 
@@ -241,6 +272,12 @@ pub(crate) trait Db: Database {
         pool: &'a Pool<Self>,
         text: &'a str,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'a;
+
+    /// Runs a script of several statements on one connection.
+    fn script_on<'a>(
+        conn: &'a mut Self::Connection,
+        text: &'a str,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'a;
 }
 
 impl<DB> Db for DB
@@ -274,6 +311,7 @@ where
                 (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
                 (Arg::NowMs, _) => query.bind(bind.now_ms),
                 (Arg::SliceMs, _) => query.bind(bind.slice_ms),
+                (Arg::Token, _) => query.bind(bind.token),
                 (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
                 (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
                 (Arg::Key, None) => unreachable!("a key statement without a key"),
@@ -297,6 +335,10 @@ where
 
     async fn script<'a>(pool: &'a Pool<Self>, text: &'a str) -> Result<(), sqlx::Error> {
         let mut conn = pool.acquire().await?;
+        Self::script_on(&mut conn, text).await
+    }
+
+    async fn script_on<'a>(conn: &'a mut DB::Connection, text: &'a str) -> Result<(), sqlx::Error> {
         // Unprepared text: one round trip that may hold several statements.
         conn.execute(text).await.map(drop)
     }
@@ -349,6 +391,9 @@ pub(crate) mod hooks {
 
         /// The statements, with the table prefix `p`.
         fn statements(p: &str) -> Statements;
+
+        /// The statements of the fence table `table` (a checked identifier).
+        fn fence(table: &str) -> FenceSql;
 
         /// Reads the connect options from `url` (its pass-through parameters taken). By
         /// default a server's: `scheme://user:password@host:port/database`.

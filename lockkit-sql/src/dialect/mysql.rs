@@ -9,7 +9,7 @@ use sqlx::mysql::MySqlDatabaseError;
 use sqlx::pool::PoolOptions;
 
 use super::hooks::Hooks;
-use super::{AdvisorySql, Arg, Key, Names, Sql, Statements, Target};
+use super::{AdvisorySql, Arg, FenceSql, Key, Names, Sql, Statements, Target};
 use crate::lock::Shared;
 use crate::SqlLock;
 
@@ -96,6 +96,33 @@ impl Hooks for MySql {
                 held: Sql::scalar("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", &[Key]),
                 unlock: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
             }),
+        }
+    }
+
+    fn fence(t: &str) -> FenceSql {
+        use Arg::*;
+        FenceSql {
+            // Byte-for-byte names, as the lock tables.
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (resource VARBINARY(255) PRIMARY KEY,
+                 token BIGINT NOT NULL) ENGINE=InnoDB"
+            ),
+            // Takes an exclusive lock on the row, inserted or not. Its affected-rows count
+            // cannot tell "raised" from "already higher" (an unchanged row counts 0), so the
+            // outcome is read by `highest`.
+            record: Sql::count(
+                format!(
+                    "INSERT INTO {t} (resource, token) VALUES (?, ?)
+                     ON DUPLICATE KEY UPDATE token = GREATEST(token, ?)"
+                ),
+                &[Name, Token, Token],
+            ),
+            // A locking read sees the latest committed row, where a plain one would see the
+            // transaction's snapshot, older than a row this transaction did not change.
+            highest: Some(Sql::scalar(
+                format!("SELECT token FROM {t} WHERE resource = ? FOR UPDATE"),
+                &[Name],
+            )),
         }
     }
 

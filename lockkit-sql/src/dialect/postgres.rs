@@ -13,7 +13,7 @@ use sqlx::postgres::PgListener;
 use tokio::task::JoinHandle;
 
 use super::hooks::Hooks;
-use super::{AdvisorySql, Arg, Bind, Db, Key, Names, On, Sql, Statements};
+use super::{AdvisorySql, Arg, Bind, Db, FenceSql, Key, Names, On, Sql, Statements};
 use crate::lock::Shared;
 use crate::options::Settings;
 use crate::{error, SqlLock, Strategy};
@@ -136,6 +136,27 @@ impl Hooks for Postgres {
                 ),
                 unlock: Sql::scalar("SELECT pg_advisory_unlock($1)::int::bigint", &[Key]),
             }),
+        }
+    }
+
+    fn fence(t: &str) -> FenceSql {
+        FenceSql {
+            // Under the migration lock, like the schema: concurrent `CREATE TABLE IF NOT
+            // EXISTS` race on the catalog otherwise.
+            create: format!(
+                "SELECT pg_advisory_xact_lock(hashtext('lockkit migrate'));
+                 CREATE TABLE IF NOT EXISTS {t} (resource TEXT PRIMARY KEY, token BIGINT NOT NULL);"
+            ),
+            // The conflicting row is locked even when its token stays: to the caller's commit.
+            record: Sql::scalar(
+                format!(
+                    "INSERT INTO {t} (resource, token) VALUES ($1, $2)
+                     ON CONFLICT (resource) DO UPDATE SET token = GREATEST({t}.token, EXCLUDED.token)
+                     RETURNING token"
+                ),
+                &[Arg::Name, Arg::Token],
+            ),
+            highest: None,
         }
     }
 

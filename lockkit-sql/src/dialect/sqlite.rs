@@ -11,7 +11,7 @@ use sqlx::pool::PoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use super::hooks::Hooks;
-use super::{Arg, Key, Names, Sql, Statements, Target};
+use super::{Arg, FenceSql, Key, Names, Sql, Statements, Target};
 use crate::lock::Shared;
 use crate::options::Settings;
 
@@ -98,6 +98,25 @@ impl Hooks for Sqlite {
                 ),
             ],
             advisory: None,
+        }
+    }
+
+    fn fence(t: &str) -> FenceSql {
+        FenceSql {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (resource TEXT PRIMARY KEY NOT NULL,
+                 token INTEGER NOT NULL) WITHOUT ROWID"
+            ),
+            // A write: it takes the database's write lock, to the caller's commit.
+            record: Sql::scalar(
+                format!(
+                    "INSERT INTO {t} (resource, token) VALUES (?1, ?2)
+                     ON CONFLICT (resource) DO UPDATE SET token = MAX(token, excluded.token)
+                     RETURNING token"
+                ),
+                &[Arg::Name, Arg::Token],
+            ),
+            highest: None,
         }
     }
 

@@ -58,8 +58,11 @@ struct Grant {
     t: u64,
     /// `releasing`, `lost` or the holder's death, whichever came first.
     end: Option<u64>,
-    /// When the holder was told it lost the lock.
+    /// When the holder was told it lost the lock (`lost()`, or `release` said `LockLost`).
     told: Option<u64>,
+    /// When `lost()` fired (a `release` that finds the lock gone is no loss signal when
+    /// nobody took the lock over: the holder had finished with it).
+    lost: Option<u64>,
     killed: Option<u64>,
 }
 
@@ -95,6 +98,7 @@ fn grants(events: &[Event]) -> Vec<Grant> {
                         t: e.t,
                         end: None,
                         told: None,
+                        lost: None,
                         killed: None,
                     });
                 }
@@ -112,12 +116,18 @@ fn grants(events: &[Event]) -> Vec<Grant> {
                         if (e.ev == "lost" || lost_release) && g.told.is_none() {
                             g.told = Some(e.t);
                         }
+                        if e.ev == "lost" && g.lost.is_none() {
+                            g.lost = Some(e.t);
+                        }
                     }
                 }
             }
             "kill" => {
                 let target = e.target.as_deref().unwrap_or_default();
-                for g in out.iter_mut().filter(|g| g.w == target || g.w.starts_with(&format!("{target}."))) {
+                for g in out
+                    .iter_mut()
+                    .filter(|g| g.w == target || g.w.starts_with(&format!("{target}.")))
+                {
                     if g.end.is_none() {
                         g.end = Some(e.t);
                     }
@@ -163,7 +173,10 @@ fn register(events: &[Event], history: &[Accepted], final_value: i64, report: &m
             "(a) lost update: final value {final_value}, {writes} accepted writes, last written {last_write}"
         ));
     }
-    for e in events.iter().filter(|e| e.ev == "write" && e.ok == Some(true)) {
+    for e in events
+        .iter()
+        .filter(|e| e.ev == "write" && e.ok == Some(true))
+    {
         let found = history
             .iter()
             .any(|h| h.op == "write" && Some(h.token) == e.token && Some(h.value) == e.value);
@@ -228,7 +241,7 @@ fn loss_signal(events: &[Event], grants: &[Grant], limits: Limits, report: &mut 
             .filter(|n| n.token > g.token && n.t > g.t && n.t < end)
             .min_by_key(|n| n.t)
         else {
-            if let Some(told) = g.told {
+            if let Some(told) = g.lost {
                 // not taken over: measured from the latest fault, grant or resumption
                 let fault = events
                     .iter()
@@ -393,7 +406,14 @@ mod tests {
         let (events, mut history) = clean();
         history.push(acc(5, "read", 1, 2));
         let report = check(&events, &history, 2, LIMITS);
-        assert!(report.violations.iter().any(|v| v.starts_with("(a) register accepted")), "{:?}", report.violations);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.starts_with("(a) register accepted")),
+            "{:?}",
+            report.violations
+        );
     }
 
     #[test]
@@ -402,7 +422,11 @@ mod tests {
         // a stale holder wrote 1 + 1 again: the value 2 was written twice
         history.push(acc(5, "write", 3, 2));
         let report = check(&events, &history, 2, LIMITS);
-        assert!(report.violations.iter().any(|v| v.contains("lost update")), "{:?}", report.violations);
+        assert!(
+            report.violations.iter().any(|v| v.contains("lost update")),
+            "{:?}",
+            report.violations
+        );
     }
 
     #[test]
@@ -410,7 +434,11 @@ mod tests {
         let (mut events, history) = clean();
         events.push(write(70, "b", 2, 3));
         let report = check(&events, &history, 2, LIMITS);
-        assert!(report.violations.iter().any(|v| v.contains("missing")), "{:?}", report.violations);
+        assert!(
+            report.violations.iter().any(|v| v.contains("missing")),
+            "{:?}",
+            report.violations
+        );
     }
 
     #[test]
@@ -418,12 +446,20 @@ mod tests {
         let (mut events, history) = clean();
         events.push(grant(80, 70, "c", 2));
         let report = check(&events, &history, 2, LIMITS);
-        assert!(report.violations.iter().any(|v| v.starts_with("(b)")), "{:?}", report.violations);
+        assert!(
+            report.violations.iter().any(|v| v.starts_with("(b)")),
+            "{:?}",
+            report.violations
+        );
         // overlapping acquires are not ordered
         let (mut events, history) = clean();
         events.insert(0, grant(12, 1, "c", 0));
         let report = check(&events, &history, 2, LIMITS);
-        assert!(!report.violations.iter().any(|v| v.starts_with("(b)")), "{:?}", report.violations);
+        assert!(
+            !report.violations.iter().any(|v| v.starts_with("(b)")),
+            "{:?}",
+            report.violations
+        );
     }
 
     #[test]
@@ -444,24 +480,41 @@ mod tests {
             tok(9 * S, "a", "lost", 1),
         ];
         let report = check(&late, &[], 0, LIMITS);
-        assert!(report.violations.iter().any(|v| v.starts_with("(c)")), "{:?}", report.violations);
+        assert!(
+            report.violations.iter().any(|v| v.starts_with("(c)")),
+            "{:?}",
+            report.violations
+        );
 
         let never = vec![
             grant(S, 0, "a", 1),
             grant(4 * S, 3 * S, "b", 2),
             tok(5 * S, "a", "releasing", 1),
-            Event { ok: Some(true), ..tok(5 * S, "a", "release", 1) },
+            Event {
+                ok: Some(true),
+                ..tok(5 * S, "a", "release", 1)
+            },
             ev(20 * S, "b", "exit"),
         ];
         let report = check(&never, &[], 0, LIMITS);
-        assert!(report.violations.iter().any(|v| v.contains("never told")), "{:?}", report.violations);
+        assert!(
+            report.violations.iter().any(|v| v.contains("never told")),
+            "{:?}",
+            report.violations
+        );
 
         // a holder stopped over the takeover is measured from its resumption
         let stopped = vec![
             grant(S, 0, "a", 1),
-            Event { target: Some("a".into()), ..ev(2 * S, "driver", "stop") },
+            Event {
+                target: Some("a".into()),
+                ..ev(2 * S, "driver", "stop")
+            },
             grant(5 * S, 4 * S, "b", 2),
-            Event { target: Some("a".into()), ..ev(10 * S, "driver", "cont") },
+            Event {
+                target: Some("a".into()),
+                ..ev(10 * S, "driver", "cont")
+            },
             tok(10 * S + 1000, "a", "lost", 1),
         ];
         let report = check(&stopped, &[], 0, LIMITS);
@@ -470,15 +523,29 @@ mod tests {
 
     #[test]
     fn d_reports_slow_recovery_and_waiters_giving_up() {
-        let heal = Event { what: Some("server restart".into()), ..ev(S, "driver", "heal") };
+        let heal = Event {
+            what: Some("server restart".into()),
+            ..ev(S, "driver", "heal")
+        };
         let slow = vec![heal.clone(), grant(7 * S, 0, "a", 1)];
         let report = check(&slow, &[], 0, LIMITS);
-        assert!(report.violations.iter().any(|v| v.starts_with("(d) no grant")), "{:?}", report.violations);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.starts_with("(d) no grant")),
+            "{:?}",
+            report.violations
+        );
         assert_eq!(report.worst_recovery, Some(6 * S));
 
         let none = vec![heal.clone(), ev(8 * S, "a", "exit")];
         let report = check(&none, &[], 0, LIMITS);
-        assert!(report.violations.iter().any(|v| v.contains("none came")), "{:?}", report.violations);
+        assert!(
+            report.violations.iter().any(|v| v.contains("none came")),
+            "{:?}",
+            report.violations
+        );
 
         let gave_up = vec![
             heal,
@@ -491,6 +558,13 @@ mod tests {
             grant(3 * S, 0, "b", 1),
         ];
         let report = check(&gave_up, &[], 0, LIMITS);
-        assert!(report.violations.iter().any(|v| v.contains("gave up with wait time left")), "{:?}", report.violations);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.contains("gave up with wait time left")),
+            "{:?}",
+            report.violations
+        );
     }
 }

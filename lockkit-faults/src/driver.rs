@@ -136,16 +136,47 @@ pub fn backends(env: &HashMap<String, String>) -> Vec<Backend> {
         (
             "redlock",
             get("LOCKKIT_REDLOCK_URL"),
-            vec!["redis-16380", "redis-16381", "redis-16382", "redis-16383", "redis-16384"],
+            vec![
+                "redis-16380",
+                "redis-16381",
+                "redis-16382",
+                "redis-16383",
+                "redis-16384",
+            ],
             two,
         ),
         ("etcd", get("LOCKKIT_ETCD_URL"), vec!["etcd"], two),
         ("zk", get("LOCKKIT_ZK_URL"), vec!["zk"], two),
-        ("consul", get("LOCKKIT_CONSUL_URL"), vec!["consul"], Duration::from_secs(10)),
-        ("postgres-advisory", strategy("LOCKKIT_POSTGRES_URL", "advisory"), vec!["postgres"], two),
-        ("postgres-table", strategy("LOCKKIT_POSTGRES_URL", "table"), vec!["postgres"], two),
-        ("mysql-advisory", strategy("LOCKKIT_MYSQL_URL", "advisory"), vec!["mysql"], two),
-        ("mysql-table", strategy("LOCKKIT_MYSQL_URL", "table"), vec!["mysql"], two),
+        (
+            "consul",
+            get("LOCKKIT_CONSUL_URL"),
+            vec!["consul"],
+            Duration::from_secs(10),
+        ),
+        (
+            "postgres-advisory",
+            strategy("LOCKKIT_POSTGRES_URL", "advisory"),
+            vec!["postgres"],
+            two,
+        ),
+        (
+            "postgres-table",
+            strategy("LOCKKIT_POSTGRES_URL", "table"),
+            vec!["postgres"],
+            two,
+        ),
+        (
+            "mysql-advisory",
+            strategy("LOCKKIT_MYSQL_URL", "advisory"),
+            vec!["mysql"],
+            two,
+        ),
+        (
+            "mysql-table",
+            strategy("LOCKKIT_MYSQL_URL", "table"),
+            vec!["mysql"],
+            two,
+        ),
     ];
     for (key, url, instances, ttl) in servers {
         if url.is_some() {
@@ -157,7 +188,12 @@ pub fn backends(env: &HashMap<String, String>) -> Vec<Backend> {
     for backend in &mut out {
         let key = format!(
             "LOCKKIT_{}_CLUSTER_URL",
-            backend.key.split('-').next().unwrap_or_default().to_uppercase()
+            backend
+                .key
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_uppercase()
         );
         backend.cluster_url = get(&key);
     }
@@ -216,7 +252,12 @@ impl Services {
         }
     }
 
-    async fn kill_and_restart(&self, instances: &[&str], down: Duration, wipe: bool) -> Result<(), String> {
+    async fn kill_and_restart(
+        &self,
+        instances: &[&str],
+        down: Duration,
+        wipe: bool,
+    ) -> Result<(), String> {
         for i in instances {
             self.signal(i, Signal::SIGKILL)?;
         }
@@ -235,9 +276,14 @@ impl Services {
                 let dir = self.dir(i).ok_or_else(|| format!("{i}: no dir"))?;
                 for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
                     let path = entry.map_err(|e| e.to_string())?.path();
-                    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                    let name = path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
                     if name.starts_with("appendonly") || name.ends_with(".rdb") {
-                        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                        let _ =
+                            std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
                     }
                 }
             }
@@ -347,7 +393,8 @@ impl Run<'_> {
         };
         self.next_id += 1;
         let log = self.s.dir.join(format!("{id}.jsonl"));
-        let stderr = File::create(self.s.dir.join(format!("{id}.stderr"))).map_err(|e| e.to_string())?;
+        let stderr =
+            File::create(self.s.dir.join(format!("{id}.stderr"))).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&self.s.exe);
         cmd.arg("worker")
             .args(["--url", &self.url, "--name", &self.name, "--id", &id])
@@ -371,12 +418,18 @@ impl Run<'_> {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("worker: {e}"))?;
-        let pid = child.id().map(|p| p as i32).ok_or("worker exited at once")?;
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or("worker exited at once")?;
         self.workers.push(Worker {
             id,
             child,
             pid,
-            log: Tail { path: log, offset: 0 },
+            log: Tail {
+                path: log,
+                offset: 0,
+            },
         });
         Ok(())
     }
@@ -417,7 +470,11 @@ impl Run<'_> {
                 .iter()
                 .enumerate()
                 .filter(|(_, w)| w.id.starts_with('w'))
-                .filter(|(_, w)| self.last.get(&w.id).is_some_and(|e| evs.contains(&e.ev.as_str())))
+                .filter(|(_, w)| {
+                    self.last
+                        .get(&w.id)
+                        .is_some_and(|e| evs.contains(&e.ev.as_str()))
+                })
                 .map(|(i, _)| i)
                 .collect();
             if !found.is_empty() {
@@ -446,13 +503,21 @@ impl Run<'_> {
     async fn inject(&mut self) -> Result<(), String> {
         let ttl = self.s.backend.ttl;
         // past the TTL, and past the time a server may take to end an expired lease
-        let past_ttl = ttl + if self.s.backend.key == "consul" { ttl } else { Duration::ZERO } + Duration::from_millis(1500);
+        let past_ttl =
+            ttl + if self.s.backend.key == "consul" {
+                ttl
+            } else {
+                Duration::ZERO
+            } + Duration::from_millis(1500);
         let jitter = Duration::from_millis(self.rng.u64(0..=1000));
         self.sleep(Duration::from_millis(500) + jitter).await;
         let instances = self.s.backend.instances.clone();
         match self.s.fault {
             Fault::KillHolder => {
-                let i = self.find(&["grant", "read"], Duration::from_secs(10)).await.ok_or("no holder seen")?;
+                let i = self
+                    .find(&["grant", "read"], Duration::from_secs(10))
+                    .await
+                    .ok_or("no holder seen")?;
                 let id = self.workers[i].id.clone();
                 self.signal(i, Signal::SIGKILL);
                 self.note("fault", Some("kill -9 holder".into()), Some(&id));
@@ -461,7 +526,10 @@ impl Run<'_> {
                 self.spawn(false)?;
             }
             Fault::StopHolder => {
-                let i = self.find(&["read"], Duration::from_secs(10)).await.ok_or("no holder in its pause seen")?;
+                let i = self
+                    .find(&["read"], Duration::from_secs(10))
+                    .await
+                    .ok_or("no holder in its pause seen")?;
                 let id = self.workers[i].id.clone();
                 self.signal(i, Signal::SIGSTOP);
                 self.note("fault", Some("SIGSTOP holder".into()), Some(&id));
@@ -472,7 +540,10 @@ impl Run<'_> {
                 self.note("heal", Some("SIGSTOP holder".into()), None);
             }
             Fault::StopWaiter => {
-                let i = self.find(&["attempt"], Duration::from_secs(10)).await.ok_or("no waiter seen")?;
+                let i = self
+                    .find(&["attempt"], Duration::from_secs(10))
+                    .await
+                    .ok_or("no waiter seen")?;
                 let id = self.workers[i].id.clone();
                 self.signal(i, Signal::SIGSTOP);
                 self.note("fault", Some("SIGSTOP waiter".into()), Some(&id));
@@ -487,7 +558,11 @@ impl Run<'_> {
                     ("kill -9 server, restart", instances.clone(), false)
                 } else {
                     let one = instances[self.rng.usize(..instances.len())];
-                    ("kill -9 one instance, restart it without its data", vec![one], true)
+                    (
+                        "kill -9 one instance, restart it without its data",
+                        vec![one],
+                        true,
+                    )
                 };
                 self.find(&["grant", "read"], Duration::from_secs(10)).await;
                 self.note("fault", Some(what.into()), chosen.first().copied());
@@ -496,7 +571,10 @@ impl Run<'_> {
                 self.note("heal", Some(what.into()), None);
             }
             Fault::StopServer => {
-                for (what, d) in [("SIGSTOP server below the TTL", ttl / 2), ("SIGSTOP server above the TTL", past_ttl)] {
+                for (what, d) in [
+                    ("SIGSTOP server below the TTL", ttl / 2),
+                    ("SIGSTOP server above the TTL", past_ttl),
+                ] {
                     self.find(&["grant", "read"], Duration::from_secs(10)).await;
                     self.note("fault", Some(what.into()), None);
                     for i in &instances {
@@ -514,7 +592,11 @@ impl Run<'_> {
             }
             Fault::Proxy => {
                 let phases = [
-                    ("proxy latency 150 ms", Mode::Latency(Duration::from_millis(150)), Duration::from_secs(2)),
+                    (
+                        "proxy latency 150 ms",
+                        Mode::Latency(Duration::from_millis(150)),
+                        Duration::from_secs(2),
+                    ),
                     ("proxy black-hole past the TTL", Mode::BlackHole, past_ttl),
                     ("proxy reset", Mode::Reset, Duration::from_secs(1)),
                 ];
@@ -536,7 +618,9 @@ impl Run<'_> {
                 self.sleep(Duration::from_secs(3)).await;
                 let storm = self.workers.len() - 1;
                 self.signal(storm, Signal::SIGTERM);
-                let _ = tokio::time::timeout(Duration::from_secs(10), self.workers[storm].child.wait()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), self.workers[storm].child.wait())
+                        .await;
                 self.note("heal", Some("storm of cancelled acquires".into()), None);
             }
             Fault::LeaderKill => return leader_kill(&self.s.backend).await,
@@ -548,7 +632,10 @@ impl Run<'_> {
 /// Fault class 9, for a backend with a 3-member cluster: kill the leader while a lock is
 /// held, restart it. Not wired yet: the cluster scripts provide the leader lookup.
 pub async fn leader_kill(backend: &Backend) -> Result<(), String> {
-    Err(format!("{}: leader kill is not wired to a cluster yet", backend.key))
+    Err(format!(
+        "{}: leader kill is not wired to a cluster yet",
+        backend.key
+    ))
 }
 
 /// Rewrites every `127.0.0.1:PORT` of `url` to a proxy port forwarding to it.
@@ -559,7 +646,9 @@ async fn through_proxy(url: &str, proxy: &Proxy) -> Result<String, String> {
         out.push_str(&rest[..i]);
         let after = &rest[i + "127.0.0.1:".len()..];
         let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        let port: u16 = after[..digits].parse().map_err(|_| format!("no port in {url}"))?;
+        let port: u16 = after[..digits]
+            .parse()
+            .map_err(|_| format!("no port in {url}"))?;
         let target = format!("127.0.0.1:{port}").parse().expect("address");
         let local = proxy.listen(target).await.map_err(|e| e.to_string())?;
         out.push_str(&format!("127.0.0.1:{local}"));
@@ -603,9 +692,14 @@ pub async fn run(s: &Schedule, services: &Services) -> RunResult {
     }
 }
 
-async fn collect(dir: &Path, fenced: bool) -> Result<(Vec<Event>, Vec<crate::register::Accepted>, i64), String> {
+async fn collect(
+    dir: &Path,
+    fenced: bool,
+) -> Result<(Vec<Event>, Vec<crate::register::Accepted>, i64), String> {
     let events = crate::event::read_dir(dir).map_err(|e| e.to_string())?;
-    let register = Register::open(&dir.join("register.db"), fenced).await.map_err(|e| e.to_string())?;
+    let register = Register::open(&dir.join("register.db"), fenced)
+        .await
+        .map_err(|e| e.to_string())?;
     let history = register.history().await.map_err(|e| e.to_string())?;
     let value = register.value().await.map_err(|e| e.to_string())?;
     register.close().await;
@@ -617,7 +711,9 @@ async fn drive(s: &Schedule, services: &Services) -> Result<(), String> {
     std::fs::create_dir_all(&s.dir).map_err(|e| format!("{}: {e}", s.dir.display()))?;
     let proxy = Proxy::new();
     let url = match &s.backend.url {
-        Some(url) if s.fault == Fault::LeaderKill => s.backend.cluster_url.clone().unwrap_or_else(|| url.clone()),
+        Some(url) if s.fault == Fault::LeaderKill => {
+            s.backend.cluster_url.clone().unwrap_or_else(|| url.clone())
+        }
         Some(url) => through_proxy(url, &proxy).await?,
         None => format!("sqlite://{}", s.dir.join("locks.db").display()),
     };
@@ -632,7 +728,13 @@ async fn drive(s: &Schedule, services: &Services) -> Result<(), String> {
         s,
         services,
         url,
-        name: format!("faults/{}/{}/{}/{}", s.backend.key, s.fault.name(), s.seed, now_ns()),
+        name: format!(
+            "faults/{}/{}/{}/{}",
+            s.backend.key,
+            s.fault.name(),
+            s.seed,
+            now_ns()
+        ),
         proxy,
         log,
         workers: Vec::new(),
@@ -652,7 +754,10 @@ async fn drive(s: &Schedule, services: &Services) -> Result<(), String> {
         run.signal(i, Signal::SIGTERM);
     }
     for w in &mut run.workers {
-        if tokio::time::timeout(Duration::from_secs(15), w.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), w.child.wait())
+            .await
+            .is_err()
+        {
             let _ = w.child.kill().await;
         }
     }
@@ -672,7 +777,8 @@ async fn schedule(run: &mut Run<'_>) -> Result<(), String> {
         run.inject().await?;
         // liveness after the heal: wait for the next grant (or the bound), then settle
         let healed = now_ns();
-        run.await_grant_after(healed, run.s.backend.recovery + Duration::from_secs(1)).await;
+        run.await_grant_after(healed, run.s.backend.recovery + Duration::from_secs(1))
+            .await;
         run.sleep(Duration::from_millis(1000)).await;
     }
     Ok(())

@@ -5,7 +5,6 @@
 pub mod check;
 pub mod driver;
 pub mod event;
-pub mod fence;
 pub mod matrix;
 pub mod proxy;
 pub mod register;

@@ -92,7 +92,10 @@ async fn matrix(a: MatrixArgs) -> ExitCode {
     let all = driver::backends(&env);
     for b in &a.backends {
         if !all.iter().any(|x| x.key == b) {
-            eprintln!("faults: unknown or unconfigured backend {b:?} (env {})", a.env.display());
+            eprintln!(
+                "faults: unknown or unconfigured backend {b:?} (env {})",
+                a.env.display()
+            );
             return ExitCode::from(2);
         }
     }
@@ -121,7 +124,11 @@ async fn matrix(a: MatrixArgs) -> ExitCode {
         } else {
             a.negative.clone()
         };
-        backends.iter().map(|b| b.key).filter(|k| want.iter().any(|w| w == k)).collect()
+        backends
+            .iter()
+            .map(|b| b.key)
+            .filter(|k| want.iter().any(|w| w == k))
+            .collect()
     };
     let plan = matrix::Plan {
         backends,

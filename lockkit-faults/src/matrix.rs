@@ -53,7 +53,9 @@ pub async fn run(plan: Plan, services: Services) -> bool {
                     fenced: true,
                     rounds: plan.rounds,
                     workers: plan.workers,
-                    dir: plan.out.join(format!("{}-{}-{seed}", backend.key, fault.name())),
+                    dir: plan
+                        .out
+                        .join(format!("{}-{}-{seed}", backend.key, fault.name())),
                     exe: plan.exe.clone(),
                 });
             }
@@ -66,7 +68,9 @@ pub async fn run(plan: Plan, services: Services) -> bool {
                 fenced: false,
                 rounds: plan.rounds,
                 workers: plan.workers,
-                dir: plan.out.join(format!("{}-negative-control-{}", backend.key, plan.seed)),
+                dir: plan
+                    .out
+                    .join(format!("{}-negative-control-{}", backend.key, plan.seed)),
                 exe: plan.exe.clone(),
             });
         }
@@ -127,10 +131,18 @@ fn ms(ns: Option<u64>) -> String {
 }
 
 fn print_table(plan: &Plan, results: &[RunResult], wall: Duration) -> bool {
-    let mut cells: BTreeMap<(usize, Fault, bool), Cell> = BTreeMap::new();
-    let order: HashMap<&str, usize> = plan.backends.iter().enumerate().map(|(i, b)| (b.key, i)).collect();
+    // fenced runs first (key `!fenced`), the negative controls after them
+    let mut cells: BTreeMap<(bool, usize, Fault), Cell> = BTreeMap::new();
+    let order: HashMap<&str, usize> = plan
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.key, i))
+        .collect();
     for r in results {
-        let c = cells.entry((order[r.backend], r.fault, r.fenced)).or_default();
+        let c = cells
+            .entry((!r.fenced, order[r.backend], r.fault))
+            .or_default();
         c.runs += 1;
         c.grants += r.report.grants;
         c.stale += r.report.stale_rejected;
@@ -141,7 +153,8 @@ fn print_table(plan: &Plan, results: &[RunResult], wall: Duration) -> bool {
     println!("| backend | fault | runs | grants | stale writes rejected | violations | worst loss-signal delay (ms) | worst recovery (ms) | recovery bound (ms) |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut ok = true;
-    for ((b, fault, fenced), c) in &cells {
+    for ((unfenced, b, fault), c) in &cells {
+        let fenced = &!*unfenced;
         let backend = &plan.backends[*b];
         let name = if *fenced {
             fault.name().to_owned()
@@ -171,7 +184,10 @@ fn print_table(plan: &Plan, results: &[RunResult], wall: Duration) -> bool {
         );
     }
     let fenced_runs = results.iter().filter(|r| r.fenced).count();
-    let bad = results.iter().filter(|r| r.fenced && !r.report.violations.is_empty()).count();
+    let bad = results
+        .iter()
+        .filter(|r| r.fenced && !r.report.violations.is_empty())
+        .count();
     println!();
     println!(
         "{} runs ({} fenced, {} with violations), {} negative controls, wall time {:.0} s: {}",
@@ -184,7 +200,10 @@ fn print_table(plan: &Plan, results: &[RunResult], wall: Duration) -> bool {
     );
     if !ok {
         println!();
-        for r in results.iter().filter(|r| r.fenced && !r.report.violations.is_empty()) {
+        for r in results
+            .iter()
+            .filter(|r| r.fenced && !r.report.violations.is_empty())
+        {
             println!("{} × {} ({}):", r.backend, r.fault.name(), r.dir.display());
             for v in r.report.violations.iter().take(8) {
                 println!("  {v}");

@@ -1,16 +1,17 @@
 //! The protected resource: a counter in an SQLite file (embedded, independent of the lock
-//! backend under test), read and written only with a fencing token. Every operation is one
-//! transaction: the fence check, the read or write, and a line in the `history` table that
-//! the checkers read afterwards. With fencing off (the negative control) the check is
-//! skipped and everything else is the same.
+//! backend under test), read and written only with a fencing token through the public fence
+//! helper (`lockkit::sql::SqliteFence`). Every operation is one transaction: the fence check,
+//! the read or write, and a line in the `history` table that the checkers read afterwards.
+//! With fencing off (the negative control) the check is skipped and everything else is the
+//! same.
 
 use std::path::Path;
 use std::time::Duration;
 
+use lockkit::sql::{FenceError, SqliteFence};
+use lockkit::FencingToken;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-
-use crate::fence;
 
 /// The register's one resource name (one lock name per run).
 pub const RESOURCE: &str = "register";
@@ -28,7 +29,7 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Register {
     pool: SqlitePool,
-    fenced: bool,
+    fence: Option<SqliteFence>,
 }
 
 /// One accepted operation, in the order the register accepted them.
@@ -57,7 +58,10 @@ impl Register {
             .max_connections(2)
             .connect_with(options)
             .await?;
-        let register = Register { pool, fenced };
+        let register = Register {
+            pool,
+            fence: fenced.then(SqliteFence::new),
+        };
         register.setup().await?;
         Ok(register)
     }
@@ -77,14 +81,34 @@ impl Register {
             .bind(RESOURCE)
             .execute(&mut *tx)
             .await?;
-        fence::setup(&mut tx).await?;
-        tx.commit().await
+        tx.commit().await?;
+        SqliteFence::new()
+            .create(&self.pool)
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))
+    }
+
+    /// The fence check (when fenced): `Ok(false)` = stale, the transaction must roll back.
+    async fn check(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        token: u64,
+    ) -> Result<bool, sqlx::Error> {
+        let Some(fence) = &self.fence else {
+            return Ok(true);
+        };
+        match fence.check(tx, RESOURCE, FencingToken(token)).await {
+            Ok(()) => Ok(true),
+            Err(FenceError::Stale { .. }) => Ok(false),
+            Err(FenceError::Database { source, .. }) => Err(source),
+            Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+        }
     }
 
     /// Reads the value with `token`.
     pub async fn read(&self, token: u64) -> Result<Outcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        if self.fenced && !fence::check(&mut tx, RESOURCE, token).await? {
+        if !self.check(&mut tx, token).await? {
             tx.rollback().await?;
             return Ok(Outcome::Stale);
         }
@@ -100,7 +124,7 @@ impl Register {
     /// Writes `value` with `token`.
     pub async fn write(&self, token: u64, value: i64) -> Result<Outcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        if self.fenced && !fence::check(&mut tx, RESOURCE, token).await? {
+        if !self.check(&mut tx, token).await? {
             tx.rollback().await?;
             return Ok(Outcome::Stale);
         }

@@ -91,8 +91,9 @@ pub async fn run(args: WorkerArgs) -> std::io::Result<()> {
     {
         let until = args.until_ns;
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::time::sleep(until_left(until)) => {}

@@ -668,7 +668,15 @@ pub async fn run(s: &Schedule, services: &Services) -> RunResult {
     };
     let mut report = match drive(s, services).await {
         Ok(()) => match collect(&s.dir, s.fenced).await {
-            Ok((events, history, value)) => check::check(&events, &history, value, limits),
+            Ok((events, history, value)) => {
+                let mut report = check::check(&events, &history, value, limits);
+                if !history.iter().any(|h| h.op == "write") {
+                    report
+                        .violations
+                        .push("driver: no write was accepted: the run checked nothing".into());
+                }
+                report
+            }
             Err(e) => Report {
                 violations: vec![format!("driver: reading the run: {e}")],
                 ..Report::default()

@@ -95,6 +95,12 @@ impl Register {
         token: u64,
     ) -> Result<bool, sqlx::Error> {
         let Some(fence) = &self.fence else {
+            // Unfenced, the transaction still writes first, as the fence check does: SQLite
+            // then waits for the write lock instead of failing a read-then-write upgrade.
+            sqlx::query("UPDATE register SET value = value WHERE resource = ?1")
+                .bind(RESOURCE)
+                .execute(&mut **tx)
+                .await?;
             return Ok(true);
         };
         match fence.check(tx, RESOURCE, FencingToken(token)).await {

@@ -157,3 +157,79 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on an ephemeral port.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn ping(s: &mut TcpStream) -> std::io::Result<()> {
+        s.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await?;
+        assert_eq!(&buf, b"ping");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn latency_black_hole_and_reset() {
+        let proxy = Proxy::new();
+        let port = proxy.listen(echo().await).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        ping(&mut s).await.unwrap();
+
+        proxy.set(Mode::Latency(Duration::from_millis(100)));
+        let t = std::time::Instant::now();
+        ping(&mut s).await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+
+        proxy.set(Mode::BlackHole);
+        let stalled = tokio::time::timeout(Duration::from_millis(300), ping(&mut s)).await;
+        assert!(stalled.is_err(), "a black hole forwards nothing");
+        proxy.set(Mode::Pass);
+        // what was sent in the black hole arrives after the heal
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        proxy.set(Mode::Reset);
+        let mut buf = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the connection was reset: {read:?}"
+        );
+        let mut again = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert!(
+            ping(&mut again).await.is_err(),
+            "new connections are refused while resetting"
+        );
+        proxy.set(Mode::Pass);
+        let mut healed = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        ping(&mut healed).await.unwrap();
+    }
+}

@@ -500,6 +500,23 @@ impl Run<'_> {
         }
     }
 
+    /// SIGSTOPs a worker whose last event is one of `evs` for `d`, then SIGCONTs it.
+    async fn stop_worker(&mut self, evs: &[&str], what: &str, d: Duration) -> Result<(), String> {
+        let i = self
+            .find(evs, Duration::from_secs(10))
+            .await
+            .ok_or_else(|| format!("{what}: no worker seen in {evs:?}"))?;
+        let id = self.workers[i].id.clone();
+        self.signal(i, Signal::SIGSTOP);
+        self.note("fault", Some(what.into()), Some(&id));
+        self.note("stop", None, Some(&id));
+        self.sleep(d).await;
+        self.signal(i, Signal::SIGCONT);
+        self.note("cont", None, Some(&id));
+        self.note("heal", Some(what.into()), None);
+        Ok(())
+    }
+
     async fn inject(&mut self) -> Result<(), String> {
         let ttl = self.s.backend.ttl;
         // past the TTL, and past the time a server may take to end an expired lease
@@ -526,32 +543,13 @@ impl Run<'_> {
                 self.spawn(false)?;
             }
             Fault::StopHolder => {
-                let i = self
-                    .find(&["read"], Duration::from_secs(10))
-                    .await
-                    .ok_or("no holder in its pause seen")?;
-                let id = self.workers[i].id.clone();
-                self.signal(i, Signal::SIGSTOP);
-                self.note("fault", Some("SIGSTOP holder".into()), Some(&id));
-                self.note("stop", None, Some(&id));
-                self.sleep(past_ttl).await;
-                self.signal(i, Signal::SIGCONT);
-                self.note("cont", None, Some(&id));
-                self.note("heal", Some("SIGSTOP holder".into()), None);
+                // a holder in its pause, between its read and its write
+                self.stop_worker(&["read"], "SIGSTOP holder", past_ttl)
+                    .await?;
             }
             Fault::StopWaiter => {
-                let i = self
-                    .find(&["attempt"], Duration::from_secs(10))
-                    .await
-                    .ok_or("no waiter seen")?;
-                let id = self.workers[i].id.clone();
-                self.signal(i, Signal::SIGSTOP);
-                self.note("fault", Some("SIGSTOP waiter".into()), Some(&id));
-                self.note("stop", None, Some(&id));
-                self.sleep(past_ttl).await;
-                self.signal(i, Signal::SIGCONT);
-                self.note("cont", None, Some(&id));
-                self.note("heal", Some("SIGSTOP waiter".into()), None);
+                self.stop_worker(&["attempt"], "SIGSTOP waiter", past_ttl)
+                    .await?;
             }
             Fault::KillServer | Fault::WipeInstance => {
                 let (what, chosen, wipe) = if self.s.fault == Fault::KillServer {

@@ -502,12 +502,29 @@ impl Run<'_> {
 
     /// SIGSTOPs a worker whose last event is one of `evs` for `d`, then SIGCONTs it.
     async fn stop_worker(&mut self, evs: &[&str], what: &str, d: Duration) -> Result<(), String> {
-        let i = self
-            .find(evs, Duration::from_secs(10))
-            .await
-            .ok_or_else(|| format!("{what}: no worker seen in {evs:?}"))?;
+        // The driver sees a worker's state a little late (more so on a busy machine): stop
+        // it, then check its log again, frozen now; if it had moved on, resume it at once
+        // (a few milliseconds) and pick again.
+        let mut tries = 0;
+        let i = loop {
+            let i = self
+                .find(evs, Duration::from_secs(10))
+                .await
+                .ok_or_else(|| format!("{what}: no worker seen in {evs:?}"))?;
+            self.signal(i, Signal::SIGSTOP);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.poll();
+            let still = self
+                .last
+                .get(&self.workers[i].id)
+                .is_some_and(|e| evs.contains(&e.ev.as_str()));
+            tries += 1;
+            if still || tries >= 50 {
+                break i;
+            }
+            self.signal(i, Signal::SIGCONT);
+        };
         let id = self.workers[i].id.clone();
-        self.signal(i, Signal::SIGSTOP);
         self.note("fault", Some(what.into()), Some(&id));
         self.note("stop", None, Some(&id));
         self.sleep(d).await;

@@ -549,7 +549,7 @@ impl Run<'_> {
         match self.s.fault {
             Fault::KillHolder => {
                 let i = self
-                    .find(&["grant", "read"], Duration::from_secs(10))
+                    .find(&["grant", "read", "writing"], Duration::from_secs(10))
                     .await
                     .ok_or("no holder seen")?;
                 let id = self.workers[i].id.clone();
@@ -579,7 +579,8 @@ impl Run<'_> {
                         true,
                     )
                 };
-                self.find(&["grant", "read"], Duration::from_secs(10)).await;
+                self.find(&["grant", "read", "writing"], Duration::from_secs(10))
+                    .await;
                 self.note("fault", Some(what.into()), chosen.first().copied());
                 let down = Duration::from_millis(self.rng.u64(300..=1500));
                 self.services.kill_and_restart(&chosen, down, wipe).await?;
@@ -590,7 +591,8 @@ impl Run<'_> {
                     ("SIGSTOP server below the TTL", ttl / 2),
                     ("SIGSTOP server above the TTL", past_ttl),
                 ] {
-                    self.find(&["grant", "read"], Duration::from_secs(10)).await;
+                    self.find(&["grant", "read", "writing"], Duration::from_secs(10))
+                        .await;
                     self.note("fault", Some(what.into()), None);
                     for i in &instances {
                         self.services.signal(i, Signal::SIGSTOP)?;
@@ -616,7 +618,8 @@ impl Run<'_> {
                     ("proxy reset", Mode::Reset, Duration::from_secs(1)),
                 ];
                 for (what, mode, d) in phases {
-                    self.find(&["grant", "read"], Duration::from_secs(10)).await;
+                    self.find(&["grant", "read", "writing"], Duration::from_secs(10))
+                        .await;
                     self.note("fault", Some(what.into()), None);
                     self.proxy.set(mode);
                     self.sleep(d).await;

@@ -24,7 +24,8 @@ pub const fn ms(ms: u64) -> u64 {
 ///
 /// - workers: `start`, `connect_error`, `attempt` (`deadline`), `grant` (`token`, `at` = its
 ///   attempt), `acquire_error` (`at`, `deadline`, `err`), `cancelled` (`at`), `read` /
-///   `write` (`token`, `value`, `ok`, `err`), `releasing` (`token`), `release` (`token`,
+///   `write` (`token`, `value`, `ok`, `err`), `writing` (`token`: the pause between read
+///   and write is over), `releasing` (`token`), `release` (`token`,
 ///   `ok`, `err`), `lost` (`token`, `err` = the reason), `exit`;
 /// - the driver: `fault` (`what`, `target`) when a fault starts, `heal` (`what`) when it
 ///   ends, `stop` / `cont` / `kill` (`target` = a worker id).

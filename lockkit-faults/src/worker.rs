@@ -205,6 +205,10 @@ async fn work(
         if let Ok(Outcome::Accepted(value)) = read {
             let pause = rng.u64(args.pause_min_ms..=args.pause_max_ms.max(args.pause_min_ms));
             tokio::time::sleep(Duration::from_millis(pause)).await;
+            // marks the end of the pause: the driver stops holders only before it
+            let mut writing = Event::new(&id, "writing");
+            writing.token = Some(token);
+            log.put(&writing);
             let written = register.write(token, value + 1).await;
             log_op(&log, &id, "write", token, &written);
         }

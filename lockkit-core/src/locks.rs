@@ -203,6 +203,7 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
                     fresh_or_none(lock, lock.try_lock(&name, opts))
                 })
                 .await
+                .map_err(no_deadline)
                 {
                     Ok(Some(acquired)) => Ok(acquired),
                     Ok(None) => Err(timeout(&name, started)),
@@ -211,21 +212,18 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
             }
             Some(wait) if started.checked_add(wait).is_some() => {
                 let deadline = started + wait;
-                let attempt = with_retries(opts, true, Some(deadline), || {
+                with_retries(opts, true, Some(deadline), || {
                     fresh(lock, lock.lock(&name, opts, Some(deadline)))
-                });
-                match tokio::time::timeout_at(deadline, attempt).await {
-                    Ok(result) => result,
-                    Err(_) => Err(timeout(&name, started)),
-                }
-            }
-            // No deadline, or one too far away to represent.
-            _ => {
-                with_retries(opts, true, None, || {
-                    fresh(lock, lock.lock(&name, opts, None))
                 })
                 .await
+                .map_err(|e| e.unwrap_or_else(|| timeout(&name, started)))
             }
+            // No deadline, or one too far away to represent.
+            _ => with_retries(opts, true, None, || {
+                fresh(lock, lock.lock(&name, opts, None))
+            })
+            .await
+            .map_err(no_deadline),
         };
         let guard = finish(backend, &name, opts, &caps, started, result.map(Some))?;
         guard.ok_or_else(|| Error::Unsupported("backend returned no lock".into()))
@@ -245,7 +243,8 @@ async fn try_acquire(
         let result = with_retries(opts, false, None, || {
             fresh_or_none(lock, lock.try_lock(&name, opts))
         })
-        .await;
+        .await
+        .map_err(no_deadline);
         finish(backend, &name, opts, &caps, started, result)
     }
     .instrument(span)
@@ -337,16 +336,21 @@ fn finish(
     }
 }
 
-/// Runs `attempt`, retrying connection errors with the options' back-off, never sleeping
-/// past `deadline`. A waiter (`waiting`) rides out a server restart: it retries through up
-/// to the policy's `max_outage` of consecutive failures; a single attempt retries at most
+/// Runs `attempt`, retrying connection errors with the options' back-off, never past
+/// `deadline`. A waiter (`waiting`) rides out a server restart: it retries through up to the
+/// policy's `max_outage` of consecutive failures; a single attempt retries at most
 /// `max_retries` times. A policy of no retries is obeyed either way.
+///
+/// Fails with the attempt's error, or with `None` when the deadline passed during an attempt
+/// that had not failed yet; a deadline passing while the service is down (during an attempt
+/// after a connection error, or before the next retry) gives that connection error, which
+/// names the cause where a bare timeout would hide it.
 async fn with_retries<T, F, Fut>(
     opts: &LockOptions,
     waiting: bool,
     deadline: Option<Instant>,
     mut attempt: F,
-) -> Result<T>
+) -> std::result::Result<T, Option<Error>>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -354,13 +358,26 @@ where
     let policy = opts.retry;
     let mut retry: u32 = 0;
     let mut outage_since: Option<Instant> = None;
+    let mut last: Option<Error> = None;
+    // An attempt that runs longer than this before failing found the service up meanwhile.
+    let healthy_after = policy.max_backoff.max(Duration::from_secs(1));
     loop {
         let began = Instant::now();
-        let e = match attempt().await {
-            Err(e) if e.is_retryable() && policy.max_retries > 0 => e,
-            other => return other,
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(result) => result,
+                // Waiting behind a holder on a working service: a plain timeout.
+                Err(_) if began.elapsed() > healthy_after => return Err(None),
+                Err(_) => return Err(last),
+            },
+            None => attempt().await,
         };
-        if began.elapsed() > policy.max_backoff.max(Duration::from_secs(1)) {
+        let e = match result {
+            Err(e) if e.is_retryable() && policy.max_retries > 0 => e,
+            Ok(value) => return Ok(value),
+            Err(e) => return Err(Some(e)),
+        };
+        if began.elapsed() > healthy_after {
             // The attempt waited a while before failing: the service was up meanwhile, so
             // this is a new outage, not more of the last one.
             outage_since = None;
@@ -376,16 +393,22 @@ where
         };
         let past_deadline = deadline.is_some_and(|d| resume.is_none_or(|at| at >= d));
         if !allowed || past_deadline {
-            return Err(e);
+            return Err(Some(e));
         }
         if waiting && retry >= policy.max_retries {
             tracing::warn!(error = %e, retry, ?delay, "the lock service is unreachable; waiting");
         } else {
             tracing::debug!(error = %e, retry, ?delay, "retrying after a connection error");
         }
+        last = Some(e);
         retry = retry.saturating_add(1);
         tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
     }
+}
+
+/// The error of a retried call that had no deadline: it always has one.
+fn no_deadline(e: Option<Error>) -> Error {
+    e.unwrap_or_else(|| Error::Unsupported("an acquisition without a deadline timed out".into()))
 }
 
 #[cfg(test)]
@@ -502,6 +525,8 @@ mod tests {
     #[derive(Debug)]
     struct Outage {
         until: Instant,
+        /// Attempts after the first hang until the outage ends (a client stuck connecting).
+        hang: bool,
         attempts: AtomicU32,
         releases: Arc<AtomicU32>,
     }
@@ -510,6 +535,7 @@ mod tests {
         fn new(lasting: Duration) -> Self {
             Outage {
                 until: Instant::now() + lasting,
+                hang: false,
                 attempts: AtomicU32::new(0),
                 releases: Arc::default(),
             }
@@ -551,6 +577,9 @@ mod tests {
             opts: &LockOptions,
             _: Option<Instant>,
         ) -> Result<Acquired> {
+            if self.hang && self.attempts.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep_until(self.until).await;
+            }
             self.attempt(opts)
         }
     }
@@ -619,6 +648,18 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// A deadline that passes while a retry is stuck connecting still reports the
+    /// connection error that started the outage, not a bare timeout.
+    #[tokio::test]
+    async fn a_deadline_during_a_stuck_retry_is_the_connection_error() {
+        let mut backend = Outage::new(Duration::from_secs(3600));
+        backend.hang = true;
+        let locks = Locks::new(backend);
+        let opts = LockOptions::new().wait_timeout(Duration::from_millis(500));
+        let err = locks.acquire_with("x", &opts).await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
     }
 
     /// Retrying can be turned off: the first connection error is returned at once, even with

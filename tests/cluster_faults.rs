@@ -1,0 +1,395 @@
+//! Item 9 of the fault matrix (issue 12): kill -9 the leader of a real three-member cluster
+//! while a lock is held — a 3-member etcd cluster, a 3-server ZooKeeper ensemble, and 3 Consul
+//! servers behind one Consul client agent (lockkit talks to one Consul agent, and a client
+//! agent is how Consul is deployed: it stays up while a server, the leader included, dies).
+//!
+//! The clusters come from `scripts/clusters up` (which `scripts/test` runs), their URLs from
+//! `target/clusters.env`. Each test kills its cluster's leader through `scripts/clusters` and
+//! starts the killed member again at the end, so the tests run in any order.
+//!
+//! What each test asserts: the holder either keeps the lock (renewal and `extend` work after
+//! the election, it still holds it TTL + renewal interval + 1 s after the kill, and nobody
+//! else got it meanwhile) or its `lost()` fires within TTL + renewal interval + 1 s of the
+//! kill; then two waiters get the lock one after the other, within a stated bound, with
+//! tokens above the holder's and rising in the order of the grants; and at no grant did
+//! anyone else still believe to hold the lock.
+#![cfg(any(feature = "etcd", feature = "zk", feature = "consul"))]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockkit::{LockGuard, LockOptions, Locks, LostReason};
+use lockkit_testkit::{cluster_url, fresh_name};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+
+/// `scripts/clusters` of this workspace.
+fn script() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/clusters")
+}
+
+/// Runs `scripts/clusters ARGS` and returns its standard output (its log goes to the test's
+/// stderr); panics with the log when it fails.
+fn clusters(args: &[&str]) -> String {
+    let out = Command::new(script())
+        .args(args)
+        .output()
+        .expect("run scripts/clusters");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scripts/clusters {} failed ({}):\n{log}",
+        args.join(" "),
+        out.status
+    );
+    eprint!("{log}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// [`clusters`] off the runtime's threads.
+async fn clusters_async(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(ToString::to_string).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        clusters(&args)
+    })
+    .await
+    .expect("scripts/clusters panicked")
+}
+
+/// Starts a killed member again: explicitly at the end of a test, or when dropped by a test
+/// that failed halfway.
+struct Restart(Option<String>);
+
+impl Restart {
+    async fn now(mut self) {
+        if let Some(member) = self.0.take() {
+            clusters_async(&["start", &member]).await;
+        }
+    }
+}
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        if let Some(member) = self.0.take() {
+            let out = Command::new(script()).args(["start", &member]).output();
+            if !matches!(&out, Ok(o) if o.status.success()) {
+                eprintln!("scripts/clusters start {member} failed: {out:?}");
+            }
+        }
+    }
+}
+
+/// Every guard granted in a test and not yet released, to catch two holders at once.
+#[derive(Clone, Default)]
+struct Holders(Arc<Mutex<Vec<(&'static str, Arc<LockGuard>)>>>);
+
+impl Holders {
+    /// Records that `who` was just granted `guard`: an error names whoever else still
+    /// believed to hold the lock at that moment.
+    fn granted(&self, who: &'static str, guard: LockGuard) -> Result<(), String> {
+        let mut held = self.0.lock().unwrap();
+        let others: Vec<String> = held
+            .iter()
+            .filter(|(_, g)| g.is_held())
+            .map(|(w, g)| format!("{w} (token {})", g.fencing_token()))
+            .collect();
+        let token = guard.fencing_token();
+        held.push((who, Arc::new(guard)));
+        if others.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{who} got the lock (token {token}) while {} still held it",
+                others.join(", ")
+            ))
+        }
+    }
+
+    /// `who`'s guard, shared.
+    fn get(&self, who: &str) -> Arc<LockGuard> {
+        let held = self.0.lock().unwrap();
+        let (_, guard) = held
+            .iter()
+            .find(|(w, _)| *w == who)
+            .expect("no such holder");
+        guard.clone()
+    }
+
+    /// Takes `who`'s guard back (to release it); no other clone of it may be alive.
+    fn take(&self, who: &str) -> LockGuard {
+        let mut held = self.0.lock().unwrap();
+        let at = held
+            .iter()
+            .position(|(w, _)| *w == who)
+            .expect("no such holder");
+        let (_, guard) = held.remove(at);
+        Arc::try_unwrap(guard)
+            .ok()
+            .expect("the guard is still shared")
+    }
+}
+
+/// One waiter's grant.
+#[derive(Debug)]
+struct Grant {
+    who: &'static str,
+    at: Instant,
+    token: u64,
+    /// Someone else still held the lock when this grant came.
+    overlap: Result<(), String>,
+}
+
+/// Waits for the lock, holds it for `hold`, releases it.
+async fn waiter(
+    who: &'static str,
+    locks: Locks,
+    name: String,
+    opts: LockOptions,
+    holders: Holders,
+    hold: Duration,
+) -> Grant {
+    let guard = locks
+        .acquire_with(&name, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("waiter {who} did not get the lock: {e}"));
+    let at = Instant::now();
+    let token = guard.fencing_token().get();
+    let overlap = holders.granted(who, guard);
+    tokio::time::sleep(hold).await;
+    let guard = holders.take(who);
+    assert!(
+        guard.is_held(),
+        "{who} lost the lock while holding it for {hold:?}"
+    );
+    guard
+        .release()
+        .await
+        .unwrap_or_else(|e| panic!("{who}'s release failed: {e}"));
+    Grant {
+        who,
+        at,
+        token,
+        overlap,
+    }
+}
+
+/// How the first holder came through the failover.
+#[derive(Debug)]
+enum Holder {
+    /// Still held past TTL + renewal interval + 1 s after the kill, then released.
+    Kept { released_at: Instant },
+    /// `lost()` fired, this long after the kill.
+    Lost { reason: LostReason, after: Duration },
+}
+
+/// `killed MEMBER PID` / `leader MEMBER PID after SECONDSs` of `scripts/clusters kill-leader`:
+/// the killed member and the election time it measured.
+fn parse_kill(out: &str) -> (String, String, f64) {
+    let mut killed = None;
+    let mut leader = None;
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["killed", member, _pid] => killed = Some(member.to_string()),
+            ["leader", member, _pid, "after", secs] => {
+                let secs = secs.trim_end_matches('s').parse().expect("election time");
+                leader = Some((member.to_string(), secs));
+            }
+            _ => {}
+        }
+    }
+    let killed = killed.unwrap_or_else(|| panic!("no `killed` line in {out:?}"));
+    let (leader, secs) = leader.unwrap_or_else(|| panic!("no `leader` line in {out:?}"));
+    (killed, leader, secs)
+}
+
+/// Holds a lock on `cluster` (URL from `key`, lease `ttl`) with one client, queues two more,
+/// kills the cluster's leader, and checks what the module docs say.
+async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Duration) {
+    let url = cluster_url(key);
+    // All members running (a run that failed before its restart may have left one down).
+    clusters_async(&["up", cluster]).await;
+    let connect = || async {
+        lockkit::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+    };
+    let (a, b, c) = (connect().await, connect().await, connect().await);
+    let name = fresh_name(&format!("lockkit-cluster/{cluster}"));
+    let opts = LockOptions::new().ttl(ttl);
+    let bound_lost = ttl + opts.renewal_interval() + Duration::from_secs(1);
+    let holders = Holders::default();
+
+    let guard = a.acquire_with(&name, &opts).await.expect("first acquire");
+    let token_a = guard.fencing_token().get();
+    let lost_a = {
+        let lost = guard.lost();
+        tokio::spawn(async move { (lost.await, Instant::now()) })
+    };
+    holders.granted("a", guard).unwrap();
+
+    let wait = opts.clone().wait_timeout(Duration::from_secs(60));
+    let hold = Duration::from_millis(300);
+    let waiters = [("b", b), ("c", c)].map(|(who, locks)| {
+        tokio::spawn(waiter(
+            who,
+            locks,
+            name.clone(),
+            wait.clone(),
+            holders.clone(),
+            hold,
+        ))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // both queued
+
+    let killed_at = Instant::now();
+    let out = clusters_async(&["kill-leader", cluster]).await;
+    let elected_at = Instant::now();
+    let (killed, leader, election) = parse_kill(&out);
+    let restart = Restart(Some(killed.clone()));
+
+    // The holder keeps the lock or is told it lost it, within TTL + renewal + 1 s of the kill.
+    let a_guard = holders.get("a");
+    let extended = timeout(bound_lost, a_guard.extend(ttl)).await;
+    let holder = match extended {
+        Ok(Ok(())) => {
+            sleep_until(killed_at + bound_lost).await;
+            assert!(
+                a_guard.is_held(),
+                "{cluster}: the holder extended after the election but lost the lock later ({:?})",
+                a_guard.lost_reason()
+            );
+            assert!(
+                !lost_a.is_finished(),
+                "{cluster}: lost() fired on a held lock"
+            );
+            for w in &waiters {
+                assert!(!w.is_finished(), "{cluster}: a waiter got a held lock");
+            }
+            drop(a_guard);
+            let guard = holders.take("a");
+            let released_at = Instant::now();
+            guard.release().await.expect("release after the failover");
+            Holder::Kept { released_at }
+        }
+        failed => {
+            let (reason, at) = timeout_at(killed_at + bound_lost, lost_a)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{cluster}: extend after the election failed ({failed:?}) but lost() \
+                         did not fire within {bound_lost:?} of the kill"
+                    )
+                })
+                .unwrap();
+            assert!(
+                !a_guard.is_held(),
+                "{cluster}: lost() fired, is_held() is true"
+            );
+            Holder::Lost {
+                reason,
+                after: at - killed_at,
+            }
+        }
+    };
+
+    // The waiters get the lock one after the other, tokens rising with the grants.
+    let mut grants = Vec::new();
+    for w in waiters {
+        grants.push(w.await.expect("waiter"));
+    }
+    grants.sort_by_key(|g| g.at);
+    for g in &grants {
+        if let Err(overlap) = &g.overlap {
+            panic!("{cluster}: two holders at once: {overlap}");
+        }
+    }
+    let (first, second) = (&grants[0], &grants[1]);
+    assert!(
+        first.token > token_a && second.token > first.token,
+        "{cluster}: tokens do not rise with the grants: a {token_a}, {} {}, {} {}",
+        first.who,
+        first.token,
+        second.who,
+        second.token
+    );
+    // Kept: the release hands over at once (bound 5 s, ~10x the usual). Lost: the old lease
+    // must end on the new leader first: within 2 x TTL (Consul's own slack) + 5 s of the
+    // election.
+    let (handoff, bound) = match &holder {
+        Holder::Kept { released_at } => (first.at - *released_at, Duration::from_secs(5)),
+        Holder::Lost { .. } => (first.at - elected_at, 2 * ttl + Duration::from_secs(5)),
+    };
+    assert!(
+        handoff <= bound,
+        "{cluster}: the first waiter got the lock {handoff:?} after the {}, bound {bound:?}",
+        if matches!(holder, Holder::Kept { .. }) {
+            "release"
+        } else {
+            "election"
+        }
+    );
+    println!(
+        "{cluster}: killed {killed}, {leader} elected after {election:.3}s (script) / {:.3}s \
+         (test); holder {holder:?}; first waiter {} after {handoff:?}; tokens {token_a} < {} < {}",
+        (elected_at - killed_at).as_secs_f64(),
+        first.who,
+        first.token,
+        second.token
+    );
+    restart.now().await;
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn killing_the_leader_under_a_held_lock_keeps_exclusion_and_hands_over() {
+        kill_the_leader_under_a_held_lock(
+            "etcd",
+            "LOCKKIT_ETCD_CLUSTER_URL",
+            Duration::from_secs(5),
+        )
+        .await;
+    }
+}
+
+#[cfg(feature = "zk")]
+mod zk {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn killing_the_leader_under_a_held_lock_keeps_exclusion_and_hands_over() {
+        kill_the_leader_under_a_held_lock("zk", "LOCKKIT_ZK_CLUSTER_URL", Duration::from_secs(5))
+            .await;
+    }
+}
+
+#[cfg(feature = "consul")]
+mod consul {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn killing_the_leader_under_a_held_lock_keeps_exclusion_and_hands_over() {
+        kill_the_leader_under_a_held_lock(
+            "consul",
+            "LOCKKIT_CONSUL_CLUSTER_URL",
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+
+    /// The Consul backend talks to one agent: a URL naming the three servers is refused with
+    /// a message saying so (the cluster is reached through a client agent instead).
+    #[tokio::test]
+    async fn a_url_naming_several_agents_is_refused() {
+        let err = lockkit::connect("consul://127.0.0.1:22501,127.0.0.1:22502,127.0.0.1:22503")
+            .await
+            .err()
+            .expect("a URL with three Consul agents was accepted");
+        assert!(err.to_string().contains("one Consul agent"), "{err}");
+    }
+}

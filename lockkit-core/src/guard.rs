@@ -380,13 +380,18 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
             }
             _ = sleep_until(renew_at), if !lost && next_renewal.is_some() => {
                 // Not while an explicit extend is in flight; then with the clock it left.
+                // The lease may run out while that extend hangs: lost then, as always.
                 let renewal = async {
-                    let _one_at_a_time = shared.extending.lock().await;
+                    let _one_at_a_time = tokio::select! {
+                        biased;
+                        turn = shared.extending.lock() => turn,
+                        () = lease_end(&shared) => return None,
+                    };
                     let clock = *shared.clock();
                     let started = Instant::now();
                     let result =
                         timeout_at(clock.valid_until(), lease.extend(clock.ttl)).await;
-                    (result, started, clock)
+                    Some((result, started, clock))
                 };
                 let result = tokio::select! {
                     biased;
@@ -397,7 +402,10 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
                     }
                     done = renewal => done,
                 };
-                let (result, started, clock) = result;
+                let Some((result, started, clock)) = result else {
+                    shared.mark_lost(LostReason::Expired);
+                    continue;
+                };
                 next_renewal = renewed(&shared, result, started, clock);
             }
         }
@@ -420,6 +428,18 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
                 tracing::warn!(error = %e, "release on drop failed; the lease ends at its TTL")
             }
         },
+    }
+}
+
+/// Resolves once the lease is past its known validity (which an extend may move on
+/// meanwhile).
+async fn lease_end(shared: &Shared) {
+    loop {
+        let until = shared.clock().valid_until();
+        sleep_until(until).await;
+        if Instant::now() >= shared.clock().valid_until() {
+            return;
+        }
     }
 }
 
@@ -646,6 +666,32 @@ mod tests {
             "retried too little"
         );
         assert!(guard.release().await.unwrap_err().is_lost());
+    }
+
+    /// An explicit extend that hangs (a cluster electing a new leader) keeps the keeper's
+    /// renewal waiting for its turn: the lock is still lost when the lease runs out, not
+    /// when the extend returns. Seen in tests/cluster_faults.rs (etcd: lost() had not fired
+    /// 2.7 s past the lease's end).
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_extend_does_not_delay_lost_past_the_lease_end() {
+        let script = Arc::new(Script::default());
+        let started = Instant::now();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        script.delays.lock().unwrap().push_back(TTL * 10);
+        let extend = guard.extend(TTL);
+        tokio::pin!(extend);
+        let reason = tokio::select! {
+            reason = guard.lost() => reason,
+            result = &mut extend => panic!("the extend returned ({result:?}) before lost()"),
+        };
+        assert_eq!(reason, LostReason::Expired);
+        let took = started.elapsed();
+        assert!(
+            took >= TTL && took < TTL + Duration::from_millis(100),
+            "{took:?}"
+        );
+        assert!(!guard.is_held());
+        assert!(extend.await.unwrap_err().is_lost());
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,33 +29,35 @@ fn script() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/clusters")
 }
 
-/// Runs `scripts/clusters ARGS` and returns its standard output (its log goes to the test's
-/// stderr); panics with the log when it fails.
-fn clusters(args: &[&str]) -> String {
+/// Runs `scripts/clusters ARGS`: whether it succeeded, its standard output, and its log
+/// (standard error).
+fn run_clusters(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(script())
         .args(args)
         .output()
         .expect("run scripts/clusters");
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "scripts/clusters {} failed ({}):\n{log}",
-        args.join(" "),
-        out.status
-    );
-    eprint!("{log}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
-/// [`clusters`] off the runtime's threads.
-async fn clusters_async(args: &[&str]) -> String {
+/// [`run_clusters`] off the runtime's threads; the log goes to the test's stderr.
+async fn clusters_async(args: &[&str]) -> (bool, String, String) {
     let args: Vec<String> = args.iter().map(ToString::to_string).collect();
-    tokio::task::spawn_blocking(move || {
+    let (ok, out, log) = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        clusters(&args)
+        run_clusters(&args)
     })
     .await
-    .expect("scripts/clusters panicked")
+    .expect("scripts/clusters panicked");
+    eprint!("{log}");
+    (ok, out, log)
+}
+
+/// [`clusters_async`] that must succeed: its standard output.
+async fn clusters(args: &[&str]) -> String {
+    let (ok, out, log) = clusters_async(args).await;
+    assert!(ok, "scripts/clusters {} failed:\n{log}", args.join(" "));
+    out
 }
 
 /// Starts a killed member again: explicitly at the end of a test, or when dropped by a test
@@ -65,7 +67,7 @@ struct Restart(Option<String>);
 impl Restart {
     async fn now(mut self) {
         if let Some(member) = self.0.take() {
-            clusters_async(&["start", &member]).await;
+            clusters(&["start", &member]).await;
         }
     }
 }
@@ -73,9 +75,9 @@ impl Restart {
 impl Drop for Restart {
     fn drop(&mut self) {
         if let Some(member) = self.0.take() {
-            let out = Command::new(script()).args(["start", &member]).output();
-            if !matches!(&out, Ok(o) if o.status.success()) {
-                eprintln!("scripts/clusters start {member} failed: {out:?}");
+            let (ok, _, log) = run_clusters(&["start", &member]);
+            if !ok {
+                eprintln!("scripts/clusters start {member} failed:\n{log}");
             }
         }
     }
@@ -184,40 +186,54 @@ async fn waiter(
 enum Holder {
     /// Still held past TTL + renewal interval + 1 s after the kill, then released.
     Kept { released_at: Instant },
-    /// `lost()` fired, this long after the kill.
-    Lost { reason: LostReason, after: Duration },
+    /// `lost()` fired, this long after the kill; `extend` had said `extend`.
+    Lost {
+        reason: LostReason,
+        after: Duration,
+        extend: String,
+    },
 }
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Holder::Kept { .. } => write!(f, "kept the lock"),
-            Holder::Lost { reason, after } => {
-                write!(f, "lost it ({reason}) {after:?} after the kill")
-            }
+            Holder::Lost {
+                reason,
+                after,
+                extend,
+            } => write!(
+                f,
+                "lost it ({reason}) {after:?} after the kill; extend: {extend}"
+            ),
         }
     }
 }
 
-/// `killed MEMBER PID` / `leader MEMBER PID after SECONDSs` of `scripts/clusters kill-leader`:
-/// the killed member and the election time it measured.
-fn parse_kill(out: &str) -> (String, String, f64) {
-    let mut killed = None;
-    let mut leader = None;
-    for line in out.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["killed", member, _pid] => killed = Some(member.to_string()),
-            ["leader", member, _pid, "after", secs] => {
-                let secs = secs.trim_end_matches('s').parse().expect("election time");
-                leader = Some((member.to_string(), secs));
-            }
-            _ => {}
-        }
-    }
-    let killed = killed.unwrap_or_else(|| panic!("no `killed` line in {out:?}"));
-    let (leader, secs) = leader.unwrap_or_else(|| panic!("no `leader` line in {out:?}"));
-    (killed, leader, secs)
+/// The member `scripts/clusters kill-leader` says it killed (`killed MEMBER PID`).
+fn killed_member(out: &str) -> Option<String> {
+    out.lines().find_map(
+        |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["killed", member, _pid] => Some(member.to_string()),
+            _ => None,
+        },
+    )
+}
+
+/// The next leader and the election time `scripts/clusters kill-leader` measured
+/// (`leader MEMBER PID after SECONDSs`).
+fn next_leader(out: &str) -> (String, f64) {
+    out.lines()
+        .find_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["leader", member, _pid, "after", secs] => {
+                    let secs = secs.trim_end_matches('s').parse().expect("election time");
+                    Some((member.to_string(), secs))
+                }
+                _ => None,
+            },
+        )
+        .unwrap_or_else(|| panic!("no `leader` line in {out:?}"))
 }
 
 /// Holds a lock on `cluster` (URL from `key`, lease `ttl`) with one client, queues two more,
@@ -225,7 +241,7 @@ fn parse_kill(out: &str) -> (String, String, f64) {
 async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Duration) {
     let url = cluster_url(key);
     // All members running (a run that failed before its restart may have left one down).
-    clusters_async(&["up", cluster]).await;
+    clusters(&["up", cluster]).await;
     let connect = || async {
         lockkit::connect(&url)
             .await
@@ -260,10 +276,15 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
     tokio::time::sleep(Duration::from_millis(500)).await; // both queued
 
     let killed_at = Instant::now();
-    let out = clusters_async(&["kill-leader", cluster]).await;
+    let (ok, out, log) = clusters_async(&["kill-leader", cluster]).await;
     let elected_at = Instant::now();
-    let (killed, leader, election) = parse_kill(&out);
+    let killed = killed_member(&out).unwrap_or_else(|| panic!("no leader was killed:\n{log}"));
     let restart = Restart(Some(killed.clone()));
+    assert!(
+        ok,
+        "{cluster}: no new leader after {killed} was killed:\n{log}"
+    );
+    let (leader, election) = next_leader(&out);
 
     // The holder keeps the lock or is told it lost it, within TTL + renewal + 1 s of the kill.
     let a_guard = holders.get("a");
@@ -314,6 +335,7 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
             Holder::Lost {
                 reason,
                 after: at - killed_at,
+                extend: format!("{failed:?}"),
             }
         }
     };

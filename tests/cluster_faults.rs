@@ -377,8 +377,8 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
         }
     );
     println!(
-        "{cluster}: killed {killed}, {leader} elected after {election:.3}s (script) / {:.3}s \
-         (test); the holder {holder}; first waiter {} after {handoff:?}; tokens {token_a} < {} < {}",
+        "{cluster}: killed {killed}, {leader} led {election:.3}s after the kill \
+         (`kill-leader` took {:.3}s); the holder {holder}; first waiter {} after {handoff:?}; tokens {token_a} < {} < {}",
         (elected_at - killed_at).as_secs_f64(),
         first.who,
         first.token,

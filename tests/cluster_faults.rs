@@ -18,11 +18,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockkit::{LockGuard, LockOptions, Locks, LostReason};
 use lockkit_testkit::{cluster_url, fresh_name};
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 
 /// `scripts/clusters` of this workspace.
 fn script() -> PathBuf {
@@ -210,11 +210,16 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// The member `scripts/clusters kill-leader` says it killed (`killed MEMBER PID`).
-fn killed_member(out: &str) -> Option<String> {
+/// The member `scripts/clusters kill-leader` says it killed, and when
+/// (`killed MEMBER PID at UNIX-SECONDS`).
+fn killed_member(out: &str) -> Option<(String, Instant)> {
     out.lines().find_map(
         |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
-            ["killed", member, _pid] => Some(member.to_string()),
+            ["killed", member, _pid, "at", when] => {
+                let when = UNIX_EPOCH + Duration::from_secs_f64(when.parse().expect("kill time"));
+                let ago = SystemTime::now().duration_since(when).unwrap_or_default();
+                Some((member.to_string(), Instant::now() - ago))
+            }
             _ => None,
         },
     )
@@ -255,7 +260,7 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
 
     let guard = a.acquire_with(&name, &opts).await.expect("first acquire");
     let token_a = guard.fencing_token().get();
-    let lost_a = {
+    let mut lost_a = {
         let lost = guard.lost();
         tokio::spawn(async move { (lost.await, Instant::now()) })
     };
@@ -275,10 +280,11 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
     });
     tokio::time::sleep(Duration::from_millis(500)).await; // both queued
 
-    let killed_at = Instant::now();
+    let called_at = Instant::now();
     let (ok, out, log) = clusters_async(&["kill-leader", cluster]).await;
     let elected_at = Instant::now();
-    let killed = killed_member(&out).unwrap_or_else(|| panic!("no leader was killed:\n{log}"));
+    let (killed, killed_at) =
+        killed_member(&out).unwrap_or_else(|| panic!("no leader was killed:\n{log}"));
     let restart = Restart(Some(killed.clone()));
     assert!(
         ok,
@@ -286,46 +292,13 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
     );
     let (leader, election) = next_leader(&out);
 
-    // The holder keeps the lock or is told it lost it, within TTL + renewal + 1 s of the kill.
+    // By TTL + renewal + 1 s after the kill, the holder either still holds the lock (its
+    // renewals got through the new leader) or was told it lost it.
     let a_guard = holders.get("a");
     let deadline = killed_at + bound_lost;
-    let extended = loop {
-        // A connection error while the cluster elects is no answer yet: try again.
-        match timeout_at(deadline, a_guard.extend(ttl)).await {
-            Ok(Err(e)) if e.is_retryable() && Instant::now() + RETRY < deadline => {
-                tokio::time::sleep(RETRY).await
-            }
-            other => break other,
-        }
-    };
-    let holder = match extended {
-        Ok(Ok(())) => {
-            sleep_until(deadline).await;
-            assert!(
-                a_guard.is_held(),
-                "{cluster}: the holder extended after the election but lost the lock later ({:?})",
-                a_guard.lost_reason()
-            );
-            assert!(
-                !lost_a.is_finished(),
-                "{cluster}: lost() fired on a held lock"
-            );
-            drop(a_guard);
-            let guard = holders.take("a");
-            let released_at = Instant::now();
-            guard.release().await.expect("release after the failover");
-            Holder::Kept { released_at }
-        }
-        failed => {
-            let (reason, at) = timeout_at(deadline, lost_a)
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{cluster}: extend after the election failed ({failed:?}) but lost() \
-                         did not fire within {bound_lost:?} of the kill"
-                    )
-                })
-                .unwrap();
+    let holder = match timeout_at(deadline, &mut lost_a).await {
+        Ok(lost) => {
+            let (reason, at) = lost.unwrap();
             assert!(
                 !a_guard.is_held(),
                 "{cluster}: lost() fired, is_held() is true"
@@ -335,11 +308,69 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
             Holder::Lost {
                 reason,
                 after: at - killed_at,
-                extend: format!("{failed:?}"),
+                extend: "not tried".into(),
+            }
+        }
+        Err(_) => {
+            assert!(
+                a_guard.is_held(),
+                "{cluster}: {bound_lost:?} after the kill, the holder neither holds the lock \
+                 nor was told it lost it (lost reason {:?}, valid for {:?} more)",
+                a_guard.lost_reason(),
+                a_guard
+                    .valid_until()
+                    .saturating_duration_since(Instant::now())
+            );
+            // It held on; `extend` works too (within 10 s: a request to the killed member
+            // may have to time out first).
+            let valid_until = a_guard.valid_until();
+            let give_up = Instant::now() + Duration::from_secs(10);
+            let extended = loop {
+                match timeout_at(give_up, a_guard.extend(ttl)).await {
+                    Ok(Err(e)) if e.is_retryable() && Instant::now() + RETRY < give_up => {
+                        tokio::time::sleep(RETRY).await
+                    }
+                    other => break other,
+                }
+            };
+            match extended {
+                Ok(Ok(())) => {
+                    assert!(a_guard.is_held(), "{cluster}: extended, but not held");
+                    assert!(
+                        !lost_a.is_finished(),
+                        "{cluster}: lost() fired on a held lock"
+                    );
+                    drop(a_guard);
+                    let guard = holders.take("a");
+                    let released_at = Instant::now();
+                    guard.release().await.expect("release after the failover");
+                    Holder::Kept { released_at }
+                }
+                Ok(Err(e)) if e.is_lost() => {
+                    // Lost after all, later: told within the renewal interval + 1 s of the
+                    // lease's end.
+                    let told_by = valid_until.max(Instant::now())
+                        + opts.renewal_interval()
+                        + Duration::from_secs(1);
+                    let (reason, at) = timeout_at(told_by, lost_a)
+                        .await
+                        .unwrap_or_else(|_| panic!("{cluster}: extend said {e}, lost() is silent"))
+                        .unwrap();
+                    drop(a_guard);
+                    drop(holders.take("a"));
+                    Holder::Lost {
+                        reason,
+                        after: at - killed_at,
+                        extend: e.to_string(),
+                    }
+                }
+                other => panic!(
+                    "{cluster}: the holder still held the lock but could not extend it within \
+                     10 s: {other:?}"
+                ),
             }
         }
     };
-
     // The waiters get the lock one after the other, tokens rising with the grants.
     let mut grants = Vec::new();
     for w in waiters {
@@ -379,7 +410,7 @@ async fn kill_the_leader_under_a_held_lock(cluster: &str, key: &str, ttl: Durati
     println!(
         "{cluster}: killed {killed}, {leader} led {election:.3}s after the kill \
          (`kill-leader` took {:.3}s); the holder {holder}; first waiter {} after {handoff:?}; tokens {token_a} < {} < {}",
-        (elected_at - killed_at).as_secs_f64(),
+        (elected_at - called_at).as_secs_f64(),
         first.who,
         first.token,
         second.token

@@ -121,16 +121,39 @@ impl RequestError {
         }
     }
 
-    /// Whether a retry may succeed: the request did not get through.
+    /// Whether a retry may succeed: the request did not get through, to the agent or from
+    /// the agent to the servers' leader.
     fn is_connection(&self) -> bool {
-        matches!(
-            self,
+        match self {
             RequestError::Transport { .. }
-                | RequestError::Timeout { .. }
-                | RequestError::NoLeader { .. }
-        )
+            | RequestError::Timeout { .. }
+            | RequestError::NoLeader { .. } => true,
+            RequestError::Status { status, body, .. } => {
+                *status == StatusCode::INTERNAL_SERVER_ERROR
+                    && NO_SERVER_ANSWER.iter().any(|words| body.contains(words))
+            }
+            RequestError::Answer { .. } => false,
+        }
     }
 }
+
+/// What Consul says in a 500 answer when the servers did not answer the request: no leader
+/// (yet), the agent's RPC to a server broke off (the server died mid-call), or the leader
+/// lost its leadership while committing. While a new leader is elected, every request gets
+/// one of these; once it is, the same request succeeds. (An answer from the leader, like
+/// "invalid session", is none of these and stays an `Error::Backend`.)
+const NO_SERVER_ANSWER: &[&str] = &[
+    "No cluster leader",
+    "No known Consul servers",
+    "rpc error making call: EOF",
+    "rpc error making call: unexpected EOF",
+    "rpc error getting client",
+    "leadership lost while committing log",
+    "node is not the leader",
+    "raft is already shutdown",
+    "connection refused",
+    "connection reset by peer",
+];
 
 impl From<RequestError> for Error {
     fn from(e: RequestError) -> Self {
@@ -152,4 +175,39 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(body: &str) -> Error {
+        let status = StatusCode::INTERNAL_SERVER_ERROR;
+        RequestError::status("read lock key", "http://a:8500", status, body.as_bytes()).into()
+    }
+
+    #[test]
+    fn a_leader_election_is_a_connection_error() {
+        // Seen on a client agent while the server leader was killed (tests/cluster_faults.rs).
+        for body in [
+            "rpc error making call: rpc error making call: EOF",
+            "rpc error making call: No cluster leader",
+            "No cluster leader",
+            "leadership lost while committing log",
+        ] {
+            assert!(answered(body).is_retryable(), "{body}");
+        }
+    }
+
+    #[test]
+    fn an_answer_of_the_leader_is_not() {
+        for body in [
+            "rpc error making call: invalid session \"x\"",
+            "Missing key name",
+        ] {
+            assert!(!answered(body).is_retryable(), "{body}");
+        }
+        let not_found = RequestError::status("x", "a", StatusCode::NOT_FOUND, b"No cluster leader");
+        assert!(!Error::from(not_found).is_retryable());
+    }
 }

@@ -259,14 +259,26 @@ impl LockGuard {
     /// Extends the lease to `ttl` from now; later automatic renewals use `ttl` too. A lease
     /// whose server-side TTL is fixed ([`Lease::fixed_ttl`]) and shorter than `ttl` is
     /// renewed by the keeper until `ttl` from now is covered, also with renewal off.
-    /// Fails with [`Error::LockLost`] if the lock is no longer ours, and with
+    /// Fails with [`Error::LockLost`] if the lock is no longer ours, or if no answer came
+    /// before the lease ran out (the lock is then lost, as after such a renewal), and with
     /// [`Error::InvalidOptions`] for a TTL outside the backend's limits.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         validate_ttl(ttl, &self.shared.caps)?;
         // Waits for a renewal in flight: it is applied first, and this extend after it.
         let _one_at_a_time = self.shared.extending.lock().await;
         let started = Instant::now();
-        let result = self.lease.extend(ttl).await;
+        // Like a renewal, it must answer before the lease runs out: the keeper's renewals
+        // wait for it, so while it hangs, only this deadline can tell the holder in time.
+        let valid_until = self.shared.clock().valid_until();
+        let Ok(result) = timeout_at(valid_until, self.lease.extend(ttl)).await else {
+            self.shared.mark_lost(LostReason::RenewalFailed(
+                "no answer before the lease ran out".into(),
+            ));
+            return Err(Error::lost(
+                self.name(),
+                self.shared.lost_reason().unwrap_or(LostReason::Expired),
+            ));
+        };
         if let Some(reason) = self.shared.lost_reason() {
             return Err(Error::lost(self.name(), reason));
         }
@@ -646,6 +658,33 @@ mod tests {
             "retried too little"
         );
         assert!(guard.release().await.unwrap_err().is_lost());
+    }
+
+    /// An explicit extend that hangs (a cluster electing a new leader) keeps the keeper's
+    /// renewals waiting for their turn: the holder is still told at the lease's end, not
+    /// when the extend returns.
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_extend_does_not_delay_lost_past_the_lease_end() {
+        let script = Arc::new(Script::default());
+        let started = Instant::now();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        script.delays.lock().unwrap().push_back(TTL * 10);
+        let lost = async {
+            let reason = guard.lost().await;
+            (reason, started.elapsed())
+        };
+        let both = tokio::time::timeout(TTL * 20, async { tokio::join!(lost, guard.extend(TTL)) });
+        let ((reason, took), extended) = both.await.expect("lost() never fired");
+        assert!(
+            took >= TTL && took < TTL + Duration::from_millis(100),
+            "{took:?}"
+        );
+        assert!(
+            matches!(reason, LostReason::Expired | LostReason::RenewalFailed(_)),
+            "{reason:?}"
+        );
+        assert!(extended.unwrap_err().is_lost());
+        assert!(!guard.is_held());
     }
 
     #[tokio::test(start_paused = true)]

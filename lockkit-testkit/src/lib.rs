@@ -13,7 +13,7 @@ mod stats;
 
 pub use faults::{services, Stopped};
 pub use run::{contended, Contended};
-pub use services::{hosts, service_url, service_urls, with_params};
+pub use services::{cluster_url, hosts, service_url, service_urls, with_params};
 pub use stats::{time_loop, Stats};
 
 use std::collections::hash_map::RandomState;

@@ -1,22 +1,25 @@
 //! The URLs of the test servers: an environment variable of the same name, else the file
-//! `target/services.env` of the workspace, written by `scripts/services up`.
+//! `target/services.env` of the workspace, written by `scripts/services up` (for the
+//! three-member clusters: `target/clusters.env`, written by `scripts/clusters up`).
 
 use std::path::PathBuf;
 
 use lockkit_core::url::ServiceUrl;
 
-/// `<workspace root>/target/services.env`.
-fn services_env() -> PathBuf {
+/// `<workspace root>/target/<file>`.
+fn target_file(file: &str) -> PathBuf {
     let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    kit.parent()
-        .unwrap_or(kit)
-        .join("target")
-        .join("services.env")
+    kit.parent().unwrap_or(kit).join("target").join(file)
 }
 
-/// The `KEY=value` lines of `target/services.env`, in file order.
-fn env_file() -> std::io::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(services_env())?;
+/// The servers of `scripts/services` (`target/services.env`).
+const SERVICES: (&str, &str) = ("services.env", "scripts/services up");
+/// The three-member clusters of `scripts/clusters` (`target/clusters.env`).
+const CLUSTERS: (&str, &str) = ("clusters.env", "scripts/clusters up");
+
+/// The `KEY=value` lines of `target/<file>`, in file order.
+fn env_file(file: &str) -> std::io::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(target_file(file))?;
     Ok(text
         .lines()
         .filter_map(|line| line.split_once('='))
@@ -24,13 +27,30 @@ fn env_file() -> std::io::Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// Fails a test that wants the server URL `wanted` when `target/services.env` cannot be read.
-fn no_env_file(wanted: &str, e: std::io::Error) -> ! {
+/// Fails a test that wants the URL `wanted` when `target/<file>` (written by `script`)
+/// cannot be read.
+fn no_env_file(wanted: &str, (file, script): (&str, &str), e: std::io::Error) -> ! {
     panic!(
         "{wanted} is not set and {} cannot be read ({e}): start the test servers with \
-         `scripts/services up`, or run everything with `scripts/test`",
-        services_env().display()
+         `{script}`, or run everything with `scripts/test`",
+        target_file(file).display()
     )
+}
+
+/// The environment variable `key` if set, else the line `key=...` of `target/<file>`,
+/// written by `script`; panics with instructions when neither is there.
+fn url_from(key: &str, (file, script): (&str, &str)) -> String {
+    if let Ok(url) = std::env::var(key) {
+        return url;
+    }
+    let lines = env_file(file).unwrap_or_else(|e| no_env_file(key, (file, script), e));
+    match lines.into_iter().find(|(k, _)| k == key) {
+        Some((_, url)) => url,
+        None => panic!(
+            "{key} is not set and {} has no {key}: start that server with `{script}`",
+            target_file(file).display()
+        ),
+    }
 }
 
 /// The URL of a test server: the environment variable `key` if set (to test against your own
@@ -38,18 +58,16 @@ fn no_env_file(wanted: &str, e: std::io::Error) -> ! {
 /// `scripts/services up`. Panics with instructions when neither is there: a test that needs
 /// a server fails loudly without it.
 pub fn service_url(key: &str) -> String {
-    if let Ok(url) = std::env::var(key) {
-        return url;
-    }
-    let lines = env_file().unwrap_or_else(|e| no_env_file(key, e));
-    match lines.into_iter().find(|(k, _)| k == key) {
-        Some((_, url)) => url,
-        None => panic!(
-            "{key} is not set and {} has no {key}: start that server with \
-             `scripts/services up`",
-            services_env().display()
-        ),
-    }
+    url_from(key, SERVICES)
+}
+
+/// The URL of a three-member test cluster (`LOCKKIT_ETCD_CLUSTER_URL`,
+/// `LOCKKIT_ZK_CLUSTER_URL`, `LOCKKIT_CONSUL_CLUSTER_URL`): the environment variable `key` if
+/// set, else its line in `<workspace root>/target/clusters.env`, written by
+/// `scripts/clusters up` (which `scripts/test` runs). Panics with instructions when neither
+/// is there.
+pub fn cluster_url(key: &str) -> String {
+    url_from(key, CLUSTERS)
 }
 
 /// Whether `key` names a server URL: `LOCKKIT_*_URL`.
@@ -66,10 +84,10 @@ pub fn service_urls() -> Vec<(String, String)> {
         .filter(|(key, _)| is_url_key(key))
         .collect();
     from_env.sort();
-    let in_file = match env_file() {
+    let in_file = match env_file(SERVICES.0) {
         Ok(lines) => lines,
         Err(_) if !from_env.is_empty() => Vec::new(),
-        Err(e) => no_env_file("LOCKKIT_*_URL", e),
+        Err(e) => no_env_file("LOCKKIT_*_URL", SERVICES, e),
     };
     let mut urls: Vec<(String, String)> = in_file
         .into_iter()

@@ -38,7 +38,7 @@ pub enum Fault {
     /// 8: a storm of cancelled acquires next to the workers.
     Storm,
     /// 9: kill the leader of a 3-member cluster while a lock is held. Wired by the cluster
-    /// set-up (see [`crate::driver::leader_kill`]); not run until a backend has a cluster.
+    /// set-up: `scripts/clusters`; runs for backends whose cluster URL is known.
     LeaderKill,
 }
 
@@ -212,6 +212,56 @@ pub struct Services {
 }
 
 impl Services {
+    /// `scripts/clusters`, next to `scripts/services`.
+    fn clusters(&self) -> PathBuf {
+        self.script.with_file_name("clusters")
+    }
+
+    /// Fault class 9: `scripts/clusters kill-leader` for the backend's cluster (it returns once
+    /// a new leader is elected); the killed member's name.
+    async fn kill_leader(&self, backend: &Backend) -> Result<String, String> {
+        let cluster = backend.key.split('-').next().unwrap_or(backend.key);
+        let out = Command::new(self.clusters())
+            .args(["kill-leader", cluster])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("{}: {e}", self.clusters().display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "kill-leader {cluster} failed: {}{}",
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        // "killed MEMBER PID at UNIX-SECONDS"
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("killed "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("kill-leader {cluster}: no `killed` line in {stdout:?}"))
+    }
+
+    /// Starts a killed cluster member again in its data dir.
+    async fn start_member(&self, member: &str) -> Result<(), String> {
+        let out = Command::new(self.clusters())
+            .args(["start", member])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("{}: {e}", self.clusters().display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "start {member} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
     fn pid(&self, instance: &str) -> Option<i32> {
         let path = self.target.join("services").join(instance).join("pid");
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -641,19 +691,22 @@ impl Run<'_> {
                         .await;
                 self.note("heal", Some("storm of cancelled acquires".into()), None);
             }
-            Fault::LeaderKill => return leader_kill(&self.s.backend).await,
+            Fault::LeaderKill => {
+                let what = "kill -9 the cluster leader";
+                self.find(&["grant", "read", "writing"], Duration::from_secs(10))
+                    .await;
+                self.note("fault", Some(what.into()), None);
+                let member = self.services.kill_leader(&self.s.backend).await?;
+                // `kill-leader` returns once a new leader is elected: the heal.
+                self.note("heal", Some(what.into()), Some(&member));
+                let t = now_ns();
+                self.await_grant_after(t, self.s.backend.recovery).await;
+                self.services.start_member(&member).await?;
+                self.sleep(Duration::from_millis(500)).await;
+            }
         }
         Ok(())
     }
-}
-
-/// Fault class 9, for a backend with a 3-member cluster: kill the leader while a lock is
-/// held, restart it. Not wired yet: the cluster scripts provide the leader lookup.
-pub async fn leader_kill(backend: &Backend) -> Result<(), String> {
-    Err(format!(
-        "{}: leader kill is not wired to a cluster yet",
-        backend.key
-    ))
 }
 
 /// Rewrites every `127.0.0.1:PORT` of `url` to a proxy port forwarding to it.

@@ -61,6 +61,10 @@ struct MatrixArgs {
     /// The env file of the fault servers (URLs).
     #[arg(long)]
     env: PathBuf,
+    /// The env file of the three-member clusters (`target/clusters.env` of
+    /// `scripts/clusters`): cluster URLs for the leader-kill class.
+    #[arg(long)]
+    cluster_env: Option<PathBuf>,
     /// `scripts/services`, to restart killed servers.
     #[arg(long)]
     services: PathBuf,
@@ -88,7 +92,10 @@ fn read_env(path: &PathBuf) -> HashMap<String, String> {
 }
 
 async fn matrix(a: MatrixArgs) -> ExitCode {
-    let env = read_env(&a.env);
+    let mut env = read_env(&a.env);
+    if let Some(clusters) = &a.cluster_env {
+        env.extend(read_env(clusters));
+    }
     let all = driver::backends(&env);
     for b in &a.backends {
         if !all.iter().any(|x| x.key == b) {

@@ -21,6 +21,16 @@ fn fresh_table(prefix: &str) -> String {
     fresh_name(prefix).replace('/', "_")
 }
 
+/// A pool of the test server whose URL is `key`, and nothing else to keep.
+#[allow(dead_code)]
+async fn server_pool<DB: sqlx::Database>(
+    key: &str,
+) -> (sqlx::Pool<DB>, Box<dyn std::any::Any + Send + Sync>) {
+    let url = lockkit_testkit::service_url(key);
+    let pool = sqlx::Pool::<DB>::connect(&url).await.unwrap();
+    (pool, Box::new(()))
+}
+
 /// The same cases on every SQL database: `$fence` is its fence type, `$db` its sqlx
 /// database, `stale_snapshot_busy` whether a transaction that read before a newer commit
 /// fails to write (SQLite), and `$pool` an async block giving a pool and what must outlive it.
@@ -378,20 +388,22 @@ mod sqlite {
 
 #[cfg(feature = "postgres")]
 mod postgres {
-    sql_fence_cases!(lockkit::sql::PgFence, sqlx::Postgres, stale_snapshot_busy: false, async {
-        let url = lockkit_testkit::service_url("LOCKKIT_POSTGRES_URL");
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        (pool, Box::new(()) as Box<dyn std::any::Any + Send + Sync>)
-    });
+    sql_fence_cases!(
+        lockkit::sql::PgFence,
+        sqlx::Postgres,
+        stale_snapshot_busy: false,
+        crate::server_pool("LOCKKIT_POSTGRES_URL")
+    );
 }
 
 #[cfg(feature = "mysql")]
 mod mysql {
-    sql_fence_cases!(lockkit::sql::MySqlFence, sqlx::MySql, stale_snapshot_busy: false, async {
-        let url = lockkit_testkit::service_url("LOCKKIT_MYSQL_URL");
-        let pool = sqlx::MySqlPool::connect(&url).await.unwrap();
-        (pool, Box::new(()) as Box<dyn std::any::Any + Send + Sync>)
-    });
+    sql_fence_cases!(
+        lockkit::sql::MySqlFence,
+        sqlx::MySql,
+        stale_snapshot_busy: false,
+        crate::server_pool("LOCKKIT_MYSQL_URL")
+    );
 }
 
 #[cfg(feature = "redis")]
@@ -606,7 +618,7 @@ mod redis {
             .check(&mut conn, "", FencingToken(1))
             .await
             .unwrap_err();
-        assert!(matches!(err, FenceError::InvalidResource), "{err:?}");
+        assert!(matches!(err, FenceError::InvalidResource { .. }), "{err:?}");
         // A fence key someone else wrote: an error, not a comparison with garbage.
         let (res, key) = names();
         let _: () = conn

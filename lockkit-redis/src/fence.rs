@@ -82,8 +82,13 @@ pub enum FenceError {
         highest: u64,
     },
     /// The resource name is empty.
-    #[error("fenced resource: the name is empty")]
-    InvalidResource,
+    #[error("fenced resource `{resource}`: {reason}")]
+    InvalidResource {
+        /// The resource name.
+        resource: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Redis failed the script (unreachable, a data key of the wrong type, a fence key
     /// holding something other than a token, ...). Whether the operation ran is unknown when
     /// the connection failed: retry it with the same token only if it is idempotent (`GET`,
@@ -229,10 +234,8 @@ impl RedisFence {
     where
         C: ConnectionLike + Send,
     {
-        let value = self
-            .run(conn, resource, token, Some(key), ("INCRBY", delta))
-            .await?;
-        Ok(i64::from_redis_value(value).map_err(RedisError::from)?)
+        self.counter(conn, resource, token, key, ("INCRBY", delta))
+            .await
     }
 
     /// `DECRBY key delta`, fenced: the new value.
@@ -247,8 +250,24 @@ impl RedisFence {
     where
         C: ConnectionLike + Send,
     {
+        self.counter(conn, resource, token, key, ("DECRBY", delta))
+            .await
+    }
+
+    /// `INCRBY` or `DECRBY`, fenced: the new value.
+    async fn counter<C>(
+        &self,
+        conn: &mut C,
+        resource: &str,
+        token: FencingToken,
+        key: &str,
+        operation: (&str, i64),
+    ) -> Result<i64, FenceError>
+    where
+        C: ConnectionLike + Send,
+    {
         let value = self
-            .run(conn, resource, token, Some(key), ("DECRBY", delta))
+            .run(conn, resource, token, Some(key), operation)
             .await?;
         Ok(i64::from_redis_value(value).map_err(RedisError::from)?)
     }
@@ -267,7 +286,10 @@ impl RedisFence {
         A: ToRedisArgs,
     {
         if resource.is_empty() {
-            return Err(FenceError::InvalidResource);
+            return Err(FenceError::InvalidResource {
+                resource: String::new(),
+                reason: "empty",
+            });
         }
         let mut call = FENCED.prepare_invoke();
         call.key(self.fence_key(resource));

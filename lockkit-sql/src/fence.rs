@@ -23,8 +23,10 @@ use sqlx::{Acquire, Database};
 use crate::dialect::{Bind, Db, Dialect, FenceSql, On};
 use crate::options::identifier;
 
-/// The fence table's name unless another is given: `lockkit_fence`.
-pub const DEFAULT_FENCE_TABLE: &str = "lockkit_fence";
+/// The fence table's name unless another is given: `lockkit_resource_fence` (apart from
+/// the lock tables' own `<prefix>fence`/`<prefix>fences` token counters, so the lock
+/// service and the resource can share one database).
+pub const DEFAULT_FENCE_TABLE: &str = "lockkit_resource_fence";
 
 /// The longest resource name, in bytes (MySQL keys it as `VARBINARY(255)`).
 pub const MAX_RESOURCE_LEN: usize = 255;

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{
-    Admin,
-    run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
-    LockName, LockOptions, Outcome,
+    run_detached, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, LockName, LockOptions, Outcome,
 };
 use lockkit_core::{Error, Result};
 use tokio::time::Instant;

@@ -70,13 +70,17 @@ pub trait Admin: Send + Sync {
     /// The lock `name` if it is held now, else `None`.
     async fn inspect(&self, name: &LockName) -> Result<Option<LockInfo>> {
         let _ = name;
-        Err(Error::Unsupported("this backend cannot inspect a lock".into()))
+        Err(Error::Unsupported(
+            "this backend cannot inspect a lock".into(),
+        ))
     }
 
     /// Every lock held now whose name starts with `prefix` (`""`: all), sorted by name.
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
         let _ = prefix;
-        Err(Error::Unsupported("this backend cannot list its locks".into()))
+        Err(Error::Unsupported(
+            "this backend cannot list its locks".into(),
+        ))
     }
 
     /// Takes the lock `name` away from its holder, whoever it is; `false` if it was free.

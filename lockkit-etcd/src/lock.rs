@@ -11,8 +11,8 @@ use etcd_client::{
     TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use lockkit_core::backend::{
-    run_detached, Admin, spawn_cleanup, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
-    FencingToken, Lease, LockName, LockOptions,
+    run_detached, spawn_cleanup, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup,
+    Connect, FencingToken, Lease, LockName, LockOptions,
 };
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;

@@ -68,7 +68,10 @@ impl Admin for RedisLock {
         }
         let owners: BTreeSet<&String> = seen.iter().filter_map(|s| s.0.as_ref()).collect();
         for owner in owners {
-            let holding: Vec<&Seen> = seen.iter().filter(|s| s.0.as_ref() == Some(owner)).collect();
+            let holding: Vec<&Seen> = seen
+                .iter()
+                .filter(|s| s.0.as_ref() == Some(owner))
+                .collect();
             if holding.len() < self.inner.quorum {
                 continue;
             }

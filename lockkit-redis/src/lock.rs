@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use lockkit_core::backend::{
-    run_detached, Admin, spawn_cleanup, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken,
-    LockName, LockOptions,
+    run_detached, spawn_cleanup, Acquired, Admin, Attempt, Backend, Capabilities, Connect,
+    FencingToken, LockName, LockOptions,
 };
 use lockkit_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

@@ -128,7 +128,9 @@ mod pg {
     fn matches(exact: bool) -> &'static str {
         match exact {
             true => "= $1",
-            false => "LIKE replace(replace(replace($1, '\\', '\\\\'), '%', '\\%'), '_', '\\_') || '%'",
+            false => {
+                "LIKE replace(replace(replace($1, '\\', '\\\\'), '%', '\\%'), '_', '\\_') || '%'"
+            }
         }
     }
 
@@ -172,7 +174,10 @@ mod pg {
         let done: Option<bool> = match shared.settings.strategy {
             Strategy::Table => {
                 let sql = format!("DELETE FROM {p}locks WHERE name = $1 AND expires_at >= {NOW}");
-                let done = sqlx::query(&sql).bind(name.as_str()).execute(&shared.pool).await;
+                let done = sqlx::query(&sql)
+                    .bind(name.as_str())
+                    .execute(&shared.pool)
+                    .await;
                 done.map(|d| Some(d.rows_affected() > 0))
             }
             Strategy::Advisory => {
@@ -238,7 +243,9 @@ mod my {
                 let names: Vec<(String, i64)> =
                     query.fetch_all(&shared.pool).await.map_err(map::<MySql>)?;
                 for (n, token) in names {
-                    let Ok(name) = LockName::new(&n) else { continue };
+                    let Ok(name) = LockName::new(&n) else {
+                        continue;
+                    };
                     if let Some(id) = holder(lock, &name).await? {
                         held.push(info(&n, Some(token), format!("connection {id}"), None));
                     }
@@ -262,7 +269,10 @@ mod my {
         match shared.settings.strategy {
             Strategy::Table => {
                 let sql = format!("DELETE FROM {p}locks WHERE name = ? AND expires_at >= {NOW}");
-                let done = sqlx::query(&sql).bind(name.as_str()).execute(&shared.pool).await;
+                let done = sqlx::query(&sql)
+                    .bind(name.as_str())
+                    .execute(&shared.pool)
+                    .await;
                 Ok(done.map_err(map::<MySql>)?.rows_affected() > 0)
             }
             Strategy::Advisory => {

@@ -1,17 +1,15 @@
 //! What lockkit's integration tests and benchmarks share, so each is written once: the URLs of
 //! the test servers ([`service_url`], [`service_urls`]), lock names no other run uses
-//! ([`fresh_name`]), the warm-up and timing loop ([`time_loop`]) with its statistics
-//! ([`Stats`]), and the contended run ([`contended`]).
+//! ([`fresh_name`]), and, from `lockkit::bench` (the code of `lockkit bench`), the warm-up and
+//! timing loop ([`time_loop`]) with its statistics ([`Stats`]) and the contended run
+//! ([`contended`]).
 //!
 //! Not published: a dev-dependency of the workspace's tests and examples only.
 
-mod run;
 mod services;
-mod stats;
 
-pub use run::{contended, Contended};
+pub use lockkit::bench::{contended, time_loop, try_time_loop, Contended, Stats};
 pub use services::{hosts, service_url, service_urls, with_params};
-pub use stats::{time_loop, Stats};
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{
-    run_detached, Admin, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
-    LockName, LockOptions,
+    run_detached, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, LockName, LockOptions,
 };
 use lockkit_core::{Error, Result};
 use tokio::time::Instant;

@@ -13,7 +13,7 @@
 //! `CONNECTION_ADMIN` privilege).
 
 use std::any::Any;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{Admin, LockInfo, LockName};
@@ -211,9 +211,9 @@ mod my {
     ) -> Result<Vec<LockInfo>> {
         let shared = lock.shared();
         let p = &shared.settings.table_prefix;
-        let m = match exact {
-            true => "name = ?",
-            false => "LEFT(name, LENGTH(?)) = ?",
+        let m = |column: &str| match exact {
+            true => format!("{column} = ?"),
+            false => format!("LEFT({column}, LENGTH(?)) = ?"),
         };
         let mut held = Vec::new();
         match shared.settings.strategy {
@@ -221,7 +221,8 @@ mod my {
                 let sql = format!(
                     "SELECT CAST(l.name AS CHAR), f.value, l.owner, l.expires_at - {NOW}
                      FROM {p}locks l LEFT JOIN {p}fences f ON f.name = l.name
-                     WHERE l.{m} AND l.expires_at >= {NOW}"
+                     WHERE {} AND l.expires_at >= {NOW}",
+                    m("l.name")
                 );
                 let mut query = sqlx::query_as(&sql).bind(key);
                 if !exact {
@@ -235,7 +236,10 @@ mod my {
             }
             Strategy::Advisory => {
                 // Every name ever locked has a fence row; GET_LOCK names are hashes.
-                let sql = format!("SELECT CAST(name AS CHAR), value FROM {p}fences WHERE {m}");
+                let sql = format!(
+                    "SELECT CAST(name AS CHAR), value FROM {p}fences WHERE {}",
+                    m("name")
+                );
                 let mut query = sqlx::query_as(&sql).bind(key);
                 if !exact {
                     query = query.bind(key);
@@ -255,8 +259,9 @@ mod my {
         Ok(held)
     }
 
-    async fn holder(lock: &crate::MySqlLock, name: &LockName) -> Result<Option<u64>> {
-        sqlx::query_scalar("SELECT IS_USED_LOCK(?)")
+    /// The connection id holding `name`'s `GET_LOCK` (an INT on MariaDB, a BIGINT on MySQL).
+    async fn holder(lock: &crate::MySqlLock, name: &LockName) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT CAST(IS_USED_LOCK(?) AS SIGNED)")
             .bind(lock.lock_name(name))
             .fetch_one(&lock.shared().pool)
             .await
@@ -293,6 +298,8 @@ mod my {
 
 #[cfg(feature = "sqlite")]
 mod lite {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
     use super::*;
     use crate::dialect::Sqlite;
     use crate::error::map;

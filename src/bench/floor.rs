@@ -109,6 +109,7 @@ impl Floor {
         let mut parsed = ServiceUrl::parse(url)?;
         let key = format!("lockkit-bench-floor-{}", std::process::id());
         let scheme = parsed.scheme().to_string();
+        #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(unused))]
         let table = match parsed.take("strategy").as_deref() {
             None | Some("advisory") => false,
             Some("table") => true,

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use lockkit::bench::{ms, Report};
 use lockkit::BoxError;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 const FLOOR: RGBColor = RGBColor(120, 144, 176);
@@ -33,6 +34,32 @@ pub(crate) fn draw(path: &Path, reports: &[Report], date: &str) -> Result<(), Bo
     Ok(())
 }
 
+/// One panel: `n` bar groups side by side, values up to `top`, no x axis (the bars are
+/// labelled in the plot).
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    unit: &str,
+    n: f64,
+    top: f64,
+) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>, BoxError> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(10)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..n, 0.0..top)
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .disable_x_axis()
+        .y_desc(unit)
+        .draw()
+        .map_err(failed)?;
+    Ok(chart)
+}
+
 fn latency<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     reports: &[Report],
@@ -44,20 +71,8 @@ fn latency<DB: DrawingBackend>(
         .fold(0.0, f64::max)
         .max(0.001)
         * 1.25;
-    let mut chart = ChartBuilder::on(area)
-        .caption("uncontended acquire+release, p50 (ms)", ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(10)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..n, 0.0..top)
-        .map_err(failed)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .disable_x_axis()
-        .y_desc("ms")
-        .draw()
-        .map_err(failed)?;
+    let caption = "uncontended acquire+release, p50 (ms)";
+    let mut chart = panel(area, caption, "ms", n, top)?;
     let bars = |pick: fn(&Report) -> f64, from: f64, colour: RGBColor| {
         reports.iter().enumerate().map(move |(i, r)| {
             let x = i as f64;
@@ -110,23 +125,8 @@ fn throughput<DB: DrawingBackend>(
         .fold(0.0, f64::max)
         .max(1.0)
         * 1.25;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("contended, {workers} clients on one name: acquisitions/s (fairness)"),
-            ("sans-serif", 16),
-        )
-        .margin(12)
-        .x_label_area_size(10)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..n, 0.0..top)
-        .map_err(failed)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .disable_x_axis()
-        .y_desc("acquisitions/s")
-        .draw()
-        .map_err(failed)?;
+    let caption = format!("contended, {workers} clients on one name: acquisitions/s (fairness)");
+    let mut chart = panel(area, &caption, "acquisitions/s", n, top)?;
     chart
         .draw_series(reports.iter().enumerate().map(|(i, r)| {
             let x = i as f64;

@@ -150,12 +150,16 @@ pub(crate) async fn main(args: Args) -> Result<ExitCode, BoxError> {
         machine["cores"],
         machine["os"].as_str().unwrap_or("?")
     );
+    print_header(&settings);
     let (mut reports, mut failures) = (Vec::new(), Vec::new());
     for url in &args.url {
         let result = bench::run(url, &settings, progress).await;
         bars.finish();
         match result {
-            Ok(report) => reports.push(report),
+            Ok(report) => {
+                print_row(&report);
+                reports.push(report);
+            }
             Err(e) => {
                 let message = crate::one_line(&e.to_string());
                 eprintln!("lockkit: {}: {message}", bench::label(url));
@@ -166,7 +170,7 @@ pub(crate) async fn main(args: Args) -> Result<ExitCode, BoxError> {
             }
         }
     }
-    print_table(&reports, &settings);
+    print_scale(&reports);
     if let Some(path) = &args.json {
         let document = serde_json::json!({
             "lockkit_version": env!("CARGO_PKG_VERSION"),
@@ -214,7 +218,8 @@ fn f2(d: Duration) -> String {
     format!("{:.2}", ms(d))
 }
 
-fn print_table(reports: &[Report], settings: &Settings) {
+/// The table's header; each URL's row follows as soon as it is measured.
+fn print_header(settings: &Settings) {
     println!(
         "uncontended: {} cycles x {} rounds, interleaved with the floor; contended: {} workers \
          holding {} for {:?}; times in ms",
@@ -239,7 +244,10 @@ fn print_table(reports: &[Report], settings: &Settings) {
         "hand-off",
         "failover (TTL)"
     );
-    for r in reports {
+}
+
+fn print_row(r: &Report) {
+    {
         let u = &r.uncontended;
         let c = &r.contended;
         let failover = match &r.failover {
@@ -263,6 +271,9 @@ fn print_table(reports: &[Report], settings: &Settings) {
             failover,
         );
     }
+}
+
+fn print_scale(reports: &[Report]) {
     let scaled: Vec<_> = reports
         .iter()
         .filter_map(|r| Some((r, r.scale.as_ref()?)))

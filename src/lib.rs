@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use lockkit_core::{
-    telemetry, url, BoxError, Capabilities, Error, FencingToken, LockGuard, LockName, LockOptions,
-    Locks, LostReason, Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
+    telemetry, url, BoxError, Capabilities, Error, FencingToken, LockGuard, LockInfo, LockName,
+    LockOptions, Locks, LostReason, Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
 };
 
 /// The backend SPI, for writing a backend of your own (see its contract). Not needed to
@@ -47,6 +47,9 @@ pub use lockkit_consul as consul;
 
 #[cfg(feature = "consul")]
 pub use lockkit_consul::ConsulLock;
+
+#[cfg(feature = "bench")]
+pub mod bench;
 
 type Connecting<'a> = Pin<Box<dyn Future<Output = Result<Locks>> + Send + 'a>>;
 

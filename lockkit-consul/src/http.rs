@@ -89,7 +89,7 @@ pub(crate) struct KeyEntry {
 
 /// A KV key as it goes into a URL path: the name encoding's `%` must itself be escaped (the
 /// prefix and the encoded name hold nothing else that needs escaping).
-fn escaped(key: &str) -> String {
+pub(crate) fn escaped(key: &str) -> String {
     key.replace('%', "%25")
 }
 
@@ -153,7 +153,7 @@ impl Http {
 
     /// Runs a short request (not a blocking query) under the in-flight limit and the
     /// request timeout.
-    async fn short<T>(
+    pub(crate) async fn short<T>(
         &self,
         what: &'static str,
         request: impl std::future::Future<Output = Result<T>>,
@@ -188,7 +188,7 @@ impl Http {
     }
 
     /// One request of the session helper; `Ok((status, body, X-Consul-Index))`.
-    async fn call(
+    pub(crate) async fn call(
         &self,
         what: &'static str,
         method: Method,
@@ -241,11 +241,11 @@ impl Http {
         Ok((status, body, index))
     }
 
-    fn status(&self, what: &'static str, status: StatusCode, body: &[u8]) -> Error {
+    pub(crate) fn status(&self, what: &'static str, status: StatusCode, body: &[u8]) -> Error {
         RequestError::status(what, &self.address, status, body).into()
     }
 
-    fn answer(&self, what: &'static str, e: serde_json::Error) -> Error {
+    pub(crate) fn answer(&self, what: &'static str, e: serde_json::Error) -> Error {
         RequestError::Answer {
             what,
             address: self.address.clone(),

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{
-    run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
-    LockName, LockOptions, Outcome,
+    run_detached, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, LockName, LockOptions, Outcome,
 };
 use lockkit_core::{Error, Result};
 use tokio::time::Instant;
@@ -38,7 +38,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// See the crate documentation for the details.
 #[derive(Clone)]
 pub struct ConsulLock {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for ConsulLock {
@@ -53,7 +53,7 @@ impl std::fmt::Debug for ConsulLock {
 /// What a client's guards and waits share.
 pub(crate) struct Inner {
     pub(crate) http: Http,
-    settings: Settings,
+    pub(crate) settings: Settings,
     pub(crate) watcher: Arc<Watcher>,
 }
 
@@ -234,6 +234,11 @@ impl Backend for ConsulLock {
             .networked(true)
             .max_ttl(MAX_TTL)
             .expiry_slack(MIN_TTL)
+            .admin(true, true, true)
+    }
+
+    fn admin(&self) -> Option<&dyn Admin> {
+        Some(self)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use crate::admin::{Admin, LockInfo};
 pub use crate::capabilities::Capabilities;
 pub use crate::name::LockName;
 pub use crate::options::LockOptions;
@@ -128,6 +129,12 @@ pub trait Backend: std::any::Any + Send + Sync + Debug {
         opts: &LockOptions,
         deadline: Option<Instant>,
     ) -> Result<Acquired>;
+
+    /// The backend's operator view (inspect, list, force-release), if it has one; see
+    /// [`Admin`]. `None` (the default): every such call is [`Error::Unsupported`].
+    fn admin(&self) -> Option<&dyn Admin> {
+        None
+    }
 }
 
 /// A backend that can be opened from a URL: `lockkit::connect` builds its scheme table from
@@ -167,6 +174,10 @@ macro_rules! forward_backend {
                 deadline: Option<Instant>,
             ) -> Result<Acquired> {
                 (**self).lock(name, opts, deadline).await
+            }
+
+            fn admin(&self) -> Option<&dyn Admin> {
+                (**self).admin()
             }
         }
     )+};

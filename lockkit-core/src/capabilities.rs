@@ -25,11 +25,17 @@ pub struct Capabilities {
     /// How long past the TTL the server may take to free an expired lease (Consul takes up to
     /// twice the TTL). Zero for backends that free it at the TTL.
     pub expiry_slack: Duration,
+    /// [`Admin::inspect`](crate::backend::Admin::inspect) works: who holds a lock.
+    pub inspect: bool,
+    /// [`Admin::list`](crate::backend::Admin::list) works: which locks are held.
+    pub list: bool,
+    /// [`Admin::force_release`](crate::backend::Admin::force_release) works.
+    pub force_release: bool,
 }
 
 impl Capabilities {
     /// A backend that promises nothing yet: no fencing, no FIFO hand-off, no lease expiry,
-    /// no renewal, not networked, the given minimum TTL, a maximum of one day and no expiry
+    /// no renewal, not networked, no operator view (inspect, list, force-release), the given minimum TTL, a maximum of one day and no expiry
     /// slack. Claim each guarantee the backend keeps with the builder methods; the
     /// conformance suite then runs the cases that check it.
     pub fn new(min_ttl: Duration) -> Self {
@@ -42,6 +48,9 @@ impl Capabilities {
             min_ttl,
             max_ttl: Duration::from_secs(24 * 3600),
             expiry_slack: Duration::ZERO,
+            inspect: false,
+            list: false,
+            force_release: false,
         }
     }
 
@@ -91,6 +100,16 @@ impl Capabilities {
     #[must_use]
     pub fn expiry_slack(mut self, slack: Duration) -> Self {
         self.expiry_slack = slack;
+        self
+    }
+
+    /// Sets the operator view's flags: [`Capabilities::inspect`], [`Capabilities::list`] and
+    /// [`Capabilities::force_release`].
+    #[must_use]
+    pub fn admin(mut self, inspect: bool, list: bool, force_release: bool) -> Self {
+        self.inspect = inspect;
+        self.list = list;
+        self.force_release = force_release;
         self
     }
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod admin;
 pub mod backend;
 mod capabilities;
 mod error;
@@ -15,6 +16,7 @@ pub mod url;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use admin::LockInfo;
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, LostReason, Result};
 pub use guard::LockGuard;

@@ -117,6 +117,35 @@ impl Locks {
         any.downcast_ref::<B>()
     }
 
+    /// Who holds the lock `name` now (token, remaining lease, owner, where the backend can
+    /// tell), or `None` if it is free. [`Error::Unsupported`] on backends that cannot tell
+    /// ([`Capabilities::inspect`]).
+    pub async fn inspect(&self, name: &str) -> Result<Option<crate::LockInfo>> {
+        let name = LockName::new(name)?;
+        self.admin("inspect a lock")?.inspect(&name).await
+    }
+
+    /// The locks held now whose names start with `prefix` (`""`: all), sorted by name.
+    /// [`Error::Unsupported`] on backends that cannot list ([`Capabilities::list`]).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<crate::LockInfo>> {
+        self.admin("list locks")?.list(prefix).await
+    }
+
+    /// Removes the lock `name` whoever holds it, for an operator clearing a stuck lock;
+    /// `false` if it was free. The next holder gets a higher fencing token, so a holder that
+    /// is still running is fenced off (and learns of the loss at its next renewal).
+    /// [`Error::Unsupported`] on backends that cannot ([`Capabilities::force_release`]).
+    pub async fn force_release(&self, name: &str) -> Result<bool> {
+        let name = LockName::new(name)?;
+        self.admin("remove a lock")?.force_release(&name).await
+    }
+
+    fn admin(&self, what: &str) -> Result<&dyn crate::admin::Admin> {
+        self.backend.admin().ok_or_else(|| {
+            Error::Unsupported(format!("the {} backend cannot {what}", self.backend.name()))
+        })
+    }
+
     /// Acquires `name` with the default options, waiting as long as they say (forever by
     /// default). The guard releases the lock when dropped.
     pub async fn acquire(&self, name: &str) -> Result<LockGuard> {

@@ -56,6 +56,29 @@ impl LockName {
         out
     }
 
+    /// The name that [`LockName::encoded`] turned into `encoded`, or `None` if `encoded` is
+    /// not such an encoding (a key some other program wrote under the same prefix).
+    pub fn decode(encoded: &str) -> Option<LockName> {
+        let bytes = encoded.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if b == b'%' {
+                let hex = encoded.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                out.push(b);
+                i += 1;
+            } else {
+                return None;
+            }
+        }
+        let name = LockName::new(&String::from_utf8(out).ok()?).ok()?;
+        (name.encoded() == encoded).then_some(name)
+    }
+
     /// A stable 64-bit FNV-1a hash of the name's bytes, for backends that lock on integer
     /// keys. Hashes can collide: a backend that uses it must resolve collisions itself.
     pub fn hash64(&self) -> u64 {
@@ -98,6 +121,17 @@ impl TryFrom<&str> for LockName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_inverts_encoded_and_nothing_else() {
+        for name in ["a", "jobs/nightly report", "ünï:cödé.%", "x-_9"] {
+            let name = LockName::new(name).unwrap();
+            assert_eq!(LockName::decode(&name.encoded()), Some(name));
+        }
+        for bad in ["", "a/b", "%4", "%zz", "%61", "%00"] {
+            assert_eq!(LockName::decode(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn rejects_bad_names() {

@@ -11,8 +11,8 @@ use etcd_client::{
     TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use lockkit_core::backend::{
-    run_detached, spawn_cleanup, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
-    FencingToken, Lease, LockName, LockOptions,
+    run_detached, spawn_cleanup, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup,
+    Connect, FencingToken, Lease, LockName, LockOptions,
 };
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
@@ -43,7 +43,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// cancellation.
 #[derive(Debug, Clone)]
 pub struct EtcdLock {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
@@ -191,7 +191,7 @@ fn tls(_: ConnectOptions, _: Option<&std::path::Path>) -> Result<ConnectOptions>
 
 impl Inner {
     /// The key prefix of one lock name: its queue.
-    fn dir(&self, name: &LockName) -> String {
+    pub(crate) fn dir(&self, name: &LockName) -> String {
         format!("{}{}/", self.options.key_prefix(), name.encoded())
     }
 
@@ -492,6 +492,11 @@ impl Backend for EtcdLock {
             .networked(true)
             .fifo(true)
             .expiry_slack(EXPIRY_SLACK)
+            .admin(true, true, true)
+    }
+
+    fn admin(&self) -> Option<&dyn Admin> {
+        Some(self)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use lockkit_core::backend::{
-    run_detached, spawn_cleanup, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken,
-    LockName, LockOptions,
+    run_detached, spawn_cleanup, Acquired, Admin, Attempt, Backend, Capabilities, Connect,
+    FencingToken, LockName, LockOptions,
 };
 use lockkit_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -56,7 +56,7 @@ use crate::subscriptions::{Subscription, Subscriptions};
 /// name share one hash tag, so they stay on one Redis Cluster slot.
 #[derive(Debug, Clone)]
 pub struct RedisLock {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
@@ -64,7 +64,7 @@ pub(crate) struct Inner {
     pub(crate) backend: &'static str,
     pub(crate) nodes: Vec<Node>,
     pub(crate) quorum: usize,
-    options: RedisOptions,
+    pub(crate) options: RedisOptions,
     subscriptions: Arc<Subscriptions>,
 }
 
@@ -72,8 +72,8 @@ pub(crate) struct Inner {
 #[derive(Debug)]
 pub(crate) struct Node {
     /// `host:port`, for messages (never the password).
-    address: String,
-    commands: ConnectionManager,
+    pub(crate) address: String,
+    pub(crate) commands: ConnectionManager,
     pubsub: ConnectionManager,
 }
 
@@ -81,7 +81,7 @@ pub(crate) struct Node {
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     pub(crate) lock: String,
-    fence: String,
+    pub(crate) fence: String,
     pub(crate) channel: String,
 }
 
@@ -276,7 +276,7 @@ async fn refuse_eviction(nodes: &[Node], options: &RedisOptions, redlock: bool) 
 }
 
 impl Inner {
-    fn keys(&self, name: &LockName) -> Keys {
+    pub(crate) fn keys(&self, name: &LockName) -> Keys {
         let tag = format!("{}{{{}}}", self.options.key_prefix(), name.encoded());
         Keys {
             fence: format!("{tag}:fence"),
@@ -481,6 +481,11 @@ impl Backend for RedisLock {
             .lease_expiry(true)
             .renewal(true)
             .networked(true)
+            .admin(true, true, true)
+    }
+
+    fn admin(&self) -> Option<&dyn Admin> {
+        Some(self)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {

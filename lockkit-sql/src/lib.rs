@@ -6,6 +6,7 @@
     allow(dead_code)
 )]
 
+mod admin;
 mod advisory;
 pub mod dialect;
 mod error;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{
-    run_detached, Acquired, Attempt, Backend, Capabilities, Connect, FencingToken, LockName,
+    run_detached, Acquired, Admin, Attempt, Backend, Capabilities, Connect, FencingToken, LockName,
     LockOptions, Outcome,
 };
 use lockkit_core::{Error, Result};
@@ -109,7 +109,6 @@ impl<D: Dialect> SqlLock<D> {
     }
 
     /// The shared state, for the dialects' own inspection methods.
-    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub(crate) fn shared(&self) -> &Shared<D> {
         &self.inner
     }
@@ -166,6 +165,11 @@ impl<D: Dialect> Backend for SqlLock<D> {
             .lease_expiry(true)
             .renewal(true)
             .networked(D::SERVER)
+            .admin(true, true, true)
+    }
+
+    fn admin(&self) -> Option<&dyn Admin> {
+        Some(self)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lockkit_core::backend::{
-    run_detached, Acquired, Armed, Attempt, Backend, Capabilities, Cleanup, Connect, FencingToken,
-    LockName, LockOptions,
+    run_detached, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup, Connect,
+    FencingToken, LockName, LockOptions,
 };
 use lockkit_core::{Error, Result};
 use tokio::time::Instant;
@@ -37,14 +37,14 @@ type Outcome = lockkit_core::backend::Outcome;
 /// crate documentation for the details.
 #[derive(Debug, Clone)]
 pub struct ZkLock {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     /// The connect string for the client crate: `h1:p1,h2:p2[/chroot]`.
     cluster: String,
-    options: ZkOptions,
+    pub(crate) options: ZkOptions,
     /// Live sessions by requested session timeout (ms).
     sessions: tokio::sync::Mutex<HashMap<u64, Slot>>,
 }
@@ -406,6 +406,11 @@ impl Backend for ZkLock {
             .networked(true)
             .fifo(true)
             .max_ttl(options.max_ttl)
+            .admin(true, true, true)
+    }
+
+    fn admin(&self) -> Option<&dyn Admin> {
+        Some(self)
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
@@ -451,7 +456,7 @@ async fn reap(inner: Weak<Inner>) {
 }
 
 /// The sequence number of a lock node name, if it is one of ours.
-fn sequence_of(child: &str) -> Option<i64> {
+pub(crate) fn sequence_of(child: &str) -> Option<i64> {
     let (_, sequence) = child.rsplit_once(LOCK_SUFFIX)?;
     sequence.parse().ok()
 }

@@ -1,4 +1,5 @@
-//! Latency statistics and the warm-up and timing loop every benchmark runs.
+//! Latency statistics and the warm-up and timing loop every benchmark runs (lockkit's tests
+//! use them too, through lockkit-testkit).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -45,16 +46,62 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
+    let never = try_time_loop(iterations, warmup, || {
+        let run = op();
+        async move {
+            run.await;
+            Ok::<(), std::convert::Infallible>(())
+        }
+    });
+    match never.await {
+        Ok(samples) => samples,
+    }
+}
+
+/// [`time_loop`] for an operation that can fail: stops at its first error and returns it.
+pub async fn try_time_loop<F, Fut, E>(
+    iterations: usize,
+    warmup: usize,
+    mut op: F,
+) -> Result<Vec<Duration>, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
     for _ in 0..warmup {
-        op().await;
+        op().await?;
     }
     let mut samples = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let started = Instant::now();
-        op().await;
+        op().await?;
         samples.push(started.elapsed());
     }
-    samples
+    Ok(samples)
+}
+
+/// The median of `values` (the upper one of the middle two for an even count); 0 for none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+impl Stats {
+    /// The statistics in milliseconds, as JSON: `mean_ms`, `p50_ms`, `p99_ms`, `max_ms`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mean_ms": ms(self.mean),
+            "p50_ms": ms(self.p50),
+            "p99_ms": ms(self.p99),
+            "max_ms": ms(self.max),
+        })
+    }
+}
+
+/// A duration in milliseconds (fractional).
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 #[cfg(test)]
@@ -72,6 +119,8 @@ mod tests {
         assert_eq!(Stats::of(&[]), Stats::default());
         let one = Stats::of(&[Duration::from_millis(7)]);
         assert_eq!((one.p50, one.p99), (one.max, one.max));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[]), 0.0);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -1,14 +1,26 @@
-//! The `lockkit` command: run a command while holding a distributed lock.
+//! The `lockkit` command: run a command while holding a distributed lock, compare backends,
+//! and inspect locks.
 //!
 //! ```text
 //! lockkit run --url sqlite:///var/lib/app/locks.db --name nightly-report -- ./report.sh
+//! lockkit bench --url sqlite:///tmp/b.db --url redis://127.0.0.1 --json out.json --chart out.svg
+//! lockkit status --url redis://127.0.0.1 --name nightly-report
+//! lockkit ls --url redis://127.0.0.1 --prefix nightly
+//! lockkit release --force --url redis://127.0.0.1 --name nightly-report --yes
 //! ```
 //!
-//! The command runs only while the lock is held, in its own process group; if the lock is
-//! lost (lease expired, server gone), the whole group is killed and `lockkit` exits with
+//! `run`: the command runs only while the lock is held, in its own process group; if the lock
+//! is lost (lease expired, server gone), the whole group is killed and `lockkit` exits with
 //! status 75. SIGTERM and SIGINT stop the command the same way and release the lock (exit
 //! 143, 130). If the lock is busy past `--wait`, `lockkit` exits with status 73 without
 //! running the command. Otherwise it exits with the command's status.
+//!
+//! `status` exits 0 when the lock is free and 1 when it is held; `status`, `ls`, `release`
+//! and `bench` exit 2 on an error, and `bench` exits 3 when a run saw two holders at once.
+
+mod bench;
+mod chart;
+mod inspect;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -50,6 +62,17 @@ enum Command {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// Compares backends on your servers: the same workloads on each URL, one table.
+    Bench(bench::Args),
+    /// Whether a lock is held, and by whom: exit 0 if free, 1 if held.
+    Status(inspect::StatusArgs),
+    /// The locks held now, one per line (name, token, remaining lease, owner).
+    Ls(inspect::LsArgs),
+    /// Removes a stuck lock whoever holds it (the next holder gets a higher token).
+    Release(inspect::ReleaseArgs),
+    /// Holds a lock until killed (the failover run of `lockkit bench` kills it).
+    #[command(name = "__bench-hold", hide = true)]
+    BenchHold(bench::HoldArgs),
 }
 
 const EXIT_BUSY: u8 = 73;
@@ -65,14 +88,50 @@ fn seconds(value: f64, what: &str) -> Result<Duration, Error> {
         .map_err(|_| Error::InvalidOptions(format!("--{what} {value} is too large (in seconds)")))
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, Error> {
-    let Command::Run {
-        url,
-        name,
-        ttl,
-        wait,
-        command,
-    } = cli.command;
+/// Exit status of `status`, `ls`, `release` and `bench` on an error.
+const EXIT_ERROR: u8 = 2;
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let outcome = match cli.command {
+        Command::Run {
+            url,
+            name,
+            ttl,
+            wait,
+            command,
+        } => {
+            return match run(url, name, ttl, wait, command).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("lockkit: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Bench(args) => bench::main(args).await,
+        Command::Status(args) => inspect::status(args).await,
+        Command::Ls(args) => inspect::ls(args).await,
+        Command::Release(args) => inspect::release(args).await,
+        Command::BenchHold(args) => bench::hold(args).await,
+    };
+    outcome.unwrap_or_else(|e| {
+        eprintln!("lockkit: {}", one_line(&e.to_string()));
+        ExitCode::from(EXIT_ERROR)
+    })
+}
+
+/// A message on one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+async fn run(
+    url: String,
+    name: String,
+    ttl: f64,
+    wait: Option<f64>,
+    command: Vec<String>,
+) -> Result<ExitCode, Error> {
     let mut opts = LockOptions::new().ttl(seconds(ttl, "ttl")?);
     if let Some(wait) = wait {
         opts = opts.wait_timeout(seconds(wait, "wait")?);
@@ -159,11 +218,25 @@ async fn release(guard: lockkit::LockGuard) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(code) => code,
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => dispatch(cli).await,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        // Usage errors on one line, as every other error.
         Err(e) => {
-            eprintln!("lockkit: {e}");
-            ExitCode::FAILURE
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first} (see `lockkit --help`)");
+            ExitCode::from(2)
         }
     }
 }

@@ -1,0 +1,95 @@
+//! Inspecting locks from outside their holders: who holds a lock, which locks are held, and
+//! removing a stuck one. Optional for a backend: every method has a default that fails with
+//! [`Error::Unsupported`], and [`Capabilities`](crate::Capabilities) says which ones work
+//! (`inspect`, `list`, `force_release`, all off by default).
+//!
+//! A backend opts in by returning itself from [`Backend::admin`](crate::backend::Backend::admin)
+//! and implementing the methods it can. Users call them through
+//! [`Locks::inspect`](crate::Locks::inspect), [`Locks::list`](crate::Locks::list) and
+//! [`Locks::force_release`](crate::Locks::force_release), which validate names first.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::name::LockName;
+use crate::token::FencingToken;
+
+/// What the server says about one held lock. Fields a backend cannot tell are `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockInfo {
+    /// The lock name, as users gave it.
+    pub name: String,
+    /// The holder's fencing token.
+    pub token: Option<FencingToken>,
+    /// How long the holder's lease has left if it is not renewed (as the server counts it).
+    pub remaining: Option<Duration>,
+    /// The holder's identity on the server (owner id, session id, lease id).
+    pub owner: Option<String>,
+}
+
+impl LockInfo {
+    /// A held lock about which nothing more is known yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        LockInfo {
+            name: name.into(),
+            token: None,
+            remaining: None,
+            owner: None,
+        }
+    }
+
+    /// Sets [`LockInfo::token`].
+    #[must_use]
+    pub fn token(mut self, token: u64) -> Self {
+        self.token = Some(FencingToken(token));
+        self
+    }
+
+    /// Sets [`LockInfo::remaining`].
+    #[must_use]
+    pub fn remaining(mut self, remaining: Duration) -> Self {
+        self.remaining = Some(remaining);
+        self
+    }
+
+    /// Sets [`LockInfo::owner`].
+    #[must_use]
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+}
+
+/// The operator's view of a backend. Every method fails with [`Error::Unsupported`] unless
+/// the backend implements it (and claims it in its capabilities).
+#[async_trait]
+pub trait Admin: Send + Sync {
+    /// The lock `name` if it is held now, else `None`.
+    async fn inspect(&self, name: &LockName) -> Result<Option<LockInfo>> {
+        let _ = name;
+        Err(Error::Unsupported(
+            "this backend cannot inspect a lock".into(),
+        ))
+    }
+
+    /// Every lock held now whose name starts with `prefix` (`""`: all), sorted by name.
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+        let _ = prefix;
+        Err(Error::Unsupported(
+            "this backend cannot list its locks".into(),
+        ))
+    }
+
+    /// Takes the lock `name` away from its holder, whoever it is; `false` if it was free.
+    /// The next acquisition's fencing token is higher than the removed holder's, so a holder
+    /// that is still running is fenced off; it learns of the loss at its next renewal.
+    async fn force_release(&self, name: &LockName) -> Result<bool> {
+        let _ = name;
+        Err(Error::Unsupported(
+            "this backend cannot remove a lock it does not hold".into(),
+        ))
+    }
+}

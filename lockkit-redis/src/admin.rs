@@ -1,0 +1,154 @@
+//! The operator's view: who holds a lock, which locks are held, and removing a stuck one.
+//!
+//! A lock is held where its lock key exists; the holder's token is the name's fence key
+//! (which never expires), its owner the lock key's value, its remaining lease the key's
+//! PTTL. With RedLock a lock counts as held when a quorum of instances has the same owner.
+//! A forced release deletes the lock key on every instance and tells the waiters; the fence
+//! key stays, so the next holder's token is higher.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lockkit_core::backend::{Admin, LockInfo, LockName};
+use lockkit_core::Result;
+use redis::Script;
+
+use crate::error::map_err;
+use crate::lock::{Node, RedisLock};
+
+/// KEYS: lock. ARGV: channel. Deletes the lock key whoever owns it and tells the waiters:
+/// 1 if it existed.
+const FORCE_RELEASE: &str = r"
+if redis.call('DEL', KEYS[1]) == 1 then
+    redis.call('PUBLISH', ARGV[1], 'released')
+    return 1
+end
+return 0
+";
+
+/// What one instance says about one name: owner, PTTL in ms, fence.
+type Seen = (Option<String>, i64, Option<u64>);
+
+async fn look(node: &Node, lock: &str, fence: &str) -> Result<Seen> {
+    let mut conn = node.commands.clone();
+    redis::pipe()
+        .get(lock)
+        .pttl(lock)
+        .get(fence)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| map_err(&node.address, e))
+}
+
+/// Redis glob patterns treat these as special.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[async_trait]
+impl Admin for RedisLock {
+    async fn inspect(&self, name: &LockName) -> Result<Option<LockInfo>> {
+        let keys = self.inner.keys(name);
+        let mut seen = Vec::with_capacity(self.inner.nodes.len());
+        for node in &self.inner.nodes {
+            // An instance that is down counts as not holding it (as for acquisitions).
+            match look(node, &keys.lock, &keys.fence).await {
+                Ok(found) => seen.push(found),
+                Err(e) if self.inner.nodes.len() == 1 => return Err(e),
+                Err(_) => {}
+            }
+        }
+        let owners: BTreeSet<&String> = seen.iter().filter_map(|s| s.0.as_ref()).collect();
+        for owner in owners {
+            let holding: Vec<&Seen> = seen
+                .iter()
+                .filter(|s| s.0.as_ref() == Some(owner))
+                .collect();
+            if holding.len() < self.inner.quorum {
+                continue;
+            }
+            let remaining = holding.iter().map(|s| s.1.max(0)).min().unwrap_or(0);
+            let token = seen.iter().filter_map(|s| s.2).max().unwrap_or(0);
+            let info = LockInfo::new(name.as_str())
+                .owner(owner.clone())
+                .token(token)
+                .remaining(Duration::from_millis(remaining as u64));
+            return Ok(Some(info));
+        }
+        Ok(None)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+        // Lock keys are `<key prefix>{<encoded name>}`; the fence and channel keys carry a
+        // suffix after the closing brace, so the pattern skips them.
+        let encoded = match prefix {
+            "" => String::new(),
+            prefix => LockName::new(prefix)?.encoded(),
+        };
+        let pattern = format!(
+            "{}{{{}*}}",
+            glob_escape(self.inner.options.key_prefix()),
+            glob_escape(&encoded)
+        );
+        let start = self.inner.options.key_prefix().len() + 1;
+        let mut names = BTreeSet::new();
+        for node in &self.inner.nodes {
+            let mut conn = node.commands.clone();
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| map_err(&node.address, e))?;
+                for key in keys {
+                    let inside = key.get(start..key.len().saturating_sub(1));
+                    if let Some(name) = inside.and_then(LockName::decode) {
+                        names.insert(name);
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        let mut held = Vec::with_capacity(names.len());
+        for name in names {
+            // A lock released since the scan is simply not listed.
+            if let Some(info) = self.inspect(&name).await? {
+                held.push(info);
+            }
+        }
+        Ok(held)
+    }
+
+    async fn force_release(&self, name: &LockName) -> Result<bool> {
+        let keys = self.inner.keys(name);
+        let script = Script::new(FORCE_RELEASE);
+        let mut removed = false;
+        for node in &self.inner.nodes {
+            let mut conn = node.commands.clone();
+            let deleted: i64 = script
+                .key(&keys.lock)
+                .arg(&keys.channel)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| map_err(&node.address, e))?;
+            removed |= deleted == 1;
+        }
+        Ok(removed)
+    }
+}

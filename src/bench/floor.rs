@@ -1,0 +1,534 @@
+//! The floor of each backend: the least a lock costs through the plain client crate on the
+//! same server, with nothing of lockkit on top.
+//!
+//! The **fenced** floor is the least a lock *with a fencing token* needs, the one lockkit's
+//! ratio is taken against; the **unfenced** floor is the bare lock, shown beside it where it
+//! differs (the SQL advisory locks, whose token is a counter bumped separately).
+//!
+//! | scheme | fenced round | unfenced round |
+//! |---|---|---|
+//! | `redis`, `rediss` | `SET key NX PX` + `DEL key` (the token comes free with the write) | the same |
+//! | `redlock`, `redlocks` | the same on every instance, instances in parallel | the same |
+//! | `etcd` | put + delete of one key (its revision is the token) | the same |
+//! | `zk`, `zookeeper` | create + delete of an ephemeral node (its `czxid`) | the same |
+//! | `consul` | KV `PUT` + `DELETE` (its `ModifyIndex`), on one keep-alive connection | the same |
+//! | `postgres` advisory | one statement taking `pg_try_advisory_lock` and bumping a committed counter (a CTE) + `pg_advisory_unlock` | `pg_try_advisory_lock` + `pg_advisory_unlock` |
+//! | `mysql`, `mariadb` advisory | `GET_LOCK` + the counter bump + `RELEASE_LOCK` | `GET_LOCK` + `RELEASE_LOCK` |
+//! | SQL `strategy=table`, `sqlite` | INSERT + DELETE of a row (SQLite: WAL, `synchronous=FULL`, as lockkit opens it) | the same |
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+use std::str::FromStr;
+
+use lockkit_core::url::ServiceUrl;
+use lockkit_core::BoxError;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+#[cfg(feature = "mysql")]
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+#[cfg(feature = "postgres")]
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+#[cfg(feature = "sqlite")]
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+use sqlx::ConnectOptions;
+
+#[cfg(feature = "etcd")]
+use lockkit_etcd::etcd_client;
+#[cfg(feature = "zk")]
+use lockkit_zk::zookeeper_client as zk;
+
+/// The table of the INSERT + DELETE floors and of the fenced floors' counters (valid SQL
+/// for PostgreSQL, MySQL and SQLite).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+const CREATE_ROWS: &str =
+    "CREATE TABLE IF NOT EXISTS lockkit_bench_floor_rows (name VARCHAR(64) PRIMARY KEY)";
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+const CREATE_COUNTER: &str = "CREATE TABLE IF NOT EXISTS lockkit_bench_floor_fences \
+     (name VARCHAR(64) PRIMARY KEY, n BIGINT NOT NULL)";
+
+/// INSERT + DELETE of the round's row, on a `Mutex` of any sqlx connection; `$p` is the
+/// database's placeholder (`$1` or `?`).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+macro_rules! insert_delete {
+    ($conn:expr, $key:expr, $p:literal) => {{
+        let mut conn = $conn.lock().await;
+        sqlx::query(concat!(
+            "INSERT INTO lockkit_bench_floor_rows VALUES (",
+            $p,
+            ")"
+        ))
+        .bind($key)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(concat!(
+            "DELETE FROM lockkit_bench_floor_rows WHERE name = ",
+            $p
+        ))
+        .bind($key)
+        .execute(&mut *conn)
+        .await?;
+    }};
+}
+
+/// A connection to a backend's server through its plain client crate, ready to run floor
+/// rounds.
+pub struct Floor {
+    fenced: &'static str,
+    unfenced: Option<&'static str>,
+    client: Client,
+    /// The key, node, advisory lock or row one round takes and frees; this process's own.
+    key: String,
+}
+
+enum Client {
+    #[cfg(feature = "redis")]
+    Redis(Vec<::redis::aio::ConnectionManager>),
+    #[cfg(feature = "etcd")]
+    Etcd(Box<etcd_client::Client>),
+    #[cfg(feature = "zk")]
+    Zk(zk::Client, String),
+    Consul(Mutex<Http>),
+    #[cfg(feature = "postgres")]
+    PgAdvisory(Mutex<PgConnection>),
+    #[cfg(feature = "mysql")]
+    MySqlAdvisory(Mutex<MySqlConnection>),
+    #[cfg(feature = "postgres")]
+    PgTable(Mutex<PgConnection>),
+    #[cfg(feature = "mysql")]
+    MySqlTable(Mutex<MySqlConnection>),
+    #[cfg(feature = "sqlite")]
+    Sqlite(Mutex<SqliteConnection>),
+}
+
+impl Floor {
+    /// Connects to the server of a lockkit URL, the way lockkit's backend for its scheme
+    /// would reach it.
+    pub async fn connect(url: &str) -> Result<Floor, BoxError> {
+        let mut parsed = ServiceUrl::parse(url)?;
+        let key = format!("lockkit-bench-floor-{}", std::process::id());
+        let scheme = parsed.scheme().to_string();
+        #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(unused))]
+        let table = match parsed.take("strategy").as_deref() {
+            None | Some("advisory") => false,
+            Some("table") => true,
+            Some(other) => return Err(parsed.error(format!("unknown strategy {other}")).into()),
+        };
+        // The URL without lockkit's parameters, for the database drivers.
+        #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+        let bare = url.split('?').next().unwrap_or(url);
+        let same = |what: &'static str, client| (what, None, client);
+        let (fenced, unfenced, client) = match scheme.as_str() {
+            #[cfg(feature = "redis")]
+            "redis" | "rediss" | "redlock" | "redlocks" => {
+                let redlock = scheme.starts_with("redlock");
+                let scheme = if scheme == "rediss" || scheme == "redlocks" {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                let auth = match (parsed.username(), parsed.password()) {
+                    (_, None) => String::new(),
+                    (user, Some(password)) => {
+                        format!("{}:{password}@", user.unwrap_or_default())
+                    }
+                };
+                let db = parsed.path().trim_matches('/').to_string();
+                let mut instances = Vec::new();
+                for host in parsed.expect_hosts()? {
+                    let host = host.with_default_port(6379);
+                    instances.push(redis(&format!("{scheme}://{auth}{host}/{db}")).await?);
+                }
+                let what = match redlock {
+                    true => "SET NX PX + DEL on each",
+                    false => "SET NX PX + DEL",
+                };
+                same(what, Client::Redis(instances))
+            }
+            #[cfg(feature = "etcd")]
+            "etcd" => {
+                let endpoints: Vec<String> = parsed
+                    .expect_hosts()?
+                    .iter()
+                    .map(|h| h.with_default_port(2379))
+                    .collect();
+                let options = match (parsed.username(), parsed.password()) {
+                    (Some(user), Some(password)) => {
+                        Some(etcd_client::ConnectOptions::new().with_user(user, password))
+                    }
+                    _ => None,
+                };
+                let client = etcd_client::Client::connect(endpoints, options).await?;
+                same("put + delete", Client::Etcd(Box::new(client)))
+            }
+            #[cfg(feature = "zk")]
+            "zk" | "zookeeper" => {
+                let hosts: Vec<String> = parsed
+                    .expect_hosts()?
+                    .iter()
+                    .map(|h| h.with_default_port(2181))
+                    .collect();
+                let client = zk::Client::connect(&hosts.join(",")).await?;
+                same(
+                    "create + delete ephemeral",
+                    Client::Zk(client, hosts[0].clone()),
+                )
+            }
+            "consul" => {
+                let host = parsed.expect_hosts()?[0].with_default_port(8500);
+                let token = parsed.take("token");
+                let http = Http::connect(&host, token).await?;
+                same("KV PUT + DELETE", Client::Consul(Mutex::new(http)))
+            }
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => {
+                let mut conn = PgConnectOptions::from_str(bare)?.connect().await?;
+                sqlx::query(CREATE_ROWS).execute(&mut conn).await?;
+                sqlx::query(CREATE_COUNTER).execute(&mut conn).await?;
+                sqlx::query(
+                    "INSERT INTO lockkit_bench_floor_fences VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                )
+                .bind(&key)
+                .execute(&mut conn)
+                .await?;
+                match table {
+                    false => (
+                        "try_advisory_lock+counter CTE + unlock",
+                        Some("pg_try_advisory_lock + unlock"),
+                        Client::PgAdvisory(Mutex::new(conn)),
+                    ),
+                    true => same("INSERT + DELETE", Client::PgTable(Mutex::new(conn))),
+                }
+            }
+            #[cfg(feature = "mysql")]
+            "mysql" | "mariadb" => {
+                let bare = bare.replacen("mariadb:", "mysql:", 1);
+                let mut conn = MySqlConnectOptions::from_str(&bare)?.connect().await?;
+                sqlx::query(CREATE_ROWS).execute(&mut conn).await?;
+                sqlx::query(CREATE_COUNTER).execute(&mut conn).await?;
+                sqlx::query("INSERT IGNORE INTO lockkit_bench_floor_fences VALUES (?, 0)")
+                    .bind(&key)
+                    .execute(&mut conn)
+                    .await?;
+                match table {
+                    false => (
+                        "GET_LOCK + counter + RELEASE_LOCK",
+                        Some("GET_LOCK + RELEASE_LOCK"),
+                        Client::MySqlAdvisory(Mutex::new(conn)),
+                    ),
+                    true => same("INSERT + DELETE", Client::MySqlTable(Mutex::new(conn))),
+                }
+            }
+            #[cfg(feature = "sqlite")]
+            "sqlite" => {
+                let mut conn = SqliteConnectOptions::from_str(bare)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(std::time::Duration::from_secs(5))
+                    .connect()
+                    .await?;
+                sqlx::query(CREATE_ROWS).execute(&mut conn).await?;
+                same("INSERT + DELETE", Client::Sqlite(Mutex::new(conn)))
+            }
+            other => {
+                return Err(parsed
+                    .error(format!("no floor for scheme {other} in this build"))
+                    .into())
+            }
+        };
+        Ok(Floor {
+            fenced,
+            unfenced,
+            client,
+            key,
+        })
+    }
+
+    /// What one fenced round does, for the table.
+    pub fn fenced_what(&self) -> &'static str {
+        self.fenced
+    }
+
+    /// What one unfenced round does, where it differs from the fenced one.
+    pub fn unfenced_what(&self) -> Option<&'static str> {
+        self.unfenced
+    }
+
+    /// The server's version, as it reports it (`unknown` where it will not say).
+    pub async fn version(&self) -> String {
+        self.try_version()
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    async fn try_version(&self) -> Result<Option<String>, BoxError> {
+        Ok(match &self.client {
+            #[cfg(feature = "redis")]
+            Client::Redis(instances) => {
+                let mut conn = instances[0].clone();
+                let info: String = ::redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
+                    .await?;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("redis_version:"))
+                    .map(|v| v.trim().to_string())
+            }
+            #[cfg(feature = "etcd")]
+            Client::Etcd(client) => {
+                let status = etcd_client::Client::clone(client).status().await?;
+                Some(status.version().to_string())
+            }
+            #[cfg(feature = "zk")]
+            Client::Zk(_, host) => {
+                let read = async {
+                    let mut stream = TcpStream::connect(host.as_str()).await?;
+                    stream.write_all(b"srvr").await?;
+                    let mut text = String::new();
+                    stream.read_to_string(&mut text).await?;
+                    Ok::<_, std::io::Error>(text)
+                };
+                let text = tokio::time::timeout(std::time::Duration::from_secs(2), read).await??;
+                text.lines()
+                    .find_map(|l| l.strip_prefix("Zookeeper version:"))
+                    .map(|v| v.split([',', '-']).next().unwrap_or(v).trim().to_string())
+            }
+            Client::Consul(http) => {
+                let body = http.lock().await.call("GET", "/v1/agent/self").await?;
+                let json: serde_json::Value = serde_json::from_str(&body)?;
+                json["Config"]["Version"].as_str().map(str::to_string)
+            }
+            #[cfg(feature = "postgres")]
+            Client::PgAdvisory(conn) | Client::PgTable(conn) => {
+                let mut conn = conn.lock().await;
+                Some(
+                    sqlx::query_scalar("SHOW server_version")
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            }
+            #[cfg(feature = "mysql")]
+            Client::MySqlAdvisory(conn) | Client::MySqlTable(conn) => {
+                let mut conn = conn.lock().await;
+                Some(
+                    sqlx::query_scalar("SELECT VERSION()")
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            }
+            #[cfg(feature = "sqlite")]
+            Client::Sqlite(conn) => {
+                let mut conn = conn.lock().await;
+                Some(
+                    sqlx::query_scalar("SELECT sqlite_version()")
+                        .fetch_one(&mut *conn)
+                        .await?,
+                )
+            }
+        })
+    }
+
+    /// One round: take and free this process's key; `fenced` with the token's counter where
+    /// the backend's lock does not carry one by itself.
+    pub async fn round(&self, fenced: bool) -> Result<(), BoxError> {
+        let key = self.key.as_str();
+        let _ = (key, fenced);
+        match &self.client {
+            #[cfg(feature = "redis")]
+            Client::Redis(instances) => {
+                futures_util::future::try_join_all(instances.iter().map(|conn| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let set: Option<String> = ::redis::cmd("SET")
+                            .arg(key)
+                            .arg("owner")
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(30_000)
+                            .query_async(&mut conn)
+                            .await?;
+                        expect(set.is_some(), "SET NX found the key taken")?;
+                        let _: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+                        Ok::<_, BoxError>(())
+                    }
+                }))
+                .await?;
+            }
+            #[cfg(feature = "etcd")]
+            Client::Etcd(client) => {
+                let mut client = etcd_client::Client::clone(client);
+                client.put(key, "x", None).await?;
+                client.delete(key, None).await?;
+            }
+            #[cfg(feature = "zk")]
+            Client::Zk(client, _) => {
+                let path = format!("/{key}");
+                let mode = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+                client.create(&path, b"", &mode).await?;
+                client.delete(&path, None).await?;
+            }
+            Client::Consul(http) => {
+                let mut http = http.lock().await;
+                let path = format!("/v1/kv/{key}");
+                expect(http.call("PUT", &path).await? == "true", "KV PUT failed")?;
+                expect(
+                    http.call("DELETE", &path).await? == "true",
+                    "KV DELETE failed",
+                )?;
+            }
+            #[cfg(feature = "postgres")]
+            Client::PgAdvisory(conn) => {
+                let mut conn = conn.lock().await;
+                let id = i64::from(std::process::id());
+                if fenced {
+                    // The bump depends on the lock's row, so it happens only once taken.
+                    let token: Option<i64> = sqlx::query_scalar(
+                        "WITH l AS (SELECT pg_try_advisory_lock($1) AS ok)
+                         UPDATE lockkit_bench_floor_fences SET n = n + 1 FROM l
+                         WHERE name = $2 AND l.ok RETURNING n",
+                    )
+                    .bind(id)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    expect(token.is_some(), "pg_try_advisory_lock found the lock taken")?;
+                } else {
+                    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                        .bind(id)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    expect(taken, "pg_try_advisory_lock found the lock taken")?;
+                }
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            #[cfg(feature = "mysql")]
+            Client::MySqlAdvisory(conn) => {
+                let mut conn = conn.lock().await;
+                let taken: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 0)")
+                    .bind(key)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                expect(taken == Some(1), "GET_LOCK found the lock taken")?;
+                if fenced {
+                    // The new value comes back with the statement's result (LAST_INSERT_ID).
+                    let done = sqlx::query(
+                        "UPDATE lockkit_bench_floor_fences SET n = LAST_INSERT_ID(n + 1) \
+                         WHERE name = ?",
+                    )
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+                    expect(done.last_insert_id() > 0, "no counter row")?;
+                }
+                sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            #[cfg(feature = "postgres")]
+            Client::PgTable(conn) => insert_delete!(conn, key, "$1"),
+            #[cfg(feature = "mysql")]
+            Client::MySqlTable(conn) => insert_delete!(conn, key, "?"),
+            #[cfg(feature = "sqlite")]
+            Client::Sqlite(conn) => insert_delete!(conn, key, "?"),
+        }
+        Ok(())
+    }
+}
+
+fn expect(ok: bool, why: &str) -> Result<(), BoxError> {
+    match ok {
+        true => Ok(()),
+        false => Err(why.into()),
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn redis(url: &str) -> Result<::redis::aio::ConnectionManager, BoxError> {
+    Ok(::redis::Client::open(url)?.get_connection_manager().await?)
+}
+
+/// A minimal HTTP/1.1 keep-alive client: one request at a time on one connection, with no
+/// client library's overhead on top of the agent's.
+struct Http {
+    stream: BufReader<TcpStream>,
+    host: String,
+    token: Option<String>,
+}
+
+impl Http {
+    async fn connect(host: &str, token: Option<String>) -> std::io::Result<Http> {
+        let stream = TcpStream::connect(host).await?;
+        stream.set_nodelay(true)?;
+        Ok(Http {
+            stream: BufReader::new(stream),
+            host: host.to_string(),
+            token,
+        })
+    }
+
+    /// Sends a body-less request; returns the response body, trimmed.
+    async fn call(&mut self, method: &str, path: &str) -> Result<String, BoxError> {
+        let token = match &self.token {
+            Some(token) => format!("X-Consul-Token: {token}\r\n"),
+            None => String::new(),
+        };
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{token}Content-Length: 0\r\n\r\n",
+            self.host
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).await?;
+        let (mut length, mut chunked) = (0, false);
+        loop {
+            let line = self.line().await?;
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse()?;
+                }
+                if name.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = value.trim().eq_ignore_ascii_case("chunked");
+                }
+            }
+        }
+        let mut body = Vec::new();
+        if !chunked {
+            body.resize(length, 0);
+            self.stream.read_exact(&mut body).await?;
+        }
+        // A chunked body (larger answers): chunks of a hexadecimal size, up to an empty one.
+        if chunked {
+            loop {
+                let size =
+                    usize::from_str_radix(self.line().await?.split(';').next().unwrap_or(""), 16)?;
+                let mut chunk = vec![0; size + 2];
+                if size == 0 {
+                    // The (empty) trailer ends with an empty line.
+                    while !self.line().await?.is_empty() {}
+                    break;
+                }
+                self.stream.read_exact(&mut chunk).await?;
+                body.extend_from_slice(&chunk[..size]);
+            }
+        }
+        Ok(String::from_utf8(body)?.trim().to_string())
+    }
+
+    /// One header line, without its line end.
+    async fn line(&mut self) -> Result<String, BoxError> {
+        let mut line = String::new();
+        if self.stream.read_line(&mut line).await? == 0 {
+            return Err("Consul closed the connection".into());
+        }
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}

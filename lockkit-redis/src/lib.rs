@@ -5,6 +5,7 @@ mod error;
 mod lease;
 mod lock;
 mod options;
+mod renewals;
 mod scripts;
 mod subscriptions;
 

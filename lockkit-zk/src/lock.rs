@@ -379,6 +379,7 @@ impl Inner {
         &self,
         name: &LockName,
         node: &Node,
+        ttl: Duration,
         mut seen: Option<(Vec<String>, Instant)>,
     ) -> Result<Instant> {
         let session = &node.session;
@@ -405,17 +406,29 @@ impl Inner {
                 return Ok(asked);
             }
             let predecessor = format!("{parent}/{}", queue[at - 1]);
+            let watching = Instant::now();
             let watched = session
                 .request(session.client.check_and_watch_stat(&predecessor))
                 .await;
             match watched {
                 Ok((None, _)) => continue,
                 Ok((Some(_), watcher)) => {
-                    tokio::select! {
-                        _ = watcher.changed() => {}
+                    let event = tokio::select! {
+                        event = watcher.changed() => event,
                         why = session.lost() => {
                             return Err(Error::connection(BACKEND, format!("session lost: {why}")));
                         }
+                    };
+                    // The first in line just left: no node can come before ours any more
+                    // (new nodes queue behind), so ours is first without listing again. The
+                    // session was alive when the watch was set; that check counts as the
+                    // grant's if it is recent enough to leave most of the lease.
+                    let span = ttl.min(session.timeout);
+                    if at == 1
+                        && event.event_type == zk::EventType::NodeDeleted
+                        && Instant::now() < watching + span / 2
+                    {
+                        return Ok(watching);
                     }
                 }
                 Err(e) => return Err(map_err(e)),
@@ -457,7 +470,7 @@ impl Backend for ZkLock {
         // From here on, a dropped future deletes the node in the background.
         let node = Armed::new(node);
         let seen = queue.map(|queue| (queue, sent));
-        let first = self.inner.wait_turn(name, &node, seen).await?;
+        let first = self.inner.wait_turn(name, &node, opts.ttl, seen).await?;
         Ok(self.inner.acquired(name, node.disarm(), opts.ttl, first))
     }
 }

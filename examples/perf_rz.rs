@@ -215,20 +215,15 @@ async fn contend<C: Contender>(clients: Vec<C>, name: &str, seconds: f64) -> Res
 
 /// Interleaved uncontended rounds: `(name, op)` pairs, the first is the floor. Prints each
 /// side's mean and its median ratio to the floor.
-async fn uncontended(
-    label: &str,
-    iterations: usize,
-    sides: &mut [(
-        &str,
-        &mut dyn FnMut() -> std::pin::Pin<Box<dyn Future<Output = ()> + '_>>,
-    )],
-) {
+type Op<'a> = Box<dyn FnMut() -> std::pin::Pin<Box<dyn Future<Output = ()> + 'a>> + 'a>;
+
+async fn uncontended(label: &str, iterations: usize, sides: &mut [(&str, Op<'_>)]) {
     let mut ratios = vec![Vec::new(); sides.len()];
     let mut means = vec![Vec::new(); sides.len()];
     for _ in 0..ROUNDS {
         let mut floor = 0.0;
         for (i, (_, op)) in sides.iter_mut().enumerate() {
-            let samples = time_loop(iterations, iterations / 10, &mut *op).await;
+            let samples = time_loop(iterations, iterations / 10, || op()).await;
             let mean = Stats::of(&samples).mean.as_secs_f64();
             if i == 0 {
                 floor = mean;
@@ -250,7 +245,11 @@ async fn uncontended(
 
 macro_rules! side {
     ($body:expr) => {
-        &mut || Box::pin(async { $body.await.expect("round") })
+        Box::new(move || {
+            Box::pin(async move {
+                let _ = $body.await.expect("round");
+            })
+        })
     };
 }
 
@@ -296,13 +295,14 @@ async fn redis_part(args: &Args) -> Result<(), BoxError> {
     let key = fresh_name("perf-rz-floor");
     let name = fresh_name("perf-rz-unc");
     let peer = SetNxPoll(conn.clone());
+    let (conn_r, key_r, locks_r, name_r, peer_r) = (&conn, key.as_str(), &locks, name.as_str(), &peer);
     uncontended(
         "redis",
         args.iterations,
         &mut [
-            ("floor SET NX PX + DEL", side!(set_del(&conn, &key))),
-            ("lockkit", side!(lockkit_cycle(&locks, &name))),
-            ("peer SET NX + Lua CAD", side!(peer.cycle(&key))),
+            ("floor SET NX PX + DEL", side!(set_del(conn_r, key_r))),
+            ("lockkit", side!(lockkit_cycle(locks_r, name_r))),
+            ("peer SET NX + Lua CAD", side!(peer_r.cycle(key_r))),
         ],
     )
     .await;
@@ -345,13 +345,14 @@ async fn redlock_part(args: &Args) -> Result<(), BoxError> {
     }
     let key = fresh_name("perf-rz-floor");
     let name = fresh_name("perf-rz-unc");
-    let all = || futures_util::future::try_join_all(conns.iter().map(|c| set_del(c, &key)));
+    let (conns_r, key_r, locks_r, name_r) = (&conns, key.as_str(), &locks, name.as_str());
+    let all = move || futures_util::future::try_join_all(conns_r.iter().map(move |c| set_del(c, key_r)));
     uncontended(
         "redlock",
         args.iterations,
         &mut [
             ("floor SET NX PX + DEL on all", side!(all())),
-            ("lockkit", side!(lockkit_cycle(&locks, &name))),
+            ("lockkit", side!(lockkit_cycle(locks_r, name_r))),
         ],
     )
     .await;
@@ -378,22 +379,24 @@ async fn zk_part(args: &Args) -> Result<(), BoxError> {
     let locks = lockkit::connect(&url).await?;
     let client = zk_client(&url).await?;
     let path = format!("/{}", fresh_name("perf-rz-floor").replace('/', "-"));
-    let floor = || async {
+    let (client_r, path_r) = (&client, path.as_str());
+    let floor = move || async move {
         let mode = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
-        client.create(&path, b"", &mode).await?;
-        client.delete(&path, None).await?;
+        client_r.create(path_r, b"", &mode).await?;
+        client_r.delete(path_r, None).await?;
         Ok::<_, BoxError>(())
     };
     let name = fresh_name("perf-rz-unc");
     let recipe = ZkRecipe(client.clone());
     let dir = format!("/{}", fresh_name("perf-rz-recipe").replace('/', "-"));
+    let (locks_r, name_r, recipe_r, dir_r) = (&locks, name.as_str(), &recipe, dir.as_str());
     uncontended(
         "zk",
         args.iterations,
         &mut [
             ("floor create + delete", side!(floor())),
-            ("lockkit", side!(lockkit_cycle(&locks, &name))),
-            ("peer zookeeper-client lock", side!(recipe.cycle(&dir))),
+            ("lockkit", side!(lockkit_cycle(locks_r, name_r))),
+            ("peer zookeeper-client lock", side!(recipe_r.cycle(dir_r))),
         ],
     )
     .await;

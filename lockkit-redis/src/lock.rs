@@ -51,10 +51,19 @@ use crate::subscriptions::{Subscription, Subscriptions};
 /// the risk. Not checked: a policy changed after connect, RedLock instances down at connect,
 /// and servers that refuse `CONFIG GET` (a warning is logged once).
 ///
-/// Release and extend compare the owner id in a script. Release publishes on the name's
-/// channel; waiters subscribe to it and wake on the message, with a jittered fallback re-check
-/// for lost messages and a wake-up when the holder's lease runs out. Keys and channel of a
-/// name share one hash tag, so they stay on one Redis Cluster slot.
+/// Release and extend compare the owner id in a script. On a single instance, waiters queue
+/// in arrival order (a sorted set per name, with a liveness deadline each waiter refreshes
+/// with every attempt): a free lock goes only to the first live waiter, so a releaser that
+/// asks again at once queues behind the waiters instead of barging in; release publishes the
+/// first waiter's owner id on the name's channel, and only that waiter wakes. RedLock
+/// waiters do not queue (instances could order them differently); release publishes
+/// `released` and one waiter per client wakes. Either way a jittered fallback re-check covers
+/// lost messages, and a wake-up the holder's lease running out. A waiter that stops waiting
+/// leaves the queue at once; one that crashed is dropped after its liveness deadline (three
+/// `max_poll`s, at least 2 s). Renewals of one client are batched: the extends asked for
+/// while one batch is on its way go out together in one script call per instance. Keys and
+/// channel of a name share one hash tag, so they stay on one Redis Cluster slot (the batched
+/// renewal spans names, so it needs a single instance or RedLock, not Redis Cluster).
 #[derive(Debug, Clone)]
 pub struct RedisLock {
     inner: Arc<Inner>,

@@ -295,7 +295,8 @@ async fn redis_part(args: &Args) -> Result<(), BoxError> {
     let key = fresh_name("perf-rz-floor");
     let name = fresh_name("perf-rz-unc");
     let peer = SetNxPoll(conn.clone());
-    let (conn_r, key_r, locks_r, name_r, peer_r) = (&conn, key.as_str(), &locks, name.as_str(), &peer);
+    let (conn_r, key_r, locks_r, name_r, peer_r) =
+        (&conn, key.as_str(), &locks, name.as_str(), &peer);
     uncontended(
         "redis",
         args.iterations,
@@ -346,7 +347,8 @@ async fn redlock_part(args: &Args) -> Result<(), BoxError> {
     let key = fresh_name("perf-rz-floor");
     let name = fresh_name("perf-rz-unc");
     let (conns_r, key_r, locks_r, name_r) = (&conns, key.as_str(), &locks, name.as_str());
-    let all = move || futures_util::future::try_join_all(conns_r.iter().map(move |c| set_del(c, key_r)));
+    let all =
+        move || futures_util::future::try_join_all(conns_r.iter().map(move |c| set_del(c, key_r)));
     uncontended(
         "redlock",
         args.iterations,

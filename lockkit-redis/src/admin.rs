@@ -17,11 +17,16 @@ use redis::Script;
 use crate::error::map_err;
 use crate::lock::{Node, RedisLock};
 
-/// KEYS: lock. ARGV: channel. Deletes the lock key whoever owns it and tells the waiters:
+/// KEYS: lock, queue. ARGV: channel. Deletes the lock key whoever owns it and tells the
+/// waiters (RedLock's with `released`, the first queued one by its owner id):
 /// 1 if it existed.
 const FORCE_RELEASE: &str = r"
 if redis.call('DEL', KEYS[1]) == 1 then
     redis.call('PUBLISH', ARGV[1], 'released')
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    if head then
+        redis.call('PUBLISH', ARGV[1], head)
+    end
     return 1
 end
 return 0
@@ -143,6 +148,7 @@ impl Admin for RedisLock {
             let mut conn = node.commands.clone();
             let deleted: i64 = script
                 .key(&keys.lock)
+                .key(&keys.queue)
                 .arg(&keys.channel)
                 .invoke_async(&mut conn)
                 .await

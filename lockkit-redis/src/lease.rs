@@ -8,8 +8,8 @@ use lockkit_core::backend::{Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
-use crate::lock::{millis, Inner, Keys};
-use crate::scripts;
+use crate::lock::{Inner, Keys};
+use crate::{renewals, scripts};
 
 /// A lease held on one or more instances.
 #[derive(Debug, Clone)]
@@ -17,11 +17,11 @@ pub(crate) struct RedisLease {
     inner: Arc<Inner>,
     name: LockName,
     keys: Keys,
-    owner: String,
+    owner: Arc<str>,
 }
 
 impl RedisLease {
-    pub(crate) fn new(inner: Arc<Inner>, name: LockName, keys: Keys, owner: String) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, name: LockName, keys: Keys, owner: Arc<str>) -> Self {
         RedisLease {
             inner,
             name,
@@ -30,20 +30,22 @@ impl RedisLease {
         }
     }
 
-    /// Releases on every instance (telling waiters if `publish`); returns how many released
-    /// and how many failed to answer.
+    /// Releases on every instance (telling waiters if `publish`: a single instance's first
+    /// queued waiter, or all RedLock waiters); returns how many released and how many failed
+    /// to answer.
     pub(crate) async fn release_all(&self, publish: bool) -> (usize, usize) {
+        let mode = match (publish, self.inner.nodes.len()) {
+            (false, _) => "0",
+            (true, 1) => "2",
+            (true, _) => "1",
+        };
         let answers: Vec<Result<i64>> = self
             .inner
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::RELEASE,
-                &[&self.keys.lock],
-                &[
-                    &self.owner,
-                    &self.keys.channel,
-                    if publish { "1" } else { "0" },
-                ],
+                &[&self.keys.lock, &self.keys.queue],
+                &[&self.owner, &self.keys.channel, mode],
             )
             .await;
         let released = answers.iter().filter(|a| matches!(a, Ok(1))).count();
@@ -57,16 +59,8 @@ impl Lease for RedisLease {
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
         let inner = &self.inner;
         let validity = inner.validity(ttl)?;
-        let started = Instant::now();
-        let ttl_ms = millis(ttl).to_string();
-        let answers: Vec<Result<i64>> = inner
-            .on_all(
-                ttl,
-                &scripts::EXTEND,
-                &[&self.keys.lock],
-                &[&self.owner, &ttl_ms],
-            )
-            .await;
+        // Batched with the client's other renewals; valid from when the batch was sent.
+        let (started, answers) = renewals::extend(inner, &self.keys.lock, &self.owner, ttl).await?;
         let extended = answers.iter().filter(|a| matches!(a, Ok(1))).count();
         let refused = answers.iter().filter(|a| matches!(a, Ok(0))).count();
         if extended >= inner.quorum {

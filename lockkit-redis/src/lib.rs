@@ -7,6 +7,7 @@ pub mod fence;
 mod lease;
 mod lock;
 mod options;
+mod renewals;
 mod scripts;
 mod subscriptions;
 

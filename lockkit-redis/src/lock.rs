@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use lockkit_core::backend::{
-    run_detached, spawn_cleanup, Acquired, Admin, Attempt, Backend, Capabilities, Connect,
-    FencingToken, LockName, LockOptions,
+    run_detached, spawn_cleanup, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup,
+    Connect, FencingToken, LockName, LockOptions,
 };
 use lockkit_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::error::{map_err, QuorumError};
 use crate::lease::RedisLease;
 use crate::options::{Instance, RedisOptions, UNSAFE_ALLOW_EVICTION};
+use crate::renewals::Renewals;
 use crate::scripts;
 use crate::subscriptions::{Subscription, Subscriptions};
 
@@ -50,10 +51,19 @@ use crate::subscriptions::{Subscription, Subscriptions};
 /// the risk. Not checked: a policy changed after connect, RedLock instances down at connect,
 /// and servers that refuse `CONFIG GET` (a warning is logged once).
 ///
-/// Release and extend compare the owner id in a script. Release publishes on the name's
-/// channel; waiters subscribe to it and wake on the message, with a jittered fallback re-check
-/// for lost messages and a wake-up when the holder's lease runs out. Keys and channel of a
-/// name share one hash tag, so they stay on one Redis Cluster slot.
+/// Release and extend compare the owner id in a script. On a single instance, waiters queue
+/// in arrival order (a sorted set per name, with a liveness deadline each waiter refreshes
+/// with every attempt): a free lock goes only to the first live waiter, so a releaser that
+/// asks again at once queues behind the waiters instead of barging in; release publishes the
+/// first waiter's owner id on the name's channel, and only that waiter wakes. RedLock
+/// waiters do not queue (instances could order them differently); release publishes
+/// `released` and one waiter per client wakes. Either way a jittered fallback re-check covers
+/// lost messages, and a wake-up the holder's lease running out. A waiter that stops waiting
+/// leaves the queue at once; one that crashed is dropped after its liveness deadline (three
+/// `max_poll`s, at least 2 s). Renewals of one client are batched: the extends asked for
+/// while one batch is on its way go out together in one script call per instance. Keys and
+/// channel of a name share one hash tag, so they stay on one Redis Cluster slot (the batched
+/// renewal spans names, so it needs a single instance or RedLock, not Redis Cluster).
 #[derive(Debug, Clone)]
 pub struct RedisLock {
     pub(crate) inner: Arc<Inner>,
@@ -66,6 +76,8 @@ pub(crate) struct Inner {
     pub(crate) quorum: usize,
     pub(crate) options: RedisOptions,
     subscriptions: Arc<Subscriptions>,
+    /// The renewals waiting for the next batch.
+    pub(crate) renewals: Renewals,
 }
 
 /// One Redis instance: a connection for commands, one for subscriptions.
@@ -83,12 +95,53 @@ pub(crate) struct Keys {
     pub(crate) lock: String,
     pub(crate) fence: String,
     pub(crate) channel: String,
+    /// The waiters in arrival order (a single instance only).
+    pub(crate) queue: String,
+    /// Until when each waiter is presumed alive.
+    alive: String,
+}
+
+/// A waiter's place in a name's queue (a single instance only): taken out of it in the
+/// background when dropped, unless handed over, so a waiter that stops waiting (a timeout, a
+/// cancelled `acquire`) never blocks the lock for the ones behind it.
+pub(crate) struct Queued {
+    inner: Arc<Inner>,
+    keys: Keys,
+    owner: Arc<str>,
+}
+
+impl Cleanup for Queued {
+    const WHAT: &'static str = "leaving a Redis lock queue";
+
+    async fn cleanup(self) -> Result<()> {
+        let inner = &self.inner;
+        let answers: Vec<Result<i64>> = inner
+            .on_all(
+                lockkit_core::DEFAULT_TTL,
+                &scripts::DEQUEUE,
+                &[&self.keys.lock, &self.keys.queue, &self.keys.alive],
+                &[&self.owner, &self.keys.channel],
+            )
+            .await;
+        answers.into_iter().try_for_each(|a| a.map(drop))
+    }
+}
+
+/// How long a queued waiter is presumed alive after its last attempt: three of its longest
+/// pauses between attempts (`max_poll`), and at least 2 s. A waiter that crashed holds up
+/// the lock for at most this long once it is first in line.
+fn liveness(options: &RedisOptions) -> Duration {
+    options
+        .max_poll
+        .saturating_mul(3)
+        .max(Duration::from_secs(2))
 }
 
 /// Why an acquisition request did not take the lock.
 enum Busy {
-    /// Held elsewhere; the holder's lease has about this much left.
-    Held(Duration),
+    /// Held elsewhere (or another waiter's turn); the holder's lease has about this much
+    /// left. With the waiter's place in the queue, if it queued.
+    Held(Duration, Option<Armed<Queued>>),
     /// RedLock contenders split the instances and nobody reached a quorum; the attempt took
     /// this long.
     Split(Duration),
@@ -136,6 +189,7 @@ impl RedisLock {
                 quorum,
                 options,
                 subscriptions,
+                renewals: Renewals::default(),
             }),
         })
     }
@@ -281,6 +335,8 @@ impl Inner {
         Keys {
             fence: format!("{tag}:fence"),
             channel: format!("{tag}:released"),
+            queue: format!("{tag}:queue"),
+            alive: format!("{tag}:alive"),
             lock: tag,
         }
     }
@@ -351,19 +407,33 @@ impl Inner {
         .await
     }
 
-    /// One acquisition request on every instance.
-    async fn attempt(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome> {
+    /// Whether waiters queue (a single instance): RedLock instances could order the same
+    /// waiters differently and hand the lock to different ones, so RedLock waiters do not.
+    fn queues(&self) -> bool {
+        self.nodes.len() == 1
+    }
+
+    /// One acquisition request on every instance, as `owner`; a single instance's waiter
+    /// (`queue`) takes a place in the name's queue if the lock is not free for it.
+    async fn attempt(
+        self: Arc<Self>,
+        name: LockName,
+        ttl: Duration,
+        owner: Arc<str>,
+        queue: bool,
+    ) -> Result<Outcome> {
         let validity = self.validity(ttl)?;
         let keys = self.keys(&name);
-        let owner = uuid::Uuid::new_v4().simple().to_string();
+        let queue = queue && self.queues();
         let ttl_ms = millis(ttl).to_string();
+        let liveness_ms = millis(liveness(&self.options)).to_string();
         let started = Instant::now();
         let answers: Vec<Result<(i64, i64)>> = self
             .on_all(
                 ttl,
                 &scripts::ACQUIRE,
-                &[&keys.lock, &keys.fence],
-                &[&owner, &ttl_ms],
+                &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
+                &[&owner, &ttl_ms, if queue { "1" } else { "0" }, &liveness_ms],
             )
             .await;
         let mut tokens = Vec::new();
@@ -382,7 +452,7 @@ impl Inner {
                 },
             }
         }
-        let lease = RedisLease::new(self.clone(), name.clone(), keys.clone(), owner);
+        let lease = RedisLease::new(self.clone(), name.clone(), keys.clone(), owner.clone());
         if tokens.len() >= self.quorum {
             let mut token = tokens.iter().copied().max().unwrap_or(0);
             if self.nodes.len() > 1 {
@@ -404,11 +474,12 @@ impl Inner {
             }
             tracing::debug!(lock = %name, "acquired too late to be valid, releasing");
         }
-        // No quorum (or no validity left): undo the partial acquisitions at once, quietly:
-        // nothing was really held, so waiters are not woken.
+        // No quorum (or no validity left): undo the partial acquisitions at once, quietly for
+        // RedLock (nothing was really held); a single instance's first waiter is told.
         let split = !tokens.is_empty();
         if split || !failures.is_empty() {
-            lease.release_all(false).await;
+            // A single instance's queue is told: the lock is free for its first waiter.
+            lease.release_all(self.queues()).await;
         }
         if failures.len() > self.nodes.len() - self.quorum {
             let first = failures.swap_remove(0);
@@ -431,7 +502,15 @@ impl Inner {
         }
         // Unknown: wake on the message or the fallback re-check only.
         let left = busy_for.map_or(self.options.max_poll, |ms| Duration::from_millis(ms as u64));
-        Ok(Outcome::Busy(Busy::Held(left)))
+        // Queued (or already in the queue): an attempt whose caller went away leaves it.
+        let queued = queue.then(|| {
+            Armed::new(Queued {
+                inner: self.clone(),
+                keys,
+                owner,
+            })
+        });
+        Ok(Outcome::Busy(Busy::Held(left, queued)))
     }
 
     /// After an ambiguous error: the token if our SET went through after all.
@@ -489,7 +568,10 @@ impl Backend for RedisLock {
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
-        let attempt = self.inner.clone().attempt(name.clone(), opts.ttl);
+        let attempt = self
+            .inner
+            .clone()
+            .attempt(name.clone(), opts.ttl, owner_id(), false);
         Ok(run_detached(attempt).await?.into_acquired())
     }
 
@@ -501,6 +583,9 @@ impl Backend for RedisLock {
     ) -> Result<Acquired> {
         let inner = &self.inner;
         let keys = inner.keys(name);
+        // One owner id for the whole wait: it is the waiter's place in the queue.
+        let owner = owner_id();
+        let mut queued: Option<Armed<Queued>> = None;
         let mut subscription = None;
         let mut poll = Duration::from_millis(50);
         let mut splits = 0;
@@ -511,10 +596,26 @@ impl Backend for RedisLock {
             if let Some(woken) = woken.as_mut().as_pin_mut() {
                 woken.enable();
             }
-            let attempt = inner.clone().attempt(name.clone(), opts.ttl);
+            let attempt = inner
+                .clone()
+                .attempt(name.clone(), opts.ttl, owner.clone(), true);
             let busy_for = match run_detached(attempt).await? {
-                Outcome::Won(acquired) => return Ok(acquired),
-                Outcome::Busy(Busy::Held(left)) => left,
+                Outcome::Won(acquired) => {
+                    // The winning attempt took us out of the queue.
+                    if let Some(queued) = queued.take() {
+                        queued.disarm();
+                    }
+                    return Ok(acquired);
+                }
+                Outcome::Busy(Busy::Held(left, place)) => {
+                    // The same place each time: keep one armed.
+                    if let Some(place) = place {
+                        if let Some(old) = queued.replace(place) {
+                            old.disarm();
+                        }
+                    }
+                    left
+                }
                 Outcome::Busy(Busy::Split(took)) => {
                     // Retry after a random pause that widens with each split in a row, so
                     // one contender gets ahead instead of all splitting again.
@@ -529,7 +630,9 @@ impl Backend for RedisLock {
             if subscription.is_none() {
                 // Subscribe, then try again: a release before the subscription was missed.
                 let nodes = inner.nodes.iter().map(|n| n.pubsub.clone()).collect();
-                subscription = Some(inner.subscriptions.subscribe(&keys.channel, nodes).await);
+                let mine = inner.queues().then_some(&owner);
+                let subscribed = inner.subscriptions.subscribe(&keys.channel, mine, nodes);
+                subscription = Some(subscribed.await);
                 continue;
             }
             let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
@@ -549,6 +652,11 @@ impl Connect for RedisLock {
     async fn connect(url: &str) -> Result<Self> {
         RedisLock::connect(url).await
     }
+}
+
+/// A fresh owner id: what the lock key holds while the lock is ours.
+fn owner_id() -> Arc<str> {
+    uuid::Uuid::new_v4().simple().to_string().into()
 }
 
 /// `d` in whole milliseconds, rounded up, so a lease is never shorter than asked.

@@ -4,7 +4,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: lock, fence. ARGV: owner, ttl ms. `{1, token}` when taken, `{0, pttl}` when held.
+/// KEYS: lock, fence, queue, alive. ARGV: owner, ttl ms, mode, liveness ms. `{1, token}`
+/// when taken, `{0, pttl}` when not (`pttl` -2: free, but another waiter's turn).
 ///
 /// The token is `max(fence + 1, server time in µs)`, stored back in the fence key: a hybrid
 /// logical clock. While the fence key lives, tokens rise by the counter; when it is lost
@@ -13,12 +14,41 @@ use redis::Script;
 /// that clock did not step back past them. The clock is assembled as a string and compared
 /// as a number below 2^53 (µs until the year 2255), so Lua's doubles keep it exact; a fence
 /// at or above it is `INCR`ed by Redis itself, exactly.
+///
+/// The queue (a single instance only; RedLock passes mode `0` and leaves it empty): `queue`
+/// orders the waiters by arrival (score: server time in µs when first queued), `alive` holds
+/// until when each waiter is presumed alive (score: server time in ms; every attempt of the
+/// waiter moves it `liveness` ms ahead). A free lock goes only to the first live waiter, or
+/// to anyone when nobody waits: a releaser cannot barge in before the waiter it woke. Mode
+/// `1` queues the owner when it does not get the lock; mode `0` (`try_lock`, RedLock) never
+/// queues. Waiters that stopped refreshing are dropped when the lock is found free.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.replicate_commands then redis.replicate_commands() end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    local time = redis.call('TIME')
+local time = redis.call('TIME')
+local free = redis.call('EXISTS', KEYS[1]) == 0
+if free and redis.call('EXISTS', KEYS[3]) == 1 then
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
+    if #dead > 0 then
+        redis.call('ZREM', KEYS[4], unpack(dead))
+        redis.call('ZREM', KEYS[3], unpack(dead))
+    end
+    local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    if head and head ~= ARGV[1] then
+        free = false
+    elseif head then
+        redis.call('ZREM', KEYS[3], ARGV[1])
+        redis.call('ZREM', KEYS[4], ARGV[1])
+    end
+elseif free then
+    -- Nobody waits.
+else
+    free = false
+end
+if free then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     local clock = time[1] .. string.format('%06d', tonumber(time[2]))
     local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
     if fence and fence >= tonumber(clock) then
@@ -27,7 +57,30 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     redis.call('SET', KEYS[2], clock)
     return {1, tonumber(clock)}
 end
+if ARGV[3] == '1' then
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    redis.call('ZADD', KEYS[3], 'NX', time[1] .. string.format('%06d', tonumber(time[2])), ARGV[1])
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[1])
+end
 return {0, redis.call('PTTL', KEYS[1])}
+",
+    )
+});
+
+/// KEYS: lock, queue, alive. ARGV: owner, channel. Takes a waiter that stopped waiting out of
+/// the queue; if the lock is free, tells the next waiter it is its turn.
+pub(crate) static DEQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    if head then
+        redis.call('PUBLISH', ARGV[2], head)
+    end
+end
+return 1
 ",
     )
 });
@@ -45,20 +98,27 @@ return -1
     )
 });
 
-/// KEYS: lock. ARGV: owner, ttl ms. 1 if extended, 0 if not ours.
+/// KEYS: the locks of a batch. ARGV: owner and ttl ms of each, in turn. For each lock 1 if
+/// extended, 0 if not ours: one call renews every lease a client is renewing at the moment.
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local extended = {}
+for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[2 * i - 1] then
+        extended[i] = redis.call('PEXPIRE', KEYS[i], ARGV[2 * i])
+    else
+        extended[i] = 0
+    end
 end
-return 0
+return extended
 ",
     )
 });
 
-/// KEYS: lock. ARGV: owner, channel, publish (`1` tells the waiters, `0` undoes a partial
-/// RedLock acquisition quietly). 1 if released, 0 if not ours.
+/// KEYS: lock, queue. ARGV: owner, channel, publish (`0` undoes a partial RedLock
+/// acquisition quietly, `1` tells RedLock waiters `released`, `2` tells the first queued
+/// waiter that it is its turn, by its owner id). 1 if released, 0 if not ours.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -66,6 +126,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     if ARGV[3] == '1' then
         redis.call('PUBLISH', ARGV[2], 'released')
+    elseif ARGV[3] == '2' then
+        local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+        if head then
+            redis.call('PUBLISH', ARGV[2], head)
+        end
     end
     return 1
 end

@@ -1,5 +1,6 @@
 //! Release channels shared by all waiters of one client: one subscription per channel, however
-//! many waiters, and one waiter woken per release message.
+//! many waiters, and one waiter woken per release message: the queued waiter the message
+//! names (a single instance), or any one waiter (RedLock's `released`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,13 +19,28 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
     /// What the push callback wakes, per channel.
-    notifies: Mutex<HashMap<String, Arc<Notify>>>,
+    notifies: Mutex<HashMap<String, Waiters>>,
     /// Waiters per channel. Held across SUBSCRIBE/UNSUBSCRIBE so they reach the server in order.
     counts: tokio::sync::Mutex<HashMap<String, usize>>,
 }
 
+/// The waiters of one channel in this client.
+#[derive(Debug, Default)]
+struct Waiters {
+    /// Woken by a message that names no waiter of ours (RedLock's `released`).
+    any: Arc<Notify>,
+    /// Queued waiters by owner id, woken by a message that names them.
+    named: HashMap<Arc<str>, Arc<Notify>>,
+}
+
+impl Waiters {
+    fn all(&self) -> impl Iterator<Item = &Arc<Notify>> {
+        std::iter::once(&self.any).chain(self.named.values())
+    }
+}
+
 impl Subscriptions {
-    fn notifies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    fn notifies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiters>> {
         self.notifies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -32,18 +48,29 @@ impl Subscriptions {
     pub(crate) fn on_push(&self, push: PushInfo) {
         match push.kind {
             PushKind::Message => {
-                if let Some(Value::BulkString(channel)) = push.data.first() {
+                if let [Value::BulkString(channel), payload, ..] = push.data.as_slice() {
                     let channel = String::from_utf8_lossy(channel);
-                    if let Some(notify) = self.notifies().get(channel.as_ref()) {
+                    if let Some(waiters) = self.notifies().get(channel.as_ref()) {
+                        let named = match payload {
+                            Value::BulkString(owner) => std::str::from_utf8(owner)
+                                .ok()
+                                .and_then(|owner| waiters.named.get(owner)),
+                            _ => None,
+                        };
                         // One waiter per message: no stampede on a release.
-                        notify.notify_one();
+                        match named {
+                            Some(notify) => notify.notify_one(),
+                            // Another client's waiter's turn, or a RedLock release.
+                            None if waiters.named.is_empty() => waiters.any.notify_one(),
+                            None => {}
+                        }
                     }
                 }
             }
             // Messages may have been lost while disconnected: everyone re-checks.
             PushKind::Disconnection => {
-                for notify in self.notifies().values() {
-                    notify.notify_waiters();
+                for waiters in self.notifies().values() {
+                    waiters.all().for_each(|notify| notify.notify_waiters());
                 }
             }
             _ => {}
@@ -52,23 +79,29 @@ impl Subscriptions {
 
     /// Subscribes to `channel` on every node (unless this client already is) for as long as
     /// the returned guard lives. Nodes that fail to subscribe are left to the fallback poll.
+    /// A queued waiter gives its owner id (`owner`): it is woken by the messages that name it.
     pub(crate) async fn subscribe(
         self: &Arc<Self>,
         channel: &str,
+        owner: Option<&Arc<str>>,
         nodes: Vec<ConnectionManager>,
     ) -> Armed<Subscription> {
         let mut counts = self.counts.lock().await;
         let count = counts.entry(channel.to_string()).or_insert(0);
         *count += 1;
         let first = *count == 1;
-        let notify = self
-            .notifies()
-            .entry(channel.to_string())
-            .or_insert_with(|| Arc::new(Notify::new()))
-            .clone();
+        let notify = {
+            let mut notifies = self.notifies();
+            let waiters = notifies.entry(channel.to_string()).or_default();
+            match owner {
+                Some(owner) => waiters.named.entry(owner.clone()).or_default().clone(),
+                None => waiters.any.clone(),
+            }
+        };
         let subscription = Subscription {
             subscriptions: self.clone(),
             channel: channel.to_string(),
+            owner: owner.cloned(),
             nodes,
             notify,
         };
@@ -79,11 +112,21 @@ impl Subscriptions {
         Armed::new(subscription)
     }
 
-    async fn unsubscribe(&self, channel: String, nodes: Vec<ConnectionManager>) {
+    async fn unsubscribe(
+        &self,
+        channel: String,
+        owner: Option<Arc<str>>,
+        nodes: Vec<ConnectionManager>,
+    ) {
         let mut counts = self.counts.lock().await;
         let Some(count) = counts.get_mut(&channel) else {
             return;
         };
+        if let Some(owner) = owner {
+            if let Some(waiters) = self.notifies().get_mut(&channel) {
+                waiters.named.remove(&owner);
+            }
+        }
         *count -= 1;
         if *count == 0 {
             counts.remove(&channel);
@@ -116,6 +159,8 @@ async fn on_nodes(nodes: &[ConnectionManager], channel: &str, subscribe: bool) {
 pub(crate) struct Subscription {
     subscriptions: Arc<Subscriptions>,
     channel: String,
+    /// The queued waiter's owner id, if it queued.
+    owner: Option<Arc<str>>,
     nodes: Vec<ConnectionManager>,
     notify: Arc<Notify>,
 }
@@ -133,7 +178,7 @@ impl Cleanup for Subscription {
 
     async fn cleanup(self) -> Result<()> {
         self.subscriptions
-            .unsubscribe(self.channel, self.nodes)
+            .unsubscribe(self.channel, self.owner, self.nodes)
             .await;
         Ok(())
     }

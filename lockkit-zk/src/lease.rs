@@ -12,7 +12,7 @@ use zookeeper_client as zk;
 
 use crate::error::{in_transit, map_err, BACKEND};
 use crate::lock::Node;
-use crate::session::{Health, Orphan};
+use crate::session::{Checked, Health, Orphan};
 
 /// A held lock: our node, owned by a shared session.
 #[derive(Debug)]
@@ -22,6 +22,13 @@ pub(crate) struct ZkLease {
     /// Set once a release that failed on a connection problem was handed to the session,
     /// which deletes the node when it is connected again.
     pub(crate) handed_over: AtomicBool,
+}
+
+/// A released (or dropped) lease's node is no longer checked by its session.
+impl Drop for ZkLease {
+    fn drop(&mut self) {
+        self.node.session.unhold(&self.node.path);
+    }
 }
 
 impl ZkLease {
@@ -47,6 +54,13 @@ impl Lease for ZkLease {
                 ))
             }
             Health::Connected => {}
+        }
+        // The session's own recent check of all its nodes answers without a request.
+        let span = ttl.min(session.timeout);
+        match session.checked(&self.node.path, span) {
+            Some(Checked::Since(sent)) => return Ok(sent + span),
+            Some(Checked::Gone) => return Err(self.lost(LostReason::NotOwner)),
+            None => {}
         }
         match session
             .request(session.client.check_stat(&self.node.path))

@@ -122,7 +122,8 @@ impl Cleanup for Node {
 
 /// `lock()`'s first request: our node, queued, and the same node as a lease, so a caller that
 /// stops waiting during the request has it deleted.
-struct Queued(Acquired, Node);
+/// With the queue as the create saw it, if it did, and when the create was sent.
+struct Queued(Acquired, Node, Option<Vec<String>>, Instant);
 
 impl Attempt for Queued {
     fn into_acquired(self) -> Option<Acquired> {
@@ -190,27 +191,43 @@ impl Inner {
 
     /// Creates our ephemeral sequential node under `parent`, creating the parents on
     /// demand. A create whose answer was lost is found again by its unique marker.
-    async fn create_node(&self, session: &Arc<Session>, parent: &str) -> Result<Node> {
+    ///
+    /// The children of `parent` are asked for in the same breath (requests of a session are
+    /// sent at once and answered in order, so the list includes our node): the queue in
+    /// queue order, if that answer came, saves a round trip after the create.
+    async fn create_node(
+        &self,
+        session: &Arc<Session>,
+        parent: &str,
+    ) -> Result<(Node, Option<Vec<String>>)> {
         let marker = format!("_c_{}", uuid::Uuid::new_v4());
         let prefix = format!("{parent}/{marker}{LOCK_SUFFIX}");
         let client = &session.client;
         let mode = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
         for _ in 0..10 {
-            let created = session.request(client.create(&prefix, b"", &mode)).await;
+            let create = client.create(&prefix, b"", &mode);
+            let children = client.list_children(parent);
+            let created = session.request(create).await;
             match created {
                 Ok((stat, sequence)) => {
-                    return Ok(Node {
+                    let node = Node {
                         session: session.clone(),
                         path: format!("{prefix}{sequence}"),
                         czxid: stat.czxid,
-                    })
+                    };
+                    let queue = session
+                        .request(children)
+                        .await
+                        .ok()
+                        .map(|children| queue_order(children, node.child()));
+                    return Ok((node, queue));
                 }
                 Err(zk::Error::NoNode) => self.create_parent(session, parent).await?,
                 Err(e) if in_transit(&e) => {
                     // The create may have gone through: look for our marker. Requests of a
                     // session are ordered, so a create the server got is visible now.
                     match self.find_marked(session, parent, &marker).await {
-                        Ok(Some(node)) => return Ok(node),
+                        Ok(Some(node)) => return Ok((node, None)),
                         Ok(None) => return Err(map_err(e)),
                         Err(found) => {
                             // Still unsure: the session deletes it once it is visible.
@@ -308,6 +325,7 @@ impl Inner {
     fn acquired(&self, name: &LockName, node: Node, ttl: Duration, started: Instant) -> Acquired {
         let token = FencingToken(node.czxid.max(0) as u64);
         let valid_until = node.session.valid_until(started, ttl);
+        node.session.hold(&node.path, node.czxid);
         let lease = ZkLease {
             name: name.clone(),
             node,
@@ -323,8 +341,12 @@ impl Inner {
         let session = self.session(ttl).await?;
         Self::check_renewal(&session, renew_every)?;
         let parent = self.parent(&name);
-        let node = Armed::new(self.create_node(&session, &parent).await?);
-        let queue = self.queue(&session, &parent, node.child()).await?;
+        let (node, queue) = self.create_node(&session, &parent).await?;
+        let node = Armed::new(node);
+        let queue = match queue {
+            Some(queue) => queue,
+            None => self.queue(&session, &parent, node.child()).await?,
+        };
         if queue.first().map(String::as_str) == Some(node.child()) {
             let node = node.disarm();
             return Ok(Outcome::Won(self.acquired(&name, node, ttl, started)));
@@ -345,14 +367,21 @@ impl Inner {
         let started = Instant::now();
         let session = self.session(ttl).await?;
         Self::check_renewal(&session, renew_every)?;
-        let node = self.create_node(&session, &self.parent(&name)).await?;
+        let (node, queue) = self.create_node(&session, &self.parent(&name)).await?;
         let acquired = self.acquired(&name, node.clone(), ttl, started);
-        Ok(Queued(acquired, node))
+        Ok(Queued(acquired, node, queue, started))
     }
 
     /// Waits until `node` is first in line: watches only its immediate predecessor. Returns
     /// when the request that saw it first was sent: the lease is known valid from then.
-    async fn wait_turn(&self, name: &LockName, node: &Node) -> Result<Instant> {
+    /// `seen`: the queue as a request sent at that instant saw it, if there is one.
+    async fn wait_turn(
+        &self,
+        name: &LockName,
+        node: &Node,
+        ttl: Duration,
+        mut seen: Option<(Vec<String>, Instant)>,
+    ) -> Result<Instant> {
         let session = &node.session;
         let parent = self.parent(name);
         let mine = node.child();
@@ -360,8 +389,13 @@ impl Inner {
             if let Health::Lost(why) = session.health() {
                 return Err(Error::connection(BACKEND, format!("session lost: {why}")));
             }
-            let asked = Instant::now();
-            let queue = self.queue(session, &parent, mine).await?;
+            let (queue, asked) = match seen.take() {
+                Some(seen) => seen,
+                None => {
+                    let asked = Instant::now();
+                    (self.queue(session, &parent, mine).await?, asked)
+                }
+            };
             let Some(at) = queue.iter().position(|c| *c == mine) else {
                 return Err(Error::connection(
                     BACKEND,
@@ -372,17 +406,29 @@ impl Inner {
                 return Ok(asked);
             }
             let predecessor = format!("{parent}/{}", queue[at - 1]);
+            let watching = Instant::now();
             let watched = session
                 .request(session.client.check_and_watch_stat(&predecessor))
                 .await;
             match watched {
                 Ok((None, _)) => continue,
                 Ok((Some(_), watcher)) => {
-                    tokio::select! {
-                        _ = watcher.changed() => {}
+                    let event = tokio::select! {
+                        event = watcher.changed() => event,
                         why = session.lost() => {
                             return Err(Error::connection(BACKEND, format!("session lost: {why}")));
                         }
+                    };
+                    // The first in line just left: no node can come before ours any more
+                    // (new nodes queue behind), so ours is first without listing again. The
+                    // session was alive when the watch was set; that check counts as the
+                    // grant's if it is recent enough to leave most of the lease.
+                    let span = ttl.min(session.timeout);
+                    if at == 1
+                        && event.event_type == zk::EventType::NodeDeleted
+                        && Instant::now() < watching + span / 2
+                    {
+                        return Ok(watching);
                     }
                 }
                 Err(e) => return Err(map_err(e)),
@@ -425,10 +471,11 @@ impl Backend for ZkLock {
         _deadline: Option<Instant>,
     ) -> Result<Acquired> {
         let enqueue = self.inner.clone().enqueue(name.clone(), renewal(opts));
-        let Queued(_, node) = run_detached(enqueue).await?;
+        let Queued(_, node, queue, sent) = run_detached(enqueue).await?;
         // From here on, a dropped future deletes the node in the background.
         let node = Armed::new(node);
-        let first = self.inner.wait_turn(name, &node).await?;
+        let seen = queue.map(|queue| (queue, sent));
+        let first = self.inner.wait_turn(name, &node, opts.ttl, seen).await?;
         Ok(self.inner.acquired(name, node.disarm(), opts.ttl, first))
     }
 }

@@ -1,7 +1,7 @@
 //! One ZooKeeper session, the watch over its state that decides when its locks are lost,
 //! and the deletes it still owes the server.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -53,8 +53,33 @@ pub(crate) struct Session {
     request_timeout: Duration,
     health: watch::Receiver<Health>,
     orphans: Arc<Orphans>,
-    tasks: [JoinHandle<()>; 2],
+    held: Arc<Mutex<Held>>,
+    tasks: [JoinHandle<()>; 3],
 }
+
+/// The nodes the session holds locks with, checked all together every quarter of the
+/// lease span (`min(TTL, session timeout)`) in one multi-read: a renewal then needs no
+/// request of its own, however many guards the session has.
+#[derive(Debug, Default)]
+struct Held {
+    /// Path and `czxid` of each held node.
+    nodes: HashMap<String, i64>,
+    /// Held nodes the last check found deleted or replaced.
+    gone: HashSet<String>,
+    /// When the last check that completed was sent: the session was alive then.
+    confirmed: Option<Instant>,
+}
+
+/// What the session's last check says about a held node.
+pub(crate) enum Checked {
+    /// In place, as of a check sent at this instant.
+    Since(Instant),
+    /// Deleted or replaced.
+    Gone,
+}
+
+/// The most nodes one multi-read checks.
+const CHECK_BATCH: usize = 500;
 
 impl Drop for Session {
     fn drop(&mut self) {
@@ -131,6 +156,14 @@ impl Session {
         }
         let (tx, health) = watch::channel(Health::Connected);
         let orphans = Arc::new(Orphans::default());
+        let held = Arc::new(Mutex::new(Held::default()));
+        let every = (ttl.min(negotiated) / 4).max(Duration::from_millis(10));
+        let checker = tokio::spawn(check_held(
+            client.clone(),
+            held.clone(),
+            every,
+            options.request_timeout,
+        ));
         let monitor = tokio::spawn(monitor(client.state_watcher(), negotiated, tx));
         let janitor = tokio::spawn(janitor(
             client.clone(),
@@ -143,7 +176,8 @@ impl Session {
             request_timeout: options.request_timeout,
             health,
             orphans,
-            tasks: [monitor, janitor],
+            held,
+            tasks: [monitor, janitor, checker],
         })
     }
 
@@ -152,6 +186,39 @@ impl Session {
     /// the session (and deleted the node) without our hearing of it.
     pub(crate) fn valid_until(&self, sent: Instant, ttl: Duration) -> Instant {
         sent + ttl.min(self.timeout)
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        lock(&self.held)
+    }
+
+    /// Adds a node to those the session checks together.
+    pub(crate) fn hold(&self, path: &str, czxid: i64) {
+        let mut held = self.held();
+        held.gone.remove(path);
+        held.nodes.insert(path.to_string(), czxid);
+    }
+
+    /// Stops checking a node (its lock was released).
+    pub(crate) fn unhold(&self, path: &str) {
+        let mut held = self.held();
+        held.nodes.remove(path);
+        held.gone.remove(path);
+    }
+
+    /// What the session's last check found about the held node at `path`, if it is fresh
+    /// enough for a lease of `span`: sent less than half of `span` ago. `None`: ask the
+    /// server about this node.
+    pub(crate) fn checked(&self, path: &str, span: Duration) -> Option<Checked> {
+        let held = self.held();
+        if held.gone.contains(path) {
+            return Some(Checked::Gone);
+        }
+        if !held.nodes.contains_key(path) {
+            return None;
+        }
+        let sent = held.confirmed?;
+        (Instant::now() < sent + span / 2).then_some(Checked::Since(sent))
     }
 
     /// The session's health now.
@@ -253,6 +320,66 @@ async fn janitor(client: zk::Client, orphans: Arc<Orphans>, request_timeout: Dur
             pause = (pause * 2).min(RETRY_MAX);
         } else {
             pause = RETRY_MIN;
+        }
+    }
+}
+
+/// Locks the held nodes (never held across an await or a panic point).
+fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
+    held.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Checks every held node of the session, `every` so often, in multi-reads: a node that is
+/// gone or no longer the session's is marked gone; a check that completes confirms the
+/// session (and so every other node) as of when it was sent.
+async fn check_held(
+    client: zk::Client,
+    held: Arc<Mutex<Held>>,
+    every: Duration,
+    request_timeout: Duration,
+) {
+    let session = client.session_id().0;
+    loop {
+        sleep(every).await;
+        let nodes: Vec<(String, i64)> = {
+            let held = lock(&held);
+            held.nodes.iter().map(|(p, c)| (p.clone(), *c)).collect()
+        };
+        if nodes.is_empty() || client.state() != zk::SessionState::SyncConnected {
+            continue;
+        }
+        let sent = Instant::now();
+        let mut complete = true;
+        for chunk in nodes.chunks(CHECK_BATCH) {
+            let mut reader = client.new_multi_reader();
+            if chunk
+                .iter()
+                .any(|(path, _)| reader.add_get_data(path).is_err())
+            {
+                complete = false;
+                break;
+            }
+            let results = match tokio::time::timeout(request_timeout, reader.commit()).await {
+                Ok(Ok(results)) => results,
+                _ => {
+                    complete = false;
+                    break;
+                }
+            };
+            let mut held = lock(&held);
+            for ((path, czxid), result) in chunk.iter().zip(results) {
+                let mine = matches!(
+                    result,
+                    zk::MultiReadResult::Data { stat, .. }
+                        if stat.czxid == *czxid && stat.ephemeral_owner == session
+                );
+                if !mine && held.nodes.contains_key(path) {
+                    held.gone.insert(path.clone());
+                }
+            }
+        }
+        if complete {
+            lock(&held).confirmed = Some(sent);
         }
     }
 }

@@ -55,7 +55,8 @@ impl std::error::Error for At {
     }
 }
 
-fn is_connection<D: Dialect>(e: &sqlx::Error) -> bool {
+/// Whether `e` means the connection is lost or the server is not taking connections.
+pub(crate) fn is_connection<D: Dialect>(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -112,28 +112,32 @@ impl Sql {
     }
 }
 
-/// The advisory-lock statements of a database that has them.
+/// The advisory-lock statements of a database that has them. A session may hold many locks,
+/// and is armed (made to end once silent for as long as the longest TTL of its locks) before
+/// or in the statement that takes one, so there is no moment it holds a lock unarmed.
 #[derive(Debug)]
 pub(crate) struct AdvisorySql {
-    /// Run on the connection that has just taken a lock: its fencing token.
-    pub(crate) fence: Sql,
     /// Makes the server end this session once it has been silent for [`Arg::TtlMs`]
-    /// (PostgreSQL `idle_session_timeout`, MySQL `wait_timeout`), so a frozen holder's lock
-    /// ends at its TTL. Run before every attempt and every renewal.
+    /// (PostgreSQL `idle_session_timeout`, MySQL `wait_timeout`), so a frozen holder's locks
+    /// end at their TTL. Also the renewal of every lock of the session: it restarts the
+    /// clock, and the session being alive is what keeps its locks.
     pub(crate) arm: Sql,
-    /// Undoes `arm`, before the connection goes back to the pool.
-    pub(crate) disarm: Sql,
-    /// Takes the lock without waiting: 1 if taken, 0 if held elsewhere.
-    pub(crate) try_lock: Sql,
-    /// Run before `wait` on the same connection (PostgreSQL: sets `lock_timeout`).
-    pub(crate) prepare_wait: Option<Sql>,
-    /// Waits for the lock on the server for at most [`Arg::SliceMs`]: 1 if taken, 0 or a
-    /// [`hooks::Hooks::lost_race`] error if the wait ran out.
+    /// Takes the lock without waiting. With `fence` `None` (PostgreSQL) it also arms the
+    /// session for [`Arg::TtlMs`] and bumps the fence counter, in one statement: the token,
+    /// or 0 if held elsewhere. Otherwise 1 if taken, 0 if held elsewhere.
+    pub(crate) take: Sql,
+    /// Waits for the lock on the server for at most [`Arg::SliceMs`]; as `take` with or
+    /// without `fence`, except that a wait that ran out is 0 or a
+    /// [`hooks::Hooks::lost_race`] error (which changed nothing).
     pub(crate) wait: Sql,
-    /// 1 while this session holds the lock.
-    pub(crate) held: Sql,
+    /// Run on the session that has just taken a lock with `take` or `wait`, armed before
+    /// them with `arm`: its fencing token (MySQL). `None`: they return the token themselves.
+    pub(crate) fence: Option<Sql>,
     /// 1 if this session held the lock and has let it go.
     pub(crate) unlock: Sql,
+    /// Lets go of the lock if this session holds it: after a statement that failed, and
+    /// may have taken it first (a session lock outlives the failed statement).
+    pub(crate) unlock_if_held: Sql,
 }
 
 /// Every statement of a dialect, with the configured table prefix.
@@ -160,7 +164,7 @@ pub(crate) struct Statements {
 }
 
 /// An advisory-lock key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
     /// PostgreSQL's 64-bit key.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]

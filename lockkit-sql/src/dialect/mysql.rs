@@ -78,7 +78,6 @@ impl Hooks for MySql {
                 )
             }),
             advisory: Some(AdvisorySql {
-                fence,
                 // Whole seconds, rounded up; renewals run a statement at least every TTL/3,
                 // which restarts the clock.
                 arm: Sql::count(
@@ -86,15 +85,12 @@ impl Hooks for MySql {
                         .into(),
                     &[TtlMs],
                 ),
-                disarm: Sql::count(
-                    "SET SESSION wait_timeout = @@GLOBAL.wait_timeout".into(),
-                    &[],
-                ),
-                try_lock: Sql::scalar("SELECT GET_LOCK(?, 0)", &[Key]),
-                prepare_wait: None,
+                take: Sql::scalar("SELECT GET_LOCK(?, 0)", &[Key]),
                 wait: Sql::scalar("SELECT GET_LOCK(?, ? / 1000)", &[Key, SliceMs]),
-                held: Sql::scalar("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", &[Key]),
+                fence: Some(fence),
                 unlock: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
+                // NULL when nobody holds it, 0 when another session does.
+                unlock_if_held: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
             }),
         }
     }

@@ -49,6 +49,9 @@ pub(crate) async fn attempt<D: Dialect>(
     if session.keys.is_empty() {
         sessions.emptied(&mut session);
     }
+    if token.as_ref().is_err_and(|e| e.is_retryable()) {
+        sessions.close_spares();
+    }
     let holder = tokio::sync::OwnedMutexGuard::mutex(&session).clone();
     drop(session);
     Ok(won(lock, name, key, holder, token?, started, ttl))

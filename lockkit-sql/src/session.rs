@@ -228,6 +228,19 @@ impl<D: Dialect> Sessions<D> {
         }
     }
 
+    /// After a connection error: the spare sessions were likely cut too (a server restart),
+    /// so they are closed and the next attempt opens a new one. Sessions holding locks stay:
+    /// their renewals find out.
+    pub(crate) fn close_spares(&self) {
+        self.list().retain(|h| match h.try_lock() {
+            Ok(mut s) if s.keys.is_empty() => {
+                s.end("closed after a connection error");
+                false
+            }
+            _ => true,
+        });
+    }
+
     fn spares(&self) -> usize {
         self.list()
             .iter()

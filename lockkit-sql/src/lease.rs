@@ -167,33 +167,53 @@ impl<D: Dialect> TableLease<D> {
         TableLease { lock, name, owner }
     }
 
-    /// Runs a statement on our row; one that lost a race (an InnoDB deadlock against an
-    /// acquiring transaction, which holds the row until its token is taken) changed nothing
-    /// and runs again, with a jittered pause of at most 25 ms, for up to about a second.
     async fn run(&self, sql: &crate::dialect::Sql, ttl: Duration) -> Result<bool> {
-        let bind = Bind::new(&self.name).lease(&self.owner, ttl);
-        let mut tries = 0;
-        loop {
-            match D::Db::run(On::Pool(&self.lock.pool), sql, &bind).await {
-                Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
-                    tries += 1;
-                    let most = (5 * tries).min(25);
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=most))).await;
-                }
-                other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
+        row(&self.lock, sql, &self.name, &self.owner, ttl).await
+    }
+}
+
+/// Runs a statement on the row (`name`, `owner`): whether it changed it. One that lost a
+/// race (an InnoDB deadlock against an acquiring transaction, which holds the row until its
+/// token is taken) changed nothing and runs again, with a jittered pause of at most 25 ms,
+/// for up to about a second.
+pub(crate) async fn row<D: Dialect>(
+    lock: &Shared<D>,
+    sql: &crate::dialect::Sql,
+    name: &LockName,
+    owner: &str,
+    ttl: Duration,
+) -> Result<bool> {
+    let bind = Bind::new(name).lease(owner, ttl);
+    let mut tries = 0;
+    loop {
+        match D::Db::run(On::Pool(&lock.pool), sql, &bind).await {
+            Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
+                tries += 1;
+                let most = (5 * tries).min(25);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=most))).await;
             }
+            other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
         }
     }
 }
 
 #[async_trait]
 impl<D: Dialect> Lease for TableLease<D> {
+    /// In the client's next batch of renewals where the database takes them (one statement
+    /// for many rows), else on its own.
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
         let started = Instant::now();
-        if !self.run(&self.lock.sql.extend, ttl).await? {
-            return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
+        let extended = match &self.lock.sql.extend_many {
+            Some(_) => crate::renew::extend(&self.lock, &self.name, &self.owner, ttl).await?,
+            None => self
+                .run(&self.lock.sql.extend, ttl)
+                .await?
+                .then_some(started),
+        };
+        match extended {
+            Some(sent) => Ok(lease_end(sent, ttl)),
+            None => Err(Error::lost(self.name.as_str(), LostReason::NotOwner)),
         }
-        Ok(lease_end(started, ttl))
     }
 
     async fn release(&self) -> Result<()> {

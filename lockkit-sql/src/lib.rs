@@ -12,6 +12,7 @@ mod error;
 mod lease;
 mod lock;
 mod options;
+mod renew;
 mod session;
 mod table;
 mod wait;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::dialect::{Bind, Db, Dialect, On, Sql, Statements, Target};
 use crate::options::{Settings, SqlOptions, Strategy};
+use crate::renew::Renewals;
 use crate::session::Sessions;
 use crate::wait::{self, WakeSlots};
 use crate::{advisory, error, table};
@@ -37,6 +38,8 @@ pub(crate) struct Shared<D: Dialect> {
     pub(crate) wake: Arc<WakeSlots>,
     /// The advisory sessions (advisory strategy).
     pub(crate) sessions: Sessions<D>,
+    /// Lease-row renewals waiting for their batch (table strategy).
+    pub(crate) renewals: Renewals,
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) state: D::State,
 }
@@ -95,6 +98,7 @@ impl<D: Dialect> SqlLock<D> {
                 state: D::state(&settings.table_prefix),
                 wake: wait::wake_slots(database),
                 sessions: Sessions::default(),
+                renewals: Renewals::default(),
                 settings,
             }),
         };

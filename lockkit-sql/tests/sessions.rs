@@ -18,13 +18,15 @@ async fn connect(key: &str, params: &str) -> Locks {
     }
 }
 
-/// 300 guards on a pool of 4 connections, TTL 1 s, held for 4 s.
-async fn many_guards_share_few_connections(key: &str) {
-    let locks = connect(key, "strategy=advisory&max_connections=4").await;
-    let other = connect(key, "strategy=advisory").await;
+/// 300 guards on a pool of 4 connections, held for four TTLs (advisory: TTL 2 s; lease rows,
+/// whose renewals go out in batches: 3 s).
+async fn many_guards_share_few_connections(key: &str, strategy: &str) {
+    let locks = connect(key, &format!("strategy={strategy}&max_connections=4")).await;
+    let other = connect(key, &format!("strategy={strategy}")).await;
     let base = fresh_name("lockkit-sql-sessions/many");
+    let ttl = Duration::from_secs(if strategy == "table" { 3 } else { 2 });
     let opts = LockOptions::new()
-        .ttl(Duration::from_secs(1))
+        .ttl(ttl)
         .wait_timeout(Duration::from_secs(5));
     let mut held = Vec::new();
     for i in 0..300 {
@@ -34,13 +36,17 @@ async fn many_guards_share_few_connections(key: &str) {
     for i in [0, 150, 299] {
         let name = format!("{base}-{i}");
         assert!(
+            held[i].is_held(),
+            "{key}: guard {i} lost (an overloaded machine?)"
+        );
+        assert!(
             locks.try_acquire(&name).await.unwrap().is_none(),
             "{key}: the holder's own client took {name} twice"
         );
         assert!(other.try_acquire(&name).await.unwrap().is_none());
     }
     // Four TTLs: only renewals keep them.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(ttl * 4).await;
     assert!(held.iter().all(|g| g.is_held()), "{key}: a guard was lost");
     let name = format!("{base}-7");
     assert!(other.try_acquire(&name).await.unwrap().is_none());
@@ -55,12 +61,22 @@ async fn many_guards_share_few_connections(key: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_many_guards_share_few_connections() {
-    many_guards_share_few_connections("LOCKKIT_POSTGRES_URL").await;
+    many_guards_share_few_connections("LOCKKIT_POSTGRES_URL", "advisory").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_many_guards_share_few_connections() {
-    many_guards_share_few_connections("LOCKKIT_MYSQL_URL").await;
+    many_guards_share_few_connections("LOCKKIT_MYSQL_URL", "advisory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_many_lease_rows_renewed_in_batches() {
+    many_guards_share_few_connections("LOCKKIT_POSTGRES_URL", "table").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_many_lease_rows_renewed_in_batches() {
+    many_guards_share_few_connections("LOCKKIT_MYSQL_URL", "table").await;
 }
 
 /// Waiters queue on their own connections while the holder's session keeps serving the

@@ -60,6 +60,9 @@ pub(crate) enum Arg {
     /// The server-side wait in milliseconds.
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     SliceMs,
+    /// Many lease rows at once, as a JSON array of `{"name", "owner", "ttl"}` objects.
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+    Rows,
 }
 
 /// What a statement yields, read as one optional number.
@@ -157,6 +160,9 @@ pub(crate) struct Statements {
     pub(crate) time_left: Sql,
     /// Extends our lease row if it is ours and in time: 1 if extended.
     pub(crate) extend: Sql,
+    /// Extends many lease rows ([`Arg::Rows`]) each if ours and in time, in one statement:
+    /// the number extended. `None`: one `extend` per row (SQLite).
+    pub(crate) extend_many: Option<Sql>,
     /// Deletes our row if in time; then, failing that, if ours at all (late).
     pub(crate) release: [Sql; 2],
     /// `None`: the database has no advisory locks (SQLite).
@@ -183,6 +189,7 @@ pub(crate) struct Bind<'a> {
     now_ms: i64,
     key: Option<&'a Key>,
     slice_ms: i64,
+    rows: &'a str,
 }
 
 impl<'a> Bind<'a> {
@@ -197,6 +204,7 @@ impl<'a> Bind<'a> {
                 .map_or(0, |d| d.as_millis() as i64),
             key: None,
             slice_ms: 0,
+            rows: "",
         }
     }
 
@@ -209,6 +217,12 @@ impl<'a> Bind<'a> {
     /// With a TTL.
     pub(crate) fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl_ms = millis(ttl);
+        self
+    }
+
+    /// With many lease rows, as JSON.
+    pub(crate) fn rows(mut self, rows: &'a str) -> Self {
+        self.rows = rows;
         self
     }
 
@@ -278,6 +292,7 @@ where
                 (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
                 (Arg::NowMs, _) => query.bind(bind.now_ms),
                 (Arg::SliceMs, _) => query.bind(bind.slice_ms),
+                (Arg::Rows, _) => query.bind(bind.rows.to_string()),
                 (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
                 (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
                 (Arg::Key, None) => unreachable!("a key statement without a key"),

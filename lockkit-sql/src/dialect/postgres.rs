@@ -105,6 +105,14 @@ impl Hooks for Postgres {
                 ),
                 &[Name, Owner, TtlMs],
             ),
+            extend_many: Some(Sql::count(
+                format!(
+                    "UPDATE {p}locks AS l SET expires_at = {NOW} + b.ttl
+                     FROM json_to_recordset($1::json) AS b(name text, owner text, ttl bigint)
+                     WHERE l.name = b.name AND l.owner = b.owner AND l.expires_at >= {NOW}"
+                ),
+                &[Rows],
+            )),
             // Each deletion notifies the waiters of every client (one row per deleted row:
             // its count is the rows deleted).
             release: [format!("AND expires_at >= {NOW}"), String::new()].map(|in_time| {

@@ -1,19 +1,20 @@
-//! The advisory strategy: a session lock (`pg_advisory_lock`, `GET_LOCK`) on a pool
-//! connection held for the guard's life, so the lock dies with the session.
+//! The advisory strategy: session locks (`pg_advisory_lock`, `GET_LOCK`) on the client's
+//! advisory sessions (`session.rs`), many locks per session, so the locks die with the
+//! session.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use lockkit_core::backend::{Acquired, Armed, Cleanup, LockName, Outcome};
+use lockkit_core::backend::{Acquired, FencingToken, LockName, Outcome};
 use lockkit_core::Result;
-use sqlx::pool::PoolConnection;
 use tokio::time::Instant;
 
-use crate::dialect::{AdvisorySql, Bind, Db, Dialect, On};
+use crate::dialect::{AdvisorySql, Bind, Dialect, Key};
 use crate::error;
 use crate::lease::SessionLease;
-use crate::lock::{fence, Shared};
-use crate::wait::lease_end;
+use crate::lock::Shared;
+use crate::session::Session;
+use crate::wait::{lease_end, millis};
 
 /// The advisory statements of a client whose strategy is advisory (checked on connect).
 pub(crate) fn statements<D: Dialect>(lock: &Shared<D>) -> &AdvisorySql {
@@ -23,63 +24,138 @@ pub(crate) fn statements<D: Dialect>(lock: &Shared<D>) -> &AdvisorySql {
         .expect("the advisory strategy is only chosen where the dialect has it")
 }
 
-/// A connection whose session may hold a lock: closed unless handed over, so whatever the
-/// session holds goes with it.
-pub(crate) struct Session<D: Dialect>(pub(crate) PoolConnection<D::Db>);
-
-impl<D: Dialect> Cleanup for Session<D> {
-    const WHAT: &'static str = "closing a lock session";
-
-    fn cleanup(self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
-        let closing = self.0.close();
-        async move { closing.await.map_err(error::map::<D>) }
-    }
-}
-
-/// One advisory attempt: a try-lock (`slice` `None`), or a wait on the server of at most
-/// `slice`; the session is armed first to end once silent for `ttl`. Then the fencing token,
-/// on the same session.
+/// One advisory attempt: a try-lock (`slice` `None`) on a free session of the client, or a
+/// wait on the server of at most `slice` on a session of its own. The session is armed for
+/// `ttl` (or its longest lock's) before or in the statement that takes the lock, and the
+/// fencing token is taken on it.
 pub(crate) async fn attempt<D: Dialect>(
     lock: Arc<Shared<D>>,
     name: LockName,
     ttl: Duration,
     slice: Option<Duration>,
 ) -> Result<Outcome> {
-    let sql = statements(&lock);
     let key = D::advisory_key(&lock, &name).await?;
-    let conn = lock.pool.acquire().await.map_err(error::map::<D>)?;
-    let mut session = Armed::new(Session::<D>(conn));
-    let started = Instant::now();
-    let bind = Bind::new(&name).key(&key, slice).ttl(ttl);
-    // Armed before the lock is taken, so there is no moment the session holds it unarmed.
-    let steps = match slice {
-        None => [Some(&sql.arm), None, Some(&sql.try_lock)],
-        Some(_) => [Some(&sql.arm), sql.prepare_wait.as_ref(), Some(&sql.wait)],
-    };
-    let mut got = None;
-    for step in steps.into_iter().flatten() {
-        got = match D::Db::run(On::Conn(&mut *session.0), step, &bind).await {
-            Err(sqlx::Error::Database(e)) if D::lost_race(e.as_ref()) => Some(0),
-            other => other.map_err(error::map::<D>)?,
-        };
-    }
-    match got {
-        Some(1) => {}
-        // Held elsewhere: the connection goes back to the pool, disarmed (closed if that
-        // fails).
-        Some(_) => {
-            let disarm = D::Db::run(On::Conn(&mut *session.0), &sql.disarm, &bind).await;
-            disarm.map_err(error::map::<D>)?;
-            drop(session.disarm());
-            return Ok(Outcome::Busy(()));
+    let ttl_ms = millis(ttl);
+    let sessions = &lock.sessions;
+    let mut session = match slice {
+        None => {
+            let max = lock.settings.max_connections;
+            sessions.for_take(&lock.pool, &key, max).await?
         }
-        None => return Err(error::no_value::<D>("the advisory lock")),
+        Some(_) => sessions.for_wait(&lock.pool).await?,
+    };
+    let started = Instant::now();
+    let token = take::<D>(&lock, &mut session, &name, &key, ttl_ms, slice).await;
+    if session.keys.is_empty() {
+        sessions.emptied(&mut session);
     }
-    let token = fence::<D>(&mut *session.0, &sql.fence, &bind).await?;
-    let lease = SessionLease::<D>::new(lock.clone(), name, key, session.disarm().0);
-    Ok(Outcome::Won(Acquired::new(
-        token,
+    if token.as_ref().is_err_and(|e| e.is_retryable()) {
+        sessions.close_spares();
+    }
+    let holder = tokio::sync::OwnedMutexGuard::mutex(&session).clone();
+    drop(session);
+    Ok(won(lock, name, key, holder, token?, started, ttl))
+}
+
+fn won<D: Dialect>(
+    lock: Arc<Shared<D>>,
+    name: LockName,
+    key: Key,
+    holder: crate::session::Holder<D>,
+    token: Option<i64>,
+    started: Instant,
+    ttl: Duration,
+) -> Outcome {
+    let Some(token) = token else {
+        return Outcome::Busy(());
+    };
+    let lease = SessionLease::<D>::new(lock, name, key, holder);
+    Outcome::Won(Acquired::new(
+        FencingToken(token as u64),
         lease_end(started, ttl),
         Box::new(lease),
-    )))
+    ))
+}
+
+/// Takes `key` on `session` (waiting up to `slice` on the server): its fencing token, or
+/// `None` if held elsewhere. The session records the lock and its TTL.
+async fn take<D: Dialect>(
+    lock: &Shared<D>,
+    session: &mut Session<D>,
+    name: &LockName,
+    key: &Key,
+    ttl_ms: i64,
+    slice: Option<Duration>,
+) -> Result<Option<i64>> {
+    let sql = statements(lock);
+    let arm_ms = session.arm_for(ttl_ms);
+    let bind = Bind::new(name)
+        .key(key, slice)
+        .ttl(Duration::from_millis(arm_ms as u64));
+    if sql.fence.is_some() && session.armed_ms != arm_ms {
+        session
+            .run(&sql.arm, &bind)
+            .await
+            .map_err(error::map::<D>)?;
+        session.armed_ms = arm_ms;
+    }
+    let step = match slice {
+        None => &sql.take,
+        Some(_) => &sql.wait,
+    };
+    let got = match session.run(step, &bind).await {
+        // A wait that ran out. PostgreSQL: its statement was rolled back, yet the lock is
+        // let go of in case the statement had taken it.
+        Err(sqlx::Error::Database(e)) if D::lost_race(e.as_ref()) => {
+            if sql.fence.is_none() {
+                let_go::<D>(lock, session, &bind).await?;
+            }
+            return Ok(None);
+        }
+        Err(e) => {
+            let_go::<D>(lock, session, &bind).await?;
+            return Err(error::map::<D>(e));
+        }
+        Ok(got) => got,
+    };
+    let token = match (&sql.fence, got) {
+        // PostgreSQL: the statement armed the session and returned the token (0: busy).
+        (None, Some(token)) => {
+            session.armed_ms = arm_ms;
+            Some(token).filter(|&t| t > 0)
+        }
+        (Some(fence), Some(1)) => match session.run(fence, &bind).await {
+            Ok(Some(token)) => Some(token),
+            other => {
+                let_go::<D>(lock, session, &bind).await?;
+                return Err(match other {
+                    Err(e) => error::map::<D>(e),
+                    Ok(_) => error::no_value::<D>("the fence counter"),
+                });
+            }
+        },
+        (Some(_), Some(_)) => None,
+        (_, None) => return Err(error::no_value::<D>("the advisory lock")),
+    };
+    if token.is_some() {
+        session.keys.insert(key.clone(), ttl_ms);
+    }
+    Ok(token)
+}
+
+/// After a statement that failed and may have taken the lock of `bind`: let go of it, or
+/// end the session if that fails too.
+async fn let_go<D: Dialect>(
+    lock: &Shared<D>,
+    session: &mut Session<D>,
+    bind: &Bind<'_>,
+) -> Result<()> {
+    if !session.alive() {
+        return Ok(());
+    }
+    if let Err(e) = session.run(&statements(lock).unlock_if_held, bind).await {
+        tracing::debug!(error = %e, "ending a session that may hold a lock it did not report");
+        session.end("a lock could not be let go of");
+    }
+    Ok(())
 }

@@ -1,42 +1,46 @@
 //! Extending and releasing: a session lock on its held connection, or a lease row.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::backend::{Cleanup, Lease, LockName};
+use lockkit_core::backend::{spawn_cleanup, Cleanup, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
-use sqlx::pool::PoolConnection;
 use tokio::time::Instant;
 
 use crate::advisory::statements;
 use crate::dialect::{Bind, Db, Dialect, Key, On};
 use crate::error;
 use crate::lock::Shared;
-use crate::wait::lease_end;
+use crate::session::{Holder, Session};
+use crate::wait::{lease_end, millis};
 
-/// A lock held by the session of `conn` (the advisory strategy).
+/// A lock held by an advisory session of the client (the advisory strategy), which may hold
+/// many.
 #[derive(Debug)]
 pub(crate) struct SessionLease<D: Dialect> {
     lock: Arc<Shared<D>>,
     name: LockName,
     key: Key,
-    /// `None` once released or found dead.
-    conn: tokio::sync::Mutex<Option<PoolConnection<D::Db>>>,
+    holder: Holder<D>,
+    /// Set once released (or given up).
+    released: AtomicBool,
 }
 
+/// How much older than an extend the latest statement on its session may be and still count
+/// as its renewal, as a fraction of the TTL: the renewals of a session's locks share
+/// statements, and the lease is then that much shorter than asked (conservative).
+const SHARED_RENEWAL: u32 = 16;
+
 impl<D: Dialect> SessionLease<D> {
-    pub(crate) fn new(
-        lock: Arc<Shared<D>>,
-        name: LockName,
-        key: Key,
-        conn: PoolConnection<D::Db>,
-    ) -> Self {
+    pub(crate) fn new(lock: Arc<Shared<D>>, name: LockName, key: Key, holder: Holder<D>) -> Self {
         SessionLease {
             lock,
             name,
             key,
-            conn: tokio::sync::Mutex::new(Some(conn)),
+            holder,
+            released: AtomicBool::new(false),
         }
     }
 
@@ -44,71 +48,109 @@ impl<D: Dialect> SessionLease<D> {
         Error::lost(self.name.as_str(), LostReason::NotOwner)
     }
 
-    /// The session, and the lock with it, is gone (or unusable: it is closed).
-    fn gone(&self, mut conn: PoolConnection<D::Db>, e: sqlx::Error) -> Error {
-        conn.close_on_drop();
-        let e = error::map::<D>(e);
-        Error::lost(self.name.as_str(), LostReason::SessionLost(e.to_string()))
+    /// The session, and the lock with it, is gone.
+    fn gone(&self, session: &Session<D>) -> Error {
+        let why = session
+            .ended
+            .clone()
+            .unwrap_or_else(|| "the session ended".into());
+        Error::lost(self.name.as_str(), LostReason::SessionLost(why))
     }
 }
 
 #[async_trait]
 impl<D: Dialect> Lease for SessionLease<D> {
-    /// Re-arms the session for `ttl` (the server ends it once silent that long), then checks
-    /// it still holds the lock. A session the server ended is found here: the lock is lost
-    /// no later than the first renewal after it ended.
+    /// Re-arms the session for `ttl` (the server ends it once silent that long): the session
+    /// being alive is what keeps the lock, so one statement renews every lock of the session,
+    /// and a statement sent on it shortly before (a sixteenth of the TTL) counts. A session
+    /// the server ended is found here: the lock is lost no later than the first renewal after.
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
-        let started = Instant::now();
-        let mut slot = self.conn.lock().await;
-        let conn = slot.as_mut().ok_or_else(|| self.not_owner())?;
-        let bind = Bind::new(&self.name).key(&self.key, None).ttl(ttl);
-        let sql = statements(&self.lock);
-        let mut held = None;
-        for step in [&sql.arm, &sql.held] {
-            match D::Db::run(On::Conn(&mut **conn), step, &bind).await {
-                Ok(got) => held = got,
-                Err(e) => return Err(self.gone(slot.take().expect("checked above"), e)),
+        let asked = Instant::now();
+        let mut session = self.holder.lock().await;
+        if self.released.load(Ordering::SeqCst) {
+            return Err(self.not_owner());
+        }
+        if !session.alive() {
+            return Err(self.gone(&session));
+        }
+        let ttl_ms = millis(ttl);
+        match session.keys.get_mut(&self.key) {
+            Some(held) => *held = ttl_ms,
+            None => return Err(self.not_owner()),
+        }
+        let arm_ms = session.arm_for(ttl_ms);
+        if let Some(last) = session.last_ok {
+            let recent = asked.saturating_duration_since(last) <= ttl / SHARED_RENEWAL;
+            if recent && session.armed_ms >= arm_ms {
+                return Ok(lease_end(last, ttl));
             }
         }
-        match held {
-            Some(1) => Ok(lease_end(started, ttl)),
-            _ => Err(self.not_owner()),
+        let bind = Bind::new(&self.name).ttl(Duration::from_millis(arm_ms as u64));
+        let sent = Instant::now();
+        match session.run(&statements(&self.lock).arm, &bind).await {
+            Ok(_) => {
+                session.armed_ms = arm_ms;
+                Ok(lease_end(sent, ttl))
+            }
+            Err(_) if !session.alive() => Err(self.gone(&session)),
+            Err(e) => Err(error::map::<D>(e)),
         }
     }
 
     async fn release(&self) -> Result<()> {
-        let mut conn = self
-            .conn
-            .lock()
-            .await
-            .take()
-            .ok_or_else(|| self.not_owner())?;
-        let bind = Bind::new(&self.name).key(&self.key, None);
-        let sql = statements(&self.lock);
-        match D::Db::run(On::Conn(&mut *conn), &sql.unlock, &bind).await {
-            // Back to the pool, disarmed (or closed).
-            Ok(Some(1)) => {
-                if let Err(e) = D::Db::run(On::Conn(&mut *conn), &sql.disarm, &bind).await {
-                    tracing::debug!(error = %e, "closing a session that could not be disarmed");
-                    conn.close_on_drop();
-                }
-                Ok(())
-            }
-            Ok(_) => {
-                conn.close_on_drop();
-                Err(self.not_owner())
-            }
-            Err(e) => Err(self.gone(conn, e)),
+        let mut session = self.holder.lock().await;
+        if self.released.swap(true, Ordering::SeqCst) {
+            return Err(self.not_owner());
         }
+        unlock(&self.lock, &mut session, &self.name, &self.key)
+            .await
+            .map_err(|lost| Error::lost(self.name.as_str(), lost))
     }
+}
+
+/// Lets go of `key` on `session`; a session that cannot is ended, so nothing stays held.
+async fn unlock<D: Dialect>(
+    lock: &Shared<D>,
+    session: &mut Session<D>,
+    name: &LockName,
+    key: &Key,
+) -> std::result::Result<(), LostReason> {
+    if !session.alive() {
+        let why = session.ended.clone().unwrap_or_default();
+        return Err(LostReason::SessionLost(why));
+    }
+    if session.keys.remove(key).is_none() {
+        return Err(LostReason::NotOwner);
+    }
+    let bind = Bind::new(name).key(key, None);
+    let result = match session.run(&statements(lock).unlock, &bind).await {
+        Ok(Some(1)) => Ok(()),
+        Ok(_) => Err(LostReason::NotOwner),
+        Err(e) => Err(LostReason::SessionLost(error::map::<D>(e).to_string())),
+    };
+    if result.is_err() {
+        // Whatever the session holds that it should not goes with it.
+        session.end("a lock could not be let go of");
+    } else if session.keys.is_empty() {
+        lock.sessions.emptied(session);
+    }
+    result
 }
 
 impl<D: Dialect> Drop for SessionLease<D> {
     fn drop(&mut self) {
-        // Not released: the session may still hold the lock, and is armed. Close it.
-        if let Some(conn) = self.conn.get_mut().as_mut() {
-            conn.close_on_drop();
+        // Not released: let go of the lock in the background (without a runtime it goes
+        // when its session is closed).
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
         }
+        let (lock, holder) = (self.lock.clone(), self.holder.clone());
+        let (name, key) = (self.name.clone(), self.key.clone());
+        spawn_cleanup("letting go of an advisory lock", async move {
+            let mut session = holder.lock().await;
+            let unlocked = unlock(&lock, &mut session, &name, &key).await;
+            unlocked.map_err(|lost| Error::lost(name.as_str(), lost))
+        });
     }
 }
 
@@ -125,33 +167,53 @@ impl<D: Dialect> TableLease<D> {
         TableLease { lock, name, owner }
     }
 
-    /// Runs a statement on our row; one that lost a race (an InnoDB deadlock against an
-    /// acquiring transaction, which holds the row until its token is taken) changed nothing
-    /// and runs again, with a jittered pause of at most 25 ms, for up to about a second.
     async fn run(&self, sql: &crate::dialect::Sql, ttl: Duration) -> Result<bool> {
-        let bind = Bind::new(&self.name).lease(&self.owner, ttl);
-        let mut tries = 0;
-        loop {
-            match D::Db::run(On::Pool(&self.lock.pool), sql, &bind).await {
-                Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
-                    tries += 1;
-                    let most = (5 * tries).min(25);
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=most))).await;
-                }
-                other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
+        row(&self.lock, sql, &self.name, &self.owner, ttl).await
+    }
+}
+
+/// Runs a statement on the row (`name`, `owner`): whether it changed it. One that lost a
+/// race (an InnoDB deadlock against an acquiring transaction, which holds the row until its
+/// token is taken) changed nothing and runs again, with a jittered pause of at most 25 ms,
+/// for up to about a second.
+pub(crate) async fn row<D: Dialect>(
+    lock: &Shared<D>,
+    sql: &crate::dialect::Sql,
+    name: &LockName,
+    owner: &str,
+    ttl: Duration,
+) -> Result<bool> {
+    let bind = Bind::new(name).lease(owner, ttl);
+    let mut tries = 0;
+    loop {
+        match D::Db::run(On::Pool(&lock.pool), sql, &bind).await {
+            Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
+                tries += 1;
+                let most = (5 * tries).min(25);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=most))).await;
             }
+            other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
         }
     }
 }
 
 #[async_trait]
 impl<D: Dialect> Lease for TableLease<D> {
+    /// In the client's next batch of renewals where the database takes them (one statement
+    /// for many rows), else on its own.
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
         let started = Instant::now();
-        if !self.run(&self.lock.sql.extend, ttl).await? {
-            return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
+        let extended = match &self.lock.sql.extend_many {
+            Some(_) => crate::renew::extend(&self.lock, &self.name, &self.owner, ttl).await?,
+            None => self
+                .run(&self.lock.sql.extend, ttl)
+                .await?
+                .then_some(started),
+        };
+        match extended {
+            Some(sent) => Ok(lease_end(sent, ttl)),
+            None => Err(Error::lost(self.name.as_str(), LostReason::NotOwner)),
         }
-        Ok(lease_end(started, ttl))
     }
 
     async fn release(&self) -> Result<()> {

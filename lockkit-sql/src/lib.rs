@@ -14,6 +14,8 @@ pub mod fence;
 mod lease;
 mod lock;
 mod options;
+mod renew;
+mod session;
 mod table;
 mod wait;
 

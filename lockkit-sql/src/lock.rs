@@ -15,6 +15,8 @@ use tokio::time::Instant;
 
 use crate::dialect::{Bind, Db, Dialect, On, Sql, Statements, Target};
 use crate::options::{Settings, SqlOptions, Strategy};
+use crate::renew::Renewals;
+use crate::session::Sessions;
 use crate::wait::{self, WakeSlots};
 use crate::{advisory, error, table};
 
@@ -34,6 +36,10 @@ pub(crate) struct Shared<D: Dialect> {
     /// Wake-ups of lease-table waiters, shared by every client of the database in this
     /// process.
     pub(crate) wake: Arc<WakeSlots>,
+    /// The advisory sessions (advisory strategy).
+    pub(crate) sessions: Sessions<D>,
+    /// Lease-row renewals waiting for their batch (table strategy).
+    pub(crate) renewals: Renewals,
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) state: D::State,
 }
@@ -91,6 +97,8 @@ impl<D: Dialect> SqlLock<D> {
                 sql: D::statements(&settings.table_prefix),
                 state: D::state(&settings.table_prefix),
                 wake: wait::wake_slots(database),
+                sessions: Sessions::default(),
+                renewals: Renewals::default(),
                 settings,
             }),
         };
@@ -190,14 +198,25 @@ impl<D: Dialect> Backend for SqlLock<D> {
         let lock = &self.inner;
         let settings = &lock.settings;
         match settings.strategy {
-            Strategy::Advisory => loop {
-                let slice = Some(wait::next_slice(deadline, settings.wait_slice));
-                let attempt = advisory::attempt(lock.clone(), name.clone(), opts.ttl, slice);
-                if let Outcome::Won(acquired) = run_detached(attempt).await? {
+            Strategy::Advisory => {
+                // First without waiting, on a session shared with other locks; then waits
+                // on the server, each on a session of its own.
+                let first = advisory::attempt(lock.clone(), name.clone(), opts.ttl, None);
+                if let Outcome::Won(acquired) = run_detached(first).await? {
                     return Ok(acquired);
                 }
-            },
+                loop {
+                    let slice = Some(wait::next_slice(deadline, settings.wait_slice));
+                    let attempt = advisory::attempt(lock.clone(), name.clone(), opts.ttl, slice);
+                    if let Outcome::Won(acquired) = run_detached(attempt).await? {
+                        return Ok(acquired);
+                    }
+                }
+            }
             Strategy::Table => {
+                // This process's waiters for the name try one at a time, in order.
+                let turn = lock.wake.turn(name);
+                let _turn = turn.lock().await;
                 D::listen(lock);
                 wait::until_acquired(lock.wake.slot(name), settings.max_poll, || async {
                     let attempt = table::attempt(lock.clone(), name.clone(), opts.ttl);

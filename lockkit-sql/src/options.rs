@@ -11,12 +11,12 @@ use crate::dialect::{ConnectOptions, Dialect, Target};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Strategy {
-    /// Session advisory locks (`pg_advisory_lock`, MySQL `GET_LOCK`), each on a connection
-    /// held for the guard's life. The lock dies with the session, so a crashed holder frees
-    /// it at once; a holder that stops renewing, or cannot run (frozen), frees it at its
-    /// TTL: the server ends a session silent for that long (`idle_session_timeout`,
-    /// PostgreSQL 14+ only; MySQL `wait_timeout`). The default on PostgreSQL and MySQL;
-    /// SQLite has none.
+    /// Session advisory locks (`pg_advisory_lock`, MySQL `GET_LOCK`), many per session on
+    /// connections the client keeps out of the pool. A lock dies with its session, so a
+    /// crashed holder frees it at once; a holder that stops renewing, or cannot run
+    /// (frozen), frees it at its TTL: the server ends a session silent for the longest TTL
+    /// of its locks (`idle_session_timeout`, PostgreSQL 14+ only; MySQL `wait_timeout`).
+    /// The default on PostgreSQL and MySQL; SQLite has none.
     #[default]
     Advisory,
     /// A lease table (`<prefix>locks`): one row per held lock, with its owner and expiry.
@@ -80,8 +80,8 @@ options! {
     /// Create the tables on connect (`auto_migrate=`). Off for users who forbid runtime
     /// DDL: then run `migrate()` once (or its SQL) ahead of time. Default on.
     auto_migrate: bool,
-    /// Pool size (`max_connections=`). With advisory locks every held or waiting guard
-    /// uses one connection. Default 256 for advisory locks, 32 for a server's lease table,
+    /// Pool size (`max_connections=`). With advisory locks a connection holds up to 1000
+    /// locks, and every concurrent acquisition or wait uses one. Default 256 for advisory locks, 32 for a server's lease table,
     /// 4 for SQLite (1 for an in-memory database, whatever is set).
     max_connections: u32,
     /// How long to wait for a connection, to connect or from the pool

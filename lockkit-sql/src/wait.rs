@@ -36,18 +36,38 @@ pub(crate) fn next_slice(deadline: Option<tokio::time::Instant>, slice: Duration
 }
 
 /// Wake-up slots of one database: a release wakes the waiters whose name hashes to its slot.
+/// And the turns of this process's waiters for each name, in the order they came.
 #[derive(Debug)]
-pub(crate) struct WakeSlots([Notify; 64]);
+pub(crate) struct WakeSlots {
+    slots: [Notify; 64],
+    turns: Mutex<HashMap<LockName, Weak<tokio::sync::Mutex<()>>>>,
+}
 
 impl WakeSlots {
     pub(crate) fn slot(&self, name: &LockName) -> &Notify {
-        &self.0[(name.hash64() % 64) as usize]
+        &self.slots[(name.hash64() % 64) as usize]
+    }
+
+    /// The queue of this process's waiters for `name` (every client of the database): a
+    /// waiter tries only once the ones before it are done, so a client that releases and
+    /// asks again goes behind the waiters instead of taking the lock back first.
+    pub(crate) fn turn(&self, name: &LockName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(turn) = turns.get(name).and_then(Weak::upgrade) {
+            return turn;
+        }
+        if turns.len() >= 64 && turns.len().is_power_of_two() {
+            turns.retain(|_, turn| turn.strong_count() > 0);
+        }
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        turns.insert(name.clone(), Arc::downgrade(&turn));
+        turn
     }
 
     /// Wakes every waiter (messages may have been missed).
     #[cfg(feature = "postgres")]
     pub(crate) fn wake_all(&self) {
-        for slot in &self.0 {
+        for slot in &self.slots {
             slot.notify_waiters();
         }
     }
@@ -56,7 +76,12 @@ impl WakeSlots {
 /// The wake slots shared by every client of one database in this process (`key` names the
 /// database), or fresh ones when `key` is `None`.
 pub(crate) fn wake_slots(key: Option<String>) -> Arc<WakeSlots> {
-    let fresh = || Arc::new(WakeSlots(std::array::from_fn(|_| Notify::new())));
+    let fresh = || {
+        Arc::new(WakeSlots {
+            slots: std::array::from_fn(|_| Notify::new()),
+            turns: Mutex::default(),
+        })
+    };
     let Some(key) = key else { return fresh() };
     static SLOTS: OnceLock<Mutex<HashMap<String, Weak<WakeSlots>>>> = OnceLock::new();
     let mut map = SLOTS

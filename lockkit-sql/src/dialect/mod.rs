@@ -62,6 +62,9 @@ pub(crate) enum Arg {
     SliceMs,
     /// A fencing token presented to a fence table.
     Token,
+    /// Many lease rows at once, as a JSON array of `{"name", "owner", "ttl"}` objects.
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+    Rows,
 }
 
 /// What a statement yields, read as one optional number.
@@ -114,28 +117,32 @@ impl Sql {
     }
 }
 
-/// The advisory-lock statements of a database that has them.
+/// The advisory-lock statements of a database that has them. A session may hold many locks,
+/// and is armed (made to end once silent for as long as the longest TTL of its locks) before
+/// or in the statement that takes one, so there is no moment it holds a lock unarmed.
 #[derive(Debug)]
 pub(crate) struct AdvisorySql {
-    /// Run on the connection that has just taken a lock: its fencing token.
-    pub(crate) fence: Sql,
     /// Makes the server end this session once it has been silent for [`Arg::TtlMs`]
-    /// (PostgreSQL `idle_session_timeout`, MySQL `wait_timeout`), so a frozen holder's lock
-    /// ends at its TTL. Run before every attempt and every renewal.
+    /// (PostgreSQL `idle_session_timeout`, MySQL `wait_timeout`), so a frozen holder's locks
+    /// end at their TTL. Also the renewal of every lock of the session: it restarts the
+    /// clock, and the session being alive is what keeps its locks.
     pub(crate) arm: Sql,
-    /// Undoes `arm`, before the connection goes back to the pool.
-    pub(crate) disarm: Sql,
-    /// Takes the lock without waiting: 1 if taken, 0 if held elsewhere.
-    pub(crate) try_lock: Sql,
-    /// Run before `wait` on the same connection (PostgreSQL: sets `lock_timeout`).
-    pub(crate) prepare_wait: Option<Sql>,
-    /// Waits for the lock on the server for at most [`Arg::SliceMs`]: 1 if taken, 0 or a
-    /// [`hooks::Hooks::lost_race`] error if the wait ran out.
+    /// Takes the lock without waiting. With `fence` `None` (PostgreSQL) it also arms the
+    /// session for [`Arg::TtlMs`] and bumps the fence counter, in one statement: the token,
+    /// or 0 if held elsewhere. Otherwise 1 if taken, 0 if held elsewhere.
+    pub(crate) take: Sql,
+    /// Waits for the lock on the server for at most [`Arg::SliceMs`]; as `take` with or
+    /// without `fence`, except that a wait that ran out is 0 or a
+    /// [`hooks::Hooks::lost_race`] error (which changed nothing).
     pub(crate) wait: Sql,
-    /// 1 while this session holds the lock.
-    pub(crate) held: Sql,
+    /// Run on the session that has just taken a lock with `take` or `wait`, armed before
+    /// them with `arm`: its fencing token (MySQL). `None`: they return the token themselves.
+    pub(crate) fence: Option<Sql>,
     /// 1 if this session held the lock and has let it go.
     pub(crate) unlock: Sql,
+    /// Lets go of the lock if this session holds it: after a statement that failed, and
+    /// may have taken it first (a session lock outlives the failed statement).
+    pub(crate) unlock_if_held: Sql,
 }
 
 /// Every statement of a dialect, with the configured table prefix.
@@ -155,6 +162,9 @@ pub(crate) struct Statements {
     pub(crate) time_left: Sql,
     /// Extends our lease row if it is ours and in time: 1 if extended.
     pub(crate) extend: Sql,
+    /// Extends many lease rows ([`Arg::Rows`]) each if ours and in time, in one statement:
+    /// the number extended. `None`: one `extend` per row (SQLite).
+    pub(crate) extend_many: Option<Sql>,
     /// Deletes our row if in time; then, failing that, if ours at all (late).
     pub(crate) release: [Sql; 2],
     /// `None`: the database has no advisory locks (SQLite).
@@ -176,7 +186,7 @@ pub(crate) struct FenceSql {
 }
 
 /// An advisory-lock key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
     /// PostgreSQL's 64-bit key.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
@@ -196,6 +206,7 @@ pub(crate) struct Bind<'a> {
     key: Option<&'a Key>,
     slice_ms: i64,
     token: i64,
+    rows: &'a str,
 }
 
 impl<'a> Bind<'a> {
@@ -211,6 +222,7 @@ impl<'a> Bind<'a> {
             key: None,
             slice_ms: 0,
             token: 0,
+            rows: "",
         }
     }
 
@@ -224,6 +236,7 @@ impl<'a> Bind<'a> {
             key: None,
             slice_ms: 0,
             token,
+            rows: "",
         }
     }
 
@@ -236,6 +249,12 @@ impl<'a> Bind<'a> {
     /// With a TTL.
     pub(crate) fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl_ms = millis(ttl);
+        self
+    }
+
+    /// With many lease rows, as JSON.
+    pub(crate) fn rows(mut self, rows: &'a str) -> Self {
+        self.rows = rows;
         self
     }
 
@@ -312,6 +331,7 @@ where
                 (Arg::NowMs, _) => query.bind(bind.now_ms),
                 (Arg::SliceMs, _) => query.bind(bind.slice_ms),
                 (Arg::Token, _) => query.bind(bind.token),
+                (Arg::Rows, _) => query.bind(bind.rows.to_string()),
                 (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
                 (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
                 (Arg::Key, None) => unreachable!("a key statement without a key"),

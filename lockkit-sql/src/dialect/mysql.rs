@@ -71,6 +71,18 @@ impl Hooks for MySql {
                 ),
                 &[TtlMs, Name, Owner],
             ),
+            // JSON_TABLE: MySQL 8, MariaDB 10.6+ (elsewhere it fails, and rows are extended
+            // one by one). Names compared as bytes, as stored.
+            extend_many: Some(Sql::count(
+                format!(
+                    "UPDATE {p}locks AS l JOIN JSON_TABLE(?, '$[*]' COLUMNS (
+                         name VARCHAR(255) CHARACTER SET utf8mb4 PATH '$.name',
+                         owner CHAR(32) PATH '$.owner', ttl BIGINT PATH '$.ttl')) AS b
+                       ON l.name = CAST(b.name AS BINARY) AND l.owner = b.owner
+                     SET l.expires_at = {NOW} + b.ttl WHERE l.expires_at >= {NOW}"
+                ),
+                &[Rows],
+            )),
             release: [format!("AND expires_at >= {NOW}"), String::new()].map(|in_time| {
                 Sql::count(
                     format!("DELETE FROM {p}locks WHERE name = ? AND owner = ? {in_time}"),
@@ -78,7 +90,6 @@ impl Hooks for MySql {
                 )
             }),
             advisory: Some(AdvisorySql {
-                fence,
                 // Whole seconds, rounded up; renewals run a statement at least every TTL/3,
                 // which restarts the clock.
                 arm: Sql::count(
@@ -86,15 +97,12 @@ impl Hooks for MySql {
                         .into(),
                     &[TtlMs],
                 ),
-                disarm: Sql::count(
-                    "SET SESSION wait_timeout = @@GLOBAL.wait_timeout".into(),
-                    &[],
-                ),
-                try_lock: Sql::scalar("SELECT GET_LOCK(?, 0)", &[Key]),
-                prepare_wait: None,
+                take: Sql::scalar("SELECT GET_LOCK(?, 0)", &[Key]),
                 wait: Sql::scalar("SELECT GET_LOCK(?, ? / 1000)", &[Key, SliceMs]),
-                held: Sql::scalar("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", &[Key]),
+                fence: Some(fence),
                 unlock: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
+                // NULL when nobody holds it, 0 when another session does.
+                unlock_if_held: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
             }),
         }
     }

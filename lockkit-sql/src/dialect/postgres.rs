@@ -25,6 +25,14 @@ pub struct Postgres;
 /// The server's clock in milliseconds since the epoch (all clients share it).
 const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// Arms the session for the milliseconds of parameter `ttl` (`$n`): the server ends it once
+/// silent that long. Renewals restart the clock at least every TTL/3.
+fn arm(ttl: &str) -> String {
+    format!(
+        "set_config('idle_session_timeout', LEAST(GREATEST({ttl}, 1), 2147483647)::text, false)"
+    )
+}
+
 /// A PostgreSQL client's advisory keys and `LISTEN` task.
 #[derive(Debug)]
 pub struct PgState {
@@ -97,6 +105,14 @@ impl Hooks for Postgres {
                 ),
                 &[Name, Owner, TtlMs],
             ),
+            extend_many: Some(Sql::count(
+                format!(
+                    "UPDATE {p}locks AS l SET expires_at = {NOW} + b.ttl
+                     FROM json_to_recordset($1::json) AS b(name text, owner text, ttl bigint)
+                     WHERE l.name = b.name AND l.owner = b.owner AND l.expires_at >= {NOW}"
+                ),
+                &[Rows],
+            )),
             // Each deletion notifies the waiters of every client (one row per deleted row:
             // its count is the rows deleted).
             release: [format!("AND expires_at >= {NOW}"), String::new()].map(|in_time| {
@@ -109,32 +125,40 @@ impl Hooks for Postgres {
                 )
             }),
             advisory: Some(AdvisorySql {
-                fence: Sql::scalar(format!("{fence} VALUES ($1, 1) {bump}"), &[Name]),
-                // Renewals run a statement at least every TTL/3, which restarts the clock.
-                arm: Sql::count(
-                    "SELECT set_config('idle_session_timeout', LEAST(GREATEST($1, 1), 2147483647)::text, false)".into(),
-                    &[TtlMs],
+                arm: Sql::count(format!("SELECT {}", arm("$1")), &[TtlMs]),
+                // Armed, locked and fenced in one statement (one implicit transaction): the
+                // counter is bumped only if the lock was taken, and committed before the
+                // answer is sent.
+                take: Sql::scalar(
+                    format!(
+                        "WITH l AS (SELECT pg_try_advisory_lock($1) AS got FROM (SELECT {}) a),
+                              f AS ({fence} SELECT $3, 1 FROM l WHERE got {bump})
+                         SELECT COALESCE((SELECT value FROM f), 0) FROM l",
+                        arm("$2")
+                    ),
+                    &[Key, TtlMs, Name],
                 ),
-                disarm: Sql::count(
-                    "SELECT set_config(name, reset_val, false) FROM pg_settings
-                     WHERE name = 'idle_session_timeout'"
-                        .into(),
-                    &[],
+                // A wait that runs out (`lock_timeout`, for this statement only) fails and
+                // rolls back the arming with it: the session is as it was.
+                wait: Sql::scalar(
+                    format!(
+                        "WITH l AS (SELECT 1 FROM (SELECT pg_advisory_lock($1) FROM (SELECT {},
+                                    set_config('lock_timeout', $3::text || 'ms', true)) a) w),
+                              f AS ({fence} SELECT $4, 1 FROM l {bump})
+                         SELECT value FROM f",
+                        arm("$2")
+                    ),
+                    &[Key, TtlMs, SliceMs, Name],
                 ),
-                try_lock: Sql::scalar("SELECT pg_try_advisory_lock($1)::int::bigint", &[Key]),
-                prepare_wait: Some(Sql::count(
-                    "SELECT set_config('lock_timeout', $1::text || 'ms', false)".into(),
-                    &[SliceMs],
-                )),
-                wait: Sql::scalar("SELECT 1::bigint FROM pg_advisory_lock($1)", &[Key]),
-                held: Sql::scalar(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
-                     AND pid = pg_backend_pid() AND granted AND objsubid = 1
-                     AND classid = (($1 >> 32) & 4294967295)::oid
-                     AND objid = ($1 & 4294967295)::oid)::int::bigint",
+                fence: None,
+                unlock: Sql::scalar("SELECT pg_advisory_unlock($1)::int::bigint", &[Key]),
+                unlock_if_held: Sql::scalar(
+                    "SELECT pg_advisory_unlock($1)::int::bigint FROM pg_locks
+                     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                     AND objsubid = 1 AND classid = (($1 >> 32) & 4294967295)::oid
+                     AND objid = ($1 & 4294967295)::oid",
                     &[Key],
                 ),
-                unlock: Sql::scalar("SELECT pg_advisory_unlock($1)::int::bigint", &[Key]),
             }),
         }
     }

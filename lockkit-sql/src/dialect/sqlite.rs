@@ -85,6 +85,7 @@ impl Hooks for Sqlite {
                 ),
                 &[Name, Owner, NowMs, TtlMs],
             ),
+            extend_many: None,
             release: [
                 Sql::count(
                     format!(

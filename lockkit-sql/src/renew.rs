@@ -1,0 +1,177 @@
+//! Renewals of lease rows, batched per client: the keeper extends each guard on its own, and
+//! the extends that arrive within a few milliseconds of each other go out as one statement
+//! (PostgreSQL, MySQL). A batch in which any row was not extended is done again row by row, so
+//! each guard learns its own answer.
+
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockkit_core::backend::LockName;
+use lockkit_core::{Error, Result};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::dialect::{Bind, Db, Dialect, On};
+use crate::lease::row;
+use crate::lock::Shared;
+use crate::wait::millis;
+
+/// How long the first extend of a batch waits for others to join it.
+const GATHER: Duration = Duration::from_millis(10);
+/// Most rows per statement.
+const MOST: usize = 500;
+
+/// One extend waiting for its batch.
+struct Ask {
+    name: LockName,
+    owner: String,
+    ttl: Duration,
+    /// When the statement that extended the row was sent; `None`: not ours, or too late.
+    answer: oneshot::Sender<Result<Option<Instant>>>,
+}
+
+/// The extends of one client waiting for their batch, and whether a task is sending them.
+#[derive(Default)]
+pub(crate) struct Renewals(Mutex<(Vec<Ask>, bool)>);
+
+impl std::fmt::Debug for Renewals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renewals").finish_non_exhaustive()
+    }
+}
+
+/// Extends the lease row (`name`, `owner`) by `ttl` in the client's next batch: when the
+/// statement that extended it was sent, or `None` if it is not ours or its lease ran out.
+/// Cancel-safe: the batch is sent by a task of its own.
+pub(crate) async fn extend<D: Dialect>(
+    lock: &Arc<Shared<D>>,
+    name: &LockName,
+    owner: &str,
+    ttl: Duration,
+) -> Result<Option<Instant>> {
+    let (answer, answered) = oneshot::channel();
+    let lead = {
+        let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
+        state.0.push(Ask {
+            name: name.clone(),
+            owner: owner.to_string(),
+            ttl,
+            answer,
+        });
+        !std::mem::replace(&mut state.1, true)
+    };
+    if lead {
+        tokio::spawn(send_batches(lock.clone()));
+    }
+    answered.await.unwrap_or_else(|_| {
+        Err(Error::Unsupported(
+            "the renewal task stopped: the Tokio runtime is shutting down".into(),
+        ))
+    })
+}
+
+/// Sends the waiting extends, a batch every [`GATHER`], until none are left.
+async fn send_batches<D: Dialect>(lock: Arc<Shared<D>>) {
+    loop {
+        tokio::time::sleep(GATHER).await;
+        let batch: Vec<Ask> = {
+            let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
+            if state.0.is_empty() {
+                state.1 = false;
+                return;
+            }
+            let n = state.0.len().min(MOST);
+            state.0.drain(..n).collect()
+        };
+        send::<D>(&lock, batch).await;
+    }
+}
+
+/// Extends the rows of `batch` in one statement; a part in which only some rows were
+/// extended (or that failed) is halved and each half tried again, down to single rows, so each
+/// extend learns its own answer in few statements.
+async fn send<D: Dialect>(lock: &Shared<D>, batch: Vec<Ask>) {
+    let mut parts = vec![batch];
+    while let Some(mut part) = parts.pop() {
+        let many = match &lock.sql.extend_many {
+            Some(many) if part.len() > 1 => many,
+            _ => {
+                for ask in part {
+                    let sent = Instant::now();
+                    let extended =
+                        row(lock, &lock.sql.extend, &ask.name, &ask.owner, ask.ttl).await;
+                    let _ = ask.answer.send(extended.map(|ok| ok.then_some(sent)));
+                }
+                continue;
+            }
+        };
+        let rows = rows_json(&part);
+        let bind = Bind::new(&part[0].name).rows(&rows);
+        let sent = Instant::now();
+        let answer = match D::Db::run(On::Pool(&lock.pool), many, &bind).await {
+            Ok(Some(n)) if n == part.len() as i64 => Some(Some(sent)),
+            // None was ours and in time: the statement checked each.
+            Ok(Some(0)) => Some(None),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "a batched renewal failed; in halves");
+                None
+            }
+        };
+        match answer {
+            Some(answer) => {
+                for ask in part {
+                    let _ = ask.answer.send(Ok(answer));
+                }
+            }
+            None => {
+                let half = part.split_off(part.len() / 2);
+                parts.push(part);
+                parts.push(half);
+            }
+        }
+    }
+}
+
+/// The rows of `batch` as a JSON array of `{"name", "owner", "ttl"}`.
+fn rows_json(batch: &[Ask]) -> String {
+    let mut out = String::from("[");
+    for (i, ask) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"name\":");
+        json_string(&mut out, ask.name.as_str());
+        out.push_str(",\"owner\":");
+        json_string(&mut out, &ask.owner);
+        let _ = write!(out, ",\"ttl\":{}}}", millis(ask.ttl));
+    }
+    out.push(']');
+    out
+}
+
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_strings_escape_quotes_backslashes_and_controls() {
+        let mut out = String::new();
+        super::json_string(&mut out, "a\"b\\c\nd\u{1}é");
+        assert_eq!(out, "\"a\\\"b\\\\c\\u000ad\\u0001é\"");
+    }
+}

@@ -9,37 +9,10 @@ use std::time::Duration;
 use lockkit::{Error, LockName, LockOptions, Locks, LostReason, RedisLock};
 use tokio::time::Instant;
 
-use lockkit_testkit::{fresh_name, service_url};
+use lockkit_testkit::{fresh_name, service_url, Stopped};
 
 /// One fault test at a time: they stop shared servers.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn services(verb: &str, instances: &[&str]) -> bool {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
-    Command::new(script)
-        .arg(verb)
-        .args(instances)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Instances stopped for the length of a test, started again when it ends (also on failure).
-struct Stopped(Vec<&'static str>);
-
-impl Stopped {
-    fn new(instances: &[&'static str]) -> Self {
-        assert!(services("stop-one", instances), "stop {instances:?}");
-        Stopped(instances.to_vec())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        if !services("start-one", &self.0) {
-            eprintln!("could not restart {:?}", self.0);
-        }
-    }
-}
 
 async fn redlock() -> Locks {
     Locks::new(

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
@@ -25,8 +25,13 @@ use crate::token::FencingToken;
 pub struct LockGuard {
     shared: Arc<Shared>,
     lease: Arc<dyn Lease>,
-    commands: Option<mpsc::UnboundedSender<Command>>,
+    /// Asks the keeper to release and answer; dropped with the guard, which tells the keeper
+    /// to release in the background.
+    release: Option<oneshot::Sender<Reply>>,
 }
+
+/// Where the keeper sends the outcome of a release the guard asked for.
+type Reply = oneshot::Sender<Result<()>>;
 
 #[derive(Debug)]
 struct Shared {
@@ -42,7 +47,12 @@ struct Shared {
     /// time, so the server applies them in the order they were made and the clock always
     /// holds the answer to the request it applied last.
     extending: tokio::sync::Mutex<()>,
-    lost: watch::Sender<Option<LostReason>>,
+    /// Why the lock was lost, once it was.
+    lost: Mutex<Option<LostReason>>,
+    /// Set when the keeper has finished (released, or its runtime shut down).
+    finished: std::sync::atomic::AtomicBool,
+    /// Wakes [`LockGuard::lost`] futures when `lost` or `finished` changes.
+    lost_changed: Notify,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -80,11 +90,6 @@ impl Clock {
     }
 }
 
-#[derive(Debug)]
-enum Command {
-    Release(oneshot::Sender<Result<()>>),
-}
-
 impl Shared {
     fn clock(&self) -> MutexGuard<'_, Clock> {
         // The lock is never held across an await or a panic point.
@@ -92,20 +97,21 @@ impl Shared {
     }
 
     fn lost_reason(&self) -> Option<LostReason> {
-        self.lost.borrow().clone()
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Marks the lock lost, once; later calls keep the first reason.
     fn mark_lost(&self, reason: LostReason) {
-        let first = self.lost.send_if_modified(|slot| {
-            if slot.is_none() {
+        let first = {
+            let mut slot = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+            let first = slot.is_none();
+            if first {
                 *slot = Some(reason.clone());
-                true
-            } else {
-                false
             }
-        });
+            first
+        };
         if first {
+            self.lost_changed.notify_waiters();
             metrics::counter!(
                 telemetry::LOSSES_TOTAL,
                 "backend" => self.backend,
@@ -129,7 +135,6 @@ impl LockGuard {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Unsupported("lockkit guards need to be created inside a Tokio runtime".into())
         })?;
-        let (lost, _) = watch::channel(None);
         let fixed_ttl = acquired.lease.fixed_ttl();
         let lease_ttl = fixed_ttl.unwrap_or(opts.ttl);
         let renew_every = match (opts.auto_renew, fixed_ttl) {
@@ -163,10 +168,12 @@ impl LockGuard {
             }),
             clock_changed: Notify::new(),
             extending: tokio::sync::Mutex::new(()),
-            lost,
+            lost: Mutex::new(None),
+            finished: std::sync::atomic::AtomicBool::new(false),
+            lost_changed: Notify::new(),
         });
         let lease: Arc<dyn Lease> = Arc::from(acquired.lease);
-        let (commands, inbox) = mpsc::unbounded_channel();
+        let (release, inbox) = oneshot::channel();
         let span = tracing::info_span!(
             "lockkit.hold",
             backend,
@@ -177,7 +184,7 @@ impl LockGuard {
         Ok(LockGuard {
             shared,
             lease,
-            commands: Some(commands),
+            release: Some(release),
         })
     }
 
@@ -231,12 +238,20 @@ impl LockGuard {
     /// The future does not borrow the guard; once the guard is released or dropped it
     /// resolves with [`LostReason::Released`].
     pub fn lost(&self) -> impl Future<Output = LostReason> + Send + 'static {
-        let mut rx = self.shared.lost.subscribe();
+        let shared = self.shared.clone();
         async move {
-            let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
-            match reason {
-                Ok(Some(reason)) => reason,
-                _ => LostReason::Released,
+            loop {
+                let changed = shared.lost_changed.notified();
+                tokio::pin!(changed);
+                // Registered before the check, so a change in between still wakes us.
+                changed.as_mut().enable();
+                if let Some(reason) = shared.lost_reason() {
+                    return reason;
+                }
+                if shared.finished.load(std::sync::atomic::Ordering::Acquire) {
+                    return LostReason::Released;
+                }
+                changed.await;
             }
         }
     }
@@ -294,10 +309,7 @@ impl LockGuard {
         );
         async {
             let (reply, answer) = oneshot::channel();
-            let sent = self
-                .commands
-                .take()
-                .is_some_and(|c| c.send(Command::Release(reply)).is_ok());
+            let sent = self.release.take().is_some_and(|c| c.send(reply).is_ok());
             let result = match sent {
                 true => match answer.await {
                     Ok(result) => result,
@@ -318,11 +330,22 @@ impl LockGuard {
 
 /// The keeper: one task per guard. Renews the lease, watches the backend's loss signal and
 /// the lease's validity, and releases when the guard asks or is dropped.
-async fn keep(
-    shared: Arc<Shared>,
-    lease: Arc<dyn Lease>,
-    mut inbox: mpsc::UnboundedReceiver<Command>,
-) {
+async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Receiver<Reply>) {
+    /// Marks the keeper finished however it ends (also when its runtime drops it), so
+    /// `lost()` futures resolve.
+    struct Finished<'a>(&'a Shared);
+    impl Drop for Finished<'_> {
+        fn drop(&mut self) {
+            self.0
+                .finished
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.0.lost_changed.notify_waiters();
+        }
+    }
+    let _finished = Finished(&shared);
+    // The backend's loss signal, made once and polled for as long as the lock is held.
+    let lease_lost = lease.lost();
+    tokio::pin!(lease_lost);
     let mut next_renewal = shared.clock().renewal_due();
     // Once the lock is lost, the lease is released right away (best effort): a lease that
     // ran out here must not live on in the backend, where a session-based lock (an advisory
@@ -342,8 +365,8 @@ async fn keep(
         let renew_at = next_renewal.unwrap_or(valid_until);
         tokio::select! {
             biased;
-            command = inbox.recv() => break command,
-            reason = lease.lost(), if !lost => shared.mark_lost(reason),
+            command = &mut inbox => break command.ok(),
+            reason = &mut lease_lost, if !lost => shared.mark_lost(reason),
             _ = shared.clock_changed.notified() => {
                 // An explicit extend may have shortened the TTL, or asked a fixed-TTL lease
                 // to outlast its server-side TTL: renew no later than it needs.
@@ -367,8 +390,8 @@ async fn keep(
                 };
                 let result = tokio::select! {
                     biased;
-                    command = inbox.recv() => break command,
-                    reason = lease.lost() => {
+                    command = &mut inbox => break command.ok(),
+                    reason = &mut lease_lost => {
                         shared.mark_lost(reason);
                         continue;
                     }
@@ -387,7 +410,7 @@ async fn keep(
     metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
         .record(held.as_secs_f64());
     match command {
-        Some(Command::Release(reply)) => {
+        Some(reply) => {
             let _ = reply.send(result);
         }
         None => match result {
@@ -662,6 +685,31 @@ mod tests {
         drop(guard);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(script.releases.load(Ordering::SeqCst), 1, "released twice");
+    }
+
+    /// A `lost()` future outliving the runtime that ran the keeper still resolves.
+    #[test]
+    fn lost_futures_resolve_when_the_keepers_runtime_shuts_down() {
+        let script = Arc::new(Script::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (guard, lost) = runtime.block_on(async {
+            let guard = guard(&script, &LockOptions::new().ttl(TTL));
+            tokio::task::yield_now().await;
+            let lost = guard.lost();
+            (guard, lost)
+        });
+        drop(runtime);
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let reason =
+            other.block_on(async { tokio::time::timeout(Duration::from_secs(5), lost).await });
+        assert_eq!(reason, Ok(LostReason::Released));
+        drop(guard);
     }
 
     #[tokio::test(start_paused = true)]

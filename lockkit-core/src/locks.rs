@@ -199,7 +199,7 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
         let started = Instant::now();
         let result = match opts.wait {
             Some(wait) if wait.is_zero() => {
-                match with_retries(opts, None, || {
+                match with_retries(opts, false, None, || {
                     fresh_or_none(lock, lock.try_lock(&name, opts))
                 })
                 .await
@@ -211,7 +211,7 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
             }
             Some(wait) if started.checked_add(wait).is_some() => {
                 let deadline = started + wait;
-                let attempt = with_retries(opts, Some(deadline), || {
+                let attempt = with_retries(opts, true, Some(deadline), || {
                     fresh(lock, lock.lock(&name, opts, Some(deadline)))
                 });
                 match tokio::time::timeout_at(deadline, attempt).await {
@@ -220,7 +220,12 @@ async fn acquire(lock: &dyn Backend, name: &str, opts: &LockOptions) -> Result<L
                 }
             }
             // No deadline, or one too far away to represent.
-            _ => with_retries(opts, None, || fresh(lock, lock.lock(&name, opts, None))).await,
+            _ => {
+                with_retries(opts, true, None, || {
+                    fresh(lock, lock.lock(&name, opts, None))
+                })
+                .await
+            }
         };
         let guard = finish(backend, &name, opts, &caps, started, result.map(Some))?;
         guard.ok_or_else(|| Error::Unsupported("backend returned no lock".into()))
@@ -237,7 +242,7 @@ async fn try_acquire(
     let (backend, name, caps, span) = prepare(lock, name, opts)?;
     async {
         let started = Instant::now();
-        let result = with_retries(opts, None, || {
+        let result = with_retries(opts, false, None, || {
             fresh_or_none(lock, lock.try_lock(&name, opts))
         })
         .await;
@@ -332,10 +337,13 @@ fn finish(
     }
 }
 
-/// Runs `attempt`, retrying connection errors per the options' retry policy, never sleeping
-/// past `deadline`.
+/// Runs `attempt`, retrying connection errors with the options' back-off, never sleeping
+/// past `deadline`. A waiter (`waiting`) rides out a server restart: it retries through up
+/// to the policy's `max_outage` of consecutive failures; a single attempt retries at most
+/// `max_retries` times. A policy of no retries is obeyed either way.
 async fn with_retries<T, F, Fut>(
     opts: &LockOptions,
+    waiting: bool,
     deadline: Option<Instant>,
     mut attempt: F,
 ) -> Result<T>
@@ -343,21 +351,40 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let mut retry = 0;
+    let policy = opts.retry;
+    let mut retry: u32 = 0;
+    let mut outage_since: Option<Instant> = None;
     loop {
-        match attempt().await {
-            Err(e) if e.is_retryable() && retry < opts.retry.max_retries => {
-                let delay = opts.retry.backoff(retry);
-                let until = Instant::now().checked_add(delay);
-                if deadline.is_some_and(|d| until.is_none_or(|u| u >= d)) {
-                    return Err(e);
-                }
-                tracing::debug!(error = %e, retry, ?delay, "retrying after a connection error");
-                retry += 1;
-                tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
-            }
+        let began = Instant::now();
+        let e = match attempt().await {
+            Err(e) if e.is_retryable() && policy.max_retries > 0 => e,
             other => return other,
+        };
+        if began.elapsed() > policy.max_backoff.max(Duration::from_secs(1)) {
+            // The attempt waited a while before failing: the service was up meanwhile, so
+            // this is a new outage, not more of the last one.
+            outage_since = None;
+            retry = 0;
         }
+        let since = *outage_since.get_or_insert_with(Instant::now);
+        let delay = policy.backoff(retry);
+        let resume = Instant::now().checked_add(delay);
+        let allowed = if waiting {
+            resume.is_some_and(|at| at.duration_since(since) < policy.max_outage)
+        } else {
+            retry < policy.max_retries
+        };
+        let past_deadline = deadline.is_some_and(|d| resume.is_none_or(|at| at >= d));
+        if !allowed || past_deadline {
+            return Err(e);
+        }
+        if waiting && retry >= policy.max_retries {
+            tracing::warn!(error = %e, retry, ?delay, "the lock service is unreachable; waiting");
+        } else {
+            tracing::debug!(error = %e, retry, ?delay, "retrying after a connection error");
+        }
+        retry = retry.saturating_add(1);
+        tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
     }
 }
 
@@ -367,6 +394,7 @@ mod tests {
 
     use crate::backend::{async_trait, Lease};
     use crate::error::LostReason;
+    use crate::options::RetryPolicy;
     use crate::token::FencingToken;
 
     use super::*;
@@ -467,6 +495,151 @@ mod tests {
             );
             guard.release().await.unwrap();
         }
+    }
+
+    /// Fails every attempt with a connection error until `until`, then grants: a server
+    /// restart as the client sees it.
+    #[derive(Debug)]
+    struct Outage {
+        until: Instant,
+        attempts: AtomicU32,
+        releases: Arc<AtomicU32>,
+    }
+
+    impl Outage {
+        fn new(lasting: Duration) -> Self {
+            Outage {
+                until: Instant::now() + lasting,
+                attempts: AtomicU32::new(0),
+                releases: Arc::default(),
+            }
+        }
+
+        fn attempt(&self, opts: &LockOptions) -> Result<Acquired> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if Instant::now() < self.until {
+                return Err(Error::connection("outage", "connection refused"));
+            }
+            let lease = Box::new(CountedLease(self.releases.clone()));
+            Ok(Acquired::new(
+                FencingToken(1),
+                Instant::now() + opts.ttl,
+                lease,
+            ))
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Outage {
+        fn name(&self) -> &'static str {
+            "outage"
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new(Duration::from_millis(1))
+                .renewal(true)
+                .lease_expiry(true)
+        }
+
+        async fn try_lock(&self, _: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+            self.attempt(opts).map(Some)
+        }
+
+        async fn lock(
+            &self,
+            _: &LockName,
+            opts: &LockOptions,
+            _: Option<Instant>,
+        ) -> Result<Acquired> {
+            self.attempt(opts)
+        }
+    }
+
+    /// A waiter with wait time left rides out a server outage longer than the retry policy's
+    /// few quick retries: it keeps retrying with back-off until its deadline.
+    #[tokio::test]
+    async fn a_waiter_rides_out_an_outage_until_its_deadline() {
+        let locks = Locks::new(Outage::new(Duration::from_millis(1500)));
+        let opts = LockOptions::new().wait_timeout(Duration::from_secs(20));
+        let started = Instant::now();
+        let guard = locks.acquire_with("x", &opts).await.unwrap();
+        assert!(guard.is_held());
+        // Back-off is capped at the policy's maximum (1 s), so the waiter is back within
+        // about a second of the outage's end.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        guard.release().await.unwrap();
+    }
+
+    /// An outage that outlasts the wait ends with the connection error (not a timeout that
+    /// hides the cause, and not a hang) by the deadline.
+    #[tokio::test]
+    async fn an_outage_past_the_deadline_is_the_connection_error() {
+        let backend = Outage::new(Duration::from_secs(3600));
+        let locks = Locks::new(backend);
+        let opts = LockOptions::new().wait_timeout(Duration::from_millis(800));
+        let started = Instant::now();
+        let err = locks.acquire_with("x", &opts).await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let attempts = locks
+            .backend_as::<Outage>()
+            .unwrap()
+            .attempts
+            .load(Ordering::SeqCst);
+        assert!(
+            attempts > 4,
+            "gave up after {attempts} attempts with wait time left"
+        );
+    }
+
+    /// A waiter without a deadline rides out a short outage too, and gives up with the
+    /// connection error after the policy's outage budget instead of retrying forever.
+    #[tokio::test]
+    async fn an_unbounded_waiter_rides_out_an_outage_within_its_budget() {
+        let locks = Locks::new(Outage::new(Duration::from_millis(1500)));
+        let guard = locks.acquire("x").await.unwrap();
+        guard.release().await.unwrap();
+
+        let locks = Locks::new(Outage::new(Duration::from_secs(3600)));
+        let policy = RetryPolicy::default().max_outage(Duration::from_millis(700));
+        let opts = LockOptions::new().retry(policy);
+        let started = Instant::now();
+        let err = locks.acquire_with("x", &opts).await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// Retrying can be turned off: the first connection error is returned at once, even with
+    /// wait time left; single attempts keep the policy's retry count.
+    #[tokio::test]
+    async fn retries_follow_the_policy_where_there_is_no_wait() {
+        let locks = Locks::new(Outage::new(Duration::from_secs(3600)));
+        let none = LockOptions::new()
+            .wait_timeout(Duration::from_secs(20))
+            .retry(RetryPolicy::NONE);
+        locks.acquire_with("x", &none).await.unwrap_err();
+        let attempts = || {
+            locks
+                .backend_as::<Outage>()
+                .unwrap()
+                .attempts
+                .load(Ordering::SeqCst)
+        };
+        assert_eq!(attempts(), 1);
+        locks.try_acquire("x").await.unwrap_err();
+        assert_eq!(attempts(), 1 + 1 + RetryPolicy::default().max_retries);
     }
 
     /// When every grant arrives too late, acquisition ends with a retryable error once the

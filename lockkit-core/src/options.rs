@@ -9,15 +9,24 @@ use crate::error::{Error, Result};
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
 /// How to retry retryable (connection) errors while acquiring.
+///
+/// A single attempt (`try_acquire`, or `acquire` with a zero wait) retries at most
+/// `max_retries` times. A waiter (`acquire` with wait time) instead rides out a server
+/// restart: it keeps retrying for up to `max_outage` of consecutive failures, never past its
+/// wait deadline, and then returns the connection error. Delays start at `initial_backoff`
+/// and double, with jitter, up to `max_backoff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RetryPolicy {
-    /// Retries after the first failed attempt; 0 disables retrying.
+    /// Retries of a single attempt after it failed; 0 disables retrying altogether.
     pub max_retries: u32,
     /// Delay before the first retry; doubled for each further retry, with jitter.
     pub initial_backoff: Duration,
     /// Upper bound of the delay between retries.
     pub max_backoff: Duration,
+    /// How long a waiter keeps retrying through consecutive connection errors (bounded by
+    /// its wait deadline).
+    pub max_outage: Duration,
 }
 
 impl RetryPolicy {
@@ -26,15 +35,28 @@ impl RetryPolicy {
         max_retries: 0,
         initial_backoff: Duration::ZERO,
         max_backoff: Duration::ZERO,
+        max_outage: Duration::ZERO,
     };
 
-    /// `max_retries` retries with exponential backoff from `initial_backoff` up to `max_backoff`.
+    /// How long a waiter rides out an outage by default: 30 seconds.
+    pub const DEFAULT_MAX_OUTAGE: Duration = Duration::from_secs(30);
+
+    /// `max_retries` retries with exponential backoff from `initial_backoff` up to
+    /// `max_backoff`; waiters ride out outages of up to [`Self::DEFAULT_MAX_OUTAGE`].
     pub fn new(max_retries: u32, initial_backoff: Duration, max_backoff: Duration) -> Self {
         RetryPolicy {
             max_retries,
             initial_backoff,
             max_backoff,
+            max_outage: Self::DEFAULT_MAX_OUTAGE,
         }
+    }
+
+    /// Sets how long a waiter keeps retrying through consecutive connection errors.
+    #[must_use]
+    pub fn max_outage(mut self, outage: Duration) -> Self {
+        self.max_outage = outage;
+        self
     }
 
     /// The jittered delay before retry number `retry` (0-based): between half and all of
@@ -50,7 +72,8 @@ impl RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// Three retries, 25 ms doubling up to 1 s.
+    /// Three retries of a single attempt, 25 ms doubling up to 1 s; waiters ride out 30 s of
+    /// outage.
     fn default() -> Self {
         RetryPolicy::new(3, Duration::from_millis(25), Duration::from_secs(1))
     }
@@ -95,7 +118,8 @@ impl Default for LockOptions {
 }
 
 impl LockOptions {
-    /// The defaults: 30 s TTL, wait forever, automatic renewal every TTL/3, 3 retries.
+    /// The defaults: 30 s TTL, wait forever, automatic renewal every TTL/3, 3 retries of a
+    /// single attempt, waiters riding out 30 s of server outage.
     pub fn new() -> Self {
         Self::default()
     }

@@ -1,14 +1,17 @@
 //! What lockkit's integration tests and benchmarks share, so each is written once: the URLs of
 //! the test servers ([`service_url`], [`service_urls`]), lock names no other run uses
 //! ([`fresh_name`]), the warm-up and timing loop ([`time_loop`]) with its statistics
-//! ([`Stats`]), and the contended run ([`contended`]).
+//! ([`Stats`]), the contended run ([`contended`]), and servers stopped for a fault test
+//! ([`Stopped`]).
 //!
 //! Not published: a dev-dependency of the workspace's tests and examples only.
 
+mod faults;
 mod run;
 mod services;
 mod stats;
 
+pub use faults::{services, Stopped};
 pub use run::{contended, Contended};
 pub use services::{hosts, service_url, service_urls, with_params};
 pub use stats::{time_loop, Stats};

@@ -6,6 +6,7 @@ mod http;
 mod lease;
 mod lock;
 mod options;
+mod shared;
 mod watcher;
 
 pub use error::RequestError;

@@ -12,9 +12,10 @@ use lockkit_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::error::BACKEND;
-use crate::http::{go_duration, Http, KeyEntry, NewSession};
+use crate::http::{go_duration, Http, KeyEntry, Locked, NewSession};
 use crate::lease::ConsulLease;
 use crate::options::{ConsulOptions, Settings};
+use crate::shared::Sessions;
 use crate::watcher::Watcher;
 
 /// The shortest session TTL Consul accepts, and so the shortest lease.
@@ -53,8 +54,20 @@ impl std::fmt::Debug for ConsulLock {
 /// What a client's guards and waits share.
 pub(crate) struct Inner {
     pub(crate) http: Http,
-    settings: Settings,
+    pub(crate) settings: Settings,
     pub(crate) watcher: Arc<Watcher>,
+    /// The shared sessions of the client's renewing guards, one per TTL.
+    pub(crate) sessions: Sessions,
+}
+
+/// Refuses a TTL Consul would refuse for a session.
+pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
+    if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+        return Err(Error::InvalidOptions(format!(
+            "a Consul session's TTL is 10 s to 24 h, not {ttl:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// A session made for one acquisition. Held [`Armed`] until handed to a lease, so a dropped
@@ -70,11 +83,7 @@ pub(crate) struct Session {
 
 impl Session {
     async fn create(inner: &Arc<Inner>, name: &LockName, ttl: Duration) -> Result<Armed<Session>> {
-        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
-            return Err(Error::InvalidOptions(format!(
-                "a Consul session's TTL is 10 s to 24 h, not {ttl:?}"
-            )));
-        }
+        check_ttl(ttl)?;
         let sent = Instant::now();
         let label = format!("lockkit {}", name.encoded());
         let id = inner
@@ -149,6 +158,7 @@ impl ConsulLock {
                 http,
                 settings,
                 watcher: Arc::new(Watcher::default()),
+                sessions: Sessions::default(),
             }),
         })
     }
@@ -167,6 +177,61 @@ impl ConsulLock {
 impl Inner {
     pub(crate) fn key(&self, name: &LockName) -> String {
         format!("{}/{}", self.settings.prefix, name.encoded())
+    }
+
+    /// The KV prefix of every lock key.
+    pub(crate) fn prefix(&self) -> String {
+        self.settings.prefix.clone()
+    }
+
+    /// One acquisition request on the client's shared session of `ttl`: a single `lock`
+    /// transaction, whose answer carries the fencing token. `Busy` also when this client
+    /// holds the lock already (Consul would let the shared session take it twice). Runs
+    /// detached: it is never cancelled half-way.
+    async fn attempt_shared(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome<()>> {
+        let key = self.key(&name);
+        if !self.sessions.claim(&key) {
+            return Ok(Outcome::Busy(()));
+        }
+        let mut session = match self.shared_session(&name, ttl).await {
+            Ok(session) => session,
+            Err(e) => {
+                self.sessions.unclaim(&key);
+                return Err(e);
+            }
+        };
+        for _ in 0..3 {
+            match self.http.lock_key(&key, &session.id).await {
+                Ok(Locked::Taken(index)) => {
+                    let token = FencingToken(index);
+                    let valid_until = session.until()?;
+                    let lease = ConsulLease::shared(self.clone(), name, key, session, token);
+                    return Ok(Outcome::Won(Acquired::new(
+                        token,
+                        valid_until,
+                        Box::new(lease),
+                    )));
+                }
+                Ok(Locked::Busy) => break,
+                Ok(Locked::InvalidSession) => {
+                    self.sessions.drop_session(&session);
+                    session = match self.shared_session(&name, ttl).await {
+                        Ok(session) => session,
+                        Err(e) => {
+                            self.sessions.unclaim(&key);
+                            return Err(e);
+                        }
+                    };
+                }
+                Err(e) => {
+                    // Unknown whether the key was taken: let it go before taking it again.
+                    self.let_go(key, session);
+                    return Err(e);
+                }
+            }
+        }
+        self.sessions.unclaim(&key);
+        Ok(Outcome::Busy(()))
     }
 
     /// One acquisition request with `session` (a new one if `None`). Runs detached: it is
@@ -237,6 +302,10 @@ impl Backend for ConsulLock {
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        if opts.auto_renew {
+            let attempt = self.inner.clone().attempt_shared(name.clone(), opts.ttl);
+            return Ok(run_detached(attempt).await?.into_acquired());
+        }
         let key = self.inner.key(name);
         let (entry, _) = self.inner.http.read_key(&key, None, Duration::ZERO).await?;
         if !free(&entry) {
@@ -252,6 +321,9 @@ impl Backend for ConsulLock {
         opts: &LockOptions,
         deadline: Option<Instant>,
     ) -> Result<Acquired> {
+        if opts.auto_renew {
+            return self.lock_shared(name, opts, deadline).await;
+        }
         let inner = &self.inner;
         let key = inner.key(name);
         let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
@@ -293,6 +365,50 @@ impl Backend for ConsulLock {
             if !free(&entry) {
                 refused = 0;
                 index = next;
+            }
+        }
+    }
+}
+
+impl ConsulLock {
+    /// Waits for the lock on the client's shared session: tries first (one request when the
+    /// lock is free), then blocks on the key until it looks free, and tries again.
+    async fn lock_shared(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        let inner = &self.inner;
+        let key = inner.key(name);
+        let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
+        let mut refused = 0u32;
+        loop {
+            let attempt = inner.clone().attempt_shared(name.clone(), opts.ttl);
+            if let Outcome::Won(acquired) = run_detached(attempt).await? {
+                return Ok(acquired);
+            }
+            // Busy: block on the key until it changes and looks free.
+            let mut index = None;
+            let mut looked_free = true;
+            loop {
+                let wait = deadline.map_or(max_wait, |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_secs(1), max_wait)
+                });
+                let (entry, next) = inner.http.read_key(&key, index, wait).await?;
+                if free(&entry) {
+                    break;
+                }
+                looked_free = false;
+                index = next;
+            }
+            // Refused although the key looked free (a lock-delay, or this client's own
+            // release still in flight): pause a little more each time.
+            refused = if looked_free { refused + 1 } else { 0 };
+            if refused > 1 {
+                let pause = Duration::from_millis(5 * u64::from(refused.min(40)));
+                tokio::time::sleep(pause).await;
             }
         }
     }

@@ -26,17 +26,18 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// A lock service on a Consul agent (`consul://host:port/prefix?token=…&dc=…`).
 ///
-/// Every acquisition creates its own Consul session (TTL = the lock's TTL, the configured
-/// behavior and lock-delay, and **no health checks**: not even the agent's `serfHealth`, so
-/// a partitioned or failed agent does not hand the lock to someone else while its holder
-/// still believes it holds it; the session ends only when its TTL lapses or it is
-/// destroyed) and takes the key `<prefix>/<encoded name>` with `PUT ?acquire=<session>`.
-/// Every read is of exactly that key (never a prefix listing). The fencing token is the
-/// key's `ModifyIndex` right after the acquisition: a Raft index, so it grows across
-/// releases and deletions of the key.
+/// The client's renewing guards of one TTL share one Consul session (TTL = the lock's TTL,
+/// the configured behavior and lock-delay, and **no health checks**: not even the agent's
+/// `serfHealth`, so a partitioned or failed agent does not hand the lock to someone else
+/// while its holder still believes it holds it; the session ends only when its TTL lapses or
+/// it is destroyed); an acquisition takes the key `<prefix>/<encoded name>` on it with one
+/// `lock` transaction, and a release is one `PUT ?release=`. A guard with renewal off gets a
+/// session of its own. Reads are of exactly that key, except the shared session's key check
+/// (one listing of the prefix every third of the TTL). The fencing token is the key's
+/// `ModifyIndex` right after the acquisition: a Raft index, so it grows across releases and
+/// deletions of the key.
 /// Waiters block on the key with Consul's blocking queries and try again when its session
-/// clears. Renewal renews the session; release releases the key and destroys the session.
-/// See the crate documentation for the details.
+/// clears. See the crate documentation for the details.
 #[derive(Clone)]
 pub struct ConsulLock {
     inner: Arc<Inner>,

@@ -36,8 +36,10 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A lock service on an etcd cluster (v3 API), `etcd://h1:2379,h2:2379`.
 ///
-/// Each acquisition grants a lease with the lock's TTL and creates the key
-/// `<prefix><encoded name>/<lease id in hex>` bound to it. The key with the lowest create
+/// Each acquisition creates the key `<prefix><encoded name>/<n>/<lease id in hex>` bound to
+/// the client's shared lease of the lock's TTL (one lease and one keep-alive stream for all
+/// the client's renewing guards of that TTL; a guard with renewal off gets a lease of its
+/// own). The key with the lowest create
 /// revision under the name holds the lock; the others wait in create-revision order, each
 /// watching only the deletion of the key just before its own. The holder's create revision
 /// is its fencing token. See the crate documentation for renewal, TTL changes and
@@ -169,8 +171,9 @@ impl EtcdLock {
     }
 
     /// The key prefix of the lock `name` (for inspection and operations). The keys under it
-    /// are the holder (the lowest create revision) and the waiters, each named by the hex id
-    /// of the lease it was created with.
+    /// are the holder (the lowest create revision) and the waiters, each named
+    /// `<n>/<hex id of the lease it was created on>` (`n` numbers the creating process's
+    /// keys).
     pub fn key_prefix(&self, name: &LockName) -> String {
         self.inner.dir(name)
     }

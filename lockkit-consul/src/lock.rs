@@ -84,18 +84,8 @@ pub(crate) struct Session {
 
 impl Session {
     async fn create(inner: &Arc<Inner>, name: &LockName, ttl: Duration) -> Result<Armed<Session>> {
-        check_ttl(ttl)?;
-        let sent = Instant::now();
         let label = format!("lockkit {}", name.encoded());
-        let id = inner
-            .http
-            .create_session(&NewSession {
-                name: &label,
-                ttl: go_duration(ttl),
-                behavior: inner.settings.behavior.as_str(),
-                lock_delay: go_duration(inner.settings.lock_delay),
-            })
-            .await?;
+        let (id, sent) = inner.new_session(&label, ttl).await?;
         Ok(Armed::new(Session {
             inner: inner.clone(),
             id,
@@ -178,6 +168,27 @@ impl ConsulLock {
 impl Inner {
     pub(crate) fn key(&self, name: &LockName) -> String {
         format!("{}/{}", self.settings.prefix, name.encoded())
+    }
+
+    /// Creates a session of `ttl` (no health checks, the configured behavior and
+    /// lock-delay): its ID, and when the request was sent.
+    pub(crate) async fn new_session(
+        &self,
+        label: &str,
+        ttl: Duration,
+    ) -> Result<(String, Instant)> {
+        check_ttl(ttl)?;
+        let sent = Instant::now();
+        let id = self
+            .http
+            .create_session(&NewSession {
+                name: label,
+                ttl: go_duration(ttl),
+                behavior: self.settings.behavior.as_str(),
+                lock_delay: go_duration(self.settings.lock_delay),
+            })
+            .await?;
+        Ok((id, sent))
     }
 
     /// The KV prefix of every lock key.

@@ -11,7 +11,6 @@ use lockkit_core::backend::LockName;
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
-use crate::http::{go_duration, NewSession};
 use crate::lease::LeaseState;
 use crate::lock::{lease_end, Inner};
 
@@ -223,18 +222,8 @@ impl Inner {
         if let Some(session) = self.sessions.live(ttl) {
             return Ok(session);
         }
-        crate::lock::check_ttl(ttl)?;
-        let sent = Instant::now();
         let label = format!("lockkit shared, first for {}", name.encoded());
-        let id = self
-            .http
-            .create_session(&NewSession {
-                name: &label,
-                ttl: go_duration(ttl),
-                behavior: self.settings.behavior.as_str(),
-                lock_delay: go_duration(self.settings.lock_delay),
-            })
-            .await?;
+        let (id, sent) = self.new_session(&label, ttl).await?;
         let session = Arc::new(SharedSession {
             id,
             ttl,

@@ -62,7 +62,7 @@ const HOLD: Duration = Duration::from_millis(1);
 
 /// The plain client's own lock, the peer lockkit is compared with.
 enum Peer {
-    /// etcd's Lock RPC, on a lease granted once per client.
+    /// etcd's Lock RPC, on a lease granted once per client (an hour, not kept alive).
     Etcd(etcd_client::Client, i64),
     /// rs-consul's `get_lock` (a session per acquisition) and a blocking query to wait.
     Consul(Box<rs_consul::Consul>),
@@ -74,7 +74,8 @@ impl Peer {
         match parsed.scheme() {
             "etcd" => {
                 let mut client = etcd_client::Client::connect(hosts(url), None).await?;
-                let lease = client.lease_grant(60, None).await?.id();
+                // Long enough for the whole run: nothing keeps it alive.
+                let lease = client.lease_grant(3600, None).await?.id();
                 Ok(Peer::Etcd(client, lease))
             }
             "consul" => {

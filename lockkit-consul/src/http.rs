@@ -337,7 +337,12 @@ impl Http {
     ) -> Result<StatusCode> {
         let path = format!("/v1/session/{action}/{id}");
         let call = self.call(what, Method::PUT, &path, &[], None);
-        let (status, body, _) = self.short(what, call).await?;
+        // A renewal does not queue behind a burst of acquisitions (at most one a second
+        // per shared session): a late one loses every lock on the session.
+        let (status, body, _) = match action {
+            "renew" => self.within(what, self.timeout, call).await?,
+            _ => self.short(what, call).await?,
+        };
         if status == StatusCode::OK || also.contains(&status) {
             return Ok(status);
         }

@@ -87,7 +87,11 @@ impl SharedSession {
     /// Until when the session is known kept, from a renewal sent at most `recent` ago (one
     /// is sent now if needed; concurrent callers share it). Every third of the TTL the
     /// renewal also checks that the keys taken on the session are still held by it.
-    pub(crate) async fn renewed(&self, inner: &Inner, recent: Duration) -> Result<Instant> {
+    pub(crate) async fn renewed(
+        self: &Arc<Self>,
+        inner: &Arc<Inner>,
+        recent: Duration,
+    ) -> Result<Instant> {
         let fresh = |state: &State| state.fresh_at.elapsed() <= recent;
         {
             let state = self.state();
@@ -114,11 +118,22 @@ impl SharedSession {
             self.mark_lost();
             return Err(self.gone());
         }
-        self.state().fresh_at = sent;
-        if check {
-            if let Err(e) = self.check_keys(inner).await {
-                tracing::debug!(error = %e, "checking the keys of a shared session");
+        {
+            let mut state = self.state();
+            state.fresh_at = sent;
+            if check {
+                // Not started again before a third of the TTL.
+                state.checked_at = sent;
             }
+        }
+        if check {
+            // In the background: the renewal's callers do not wait for a listing.
+            let (this, inner) = (self.clone(), inner.clone());
+            tokio::spawn(async move {
+                if let Err(e) = this.check_keys(&inner).await {
+                    tracing::debug!(error = %e, "checking the keys of a shared session");
+                }
+            });
         }
         lease_end(sent, self.ttl)
     }
@@ -135,8 +150,7 @@ impl SharedSession {
             .filter(|entry| entry.session.as_deref() == Some(self.id.as_str()))
             .map(|entry| entry.key)
             .collect();
-        let mut state = self.state();
-        state.checked_at = sent;
+        let state = self.state();
         for (key, (taken, member)) in &state.members {
             if *taken < sent && !held.contains(key) {
                 if let Some(member) = member.upgrade() {
@@ -207,7 +221,7 @@ impl Inner {
     /// The shared session of `ttl`, renewed first if a third of its TTL has passed since its
     /// last renewal; created if there is none (or Consul dropped it).
     pub(crate) async fn shared_session(
-        &self,
+        self: &Arc<Self>,
         name: &LockName,
         ttl: Duration,
     ) -> Result<Arc<SharedSession>> {

@@ -3,9 +3,9 @@
 //! A lock is held while its key `<prefix>/<encoded name>` carries a session; the owner shown
 //! is that session, the token the key's `ModifyIndex` (the index of the acquisition). Consul
 //! does not tell how long a session has left, so no remaining lease is shown. A forced
-//! release destroys the holder's session, which frees the key; the next acquisition changes
-//! the key at a later Raft index, so its token is higher. Consul then refuses the key to
-//! every session for the session's lock-delay (15 s by default).
+//! release deletes the key if it is still the same acquisition (check-and-set on its index),
+//! leaving the holder's session alive: one session may hold many of a client's locks. The
+//! next acquisition writes the key at a later Raft index, so its token is higher.
 
 use async_trait::async_trait;
 use hyper::{Method, StatusCode};
@@ -65,15 +65,23 @@ impl Admin for ConsulLock {
     }
 
     async fn force_release(&self, name: &LockName) -> Result<bool> {
+        const WHAT: &str = "force-release a lock key";
         let key = self.inner.key(name);
         let http = &self.inner.http;
         let (entry, _) = http.read_key(&key, None, std::time::Duration::ZERO).await?;
-        match entry.and_then(|e| e.session) {
-            Some(session) => {
-                http.destroy_session(&session).await?;
-                Ok(true)
-            }
-            None => Ok(false),
+        let Some(entry) = entry.filter(|e| e.session.is_some()) else {
+            return Ok(false);
+        };
+        // Delete this acquisition's key only (check-and-set on its index): the holder's
+        // session, which may hold the client's other locks, lives on; its guard on this name
+        // learns it lost the key from the session watcher or its next renewal.
+        let path = format!("/v1/kv/{}", escaped(&key));
+        let query = [("cas", entry.modify_index.to_string())];
+        let call = http.call(WHAT, Method::DELETE, &path, &query, None);
+        let (status, body, _) = http.short(WHAT, call).await?;
+        match status {
+            StatusCode::OK => Ok(body.as_ref() == b"true"),
+            _ => Err(http.status(WHAT, status, &body)),
         }
     }
 }

@@ -87,6 +87,39 @@ pub(crate) struct KeyEntry {
     pub(crate) session: Option<String>,
 }
 
+/// What a `lock` transaction found.
+#[derive(Debug)]
+pub(crate) enum Locked {
+    /// Taken, at this ModifyIndex.
+    Taken(u64),
+    /// Held by another session (or in its lock-delay).
+    Busy,
+    /// Consul no longer knows the session.
+    InvalidSession,
+}
+
+/// The answer of `PUT /v1/txn`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TxnAnswer {
+    #[serde(default)]
+    results: Option<Vec<TxnResult>>,
+    #[serde(default)]
+    errors: Option<Vec<TxnError>>,
+}
+
+#[derive(Deserialize)]
+struct TxnResult {
+    #[serde(rename = "KV")]
+    kv: KeyEntry,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TxnError {
+    what: String,
+}
+
 /// A KV key as it goes into a URL path: the name encoding's `%` must itself be escaped (the
 /// prefix and the encoded name hold nothing else that needs escaping).
 pub(crate) fn escaped(key: &str) -> String {
@@ -304,7 +337,12 @@ impl Http {
     ) -> Result<StatusCode> {
         let path = format!("/v1/session/{action}/{id}");
         let call = self.call(what, Method::PUT, &path, &[], None);
-        let (status, body, _) = self.short(what, call).await?;
+        // A renewal does not queue behind a burst of acquisitions (at most one a second
+        // per shared session): a late one loses every lock on the session.
+        let (status, body, _) = match action {
+            "renew" => self.within(what, self.timeout, call).await?,
+            _ => self.short(what, call).await?,
+        };
         if status == StatusCode::OK || also.contains(&status) {
             return Ok(status);
         }
@@ -382,6 +420,61 @@ impl Http {
                 let entry = entries.into_iter().find(|e| e.key == key);
                 Ok((entry, Some(next)))
             }
+            _ => Err(self.status(WHAT, status, &body)),
+        }
+    }
+
+    /// Takes the KV key `key` for `session` in one `PUT /v1/txn` (the `lock` verb), which
+    /// answers with the entry as written: its ModifyIndex is the fencing token, so no read
+    /// follows.
+    pub(crate) async fn lock_key(&self, key: &str, session: &str) -> Result<Locked> {
+        const WHAT: &str = "acquire (txn)";
+        let body = serde_json::json!([{
+            "KV": {"Verb": "lock", "Key": key, "Value": "", "Session": session}
+        }]);
+        let body = serde_json::to_vec(&body).expect("plain JSON");
+        let call = self.call(WHAT, Method::PUT, "/v1/txn", &[], Some(body));
+        let (status, body, _) = self.short(WHAT, call).await?;
+        match status {
+            StatusCode::OK => {
+                let answer: TxnAnswer =
+                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
+                let entry = answer.results.into_iter().flatten().next().map(|r| r.kv);
+                match entry {
+                    Some(entry) if entry.session.as_deref() == Some(session) => {
+                        Ok(Locked::Taken(entry.modify_index))
+                    }
+                    _ => Ok(Locked::Busy),
+                }
+            }
+            StatusCode::CONFLICT => {
+                let answer: TxnAnswer =
+                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
+                let invalid = answer
+                    .errors
+                    .iter()
+                    .flatten()
+                    .any(|e| e.what.contains("invalid session"));
+                Ok(if invalid {
+                    Locked::InvalidSession
+                } else {
+                    Locked::Busy
+                })
+            }
+            _ => Err(self.status(WHAT, status, &body)),
+        }
+    }
+
+    /// Every KV entry under `prefix/` (one recursive read; values are empty).
+    pub(crate) async fn list_keys(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
+        const WHAT: &str = "list lock keys";
+        let path = format!("/v1/kv/{}/", escaped(prefix));
+        let query = [("recurse", "true".to_string())];
+        let call = self.call(WHAT, Method::GET, &path, &query, None);
+        let (status, body, _) = self.short(WHAT, call).await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(Vec::new()),
+            StatusCode::OK => serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e)),
             _ => Err(self.status(WHAT, status, &body)),
         }
     }

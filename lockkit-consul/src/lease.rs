@@ -11,9 +11,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::lock::{lease_end, Inner, Session};
+use crate::shared::{SharedSession, RECENT};
 use crate::watcher::Watcher;
 
-/// A lease's loss signal, set by the client's session watcher.
+/// A lease's loss signal, set by the client's session watcher (and, for a shared session,
+/// by its key check).
 #[derive(Debug)]
 pub(crate) struct LeaseState {
     lost: watch::Sender<Option<LostReason>>,
@@ -31,6 +33,18 @@ impl LeaseState {
             }
         });
     }
+
+    fn reason(&self) -> Option<LostReason> {
+        self.lost.borrow().clone()
+    }
+}
+
+/// The session a held key is on.
+pub(crate) enum Holder {
+    /// A session of the lock's own (renewal off), destroyed on release.
+    Own,
+    /// The client's shared session of the lock's TTL, kept for its other locks.
+    Shared(Arc<SharedSession>),
 }
 
 /// A held lock: the key and the session that holds it.
@@ -40,6 +54,7 @@ pub(crate) struct ConsulLease {
     key: String,
     session: String,
     session_ttl: Duration,
+    holder: Holder,
     state: Arc<LeaseState>,
 }
 
@@ -49,13 +64,14 @@ impl std::fmt::Debug for ConsulLease {
             .field("key", &self.key)
             .field("session", &self.session)
             .field("session_ttl", &self.session_ttl)
+            .field("shared", &matches!(self.holder, Holder::Shared(_)))
             .finish_non_exhaustive()
     }
 }
 
 impl ConsulLease {
-    /// The lease of `session`, which took the KV key `key` with fencing token `token`;
-    /// watched for invalidation from now on.
+    /// The lease of `session` (its own), which took the KV key `key` with fencing token
+    /// `token`; watched for invalidation from now on.
     pub(crate) fn new(
         inner: Arc<Inner>,
         name: LockName,
@@ -63,15 +79,51 @@ impl ConsulLease {
         session: Session,
         token: FencingToken,
     ) -> Self {
+        Self::build(
+            inner,
+            name,
+            key,
+            session.id,
+            session.ttl,
+            Holder::Own,
+            token,
+        )
+    }
+
+    /// The lease of a key taken on the client's shared session `session`.
+    pub(crate) fn shared(
+        inner: Arc<Inner>,
+        name: LockName,
+        key: String,
+        session: Arc<SharedSession>,
+        token: FencingToken,
+    ) -> Self {
+        let (id, ttl) = (session.id.clone(), session.ttl);
+        Self::build(inner, name, key, id, ttl, Holder::Shared(session), token)
+    }
+
+    fn build(
+        inner: Arc<Inner>,
+        name: LockName,
+        key: String,
+        session: String,
+        session_ttl: Duration,
+        holder: Holder,
+        token: FencingToken,
+    ) -> Self {
         let (lost, _) = watch::channel(None);
         let state = Arc::new(LeaseState { lost });
-        Watcher::register(&inner.watcher, &inner, &session.id, token.get(), &state);
+        if let Holder::Shared(shared) = &holder {
+            shared.join(&key, &state);
+        }
+        Watcher::register(&inner.watcher, &inner, &key, &session, token.get(), &state);
         ConsulLease {
             inner,
             name,
             key,
-            session: session.id,
-            session_ttl: session.ttl,
+            session,
+            session_ttl,
+            holder,
             state,
         }
     }
@@ -79,14 +131,9 @@ impl ConsulLease {
     fn not_owner(&self) -> Error {
         Error::lost(self.name.as_str(), LostReason::NotOwner)
     }
-}
 
-#[async_trait]
-impl Lease for ConsulLease {
-    /// Renews the session and checks the key is still held by it. Consul fixes a session's
-    /// TTL when it is created, so this renews for that TTL whatever `ttl` asks (see
-    /// [`Lease::fixed_ttl`]): the keeper renews again until the holder's TTL is covered.
-    async fn extend(&self, _ttl: Duration) -> Result<Instant> {
+    /// Renews the lock's own session and checks the key is still held by it.
+    async fn extend_own(&self) -> Result<Instant> {
         let sent = Instant::now();
         if !self.inner.http.renew_session(&self.session).await? {
             return Err(self.not_owner());
@@ -102,11 +149,11 @@ impl Lease for ConsulLease {
         lease_end(sent, self.session_ttl)
     }
 
-    /// Releases the key (only if this session holds it), then destroys the session.
-    async fn release(&self) -> Result<()> {
+    /// Releases the key (only if this lease's session holds it), then destroys the lock's
+    /// own session.
+    async fn release_own(&self) -> Result<()> {
         let released = self.inner.http.put_key(&self.key, "", &self.session).await;
         let destroyed = self.inner.http.destroy_session(&self.session).await;
-        self.inner.watcher.deregister(&self.session);
         match (released?, destroyed) {
             (false, _) => Err(self.not_owner()),
             (true, Ok(())) => Ok(()),
@@ -116,6 +163,66 @@ impl Lease for ConsulLease {
                 Ok(())
             }
         }
+    }
+
+    /// Releases the key on the shared session, which stays for the client's other locks.
+    /// If the answer is lost, the key is let go in the background (retried) before this
+    /// client may take it again.
+    async fn release_shared(&self, session: &Arc<SharedSession>) -> Result<()> {
+        session.leave(&self.key);
+        match self.inner.http.put_key(&self.key, "", &self.session).await {
+            Ok(released) => {
+                self.inner.sessions.unclaim(&self.key);
+                match released {
+                    true => Ok(()),
+                    false => Err(self.not_owner()),
+                }
+            }
+            Err(e) => {
+                self.inner.let_go(self.key.clone(), session.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Lease for ConsulLease {
+    /// Renews the session and checks the key is still held by it. Consul fixes a session's
+    /// TTL when it is created, so this renews for that TTL whatever `ttl` asks (see
+    /// [`Lease::fixed_ttl`]): the keeper renews again until the holder's TTL is covered.
+    /// On a shared session a renewal sent within the last second serves (one renewal a
+    /// second at most for all the client's locks of a TTL), and the keys are checked every
+    /// third of the TTL with one listing.
+    async fn extend(&self, _ttl: Duration) -> Result<Instant> {
+        let session = match &self.holder {
+            Holder::Own => return self.extend_own().await,
+            Holder::Shared(session) => session,
+        };
+        if let Some(reason) = self.state.reason() {
+            return Err(Error::lost(self.name.as_str(), reason));
+        }
+        let until = session.renewed(&self.inner, RECENT).await.map_err(|e| {
+            if e.is_lost() {
+                self.inner.sessions.drop_session(session);
+                Error::lost(self.name.as_str(), LostReason::NotOwner)
+            } else {
+                e
+            }
+        })?;
+        match self.state.reason() {
+            Some(reason) => Err(Error::lost(self.name.as_str(), reason)),
+            None => Ok(until),
+        }
+    }
+
+    async fn release(&self) -> Result<()> {
+        let result = match &self.holder {
+            Holder::Own => self.release_own().await,
+            Holder::Shared(session) => self.release_shared(session).await,
+        };
+        self.inner.watcher.deregister(&self.key);
+        result
     }
 
     async fn lost(&self) -> LostReason {
@@ -135,6 +242,9 @@ impl Lease for ConsulLease {
 
 impl Drop for ConsulLease {
     fn drop(&mut self) {
-        self.inner.watcher.deregister(&self.session);
+        self.inner.watcher.deregister(&self.key);
+        if let Holder::Shared(session) = &self.holder {
+            session.leave(&self.key);
+        }
     }
 }

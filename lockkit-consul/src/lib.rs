@@ -7,8 +7,12 @@ mod http;
 mod lease;
 mod lock;
 mod options;
+mod shared;
 mod watcher;
 
 pub use error::RequestError;
 pub use lock::{ConsulLock, MAX_TTL, MIN_TTL};
 pub use options::{Behavior, ConsulOptions};
+
+/// The raw Consul client crate this backend is built on, for inspection and benchmarks.
+pub use rs_consul;

@@ -12,9 +12,10 @@ use lockkit_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::error::BACKEND;
-use crate::http::{go_duration, Http, KeyEntry, NewSession};
+use crate::http::{go_duration, Http, KeyEntry, Locked, NewSession};
 use crate::lease::ConsulLease;
 use crate::options::{ConsulOptions, Settings};
+use crate::shared::Sessions;
 use crate::watcher::Watcher;
 
 /// The shortest session TTL Consul accepts, and so the shortest lease.
@@ -25,17 +26,18 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// A lock service on a Consul agent (`consul://host:port/prefix?token=…&dc=…`).
 ///
-/// Every acquisition creates its own Consul session (TTL = the lock's TTL, the configured
-/// behavior and lock-delay, and **no health checks**: not even the agent's `serfHealth`, so
-/// a partitioned or failed agent does not hand the lock to someone else while its holder
-/// still believes it holds it; the session ends only when its TTL lapses or it is
-/// destroyed) and takes the key `<prefix>/<encoded name>` with `PUT ?acquire=<session>`.
-/// Every read is of exactly that key (never a prefix listing). The fencing token is the
-/// key's `ModifyIndex` right after the acquisition: a Raft index, so it grows across
-/// releases and deletions of the key.
+/// The client's renewing guards of one TTL share one Consul session (TTL = the lock's TTL,
+/// the configured behavior and lock-delay, and **no health checks**: not even the agent's
+/// `serfHealth`, so a partitioned or failed agent does not hand the lock to someone else
+/// while its holder still believes it holds it; the session ends only when its TTL lapses or
+/// it is destroyed); an acquisition takes the key `<prefix>/<encoded name>` on it with one
+/// `lock` transaction, and a release is one `PUT ?release=`. A guard with renewal off gets a
+/// session of its own. Reads are of exactly that key, except the shared session's key check
+/// (one listing of the prefix every third of the TTL). The fencing token is the key's
+/// `ModifyIndex` right after the acquisition: a Raft index, so it grows across releases and
+/// deletions of the key.
 /// Waiters block on the key with Consul's blocking queries and try again when its session
-/// clears. Renewal renews the session; release releases the key and destroys the session.
-/// See the crate documentation for the details.
+/// clears. See the crate documentation for the details.
 #[derive(Clone)]
 pub struct ConsulLock {
     pub(crate) inner: Arc<Inner>,
@@ -55,6 +57,18 @@ pub(crate) struct Inner {
     pub(crate) http: Http,
     pub(crate) settings: Settings,
     pub(crate) watcher: Arc<Watcher>,
+    /// The shared sessions of the client's renewing guards, one per TTL.
+    pub(crate) sessions: Sessions,
+}
+
+/// Refuses a TTL Consul would refuse for a session.
+pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
+    if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+        return Err(Error::InvalidOptions(format!(
+            "a Consul session's TTL is 10 s to 24 h, not {ttl:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// A session made for one acquisition. Held [`Armed`] until handed to a lease, so a dropped
@@ -70,22 +84,8 @@ pub(crate) struct Session {
 
 impl Session {
     async fn create(inner: &Arc<Inner>, name: &LockName, ttl: Duration) -> Result<Armed<Session>> {
-        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
-            return Err(Error::InvalidOptions(format!(
-                "a Consul session's TTL is 10 s to 24 h, not {ttl:?}"
-            )));
-        }
-        let sent = Instant::now();
         let label = format!("lockkit {}", name.encoded());
-        let id = inner
-            .http
-            .create_session(&NewSession {
-                name: &label,
-                ttl: go_duration(ttl),
-                behavior: inner.settings.behavior.as_str(),
-                lock_delay: go_duration(inner.settings.lock_delay),
-            })
-            .await?;
+        let (id, sent) = inner.new_session(&label, ttl).await?;
         Ok(Armed::new(Session {
             inner: inner.clone(),
             id,
@@ -149,6 +149,7 @@ impl ConsulLock {
                 http,
                 settings,
                 watcher: Arc::new(Watcher::default()),
+                sessions: Sessions::default(),
             }),
         })
     }
@@ -167,6 +168,82 @@ impl ConsulLock {
 impl Inner {
     pub(crate) fn key(&self, name: &LockName) -> String {
         format!("{}/{}", self.settings.prefix, name.encoded())
+    }
+
+    /// Creates a session of `ttl` (no health checks, the configured behavior and
+    /// lock-delay): its ID, and when the request was sent.
+    pub(crate) async fn new_session(
+        &self,
+        label: &str,
+        ttl: Duration,
+    ) -> Result<(String, Instant)> {
+        check_ttl(ttl)?;
+        let sent = Instant::now();
+        let id = self
+            .http
+            .create_session(&NewSession {
+                name: label,
+                ttl: go_duration(ttl),
+                behavior: self.settings.behavior.as_str(),
+                lock_delay: go_duration(self.settings.lock_delay),
+            })
+            .await?;
+        Ok((id, sent))
+    }
+
+    /// The KV prefix of every lock key.
+    pub(crate) fn prefix(&self) -> String {
+        self.settings.prefix.clone()
+    }
+
+    /// One acquisition request on the client's shared session of `ttl`: a single `lock`
+    /// transaction, whose answer carries the fencing token. `Busy` also when this client
+    /// holds the lock already (Consul would let the shared session take it twice). Runs
+    /// detached: it is never cancelled half-way.
+    async fn attempt_shared(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome<()>> {
+        let key = self.key(&name);
+        if !self.sessions.claim(&key) {
+            return Ok(Outcome::Busy(()));
+        }
+        let mut session = match self.shared_session(&name, ttl).await {
+            Ok(session) => session,
+            Err(e) => {
+                self.sessions.unclaim(&key);
+                return Err(e);
+            }
+        };
+        for _ in 0..3 {
+            match self.http.lock_key(&key, &session.id).await {
+                Ok(Locked::Taken(index)) => {
+                    let token = FencingToken(index);
+                    let valid_until = session.until()?;
+                    let lease = ConsulLease::shared(self.clone(), name, key, session, token);
+                    return Ok(Outcome::Won(Acquired::new(
+                        token,
+                        valid_until,
+                        Box::new(lease),
+                    )));
+                }
+                Ok(Locked::Busy) => break,
+                Ok(Locked::InvalidSession) => {
+                    self.sessions.drop_session(&session);
+                    session = match self.shared_session(&name, ttl).await {
+                        Ok(session) => session,
+                        Err(e) => {
+                            self.sessions.unclaim(&key);
+                            return Err(e);
+                        }
+                    };
+                }
+                Err(e) => {
+                    // Unknown whether the key was taken: let it go before taking it again.
+                    self.let_go(key, session);
+                    return Err(e);
+                }
+            }
+        }
+        self.sessions.unclaim(&key);
+        Ok(Outcome::Busy(()))
     }
 
     /// One acquisition request with `session` (a new one if `None`). Runs detached: it is
@@ -242,6 +319,10 @@ impl Backend for ConsulLock {
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
+        if opts.auto_renew {
+            let attempt = self.inner.clone().attempt_shared(name.clone(), opts.ttl);
+            return Ok(run_detached(attempt).await?.into_acquired());
+        }
         let key = self.inner.key(name);
         let (entry, _) = self.inner.http.read_key(&key, None, Duration::ZERO).await?;
         if !free(&entry) {
@@ -257,6 +338,9 @@ impl Backend for ConsulLock {
         opts: &LockOptions,
         deadline: Option<Instant>,
     ) -> Result<Acquired> {
+        if opts.auto_renew {
+            return self.lock_shared(name, opts, deadline).await;
+        }
         let inner = &self.inner;
         let key = inner.key(name);
         let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
@@ -298,6 +382,50 @@ impl Backend for ConsulLock {
             if !free(&entry) {
                 refused = 0;
                 index = next;
+            }
+        }
+    }
+}
+
+impl ConsulLock {
+    /// Waits for the lock on the client's shared session: tries first (one request when the
+    /// lock is free), then blocks on the key until it looks free, and tries again.
+    async fn lock_shared(
+        &self,
+        name: &LockName,
+        opts: &LockOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Acquired> {
+        let inner = &self.inner;
+        let key = inner.key(name);
+        let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
+        let mut refused = 0u32;
+        loop {
+            let attempt = inner.clone().attempt_shared(name.clone(), opts.ttl);
+            if let Outcome::Won(acquired) = run_detached(attempt).await? {
+                return Ok(acquired);
+            }
+            // Busy: block on the key until it changes and looks free.
+            let mut index = None;
+            let mut looked_free = true;
+            loop {
+                let wait = deadline.map_or(max_wait, |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_secs(1), max_wait)
+                });
+                let (entry, next) = inner.http.read_key(&key, index, wait).await?;
+                if free(&entry) {
+                    break;
+                }
+                looked_free = false;
+                index = next;
+            }
+            // Refused although the key looked free (a lock-delay, or this client's own
+            // release still in flight): pause a little more each time.
+            refused = if looked_free { refused + 1 } else { 0 };
+            if refused > 1 {
+                let pause = Duration::from_millis(5 * u64::from(refused.min(40)));
+                tokio::time::sleep(pause).await;
             }
         }
     }

@@ -23,8 +23,9 @@ pub(crate) struct Watcher {
 #[derive(Debug, Default)]
 struct State {
     running: bool,
-    /// Session ID → (the lock's fencing token, the lease).
-    leases: HashMap<String, (u64, Weak<LeaseState>)>,
+    /// Lock key → (the session holding it, the lock's fencing token, the lease). Several
+    /// keys may be on one (shared) session.
+    leases: HashMap<String, (String, u64, Weak<LeaseState>)>,
 }
 
 impl Watcher {
@@ -32,18 +33,18 @@ impl Watcher {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Watches `session`, which acquired a lock at Raft index `token`.
+    /// Watches `session`, which acquired the lock `key` at Raft index `token`.
     pub(crate) fn register(
         this: &Arc<Watcher>,
         inner: &Arc<Inner>,
+        key: &str,
         session: &str,
         token: u64,
         lease: &Arc<LeaseState>,
     ) {
         let mut state = this.state();
-        state
-            .leases
-            .insert(session.to_string(), (token, Arc::downgrade(lease)));
+        let watched = (session.to_string(), token, Arc::downgrade(lease));
+        state.leases.insert(key.to_string(), watched);
         if !state.running {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 state.running = true;
@@ -52,8 +53,8 @@ impl Watcher {
         }
     }
 
-    pub(crate) fn deregister(&self, session: &str) {
-        self.state().leases.remove(session);
+    pub(crate) fn deregister(&self, key: &str) {
+        self.state().leases.remove(key);
     }
 }
 
@@ -69,16 +70,18 @@ async fn watch(watcher: Arc<Watcher>, inner: Weak<Inner>) {
         drop(client);
         match listed {
             Ok((sessions, new_index)) => {
+                let sessions: std::collections::HashSet<&str> =
+                    sessions.iter().map(String::as_str).collect();
                 backoff = Duration::from_millis(100);
                 // An index that went backwards means the server state was reset.
                 index = if new_index < index { 0 } else { new_index };
                 let mut state = watcher.state();
-                state.leases.retain(|id, (token, lease)| {
+                state.leases.retain(|_, (id, token, lease)| {
                     let Some(lease) = lease.upgrade() else {
                         return false;
                     };
                     // A list at an index below the acquisition may predate the session.
-                    if new_index < *token || sessions.iter().any(|s| s == id) {
+                    if new_index < *token || sessions.contains(id.as_str()) {
                         return true;
                     }
                     lease.mark_lost(LostReason::SessionLost(

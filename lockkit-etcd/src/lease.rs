@@ -1,31 +1,35 @@
-//! One lock key and the etcd lease it is bound to: keep-alive rounds, TTL changes, release.
+//! One lock key and the etcd lease it is bound to: renewal, TTL changes, release.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use lockkit_core::backend::{run_detached, Acquired, Attempt, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::error::{lease_not_found, map_err, BACKEND};
+use crate::group::{Group, Signal};
 use crate::lock::Inner;
 
-/// A key in a lock's queue and its lease. While the key waits it is kept alive by the waiting
-/// `lock` call; once it holds the lock it is the guard's [`Lease`].
+/// Numbers the keys a process creates, so keys on one shared lease differ.
+static KEYS: AtomicU64 = AtomicU64::new(0);
+
+/// A key in a lock's queue and the lease it is bound to. While the key waits it belongs to
+/// the waiting `lock` call; once it holds the lock it is the guard's [`Lease`].
 ///
-/// Every operation runs to completion in a task of its own under the state's mutex, so a
-/// caller that stops waiting (the keeper's deadline, a dropped future) never leaves the state
-/// half-updated: a keep-alive answer left unread on the stream, or a key re-bound to a new
-/// lease that the state does not know of.
+/// Operations that send requests run to completion in a task of their own under the state's
+/// mutex, so a caller that stops waiting (the keeper's deadline, a dropped future) never
+/// leaves the state half-updated: a key re-bound to a lease that the state does not know of.
 #[derive(Clone)]
 pub(crate) struct EtcdLease {
     inner: Arc<Inner>,
     name: LockName,
     key: String,
+    signal: Arc<Signal>,
     state: Arc<Mutex<State>>,
 }
 
@@ -40,16 +44,10 @@ impl std::fmt::Debug for EtcdLease {
 
 struct State {
     /// The lease the key is bound to.
-    id: i64,
-    /// The TTL asked for it, in whole seconds.
-    asked: i64,
-    /// The TTL etcd granted (at least etcd's minimum, so possibly above `asked`).
-    granted: i64,
-    /// The keep-alive stream of `id`, opened by the first keep-alive round.
-    keep_alive: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    /// A lease granted to re-bind the key whose transaction's outcome is unknown (its reply
-    /// was lost): resolved by the next operation.
-    pending: Option<Granted>,
+    group: Arc<Group>,
+    /// A lease the key is being moved to whose transaction's outcome is unknown (its reply
+    /// was lost): settled by the next operation.
+    pending: Option<Arc<Group>>,
     released: bool,
 }
 
@@ -62,27 +60,31 @@ pub(crate) struct Granted {
 }
 
 impl EtcdLease {
-    pub(crate) fn new(
+    /// A new key under `dir` on `group`'s lease, not created yet; `None` if that lease is
+    /// gone.
+    pub(crate) fn join(
         inner: Arc<Inner>,
         name: LockName,
-        key: String,
-        id: i64,
-        asked: i64,
-        granted: i64,
-    ) -> Self {
-        EtcdLease {
+        dir: &str,
+        group: Arc<Group>,
+    ) -> Option<Self> {
+        let seq = KEYS.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{dir}{seq:x}/{:016x}", group.id as u64);
+        let signal = Signal::new();
+        if !group.join(&key, &signal) {
+            return None;
+        }
+        Some(EtcdLease {
             inner,
             name,
             key,
+            signal,
             state: Arc::new(Mutex::new(State {
-                id,
-                asked,
-                granted,
-                keep_alive: None,
+                group,
                 pending: None,
                 released: false,
             })),
-        }
+        })
     }
 
     pub(crate) fn key(&self) -> &str {
@@ -94,133 +96,130 @@ impl EtcdLease {
     }
 
     /// The lease the key is bound to now.
-    pub(crate) async fn id(&self) -> i64 {
-        self.state.lock().await.id
+    pub(crate) async fn group(&self) -> Arc<Group> {
+        self.state.lock().await.group.clone()
     }
 
-    /// One keep-alive round at the lease's current TTL (used while the key waits).
+    /// The key was created: its lease's keeper checks from now on that it still exists.
+    pub(crate) async fn created(&self) {
+        self.state.lock().await.group.confirm(&self.key);
+    }
+
+    /// Resolves when the lease's keeper finds the key or its lease gone.
+    pub(crate) async fn gone(&self) -> LostReason {
+        self.signal.wait().await
+    }
+
+    /// Until when the key's lease is valid, once at least half its TTL is left (after a
+    /// renewal if needed); `None` if the lease is gone.
+    pub(crate) async fn ready(&self) -> Result<Option<Instant>> {
+        let this = self.clone();
+        let ready = detached(async move {
+            let group = this.group().await;
+            let need = secs(group.granted) / 2;
+            group.fresh(&this.inner, need).await
+        });
+        match ready.await {
+            Ok(until) => Ok(Some(until)),
+            Err(e) if e.is_lost() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One keep-alive round of a key's own lease (used while it waits).
     pub(crate) async fn keep_alive(&self) -> Result<Instant> {
         let this = self.clone();
-        detached(async move { this.extend_now(None).await }).await
+        detached(async move {
+            let group = this.group().await;
+            group.keep_alive(&this.inner).await?;
+            Ok(group.until())
+        })
+        .await
     }
 
-    /// Revokes the lease, which deletes the key if it still exists: withdraws a key that
-    /// lost a `try_lock`. Retried a few times, since a key left behind would block the lock
-    /// until the lease runs out.
+    /// Deletes the key (and revokes its own lease): withdraws a key that lost a `try_lock`
+    /// or whose wait was dropped. Retried a few times, since a key left behind would block
+    /// the lock (a shared lease's keeper keeps trying after that).
     pub(crate) async fn withdraw(&self) -> Result<()> {
-        let mut state = self.state.lock().await;
-        state.released = true;
-        state.keep_alive = None;
-        let mut last = Ok(());
-        for attempt in 0..3u32 {
-            last = self.inner.revoke(state.id).await;
-            match &last {
-                Err(e) if e.is_retryable() => {
-                    tokio::time::sleep(Duration::from_millis(20) * 4u32.pow(attempt)).await;
-                }
-                _ => break,
-            }
-        }
-        match last {
+        match self.release_now().await {
             Err(e) if e.is_lost() => Ok(()),
             other => other,
         }
     }
 
-    /// Extends to `asked` seconds (`None`: the current TTL). The state's mutex is held
-    /// throughout.
-    async fn extend_now(&self, asked: Option<i64>) -> Result<Instant> {
+    /// Extends to `asked` seconds. The state's mutex is held throughout.
+    async fn extend_now(&self, asked: i64) -> Result<Instant> {
         let mut state = self.state.lock().await;
         if state.released {
             return Err(Error::lost(self.name.as_str(), LostReason::Released));
         }
         self.resolve_pending(&mut state).await?;
-        match asked {
-            Some(asked) if asked != state.asked => self.rebind(&mut state, asked).await,
-            _ => self.keep_alive_round(&mut state).await,
+        if let Some(reason) = self.signal.reason() {
+            return Err(Error::lost(self.name.as_str(), reason));
         }
-    }
-
-    /// One keep-alive round: renews the lease and, at the same time, checks that the key
-    /// still exists bound to it (it may have been deleted from outside). Valid from when
-    /// the round started for the TTL etcd answered.
-    async fn keep_alive_round(&self, state: &mut State) -> Result<Instant> {
-        let started = Instant::now();
-        let (id, granted) = (state.id, state.granted);
+        let group = state.group.clone();
+        if asked != group.asked {
+            return self.rebind(&mut state, asked).await;
+        }
+        if group.shared {
+            // The lease's keeper renews it and checks the key.
+            let need = secs(group.granted) / 2;
+            return group.fresh(&self.inner, need).await.map_err(|e| {
+                if e.is_lost() {
+                    self.lost()
+                } else {
+                    e
+                }
+            });
+        }
+        // A key's own lease: one keep-alive round, and at the same time a check that the
+        // key still exists bound to it.
         let (renewed, bound) = tokio::join!(
-            self.renew(&mut state.keep_alive, id, granted),
+            group.keep_alive(&self.inner),
             self.inner.key_lease(&self.key)
         );
-        let ttl = renewed?;
+        match renewed {
+            Err(e) if e.is_lost() => return Err(self.lost()),
+            other => other?,
+        }
         match bound? {
-            Some(lease) if lease == id => Ok(started + secs(ttl)),
+            Some(lease) if lease == group.id => Ok(group.until()),
             _ => Err(self.lost()),
         }
     }
 
-    /// Sends one keep-alive request on the lease's stream and reads its answer; opens the
-    /// stream if there is none, or if the one there failed (a broken connection, a
-    /// restarted server). Returns the TTL etcd answered.
-    async fn renew(
-        &self,
-        slot: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-        id: i64,
-        granted: i64,
-    ) -> Result<i64> {
-        let timeout = self.inner.options.request_timeout;
-        if let Some((mut keeper, mut stream)) = slot.take() {
-            let round = async {
-                keeper.keep_alive().await?;
-                stream.message().await
-            };
-            match tokio::time::timeout(timeout, round).await {
-                Ok(Ok(Some(answer))) if answer.ttl() <= 0 => return Err(self.lost()),
-                Ok(Ok(Some(answer))) => {
-                    *slot = Some((keeper, stream));
-                    return Ok(answer.ttl());
-                }
-                Ok(Ok(None)) => tracing::debug!(lease = id, "keep-alive stream closed, reopening"),
-                Ok(Err(e)) => {
-                    tracing::debug!(lease = id, error = %e, "keep-alive stream failed, reopening")
-                }
-                Err(_) => {
-                    // The stream is dropped: the next round opens a new one.
-                    return Err(Error::connection(
-                        BACKEND,
-                        format!("lease keep-alive: no answer within {timeout:?}"),
-                    ));
-                }
-            }
-        }
-        // Opening the stream sends the first keep-alive and reads its answer.
-        let open = || {
-            let mut client = self.inner.client.lease_client();
-            async move { client.keep_alive(id).await }
-        };
-        match self.inner.within("lease keep-alive", timeout, open).await? {
-            Ok(opened) => {
-                *slot = Some(opened);
-                // etcd renews a lease to its full granted TTL.
-                Ok(granted)
-            }
-            Err(e) if lease_not_found(&e) => Err(self.lost()),
-            Err(e) => Err(map_err(e)),
+    /// The lease for `asked` seconds of the same kind as the key's (shared or its own).
+    async fn lease_for(&self, shared: bool, asked: i64) -> Result<Arc<Group>> {
+        match shared {
+            true => self.inner.shared_group(asked).await,
+            false => self.inner.own_group(asked).await,
         }
     }
 
-    /// Changes the TTL: etcd cannot change a lease's TTL, so the key is re-bound to a new
-    /// lease of `asked` seconds, in a transaction that only does so while the key is still
-    /// bound to our lease; the old lease is then revoked. The key keeps its create revision
+    /// Changes the TTL: etcd cannot change a lease's TTL, so the key is moved to a lease of
+    /// `asked` seconds, in a transaction that only does so while the key is still bound to
+    /// our lease. A key's own old lease is then revoked. The key keeps its create revision
     /// (the fencing token) and its place in the queue.
     async fn rebind(&self, state: &mut State, asked: i64) -> Result<Instant> {
-        let started = Instant::now();
-        let new = self.inner.grant(asked).await?;
+        let old = state.group.clone();
+        let mut target = None;
+        for _ in 0..3 {
+            let group = self.lease_for(old.shared, asked).await?;
+            if group.join(&self.key, &self.signal) {
+                target = Some(group);
+                break;
+            }
+        }
+        let Some(new) = target else {
+            return Err(Error::connection(
+                crate::error::BACKEND,
+                "no lease to move the key to",
+            ));
+        };
+        // The old lease's keeper must not take the key's move for a deletion.
+        old.leave(&self.key);
         let txn = Txn::new()
-            .when([Compare::lease(
-                self.key.as_str(),
-                CompareOp::Equal,
-                state.id,
-            )])
+            .when([Compare::lease(self.key.as_str(), CompareOp::Equal, old.id)])
             .and_then([TxnOp::put(
                 self.key.as_str(),
                 Vec::new(),
@@ -228,13 +227,18 @@ impl EtcdLease {
             )]);
         match self.inner.txn(txn).await {
             Ok(answer) if answer.succeeded() => {
-                let old = state.id;
-                adopt(state, new);
-                self.inner.revoke_in_background(vec![old]);
-                Ok(started + secs(new.granted))
+                new.confirm(&self.key);
+                state.group = new.clone();
+                if !old.shared {
+                    self.inner.revoke_in_background(vec![old.id]);
+                }
+                Ok(new.until())
             }
             Ok(_) => {
-                self.inner.revoke_in_background(vec![new.id]);
+                new.leave(&self.key);
+                if !new.shared {
+                    self.inner.revoke_in_background(vec![new.id]);
+                }
                 Err(self.lost())
             }
             Err(e) => {
@@ -244,21 +248,26 @@ impl EtcdLease {
         }
     }
 
-    /// Settles a re-bind whose outcome was unknown: adopts the new lease if the key is bound
-    /// to it, else revokes it.
+    /// Settles a move whose outcome was unknown: keeps the key's books on the lease it is
+    /// bound to, and revokes a key's own lease it is not bound to.
     async fn resolve_pending(&self, state: &mut State) -> Result<()> {
-        let Some(pending) = state.pending else {
+        let Some(pending) = state.pending.clone() else {
             return Ok(());
         };
         let bound = self.inner.key_lease(&self.key).await?;
         state.pending = None;
-        if bound == Some(pending.id) {
-            let old = state.id;
-            adopt(state, pending);
-            self.inner.revoke_in_background(vec![old]);
-        } else {
-            self.inner.revoke_in_background(vec![pending.id]);
+        let (kept, spare) = match bound == Some(pending.id) {
+            true => (pending, state.group.clone()),
+            false => (state.group.clone(), pending),
+        };
+        spare.leave(&self.key);
+        if !spare.shared {
+            self.inner.revoke_in_background(vec![spare.id]);
         }
+        if bound == Some(kept.id) && kept.join(&self.key, &self.signal) {
+            kept.confirm(&self.key);
+        }
+        state.group = kept;
         Ok(())
     }
 
@@ -268,66 +277,85 @@ impl EtcdLease {
             return Ok(());
         }
         state.released = true;
-        state.keep_alive = None;
-        // Best effort: a pending lease the key might be bound to is revoked below anyway.
+        // Best effort: a pending lease the key might be bound to is dealt with below anyway.
         let _ = self.resolve_pending(&mut state).await;
-        let mut leases = vec![state.id];
-        leases.extend(state.pending.take().map(|p| p.id));
-        let txn = Txn::new()
-            .when([Compare::lease(
-                self.key.as_str(),
-                CompareOp::Equal,
-                state.id,
-            )])
-            .and_then([TxnOp::delete(self.key.as_str(), None)]);
-        match self.inner.txn(txn).await {
-            Ok(answer) => {
-                // The lock is free now; the lease has no key left, revoking it is tidying.
-                self.inner.revoke_in_background(leases);
-                if answer.succeeded() {
-                    Ok(())
-                } else {
-                    Err(self.lost())
+        let group = state.group.clone();
+        group.leave(&self.key);
+        let mut spare: Vec<Arc<Group>> = state.pending.take().into_iter().collect();
+        spare.push(group.clone());
+        let own: Vec<i64> = spare.iter().filter(|g| !g.shared).map(|g| g.id).collect();
+        let mut last = Ok(false);
+        for attempt in 0..3u32 {
+            last = self.inner.delete_on(&self.key, group.id).await;
+            match &last {
+                Err(e) if e.is_retryable() => {
+                    tokio::time::sleep(Duration::from_millis(20) * 4u32.pow(attempt)).await;
+                }
+                _ => break,
+            }
+        }
+        match last {
+            Ok(deleted) => {
+                // The lock is free now; a key's own lease has no key left: revoking it is
+                // tidying.
+                self.inner.revoke_in_background(own);
+                match deleted {
+                    true => Ok(()),
+                    false => Err(self.lost()),
                 }
             }
+            Err(e) if group.shared => {
+                // The lease's keeper deletes the key; if it cannot reach etcd, it cannot
+                // renew the lease either, which then runs out with the key.
+                group.orphan(&self.key);
+                Err(e)
+            }
             Err(e) => {
-                // Unknown whether the key was deleted: revoking the lease deletes it if not.
-                let mut result = Ok(());
-                for id in leases {
+                // Unknown whether the key was deleted: revoking its own lease deletes it.
+                for id in own {
                     if let Err(revoke) = self.inner.revoke(id).await {
                         if !revoke.is_lost() {
-                            result = Err(e);
-                            break;
+                            return Err(e);
                         }
                     }
                 }
-                result
+                Ok(())
             }
         }
     }
 }
 
-fn adopt(state: &mut State, lease: Granted) {
-    state.id = lease.id;
-    state.asked = lease.asked;
-    state.granted = lease.granted;
-    // The stream keeps the old lease alive: closing it lets that lease go.
-    state.keep_alive = None;
-}
-
 #[async_trait]
 impl Lease for EtcdLease {
-    /// A keep-alive round when `ttl` rounds up to the lease's TTL in whole seconds, else a
-    /// re-bind of the key to a new lease of that TTL. See the crate docs.
+    /// On a shared lease whose TTL rounds to `ttl`: no request while its keeper keeps it
+    /// renewed (until when it is confirmed valid, or the key or lease found gone). On a key's
+    /// own lease: a keep-alive round. Another TTL moves the key to a lease of that TTL. See
+    /// the crate docs.
     async fn extend(&self, ttl: Duration) -> Result<Instant> {
-        let this = self.clone();
         let asked = ttl_secs(ttl);
-        detached(async move { this.extend_now(Some(asked)).await }).await
+        // The common case without a task of its own: nothing to cancel half-way.
+        if let Ok(state) = self.state.try_lock() {
+            let group = &state.group;
+            let quiet =
+                !state.released && state.pending.is_none() && self.signal.reason().is_none();
+            if quiet && group.shared && group.asked == asked && !group.is_lost() {
+                let until = group.until();
+                if until >= Instant::now() + secs(group.granted) / 2 {
+                    return Ok(until);
+                }
+            }
+        }
+        let this = self.clone();
+        detached(async move { this.extend_now(asked).await }).await
     }
 
     async fn release(&self) -> Result<()> {
         let this = self.clone();
         detached(async move { this.release_now().await }).await
+    }
+
+    async fn lost(&self) -> LostReason {
+        self.signal.wait().await
     }
 }
 

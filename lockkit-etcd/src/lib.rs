@@ -3,6 +3,7 @@
 
 mod admin;
 mod error;
+mod group;
 mod lease;
 mod lock;
 mod options;

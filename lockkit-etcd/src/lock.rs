@@ -12,12 +12,13 @@ use etcd_client::{
 };
 use lockkit_core::backend::{
     run_detached, spawn_cleanup, Acquired, Admin, Armed, Attempt, Backend, Capabilities, Cleanup,
-    Connect, FencingToken, Lease, LockName, LockOptions,
+    Connect, FencingToken, LockName, LockOptions,
 };
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
 use crate::error::{lease_not_found, map_err, never_sent, BACKEND};
+use crate::group::{Group, Groups};
 use crate::lease::{secs, ttl_secs, EtcdLease, Granted};
 use crate::options::EtcdOptions;
 
@@ -35,8 +36,10 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A lock service on an etcd cluster (v3 API), `etcd://h1:2379,h2:2379`.
 ///
-/// Each acquisition grants a lease with the lock's TTL and creates the key
-/// `<prefix><encoded name>/<lease id in hex>` bound to it. The key with the lowest create
+/// Each acquisition creates the key `<prefix><encoded name>/<n>/<lease id in hex>` bound to
+/// the client's shared lease of the lock's TTL (one lease and one keep-alive stream for all
+/// the client's renewing guards of that TTL; a guard with renewal off gets a lease of its
+/// own). The key with the lowest create
 /// revision under the name holds the lock; the others wait in create-revision order, each
 /// watching only the deletion of the key just before its own. The holder's create revision
 /// is its fencing token. See the crate documentation for renewal, TTL changes and
@@ -50,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) client: Client,
     pub(crate) options: EtcdOptions,
     pub(crate) endpoints: Vec<String>,
+    /// The shared leases of the client's renewing guards, one per TTL.
+    pub(crate) groups: Groups,
 }
 
 impl std::fmt::Debug for Inner {
@@ -70,10 +75,12 @@ struct Entry {
     valid_until: Instant,
     /// Its lease's granted TTL in seconds.
     granted: i64,
+    /// On the client's shared lease (else on one of its own).
+    shared: bool,
+    /// The lock's key prefix: its queue.
+    dir: String,
     /// The key just before it, `None` if it holds the lock.
     predecessor: Option<Vec<u8>>,
-    /// The revision the queue was read at.
-    revision: i64,
 }
 
 impl Entry {
@@ -100,7 +107,7 @@ impl Cleanup for Entry {
 
     async fn cleanup(self) -> Result<()> {
         tracing::debug!(key = self.lease.key(), "leaving the queue");
-        self.lease.release().await
+        self.lease.withdraw().await
     }
 }
 
@@ -145,6 +152,7 @@ impl EtcdLock {
             client,
             options,
             endpoints,
+            groups: Groups::default(),
         });
         let status = || {
             let mut maintenance = inner.client.maintenance_client();
@@ -163,8 +171,9 @@ impl EtcdLock {
     }
 
     /// The key prefix of the lock `name` (for inspection and operations). The keys under it
-    /// are the holder (the lowest create revision) and the waiters, each named by the hex id
-    /// of the lease it was created with.
+    /// are the holder (the lowest create revision) and the waiters, each named
+    /// `<n>/<hex id of the lease it was created on>` (`n` numbers the creating process's
+    /// keys).
     pub fn key_prefix(&self, name: &LockName) -> String {
         self.inner.dir(name)
     }
@@ -195,14 +204,72 @@ impl Inner {
         format!("{}{}/", self.options.key_prefix(), name.encoded())
     }
 
-    /// Grants a lease and creates our key bound to it, reading who is before us in the same
-    /// transaction.
-    async fn enqueue(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Entry> {
+    /// Creates our key on a lease of `ttl` (the client's shared lease of that TTL if
+    /// `shared`, else one of its own), reading who is before us in the same transaction.
+    async fn enqueue(
+        self: Arc<Self>,
+        name: LockName,
+        ttl: Duration,
+        shared: bool,
+    ) -> Result<Entry> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.clone().enqueue_on(name.clone(), ttl, shared).await {
+                Err((e, Some(group))) if attempt < 3 && !e.is_retryable() => {
+                    // A shared lease that etcd no longer knows (revoked, expired) before its
+                    // keeper noticed: found out now, and the next attempt uses a new one.
+                    match group.keep_alive(&self).await {
+                        Err(lost) if lost.is_lost() => continue,
+                        _ => return Err(e),
+                    }
+                }
+                other => return other.map_err(|(e, _)| e),
+            }
+        }
+    }
+
+    /// One attempt of [`Inner::enqueue`]; a failure of the transaction on a shared lease
+    /// comes with that lease.
+    async fn enqueue_on(
+        self: Arc<Self>,
+        name: LockName,
+        ttl: Duration,
+        shared: bool,
+    ) -> std::result::Result<Entry, (Error, Option<Arc<Group>>)> {
         let started = Instant::now();
-        let lease = self.grant(ttl_secs(ttl)).await?;
-        let granted = lease.granted;
+        let asked = ttl_secs(ttl);
         let dir = self.dir(&name);
-        let key = format!("{dir}{:016x}", lease.id as u64);
+        let mut joined = None;
+        for _ in 0..3 {
+            let group = match shared {
+                true => self.shared_group(asked).await,
+                false => self.own_group(asked).await,
+            };
+            let group = group.map_err(|e| (e, None))?;
+            if let Some(lease) = EtcdLease::join(self.clone(), name.clone(), &dir, group) {
+                joined = Some(lease);
+                break;
+            }
+        }
+        let Some(lease) = joined else {
+            let e = Error::connection(BACKEND, "the shared lease kept vanishing");
+            return Err((e, None));
+        };
+        let group = lease.group().await;
+        let granted = group.granted;
+        // A shared lease is granted on if it is known valid for half its TTL yet.
+        let valid_until = match shared {
+            true => match group.fresh(&self, secs(granted) / 2).await {
+                Ok(until) => until,
+                Err(e) => {
+                    let _ = lease.withdraw().await;
+                    return Err((e, None));
+                }
+            },
+            false => started + secs(granted),
+        };
+        let key = lease.key().to_string();
         // Ours is the newest key: sorted by create revision downwards, the first two keys
         // are ours and our predecessor.
         let queue = GetOptions::new()
@@ -216,133 +283,165 @@ impl Inner {
                 TxnOp::put(
                     key.as_str(),
                     name.as_str(),
-                    Some(PutOptions::new().with_lease(lease.id)),
+                    Some(PutOptions::new().with_lease(group.id)),
                 ),
                 TxnOp::get(dir.as_str(), Some(queue)),
             ]);
-        let lease = EtcdLease::new(
-            self.clone(),
-            name,
-            key,
-            lease.id,
-            lease.asked,
-            lease.granted,
-        );
         let answer = match self.txn(txn).await {
             Ok(answer) if answer.succeeded() => answer,
             other => {
-                // The key may exist (a lost reply): revoking the lease deletes it.
+                // The key may exist (a lost reply): deleting it (or revoking its own lease)
+                // removes it.
                 let _ = lease.withdraw().await;
-                return Err(other.err().unwrap_or_else(|| {
-                    Error::backend(BACKEND, format!("the key {} existed", lease.key()))
-                }));
+                let e = other
+                    .err()
+                    .unwrap_or_else(|| Error::backend(BACKEND, format!("the key {key} existed")));
+                return Err((e, shared.then_some(group)));
             }
         };
-        let revision = answer.header().map_or(0, |h| h.revision());
+        lease.created().await;
         let kvs = match answer.op_responses().into_iter().nth(1) {
             Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
             _ => Vec::new(),
         };
-        let ours = kvs.first().filter(|kv| kv.key() == lease.key().as_bytes());
+        let ours = kvs.first().filter(|kv| kv.key() == key.as_bytes());
         let Some(ours) = ours else {
             let _ = lease.withdraw().await;
-            return Err(Error::backend(
+            let e = Error::backend(
                 BACKEND,
                 "the key just created is not the newest of its lock",
-            ));
+            );
+            return Err((e, None));
         };
         Ok(Entry {
             token: ours.create_revision(),
-            valid_until: started + secs(granted),
+            valid_until,
             granted,
+            shared,
             predecessor: kvs.get(1).map(|kv| kv.key().to_vec()),
-            revision,
+            dir,
             lease,
         })
     }
 
     /// Waits until `entry` is the oldest key. `Ok(None)` when its key or lease vanished
-    /// while waiting (expired: the process was paused, or deleted from outside).
+    /// while waiting (expired: the process was paused, or deleted from outside). A broken
+    /// connection or a restarting server does not end the wait: it re-establishes the
+    /// watch (the caller's deadline bounds it).
     async fn wait_turn(&self, entry: &Entry) -> Result<Option<Instant>> {
         let lease = &entry.lease;
-        let every = secs(entry.granted) / 3;
-        let mut valid_until = entry.valid_until;
-        let mut renew_at = valid_until - secs(entry.granted) + every;
         let mut predecessor = entry.predecessor.clone();
-        let mut revision = entry.revision;
+        let mut backoff = Duration::from_millis(50);
         loop {
-            let Some(before) = predecessor else {
-                // First in line. Our key was there when the queue was read; grant it on a
-                // lease that is known valid for a while yet.
-                let now = Instant::now();
-                if valid_until > now && valid_until - now >= secs(entry.granted) / 2 {
-                    return Ok(Some(valid_until));
+            let Some(before) = predecessor.clone() else {
+                // First in line: granted on a lease known valid for half its TTL yet.
+                return lease.ready().await;
+            };
+            match self.wait_deleted(entry, &before).await {
+                Ok(Some(next)) => {
+                    predecessor = next;
+                    backoff = Duration::from_millis(50);
                 }
-                return match lease.keep_alive().await {
-                    Ok(valid_until) => Ok(Some(valid_until)),
-                    Err(e) if e.is_lost() => Ok(None),
-                    Err(e) => Err(e),
-                };
-            };
-            // Watch the predecessor's deletion from just after the read: nothing is missed.
-            let options = WatchOptions::new()
-                .with_start_revision(revision + 1)
-                .with_filters([WatchFilterType::NoPut]);
-            let open = || {
-                let mut client = self.client.watch_client();
-                let (before, options) = (before.clone(), options.clone());
-                async move { client.watch(before, Some(options)).await }
-            };
-            let mut watch = self.call("watch", open).await?;
-            loop {
-                tokio::select! {
-                    message = watch.message() => match message {
-                        // Deleted, or the watch was cancelled (compacted history): look again.
-                        Ok(Some(m)) if m.canceled() || !m.events().is_empty() => break,
-                        Ok(Some(_)) => {}
-                        Ok(None) => break,
-                        Err(e) => return Err(map_err(e)),
-                    },
-                    _ = tokio::time::sleep_until(renew_at) => {
-                        let round = Instant::now();
-                        match lease.keep_alive().await {
-                            Ok(until) => {
-                                valid_until = until;
-                                renew_at = round + every;
-                            }
-                            Err(e) if e.is_lost() => return Ok(None),
-                            Err(e) => {
-                                let now = Instant::now();
-                                if now + Duration::from_millis(50) >= valid_until {
-                                    return Err(e);
-                                }
-                                tracing::debug!(error = %e, "keeping a waiting key failed, retrying");
-                                renew_at = now + ((valid_until - now) / 4).min(every);
-                            }
-                        }
+                Ok(None) => return Ok(None),
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, ?backoff, "waiting for the lock: retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = lease.gone() => return Ok(None),
                     }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
-            }
-            drop(watch);
-            match self.predecessor(lease, entry.token).await? {
-                Some((before, read_at)) => {
-                    predecessor = before;
-                    revision = read_at;
-                }
-                None => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }
 
+    /// Waits until the key `before` is deleted and returns the key before ours then (`None`
+    /// inside: we are first). `Ok(None)` if our own key is gone.
+    ///
+    /// The watch starts at the current revision (a synced watcher, whose events etcd sends at
+    /// once; a watch from a past revision waits for etcd's unsynced-watcher loop, every
+    /// 100 ms), and only once etcd confirms it is the predecessor read again: a deletion
+    /// before the watch started is seen by that read, one after it by the watch.
+    async fn wait_deleted(&self, entry: &Entry, before: &[u8]) -> Result<Option<Option<Vec<u8>>>> {
+        let lease = &entry.lease;
+        let options = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+        let open = || {
+            let mut client = self.client.watch_client();
+            let (before, options) = (before.to_vec(), options.clone());
+            async move { client.watch(before, Some(options)).await }
+        };
+        let mut watch = self.call("watch", open).await?;
+        let timeout = self.options.request_timeout;
+        let closed = || Error::connection(BACKEND, "the watch stream closed");
+        loop {
+            match tokio::time::timeout(timeout, watch.message()).await {
+                Ok(Ok(Some(m))) if m.created() => break,
+                Ok(Ok(Some(m))) if m.canceled() => {
+                    return Err(Error::backend(
+                        BACKEND,
+                        format!("watch refused: {}", m.cancel_reason()),
+                    ))
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => return Err(closed()),
+                Ok(Err(e)) => return Err(map_err(e)),
+                Err(_) => {
+                    return Err(Error::connection(
+                        BACKEND,
+                        format!("watch: not created within {timeout:?}"),
+                    ))
+                }
+            }
+        }
+        match self.predecessor(entry).await? {
+            None => return Ok(None),
+            Some(now) if now.as_deref() != Some(before) => return Ok(Some(now)),
+            Some(_) => {}
+        }
+        // A key's own lease is kept alive by the wait itself.
+        let every = secs(entry.granted) / 3;
+        let mut valid_until = entry.lease.group().await.until();
+        let mut renew_at = Instant::now() + every;
+        loop {
+            tokio::select! {
+                message = watch.message() => match message {
+                    // Deleted, or the watch was cancelled (compacted history): look again.
+                    Ok(Some(m)) if m.canceled() || !m.events().is_empty() => break,
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(closed()),
+                    Err(e) => return Err(map_err(e)),
+                },
+                _ = lease.gone() => return Ok(None),
+                _ = tokio::time::sleep_until(renew_at), if !entry.shared => {
+                    let round = Instant::now();
+                    match lease.keep_alive().await {
+                        Ok(until) => {
+                            valid_until = until;
+                            renew_at = round + every;
+                        }
+                        Err(e) if e.is_lost() => return Ok(None),
+                        Err(e) => {
+                            let now = Instant::now();
+                            if now + Duration::from_millis(50) >= valid_until {
+                                return Err(e);
+                            }
+                            tracing::debug!(error = %e, "keeping a waiting key failed, retrying");
+                            renew_at = now + ((valid_until - now) / 4).min(every);
+                        }
+                    }
+                }
+            }
+        }
+        drop(watch);
+        self.predecessor(entry).await
+    }
+
     /// The key just before ours and the revision of the read, in a transaction that first
     /// checks that our key still exists on our lease (`None` if not).
-    async fn predecessor(
-        &self,
-        lease: &EtcdLease,
-        token: i64,
-    ) -> Result<Option<(Option<Vec<u8>>, i64)>> {
+    async fn predecessor(&self, entry: &Entry) -> Result<Option<Option<Vec<u8>>>> {
+        let (lease, token, dir) = (&entry.lease, entry.token, entry.dir.as_str());
         let key = lease.key();
-        let dir = &key[..=key.rfind('/').unwrap_or(0)];
         let before = GetOptions::new()
             .with_prefix()
             .with_max_create_revision((token - 1).max(1))
@@ -350,18 +449,21 @@ impl Inner {
             .with_limit(1)
             .with_keys_only();
         let txn = Txn::new()
-            .when([Compare::lease(key, CompareOp::Equal, lease.id().await)])
+            .when([Compare::lease(
+                key,
+                CompareOp::Equal,
+                lease.group().await.id,
+            )])
             .and_then([TxnOp::get(dir, Some(before))]);
         let answer = self.txn(txn).await?;
         if !answer.succeeded() {
             return Ok(None);
         }
-        let revision = answer.header().map_or(0, |h| h.revision());
         let before = match answer.op_responses().into_iter().next() {
             Some(TxnOpResponse::Get(get)) => get.kvs().first().map(|kv| kv.key().to_vec()),
             _ => None,
         };
-        Ok(Some((before, revision)))
+        Ok(Some(before))
     }
 }
 
@@ -501,9 +603,9 @@ impl Backend for EtcdLock {
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
         let inner = self.inner.clone();
-        let (name, ttl) = (name.clone(), opts.ttl);
+        let (name, ttl, shared) = (name.clone(), opts.ttl, opts.auto_renew);
         run_detached(async move {
-            let entry = inner.enqueue(name, ttl).await?;
+            let entry = inner.enqueue(name, ttl, shared).await?;
             if entry.predecessor.is_none() {
                 return Ok(entry.into_acquired());
             }
@@ -521,7 +623,10 @@ impl Backend for EtcdLock {
         _deadline: Option<Instant>,
     ) -> Result<Acquired> {
         loop {
-            let enqueue = self.inner.clone().enqueue(name.clone(), opts.ttl);
+            let enqueue = self
+                .inner
+                .clone()
+                .enqueue(name.clone(), opts.ttl, opts.auto_renew);
             // From here on, a dropped wait deletes the key in the background.
             let entry = Armed::new(run_detached(enqueue).await?);
             if let Some(valid_until) = self.inner.wait_turn(&entry).await? {

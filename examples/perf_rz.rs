@@ -223,7 +223,7 @@ async fn uncontended(label: &str, iterations: usize, sides: &mut [(&str, Op<'_>)
     for _ in 0..ROUNDS {
         let mut floor = 0.0;
         for (i, (_, op)) in sides.iter_mut().enumerate() {
-            let samples = time_loop(iterations, iterations / 10, || op()).await;
+            let samples = time_loop(iterations, iterations / 10, op).await;
             let mean = Stats::of(&samples).mean.as_secs_f64();
             if i == 0 {
                 floor = mean;

@@ -1,5 +1,5 @@
 //! The workloads of `lockkit bench` (feature `bench`): each backend against the least its
-//! server needs for a lock through the plain client crate (the [floor](floor)), measured in
+//! server needs for a lock through the plain client crate (the [floor]), measured in
 //! the same run, so lockkit's overhead shows as a ratio.
 //!
 //! For one URL, [`run`] measures:

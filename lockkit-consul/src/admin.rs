@@ -80,7 +80,7 @@ impl Admin for ConsulLock {
         let call = http.call(WHAT, Method::DELETE, &path, &query, None);
         let (status, body, _) = http.short(WHAT, call).await?;
         match status {
-            StatusCode::OK => Ok(body.as_ref() == b"true"),
+            StatusCode::OK => Ok(body.trim_ascii() == b"true"),
             _ => Err(http.status(WHAT, status, &body)),
         }
     }

@@ -216,13 +216,21 @@ impl PrivateAgent {
         loop {
             let up = timeout(Duration::from_secs(1), async {
                 match tokio::net::TcpStream::connect(&addr).await {
-                    Ok(_) => raw(&addr, "GET", "/v1/status/leader").await.1,
-                    Err(_) => String::new(),
+                    Ok(_) => {
+                        let leader = raw(&addr, "GET", "/v1/status/leader").await.1;
+                        // Sessions need the node registered, a moment after the election
+                        // ("Missing node registration" before).
+                        let node = "/v1/catalog/node/lockkit-faults-private";
+                        let registered = raw(&addr, "GET", node).await.1;
+                        (leader, registered)
+                    }
+                    Err(_) => Default::default(),
                 }
             })
             .await
             .unwrap_or_default();
-            if up.trim().trim_matches('"').contains(':') {
+            let (leader, registered) = up;
+            if leader.trim().trim_matches('"').contains(':') && registered.contains("\"Node\"") {
                 return agent;
             }
             assert!(

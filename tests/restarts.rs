@@ -39,9 +39,8 @@ async fn waiter_rides_out_a_restart(url_key: &str, params: &str, instance: &'sta
     warm.release().await.expect("first release");
 
     let stopped = Stopped::new(&[instance]);
-    let opts = LockOptions::new()
-        .ttl(Duration::from_secs(5))
-        .wait_timeout(WAIT);
+    let ttl = locks.capabilities().min_ttl.max(Duration::from_secs(5));
+    let opts = LockOptions::new().ttl(ttl).wait_timeout(WAIT);
     let waiter = {
         let locks = locks.clone();
         let name = name.clone();
@@ -68,10 +67,7 @@ async fn waiter_rides_out_a_restart(url_key: &str, params: &str, instance: &'sta
         guard.fencing_token() > before,
         "token did not rise across the restart"
     );
-    guard
-        .extend(Duration::from_secs(5))
-        .await
-        .expect("extend after the restart");
+    guard.extend(ttl).await.expect("extend after the restart");
     guard.release().await.expect("release after the restart");
 }
 

@@ -147,6 +147,7 @@ const NO_SERVER_ANSWER: &[&str] = &[
     "No known Consul servers",
     "rpc error making call: EOF",
     "rpc error making call: unexpected EOF",
+    "rpc error making call: stream closed",
     "rpc error getting client",
     "leadership lost while committing log",
     "node is not the leader",
@@ -191,6 +192,7 @@ mod tests {
         // Seen on a client agent while the server leader was killed (tests/cluster_faults.rs).
         for body in [
             "rpc error making call: rpc error making call: EOF",
+            "rpc error making call: rpc error making call: stream closed",
             "rpc error making call: No cluster leader",
             "No cluster leader",
             "leadership lost while committing log",

@@ -627,12 +627,26 @@ impl Backend for EtcdLock {
                 .inner
                 .clone()
                 .enqueue(name.clone(), opts.ttl, opts.auto_renew);
+            // The shared lease this waiter queued on can lapse while it waits (a server
+            // paused past the TTL): that loses the waiter's place, not its wait. It queues
+            // again on a fresh lease, after a pause so a lease that keeps lapsing is no hot
+            // loop; the caller's deadline still bounds the whole wait.
+            let queued = match run_detached(enqueue).await {
+                Ok(entry) => Some(Armed::new(entry)),
+                Err(e) if e.is_lost() => None,
+                Err(e) => return Err(e),
+            };
             // From here on, a dropped wait deletes the key in the background.
-            let entry = Armed::new(run_detached(enqueue).await?);
-            if let Some(valid_until) = self.inner.wait_turn(&entry).await? {
-                return Ok(entry.disarm().grant(valid_until));
+            if let Some(entry) = queued {
+                match self.inner.wait_turn(&entry).await {
+                    Ok(Some(valid_until)) => return Ok(entry.disarm().grant(valid_until)),
+                    Ok(None) => {}
+                    Err(e) if e.is_lost() => {}
+                    Err(e) => return Err(e),
+                }
             }
-            tracing::debug!(lock = %name, "the waiting key expired: queueing again");
+            tracing::debug!(lock = %name, "the waiting key or its lease expired: queueing again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
@@ -28,6 +30,10 @@ pub struct LockInfo {
     pub remaining: Option<Duration>,
     /// The holder's identity on the server (owner id, session id, lease id).
     pub owner: Option<String>,
+    /// The value the holder stored with [`Lease::set_value`](crate::backend::Lease::set_value)
+    /// (an elected leader's announcement), if any. Only the current holder's value is ever
+    /// reported: a value a former holder stored is not.
+    pub value: Option<String>,
 }
 
 impl LockInfo {
@@ -38,6 +44,7 @@ impl LockInfo {
             token: None,
             remaining: None,
             owner: None,
+            value: None,
         }
     }
 
@@ -52,6 +59,13 @@ impl LockInfo {
     #[must_use]
     pub fn remaining(mut self, remaining: Duration) -> Self {
         self.remaining = Some(remaining);
+        self
+    }
+
+    /// Sets [`LockInfo::value`].
+    #[must_use]
+    pub fn value(mut self, value: impl Into<String>) -> Self {
+        self.value = Some(value.into());
         self
     }
 
@@ -92,4 +106,34 @@ pub trait Admin: Send + Sync {
             "this backend cannot remove a lock it does not hold".into(),
         ))
     }
+
+    /// Waits until the lock `name` may have changed from `seen` (what the caller's last
+    /// [`Admin::inspect`] returned): taken, released, expired, or given a new value. Returns
+    /// by `deadline` at the latest; returning early without a change is allowed (the caller
+    /// inspects again and compares), missing a change is not. Cancel-safe.
+    ///
+    /// Leader observers ([`Locks::observe`](crate::Locks::observe)) call it in a loop. A
+    /// backend with server-side events (a watch, a blocking query, pub/sub) implements it
+    /// with them and claims [`Capabilities::watch`](crate::Capabilities::watch), typically:
+    /// start watching, inspect once more, return at once if that differs from `seen`, else
+    /// wait for an event. The default polls: it sleeps [`POLL_INTERVAL`] (or until
+    /// `deadline`).
+    async fn changed(
+        &self,
+        name: &LockName,
+        seen: Option<&LockInfo>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let _ = (name, seen);
+        tokio::time::sleep_until(deadline.min(Instant::now() + POLL_INTERVAL)).await;
+        Ok(())
+    }
 }
+
+/// How often [`Admin::changed`]'s default looks again: the delay with which observers on a
+/// backend without server-side events see a change.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The longest value [`Lease::set_value`](crate::backend::Lease::set_value) accepts, in
+/// bytes (the core checks it before calling the backend).
+pub const MAX_VALUE_LEN: usize = 4096;

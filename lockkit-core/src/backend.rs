@@ -94,6 +94,22 @@ pub trait Lease: Send + Sync + Debug + 'static {
         std::future::pending().await
     }
 
+    /// Stores `value` with the lock while this lease holds it (an elected leader's
+    /// announcement, replaced by each call), for [`Admin::inspect`] to report as
+    /// [`LockInfo::value`] and [`Admin::changed`] to wake on. Owner-only like
+    /// [`Lease::extend`]: fails with [`crate::Error::LockLost`] and changes nothing once the
+    /// lock is not this lease's. The value goes when the lock does (release, expiry): no
+    /// later holder's [`LockInfo`] ever shows it. The core passes at most
+    /// [`MAX_VALUE_LEN`](crate::admin::MAX_VALUE_LEN) bytes. Claim
+    /// [`Capabilities::election`] when implemented; the default fails with
+    /// [`crate::Error::Unsupported`].
+    async fn set_value(&self, value: &str) -> Result<()> {
+        let _ = value;
+        Err(Error::Unsupported(
+            "this backend cannot store a value with a lock".into(),
+        ))
+    }
+
     /// The server-side TTL of this lease, if the server fixed it when the lease was created
     /// (a Consul session): [`Lease::extend`] then renews for this long whatever `ttl` it is
     /// given (and returns until when that renewal holds). With automatic renewal off the

@@ -31,12 +31,21 @@ pub struct Capabilities {
     pub list: bool,
     /// [`Admin::force_release`](crate::backend::Admin::force_release) works.
     pub force_release: bool,
+    /// [`Lease::set_value`](crate::backend::Lease::set_value) stores a value with a held lock
+    /// and [`Admin::inspect`](crate::backend::Admin::inspect) reports it
+    /// ([`LockInfo::value`](crate::LockInfo::value)): leader election
+    /// ([`Locks::campaign`](crate::Locks::campaign)) works.
+    pub election: bool,
+    /// [`Admin::changed`](crate::backend::Admin::changed) wakes on the server's own events
+    /// (watch, blocking query, pub/sub, notification) instead of the core's polling default.
+    pub watch: bool,
 }
 
 impl Capabilities {
     /// A backend that promises nothing yet: no fencing, no FIFO hand-off, no lease expiry,
-    /// no renewal, not networked, no operator view (inspect, list, force-release), the given minimum TTL, a maximum of one day and no expiry
-    /// slack. Claim each guarantee the backend keeps with the builder methods; the
+    /// no renewal, not networked, no operator view (inspect, list, force-release), no
+    /// values (election), no server-side watch, the given minimum TTL, a maximum of one day
+    /// and no expiry slack. Claim each guarantee the backend keeps with the builder methods; the
     /// conformance suite then runs the cases that check it.
     pub fn new(min_ttl: Duration) -> Self {
         Capabilities {
@@ -51,6 +60,8 @@ impl Capabilities {
             inspect: false,
             list: false,
             force_release: false,
+            election: false,
+            watch: false,
         }
     }
 
@@ -110,6 +121,20 @@ impl Capabilities {
         self.inspect = inspect;
         self.list = list;
         self.force_release = force_release;
+        self
+    }
+
+    /// Sets [`Capabilities::election`].
+    #[must_use]
+    pub fn election(mut self, election: bool) -> Self {
+        self.election = election;
+        self
+    }
+
+    /// Sets [`Capabilities::watch`].
+    #[must_use]
+    pub fn watch(mut self, watch: bool) -> Self {
+        self.watch = watch;
         self
     }
 }

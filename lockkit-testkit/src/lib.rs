@@ -6,6 +6,7 @@
 //!
 //! Not published: a dev-dependency of the workspace's tests and examples only.
 
+pub mod election;
 mod faults;
 mod services;
 

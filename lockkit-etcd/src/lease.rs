@@ -1,4 +1,5 @@
-//! One lock key and the etcd lease it is bound to: renewal, TTL changes, release.
+//! One lock key and the etcd lease it is bound to: renewal, TTL changes, release, and the
+//! leader's value, stored in the key itself (see [`Lease::set_value`] below).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

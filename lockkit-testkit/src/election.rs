@@ -170,6 +170,7 @@ async fn changed_during(
         started.elapsed()
     };
     let (took, ()) = tokio::join!(watch, event);
+    eprintln!("{}: changed returned after {took:?}", b.name());
     took
 }
 

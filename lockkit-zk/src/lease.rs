@@ -1,5 +1,5 @@
 //! A held ZooKeeper lock: our node, owned by a shared session whose heartbeats are the
-//! renewal.
+//! renewal. A leader's value is the node's data (see [`Lease::set_value`] below).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

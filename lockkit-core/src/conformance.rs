@@ -1097,7 +1097,7 @@ pub async fn semaphore_cancelled_wait_leaves_nothing(h: &dyn Harness) {
 }
 
 /// A client using another limit than the permits already held gets
-/// [`Error::LimitMismatch`](crate::Error::LimitMismatch) and holds nothing afterwards.
+/// [`Error::LimitMismatch`] and holds nothing afterwards.
 pub async fn semaphore_limit_mismatch_is_an_error(h: &dyn Harness) {
     let (a, caps) = caps_of(h).await;
     require(&caps, "semaphore");

@@ -6,6 +6,11 @@
 //! | PostgreSQL advisory | `pg_locks` joined with `<prefix>advisory_keys` (owner: the backend pid) | `pg_terminate_backend` of the holder's session |
 //! | MySQL/MariaDB advisory | `IS_USED_LOCK` of each name of `<prefix>fences` (owner: the connection id) | `KILL` of the holder's connection |
 //!
+//! Values stored with `Lease::set_value` live in `<prefix>lock_values` (name, token, owner,
+//! value) and are shown only with the holder that stored them: the same token and owner as
+//! the row above shows. `changed`: PostgreSQL wakes on `NOTIFY` (and looks again every
+//! [`POLL_INTERVAL`] for changes that send none); the others poll.
+//!
 //! Tokens come from the fence counters (`<prefix>fences`; SQLite: the row's token), which
 //! every acquisition raises: the next holder's token is higher than the removed one's.
 //! Advisory locks have no server-side expiry to show (they end with their session).
@@ -197,31 +202,30 @@ mod pg {
         let p = &shared.settings.table_prefix;
         let m = matches(exact);
         // A value shows only with the holder that stored it: its owner and token.
-        let rows: Vec<Row> =
-            match shared.settings.strategy {
-                Strategy::Table => {
-                    let sql = format!(
-                        "SELECT l.name, f.value, l.owner, l.expires_at - {NOW}, v.value
+        let rows: Vec<Row> = match shared.settings.strategy {
+            Strategy::Table => {
+                let sql = format!(
+                    "SELECT l.name, f.value, l.owner, l.expires_at - {NOW}, v.value
                          FROM {p}locks l LEFT JOIN {p}fences f ON f.name = l.name
                          LEFT JOIN {p}lock_values v
                            ON v.name = l.name AND v.owner = l.owner AND v.token = f.value
                          WHERE l.name {m} AND l.expires_at >= {NOW}"
-                    );
-                    sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
-                }
-                Strategy::Advisory => {
-                    let sql = format!(
-                        "SELECT k.name, f.value, 'backend pid ' || h.pid, NULL::bigint, v.value
+                );
+                sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
+            }
+            Strategy::Advisory => {
+                let sql = format!(
+                    "SELECT k.name, f.value, 'backend pid ' || h.pid, NULL::bigint, v.value
                          FROM {p}advisory_keys k JOIN ({HELD}) h ON h.key = k.key
                          LEFT JOIN {p}fences f ON f.name = k.name
                          LEFT JOIN {p}lock_values v ON v.name = k.name AND v.token = f.value
                            AND v.owner = 'backend pid ' || h.pid
                          WHERE k.name {m}"
-                    );
-                    sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
-                }
+                );
+                sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
             }
-            .map_err(map::<Postgres>)?;
+        }
+        .map_err(map::<Postgres>)?;
         Ok(rows.into_iter().map(info).collect())
     }
 

@@ -1,4 +1,6 @@
-//! Extending and releasing: a session lock on its held connection, or a lease row.
+//! Extending, releasing and storing a value (`set_value`, in `<prefix>lock_values`, checked
+//! against the holder in the same statement): a session lock on its held connection, or a
+//! lease row.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -95,8 +95,16 @@ async fn stored_replaced_and_gone_with_the_holder(which: &str, strategy: &str) {
     for (i, client) in [&a, &b].into_iter().enumerate() {
         let next = take(client, &name, 10_000).await;
         let info = inspect(&b, &name).await;
-        assert_eq!(token_of(&info), Some(next.token.get()), "{which} {strategy}");
-        assert_eq!(value_of(&info), None, "{which} {strategy}: an earlier holder's value");
+        assert_eq!(
+            token_of(&info),
+            Some(next.token.get()),
+            "{which} {strategy}"
+        );
+        assert_eq!(
+            value_of(&info),
+            None,
+            "{which} {strategy}: an earlier holder's value"
+        );
         let own = format!("holder {i}");
         next.lease.set_value(&own).await.unwrap();
         assert_eq!(value_of(&inspect(&a, &name).await), Some(own.as_str()));
@@ -123,10 +131,21 @@ async fn stale_lease_stores_nothing(which: &str, strategy: &str, forced: bool) {
     let next = take(&b, &name, 10_000).await;
     let info = inspect(&b, &name).await;
     assert_eq!(token_of(&info), Some(next.token.get()));
-    assert_eq!(value_of(&info), None, "{which} {strategy}: the old holder's value");
+    assert_eq!(
+        value_of(&info),
+        None,
+        "{which} {strategy}: the old holder's value"
+    );
     let err = stale.lease.set_value("stale write").await.unwrap_err();
-    assert!(matches!(err, Error::LockLost { .. }), "{which} {strategy}: {err}");
-    assert_eq!(value_of(&inspect(&b, &name).await), None, "{which} {strategy}");
+    assert!(
+        matches!(err, Error::LockLost { .. }),
+        "{which} {strategy}: {err}"
+    );
+    assert_eq!(
+        value_of(&inspect(&b, &name).await),
+        None,
+        "{which} {strategy}"
+    );
     next.lease.set_value("new leader").await.unwrap();
     let err = stale.lease.set_value("stale write").await.unwrap_err();
     assert!(matches!(err, Error::LockLost { .. }), "{err}");
@@ -216,7 +235,10 @@ async fn changed_after(b: &Client, name: &LockName, change: impl Future<Output =
     let waiting = tokio::spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(10);
         let admin = b2.admin().unwrap();
-        admin.changed(&name2, seen.as_ref(), deadline).await.unwrap();
+        admin
+            .changed(&name2, seen.as_ref(), deadline)
+            .await
+            .unwrap();
         Instant::now()
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -238,10 +260,18 @@ async fn changed_wakes_on_changes(strategy: &str) {
         .changed(&name, None, started + Duration::from_millis(300))
         .await
         .unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(250), "{strategy}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{strategy}"
+    );
     let mut took = Vec::new();
     let mut held = None;
-    took.push(changed_after(&b, &name, async { held = Some(take(&a, &name, 10_000).await) }).await);
+    took.push(
+        changed_after(&b, &name, async {
+            held = Some(take(&a, &name, 10_000).await)
+        })
+        .await,
+    );
     let lease = held.unwrap().lease;
     let set = |v: &'static str| async { lease.set_value(v).await.unwrap() };
     took.push(changed_after(&b, &name, set("one")).await);
@@ -252,7 +282,10 @@ async fn changed_wakes_on_changes(strategy: &str) {
         .changed(&name, seen.as_ref(), started + Duration::from_millis(600))
         .await
         .unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(550), "{strategy}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(550),
+        "{strategy}"
+    );
     took.push(changed_after(&b, &name, set("two")).await);
     took.push(changed_after(&b, &name, async { lease.release().await.unwrap() }).await);
     println!("postgres {strategy}: changed returned after {took:?}");

@@ -326,7 +326,9 @@ impl Hooks for Postgres {
             loop {
                 let listener = async {
                     let mut listener = PgListener::connect_with(&pool).await?;
-                    listener.listen_all(channels.iter().map(String::as_str)).await?;
+                    listener
+                        .listen_all(channels.iter().map(String::as_str))
+                        .await?;
                     Ok::<_, sqlx::Error>(listener)
                 };
                 let mut listener = match listener.await {

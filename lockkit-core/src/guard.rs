@@ -188,6 +188,11 @@ impl LockGuard {
         })
     }
 
+    /// The lease this guard holds, for the election handle built on it.
+    pub(crate) fn lease(&self) -> &Arc<dyn Lease> {
+        &self.lease
+    }
+
     /// The lock's name.
     pub fn name(&self) -> &str {
         self.shared.name.as_str()

@@ -86,6 +86,20 @@ async fn stored_replaced_and_gone_with_the_holder(which: &str, strategy: &str) {
     first.lease.set_value("leader two ✓").await.unwrap();
     first.lease.set_value("leader two ✓").await.unwrap();
     assert_eq!(value_of(&inspect(&b, &name).await), Some("leader two ✓"));
+    // A NUL (PostgreSQL's text cannot hold one): kept verbatim, or a typed error that is not
+    // retried, and the value before it stays.
+    match first.lease.set_value("nul\0byte").await {
+        Ok(()) => {
+            let info = inspect(&b, &name).await;
+            assert_eq!(value_of(&info), Some("nul\0byte"), "{which} {strategy}");
+            first.lease.set_value("leader two ✓").await.unwrap();
+        }
+        Err(e) => assert!(
+            !e.is_retryable() && !matches!(e, Error::LockLost { .. }),
+            "{which} {strategy}: {e}"
+        ),
+    }
+    assert_eq!(value_of(&inspect(&b, &name).await), Some("leader two ✓"));
     let listed = b.admin().unwrap().list(name.as_str()).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].value.as_deref(), Some("leader two ✓"));

@@ -61,6 +61,15 @@ struct Compiled {
     connect: fn(&str) -> Connecting<'_>,
 }
 
+#[cfg(any(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "redis",
+    feature = "etcd",
+    feature = "zk",
+    feature = "consul"
+))]
 fn entry<B: backend::Connect>() -> Compiled {
     Compiled {
         schemes: B::SCHEMES,

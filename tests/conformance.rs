@@ -69,7 +69,7 @@ impl Harness for UrlHarness {
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
-    lockkit_core::conformance_suite!(crate::SqliteHarness::new(); fencing, lease_expiry, renewal, semaphore);
+    lockkit_core::conformance_suite!(crate::SqliteHarness::new(); fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "redis")]
@@ -105,7 +105,7 @@ mod postgres_advisory {
         url_key: "LOCKKIT_POSTGRES_URL",
         params: "strategy=advisory",
         closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "postgres")]
@@ -114,7 +114,7 @@ mod postgres_table {
         url_key: "LOCKKIT_POSTGRES_URL",
         params: "strategy=table",
         closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "mysql")]
@@ -123,7 +123,7 @@ mod mysql_advisory {
         url_key: "LOCKKIT_MYSQL_URL",
         params: "strategy=advisory",
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "mysql")]
@@ -132,7 +132,7 @@ mod mysql_table {
         url_key: "LOCKKIT_MYSQL_URL",
         params: "strategy=table",
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "zk")]

@@ -1022,7 +1022,8 @@ pub async fn semaphore_crashed_permits_come_back(h: &dyn Harness) {
     require(&caps, "lease_expiry");
     let b = h.client().await;
     let name = fresh_name("semaphore_crash");
-    let ttl = short_ttl(&caps);
+    // Long enough that both permits are still held when the third client first asks.
+    let ttl = short_ttl(&caps).max(Duration::from_secs(3));
     let crashed = LockOptions::new().ttl(ttl).auto_renew(false);
     let first = a.acquire_permit_with(&name, 2, &crashed).await.unwrap();
     let second = a.acquire_permit_with(&name, 2, &crashed).await.unwrap();

@@ -5,8 +5,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use lockkit_core::{
-    telemetry, url, BoxError, Capabilities, Error, FencingToken, LockGuard, LockInfo, LockName,
-    LockOptions, Locks, LostReason, Result, RetryPolicy, DEFAULT_TTL, MAX_NAME_LEN,
+    telemetry, url, BoxError, Capabilities, Error, FencingToken, Leader, Leadership, LockGuard,
+    LockInfo, LockName, LockOptions, Locks, LostReason, Permit, Result, RetryPolicy, DEFAULT_TTL,
+    MAX_NAME_LEN, MAX_PERMITS,
 };
 
 /// The backend SPI, for writing a backend of your own (see its contract). Not needed to
@@ -60,6 +61,15 @@ struct Compiled {
     connect: fn(&str) -> Connecting<'_>,
 }
 
+#[cfg(any(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "redis",
+    feature = "etcd",
+    feature = "zk",
+    feature = "consul"
+))]
 fn entry<B: backend::Connect>() -> Compiled {
     Compiled {
         schemes: B::SCHEMES,

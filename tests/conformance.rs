@@ -69,7 +69,7 @@ impl Harness for UrlHarness {
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
-    lockkit_core::conformance_suite!(crate::SqliteHarness::new(); fencing, lease_expiry, renewal);
+    lockkit_core::conformance_suite!(crate::SqliteHarness::new(); fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "redis")]
@@ -78,7 +78,7 @@ mod redis {
         url_key: "LOCKKIT_REDIS_URL",
         params: "",
         closed: "redis://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore);
 }
 
 #[cfg(feature = "redis")]
@@ -87,7 +87,7 @@ mod redlock {
         url_key: "LOCKKIT_REDLOCK_URL",
         params: "",
         closed: "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore);
 }
 
 #[cfg(feature = "consul")]
@@ -96,7 +96,7 @@ mod consul {
         url_key: "LOCKKIT_CONSUL_URL",
         params: "",
         closed: "consul://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore);
 }
 
 #[cfg(feature = "postgres")]
@@ -105,7 +105,7 @@ mod postgres_advisory {
         url_key: "LOCKKIT_POSTGRES_URL",
         params: "strategy=advisory",
         closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "postgres")]
@@ -114,7 +114,7 @@ mod postgres_table {
         url_key: "LOCKKIT_POSTGRES_URL",
         params: "strategy=table",
         closed: "postgres://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "mysql")]
@@ -123,7 +123,7 @@ mod mysql_advisory {
         url_key: "LOCKKIT_MYSQL_URL",
         params: "strategy=advisory",
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "mysql")]
@@ -132,7 +132,7 @@ mod mysql_table {
         url_key: "LOCKKIT_MYSQL_URL",
         params: "strategy=table",
         closed: "mysql://lockkit:lockkit@127.0.0.1:1/lockkit",
-    }; fencing, lease_expiry, renewal);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "zk")]
@@ -141,7 +141,7 @@ mod zk {
         url_key: "LOCKKIT_ZK_URL",
         params: "",
         closed: "zk://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, fifo);
+    }; fencing, lease_expiry, renewal, fifo, semaphore);
 }
 
 #[cfg(feature = "etcd")]
@@ -150,5 +150,5 @@ mod etcd {
         url_key: "LOCKKIT_ETCD_URL",
         params: "",
         closed: "etcd://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, fifo);
+    }; fencing, lease_expiry, renewal, fifo, semaphore);
 }

@@ -235,8 +235,12 @@ impl<B: Send + 'static> Attempt for Outcome<B> {
 
 /// Runs an acquisition request to completion even if the caller stops waiting for it: if the
 /// caller's future is dropped mid-request (wait timeout, cancellation) and the request then
-/// succeeds, or had just succeeded, the lease is released right away instead of staying held
-/// until its TTL.
+/// succeeds, the lease is released right away instead of staying held until its TTL.
+///
+/// The request runs inline in the caller's task (no extra task or hand-off on the fast path);
+/// only when the caller drops it mid-flight is the rest of it moved to a task of its own,
+/// which finishes it and releases whatever it took. A request dropped before it was ever
+/// polled sent nothing and is simply dropped.
 ///
 /// Backends wrap each request that may take a lock in this, and keep the waiting between
 /// requests cancellable. Outside a Tokio runtime it fails with [`Error::Unsupported`].
@@ -245,42 +249,62 @@ where
     T: Attempt,
     F: Future<Output = Result<T>> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = tokio::runtime::Handle::try_current().map(|runtime| {
-        runtime.spawn(async move {
-            let result = attempt.await;
-            if let Err(Ok(outcome)) = tx.send(result) {
-                release_orphan(outcome);
-            }
-        })
-    });
-    let mut pending = Pending { rx };
-    async move {
-        if spawned.is_err() {
-            return Err(Error::Unsupported(
-                "lockkit needs a Tokio runtime to acquire locks".into(),
-            ));
-        }
-        (&mut pending.rx).await.unwrap_or_else(|_| {
-            Err(Error::Unsupported(
-                "the acquisition task was cancelled: the Tokio runtime is shutting down".into(),
-            ))
-        })
+    Detached {
+        attempt: Some(Box::pin(attempt)),
+        polled: false,
+        runtime: tokio::runtime::Handle::try_current().ok(),
     }
 }
 
-/// The caller's end of a detached attempt. If the caller goes away after the attempt has
-/// delivered its outcome but before reading it, the outcome is taken back and released here.
-struct Pending<T: Attempt> {
-    rx: tokio::sync::oneshot::Receiver<Result<T>>,
+/// The future of [`run_detached`]: the request, finished in the background if dropped
+/// mid-flight.
+struct Detached<T: Attempt, F: Future<Output = Result<T>> + Send + 'static> {
+    attempt: Option<std::pin::Pin<Box<F>>>,
+    polled: bool,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
-impl<T: Attempt> Drop for Pending<T> {
-    fn drop(&mut self) {
-        self.rx.close();
-        if let Ok(Ok(outcome)) = self.rx.try_recv() {
-            release_orphan(outcome);
+impl<T: Attempt, F: Future<Output = Result<T>> + Send + 'static> Future for Detached<T, F> {
+    type Output = Result<T>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<T>> {
+        // Only `Box`es and plain fields: moving `Detached` is fine.
+        let this = &mut *self;
+        if this.runtime.is_none() {
+            this.attempt = None;
+            return std::task::Poll::Ready(Err(Error::Unsupported(
+                "lockkit needs a Tokio runtime to acquire locks".into(),
+            )));
         }
+        let Some(attempt) = this.attempt.as_mut() else {
+            return std::task::Poll::Ready(Err(Error::Unsupported(
+                "the acquisition was polled after it finished".into(),
+            )));
+        };
+        this.polled = true;
+        let result = std::task::ready!(attempt.as_mut().poll(cx));
+        this.attempt = None;
+        std::task::Poll::Ready(result)
+    }
+}
+
+impl<T: Attempt, F: Future<Output = Result<T>> + Send + 'static> Drop for Detached<T, F> {
+    fn drop(&mut self) {
+        let (Some(attempt), Some(runtime)) = (self.attempt.take(), self.runtime.as_ref()) else {
+            return;
+        };
+        if !self.polled {
+            return;
+        }
+        // Mid-request: finish it elsewhere and give back whatever it took.
+        runtime.spawn(async move {
+            if let Ok(outcome) = attempt.await {
+                release_orphan(outcome);
+            }
+        });
     }
 }
 
@@ -355,5 +379,82 @@ impl<T: Cleanup> Drop for Armed<T> {
         if let Some(value) = self.0.take() {
             spawn_cleanup(T::WHAT, value.cleanup());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Counted(Arc<AtomicU32>);
+
+    #[async_trait]
+    impl Lease for Counted {
+        async fn extend(&self, ttl: Duration) -> Result<Instant> {
+            Ok(Instant::now() + ttl)
+        }
+
+        async fn release(&self) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn won(releases: &Arc<AtomicU32>) -> Option<Acquired> {
+        Some(Acquired::new(
+            FencingToken(1),
+            Instant::now() + Duration::from_secs(30),
+            Box::new(Counted(releases.clone())),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_mid_flight_gives_back_what_it_takes() {
+        let releases = Arc::new(AtomicU32::new(0));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let taken = releases.clone();
+        let request = run_detached(async move {
+            let _ = wait.await;
+            Ok(won(&taken))
+        });
+        // The caller gives up while the request is in flight.
+        assert!(tokio::time::timeout(Duration::from_millis(20), request)
+            .await
+            .is_err());
+        go.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 1, "the late win was kept");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_finishes_hands_over_its_lock() {
+        let releases = Arc::new(AtomicU32::new(0));
+        let taken = releases.clone();
+        let acquired = run_detached(async move { Ok(won(&taken)) }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(acquired.is_some());
+        assert_eq!(releases.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_never_polled_sends_nothing() {
+        let ran = Arc::new(AtomicU32::new(0));
+        let counted = ran.clone();
+        drop(run_detached(async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(None::<Acquired>)
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn outside_a_runtime_it_is_a_typed_error() {
+        let request = run_detached(async { Ok(None::<Acquired>) });
+        let out = futures_util::FutureExt::now_or_never(request).unwrap();
+        assert!(matches!(out, Err(Error::Unsupported(_))));
     }
 }

@@ -43,7 +43,7 @@ pub trait Harness: Send + Sync {
 /// Stamps one `#[tokio::test]` per conformance case. `$harness` is an expression (it may
 /// `.await`) giving a value that implements [`Harness`]; it is evaluated once per test.
 /// After it, list the guarantees the backend claims (`fencing`, `lease_expiry`, `renewal`,
-/// `fifo`): the cases of each are stamped only when it is listed, and the case
+/// `fifo`, `election`, `semaphore`): the cases of each are stamped only when it is listed, and the case
 /// `claimed_capabilities` checks that the list is exactly what the backend's
 /// [`Capabilities`] claim, so a case can neither be skipped for a claimed guarantee nor
 /// reported as passed for an unclaimed one. Invoke it inside a module named after the
@@ -99,6 +99,25 @@ macro_rules! __conformance_claim {
     ($harness:expr; fifo) => {
         $crate::__conformance_cases!($harness; fifo_order);
     };
+    ($harness:expr; election) => {
+        $crate::__conformance_cases!($harness;
+            election_one_leader_at_a_time,
+            election_tokens_increase_across_terms,
+            election_leader_that_stops_renewing_is_replaced,
+            election_observers_see_every_change_in_order,
+            election_resign_hands_over_at_once,
+            election_cancelled_campaign_leaves_nothing,
+        );
+    };
+    ($harness:expr; semaphore) => {
+        $crate::__conformance_cases!($harness;
+            semaphore_never_more_than_limit,
+            semaphore_crashed_permits_come_back,
+            semaphore_tokens_increase,
+            semaphore_cancelled_wait_leaves_nothing,
+            semaphore_limit_mismatch_is_an_error,
+        );
+    };
 }
 
 #[doc(hidden)]
@@ -126,6 +145,9 @@ pub fn claims(caps: &Capabilities) -> Vec<&'static str> {
         ("lease_expiry", caps.lease_expiry),
         ("renewal", caps.renewal),
         ("fifo", caps.fifo),
+        ("election", caps.election),
+        // Semaphores are built from plain locks; their limit check lists the held slots.
+        ("semaphore", caps.list),
     ]
     .into_iter()
     .filter_map(|(name, claimed)| claimed.then_some(name))
@@ -727,4 +749,381 @@ pub async fn fifo_order(h: &dyn Harness) {
         [0, 1, 2, 3, 4],
         "not granted in arrival order"
     );
+}
+
+/// Tracks how many holders overlap, and fails the case if ever more than allowed.
+#[derive(Default)]
+struct Overlap {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Overlap {
+    fn enter(&self, allowed: usize) {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        assert!(
+            now <= allowed,
+            "{now} holders at once, at most {allowed} allowed"
+        );
+    }
+
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Three clients, four candidates each, campaign 5 times over: never two leaders at once,
+/// each term's `leader()` is the campaign's own token and value.
+pub async fn election_one_leader_at_a_time(h: &dyn Harness) {
+    let (_, caps) = caps_of(h).await;
+    require(&caps, "election");
+    let clients = [h.client().await, h.client().await, h.client().await];
+    let name = fresh_name("election_one_leader");
+    let overlap = Arc::new(Overlap::default());
+    let mut tasks = JoinSet::new();
+    for candidate in 0..12 {
+        let client = clients[candidate % 3].clone();
+        let (name, overlap) = (name.clone(), overlap.clone());
+        tasks.spawn(async move {
+            for term in 0..5 {
+                let value = format!("candidate-{candidate}/term-{term}");
+                let leading = client
+                    .campaign_with(&name, value.clone(), &waiting(Duration::from_secs(120)))
+                    .await
+                    .unwrap();
+                overlap.enter(1);
+                assert!(leading.is_leader());
+                assert_eq!(leading.value(), value);
+                let seen = client.leader(&name).await.unwrap().expect("no leader seen");
+                assert_eq!((seen.token, seen.value), (leading.fencing_token(), value));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                overlap.leave();
+                leading.resign().await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(overlap.max.load(Ordering::SeqCst), 1);
+    assert_eq!(clients[0].leader(&name).await.unwrap(), None);
+}
+
+/// Every new term's token is greater than the last one's, also when a leader proclaims a
+/// new value in between (a proclamation keeps the term and its token).
+pub async fn election_tokens_increase_across_terms(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "election");
+    let b = h.client().await;
+    let name = fresh_name("election_tokens");
+    let mut last = None;
+    for term in 0..6 {
+        let client = if term % 2 == 0 { &a } else { &b };
+        let leading = client.campaign(&name, format!("t{term}")).await.unwrap();
+        let token = leading.fencing_token();
+        if let Some(last) = last {
+            assert!(token > last, "term {term}: token {token} after {last}");
+        }
+        leading.proclaim(format!("t{term}-again")).await.unwrap();
+        assert_eq!(leading.fencing_token(), token);
+        let seen = b.leader(&name).await.unwrap().expect("no leader seen");
+        assert_eq!(
+            (seen.token, seen.value.as_str()),
+            (token, &*format!("t{term}-again"))
+        );
+        last = Some(token);
+        leading.resign().await.unwrap();
+    }
+}
+
+/// A leader whose lease is not renewed learns it lost within its bound, cannot proclaim any
+/// more, and a waiting candidate takes over with a higher token.
+pub async fn election_leader_that_stops_renewing_is_replaced(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "election");
+    require(&caps, "lease_expiry");
+    let b = h.client().await;
+    let name = fresh_name("election_loss");
+    // Long enough that the campaign stores its value within the term on a loaded machine.
+    let ttl = short_ttl(&caps).max(Duration::from_secs(2));
+    let stale = a
+        .campaign_with(&name, "old", &LockOptions::new().ttl(ttl).auto_renew(false))
+        .await
+        .unwrap();
+    let next = {
+        let (b, name) = (b.clone(), name.clone());
+        let bound = expiry_bound(&caps, ttl);
+        tokio::spawn(async move { b.campaign_with(&name, "new", &waiting(bound)).await })
+    };
+    let reason = tokio::time::timeout(expiry_bound(&caps, ttl), stale.lost())
+        .await
+        .expect("a leader past its lease never learnt it lost");
+    assert_ne!(reason, LostReason::Released);
+    assert!(!stale.is_leader());
+    let next = next.await.unwrap().expect("no candidate took over");
+    assert!(next.fencing_token() > stale.fencing_token());
+    let err = stale.proclaim("still me").await.unwrap_err();
+    assert!(err.is_lost(), "{err}");
+    let seen = a.leader(&name).await.unwrap().expect("no leader seen");
+    assert_eq!(
+        (seen.token, seen.value.as_str()),
+        (next.fencing_token(), "new")
+    );
+    next.resign().await.unwrap();
+}
+
+/// An observer sees no leader, each leader and each proclamation, in order, with rising
+/// tokens, and no leader again at the end.
+pub async fn election_observers_see_every_change_in_order(h: &dyn Harness) {
+    use futures_util::StreamExt;
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "election");
+    let (b, watcher) = (h.client().await, h.client().await);
+    let name = fresh_name("election_observe");
+    let mut observed = watcher.observe(&name);
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(20), observed.next())
+            .await
+            .expect("the observer saw no change")
+            .expect("the stream ended")
+            .expect("the observer failed")
+    };
+    assert_eq!(next().await, None);
+    let mut last = crate::FencingToken(0);
+    for term in 0..3 {
+        let client = if term % 2 == 0 { &a } else { &b };
+        let leading = client
+            .campaign(&name, format!("leader-{term}"))
+            .await
+            .unwrap();
+        let seen = next().await.expect("a leader, not none");
+        assert_eq!(seen.value, format!("leader-{term}"));
+        assert_eq!(seen.token, leading.fencing_token());
+        assert!(seen.token > last);
+        last = seen.token;
+        leading
+            .proclaim(format!("leader-{term}-moved"))
+            .await
+            .unwrap();
+        let seen = next().await.expect("a leader, not none");
+        assert_eq!(
+            (seen.token, seen.value),
+            (last, format!("leader-{term}-moved"))
+        );
+        leading.resign().await.unwrap();
+        assert_eq!(next().await, None);
+    }
+    let _ = caps;
+}
+
+/// A resigning leader hands over to the waiting candidate at once (well before any lease
+/// would have run out).
+pub async fn election_resign_hands_over_at_once(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "election");
+    let b = h.client().await;
+    let name = fresh_name("election_resign");
+    let opts = LockOptions::new().ttl(Duration::from_secs(60).max(caps.min_ttl));
+    let first = a.campaign_with(&name, "first", &opts).await.unwrap();
+    let waiter = {
+        let (b, name, opts) = (b.clone(), name.clone(), opts.clone());
+        tokio::spawn(async move {
+            let leading = b.campaign_with(&name, "second", &opts).await;
+            (leading, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resigned = Instant::now();
+    first.resign().await.unwrap();
+    let (second, at) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the candidate did not take over")
+        .unwrap();
+    let second = second.unwrap();
+    let took = at.saturating_duration_since(resigned);
+    assert!(took < Duration::from_secs(5), "hand-over took {took:?}");
+    assert_eq!(
+        a.leader(&name).await.unwrap().map(|l| l.value),
+        Some("second".to_owned())
+    );
+    second.resign().await.unwrap();
+}
+
+/// Campaigns that time out or are dropped leave nothing: after the leader resigns nobody
+/// leads, and a new candidate wins at once.
+pub async fn election_cancelled_campaign_leaves_nothing(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "election");
+    let (b, c) = (h.client().await, h.client().await);
+    let name = fresh_name("election_cancelled");
+    let leading = a.campaign(&name, "leader").await.unwrap();
+    let timed_out = b
+        .campaign_with(&name, "impatient", &waiting(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(timed_out.is_timeout(), "{timed_out}");
+    let dropped = tokio::time::timeout(Duration::from_millis(300), b.campaign(&name, "dropped"));
+    assert!(dropped.await.is_err(), "a campaign won a held election");
+    leading.resign().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.leader(&name).await.unwrap(), None);
+    let now = c
+        .try_campaign(&name, "late", &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("a cancelled campaign kept the election");
+    now.resign().await.unwrap();
+}
+
+/// Eight tasks on four clients take permits of a limit-3 semaphore 4 times each: never more
+/// than 3 holders, and 3 at once is reached (permits are really shared).
+pub async fn semaphore_never_more_than_limit(h: &dyn Harness) {
+    let (_, caps) = caps_of(h).await;
+    require(&caps, "semaphore");
+    let clients = [
+        h.client().await,
+        h.client().await,
+        h.client().await,
+        h.client().await,
+    ];
+    let name = fresh_name("semaphore_limit");
+    let overlap = Arc::new(Overlap::default());
+    let mut tasks = JoinSet::new();
+    for task in 0..8 {
+        let client = clients[task % 4].clone();
+        let (name, overlap) = (name.clone(), overlap.clone());
+        tasks.spawn(async move {
+            for _ in 0..4 {
+                let permit = client
+                    .acquire_permit_with(&name, 3, &waiting(Duration::from_secs(120)))
+                    .await
+                    .unwrap();
+                overlap.enter(3);
+                assert!(permit.slot() < 3);
+                // Long enough for three holders to overlap even on a loaded machine.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                overlap.leave();
+                permit.release().await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(overlap.max.load(Ordering::SeqCst), 3);
+    let held = clients[0].list(&format!("{name}/")).await.unwrap();
+    assert!(held.is_empty(), "permits left held: {held:?}");
+}
+
+/// The permit of a holder that stops renewing comes back after its lease, to a waiter.
+pub async fn semaphore_crashed_permits_come_back(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "semaphore");
+    require(&caps, "lease_expiry");
+    let b = h.client().await;
+    let name = fresh_name("semaphore_crash");
+    // Long enough that both permits are still held when the third client first asks.
+    let ttl = short_ttl(&caps).max(Duration::from_secs(3));
+    let crashed = LockOptions::new().ttl(ttl).auto_renew(false);
+    let first = a.acquire_permit_with(&name, 2, &crashed).await.unwrap();
+    let second = a.acquire_permit_with(&name, 2, &crashed).await.unwrap();
+    assert_ne!(first.slot(), second.slot());
+    assert!(b.try_acquire_permit(&name, 2).await.unwrap().is_none());
+    let back = b
+        .acquire_permit_with(&name, 2, &waiting(expiry_bound(&caps, ttl)))
+        .await
+        .expect("a crashed holder's permit never came back");
+    assert!(!first.is_held() || !second.is_held());
+    back.release().await.unwrap();
+    drop((first, second));
+}
+
+/// A slot granted again has a higher token, on the same fence key.
+pub async fn semaphore_tokens_increase(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "semaphore");
+    require(&caps, "fencing");
+    let b = h.client().await;
+    let name = fresh_name("semaphore_tokens");
+    let mut last: std::collections::HashMap<String, crate::FencingToken> = Default::default();
+    for round in 0..8 {
+        let client = if round % 2 == 0 { &a } else { &b };
+        let permit = client.acquire_permit(&name, 2).await.unwrap();
+        let other = client.acquire_permit(&name, 2).await.unwrap();
+        for p in [&permit, &other] {
+            assert!(p.fence_key().starts_with(&name));
+            if let Some(&before) = last.get(p.fence_key()) {
+                assert!(p.fencing_token() > before, "slot {} went back", p.slot());
+            }
+            last.insert(p.fence_key().to_owned(), p.fencing_token());
+        }
+        permit.release().await.unwrap();
+        other.release().await.unwrap();
+    }
+    assert_eq!(last.len(), 2);
+}
+
+/// Waits that time out or are dropped take nothing: once a permit is given back, another
+/// client gets it at once.
+pub async fn semaphore_cancelled_wait_leaves_nothing(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "semaphore");
+    let (b, c) = (h.client().await, h.client().await);
+    let name = fresh_name("semaphore_cancelled");
+    let one = a.acquire_permit(&name, 2).await.unwrap();
+    let two = a.acquire_permit(&name, 2).await.unwrap();
+    let timed_out = b
+        .acquire_permit_with(&name, 2, &waiting(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(timed_out.is_timeout(), "{timed_out}");
+    let dropped = tokio::time::timeout(Duration::from_millis(300), b.acquire_permit(&name, 2));
+    assert!(
+        dropped.await.is_err(),
+        "a permit beyond the limit was granted"
+    );
+    one.release().await.unwrap();
+    let started = Instant::now();
+    let next = c
+        .acquire_permit_with(&name, 2, &waiting(Duration::from_secs(10)))
+        .await
+        .expect("a cancelled wait kept the permit");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(c.try_acquire_permit(&name, 2).await.unwrap().is_none());
+    next.release().await.unwrap();
+    two.release().await.unwrap();
+}
+
+/// A client using another limit than the permits already held gets
+/// [`Error::LimitMismatch`] and holds nothing afterwards.
+pub async fn semaphore_limit_mismatch_is_an_error(h: &dyn Harness) {
+    let (a, caps) = caps_of(h).await;
+    require(&caps, "semaphore");
+    let b = h.client().await;
+    let name = fresh_name("semaphore_mismatch");
+    let held = a.acquire_permit(&name, 2).await.unwrap();
+    match b.acquire_permit(&name, 3).await {
+        Err(Error::LimitMismatch { ours, theirs, .. }) => assert_eq!((ours, theirs), (3, 2)),
+        other => panic!("expected a limit mismatch, got {other:?}"),
+    }
+    match b.try_acquire_permit(&name, 1).await {
+        Err(Error::LimitMismatch { ours, theirs, .. }) => assert_eq!((ours, theirs), (1, 2)),
+        other => panic!("expected a limit mismatch, got {other:?}"),
+    }
+    let listed = b.list(&format!("{name}/")).await.unwrap();
+    assert_eq!(
+        listed.len(),
+        1,
+        "the refused client kept a permit: {listed:?}"
+    );
+    for bad in [0, crate::MAX_PERMITS + 1] {
+        let err = b.acquire_permit(&name, bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidOptions(_)), "{err}");
+    }
+    held.release().await.unwrap();
 }

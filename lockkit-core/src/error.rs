@@ -83,6 +83,17 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// Two clients use semaphore `name` with different limits: permits of another limit
+    /// are held. The permit this call took (if any) was given back.
+    #[error("semaphore `{name}` is used with a limit of {theirs} elsewhere, not {ours}")]
+    LimitMismatch {
+        /// The semaphore's name.
+        name: String,
+        /// The limit this call asked for.
+        ours: usize,
+        /// The limit of permits held elsewhere.
+        theirs: usize,
+    },
     /// The operation, URL scheme or feature is not available in this build or backend.
     #[error("unsupported: {0}")]
     Unsupported(String),

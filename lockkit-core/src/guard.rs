@@ -25,13 +25,10 @@ use crate::token::FencingToken;
 pub struct LockGuard {
     shared: Arc<Shared>,
     lease: Arc<dyn Lease>,
-    /// Asks the keeper to release and answer; dropped with the guard, which tells the keeper
-    /// to release in the background.
-    release: Option<oneshot::Sender<Reply>>,
+    /// Stops the keeper when dropped (with the guard, or by [`LockGuard::release`]): it then
+    /// releases in the background, unless `release` releases from the caller's task.
+    release: Option<oneshot::Sender<()>>,
 }
-
-/// Where the keeper sends the outcome of a release the guard asked for.
-type Reply = oneshot::Sender<Result<()>>;
 
 #[derive(Debug)]
 struct Shared {
@@ -51,6 +48,9 @@ struct Shared {
     lost: Mutex<Option<LostReason>>,
     /// Set when the keeper has finished (released, or its runtime shut down).
     finished: std::sync::atomic::AtomicBool,
+    /// Set by [`LockGuard::release`], which releases from the caller's task: the keeper then
+    /// stops without releasing.
+    releasing: std::sync::atomic::AtomicBool,
     /// Wakes [`LockGuard::lost`] futures when `lost` or `finished` changes.
     lost_changed: Notify,
 }
@@ -170,6 +170,7 @@ impl LockGuard {
             extending: tokio::sync::Mutex::new(()),
             lost: Mutex::new(None),
             finished: std::sync::atomic::AtomicBool::new(false),
+            releasing: std::sync::atomic::AtomicBool::new(false),
             lost_changed: Notify::new(),
         });
         let lease: Arc<dyn Lease> = Arc::from(acquired.lease);
@@ -186,6 +187,11 @@ impl LockGuard {
             lease,
             release: Some(release),
         })
+    }
+
+    /// The lease this guard holds, for the election handle built on it.
+    pub(crate) fn lease(&self) -> &Arc<dyn Lease> {
+        &self.lease
     }
 
     /// The lock's name.
@@ -320,15 +326,16 @@ impl LockGuard {
             token = self.shared.token.0,
         );
         async {
-            let (reply, answer) = oneshot::channel();
-            let sent = self.release.take().is_some_and(|c| c.send(reply).is_ok());
-            let result = match sent {
-                true => match answer.await {
-                    Ok(result) => result,
-                    // The keeper is gone (its runtime shut down): release from here.
-                    Err(_) => self.lease.release().await,
-                },
-                false => self.lease.release().await,
+            // Released from here, not by the keeper: no hand-off to another task on the way.
+            // The keeper stops (cancelling a renewal in flight) without releasing.
+            self.shared
+                .releasing
+                .store(true, std::sync::atomic::Ordering::Release);
+            drop(self.release.take());
+            let result = {
+                // After any renewal in flight, so the server sees the release last.
+                let _one_at_a_time = self.shared.extending.lock().await;
+                release_with_retries(&self.shared, self.lease.as_ref()).await
             };
             if let Some(reason) = self.shared.lost_reason() {
                 return Err(Error::lost(self.name(), reason));
@@ -342,7 +349,7 @@ impl LockGuard {
 
 /// The keeper: one task per guard. Renews the lease, watches the backend's loss signal and
 /// the lease's validity, and releases when the guard asks or is dropped.
-async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Receiver<Reply>) {
+async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Receiver<()>) {
     /// Marks the keeper finished however it ends (also when its runtime drops it), so
     /// `lost()` futures resolve.
     struct Finished<'a>(&'a Shared);
@@ -363,7 +370,7 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
     // ran out here must not live on in the backend, where a session-based lock (an advisory
     // lock, a ZooKeeper node) would otherwise outlast its TTL.
     let mut released = false;
-    let command = loop {
+    loop {
         if !released && shared.lost_reason().is_some() {
             released = true;
             if let Err(e) = lease.release().await {
@@ -377,7 +384,7 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
         let renew_at = next_renewal.unwrap_or(valid_until);
         tokio::select! {
             biased;
-            command = &mut inbox => break command.ok(),
+            _ = &mut inbox => break,
             reason = &mut lease_lost, if !lost => shared.mark_lost(reason),
             _ = shared.clock_changed.notified() => {
                 // An explicit extend may have shortened the TTL, or asked a fixed-TTL lease
@@ -402,7 +409,7 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
                 };
                 let result = tokio::select! {
                     biased;
-                    command = &mut inbox => break command.ok(),
+                    _ = &mut inbox => break,
                     reason = &mut lease_lost => {
                         shared.mark_lost(reason);
                         continue;
@@ -413,25 +420,22 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
                 next_renewal = renewed(&shared, result, started, clock);
             }
         }
-    };
+    }
+    let held = shared.acquired_at.elapsed();
+    metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
+        .record(held.as_secs_f64());
+    if shared.releasing.load(std::sync::atomic::Ordering::Acquire) {
+        // `LockGuard::release` releases from the caller's task.
+        return;
+    }
     let result = match (released, shared.lost_reason()) {
         (true, Some(reason)) => Err(Error::lost(shared.name.as_str(), reason)),
         _ => release_with_retries(&shared, lease.as_ref()).await,
     };
-    let held = shared.acquired_at.elapsed();
-    metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
-        .record(held.as_secs_f64());
-    match command {
-        Some(reply) => {
-            let _ = reply.send(result);
-        }
-        None => match result {
-            Ok(()) => tracing::debug!(?held, "released on drop"),
-            Err(e) if e.is_lost() => tracing::debug!(error = %e, "released on drop after loss"),
-            Err(e) => {
-                tracing::warn!(error = %e, "release on drop failed; the lease ends at its TTL")
-            }
-        },
+    match result {
+        Ok(()) => tracing::debug!(?held, "released on drop"),
+        Err(e) if e.is_lost() => tracing::debug!(error = %e, "released on drop after loss"),
+        Err(e) => tracing::warn!(error = %e, "release on drop failed; the lease ends at its TTL"),
     }
 }
 

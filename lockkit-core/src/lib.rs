@@ -4,11 +4,13 @@
 pub mod admin;
 pub mod backend;
 mod capabilities;
+mod election;
 mod error;
 mod guard;
 mod locks;
 mod name;
 mod options;
+mod semaphore;
 pub mod telemetry;
 mod token;
 pub mod url;
@@ -18,9 +20,11 @@ pub mod conformance;
 
 pub use admin::LockInfo;
 pub use capabilities::Capabilities;
+pub use election::{Leader, Leadership};
 pub use error::{BoxError, Error, LostReason, Result};
 pub use guard::LockGuard;
 pub use locks::Locks;
 pub use name::{LockName, MAX_NAME_LEN};
 pub use options::{LockOptions, RetryPolicy, DEFAULT_TTL};
+pub use semaphore::{Permit, MAX_PERMITS};
 pub use token::FencingToken;

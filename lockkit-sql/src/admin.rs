@@ -6,6 +6,11 @@
 //! | PostgreSQL advisory | `pg_locks` joined with `<prefix>advisory_keys` (owner: the backend pid) | `pg_terminate_backend` of the holder's session |
 //! | MySQL/MariaDB advisory | `IS_USED_LOCK` of each name of `<prefix>fences` (owner: the connection id) | `KILL` of the holder's connection |
 //!
+//! Values stored with `Lease::set_value` live in `<prefix>lock_values` (name, token, owner,
+//! value) and are shown only with the holder that stored them: the same token and owner as
+//! the row above shows. `changed`: PostgreSQL wakes on `NOTIFY` (and looks again every
+//! [`POLL_INTERVAL`] for changes that send none); the others poll.
+//!
 //! Tokens come from the fence counters (`<prefix>fences`; SQLite: the row's token), which
 //! every acquisition raises: the next holder's token is higher than the removed one's.
 //! Advisory locks have no server-side expiry to show (they end with their session).
@@ -16,17 +21,25 @@ use std::any::Any;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lockkit_core::admin::POLL_INTERVAL;
 use lockkit_core::backend::{Admin, LockInfo, LockName};
 use lockkit_core::{Error, Result};
+use tokio::time::Instant;
 
 use crate::dialect::Dialect;
 use crate::lock::SqlLock;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use crate::options::Strategy;
 
-/// Builds a [`LockInfo`] from a row's name, token, owner and milliseconds left.
-fn info(name: &str, token: Option<i64>, owner: String, left_ms: Option<i64>) -> LockInfo {
+/// A held lock as a row: name, token, owner, milliseconds left, value.
+type Row = (String, Option<i64>, String, Option<i64>, Option<String>);
+
+/// Builds a [`LockInfo`] from a row's name, token, owner, milliseconds left and value.
+fn info((name, token, owner, left_ms, value): Row) -> LockInfo {
     let mut info = LockInfo::new(name).owner(owner);
+    if let Some(value) = value {
+        info = info.value(value);
+    }
     if let Some(token) = token {
         info = info.token(token as u64);
     }
@@ -85,6 +98,43 @@ impl<D: Dialect> Admin for SqlLock<D> {
         Ok(found)
     }
 
+    /// PostgreSQL: wakes on the `NOTIFY` of a stored value, a release and a forced release
+    /// (the client's `LISTEN` task), and looks again every [`POLL_INTERVAL`] for what
+    /// sends none (an acquisition, an expiry, a session the server ended); returns only once
+    /// the lock differs from `seen` or at `deadline`. Elsewhere: the polling default.
+    async fn changed(
+        &self,
+        name: &LockName,
+        seen: Option<&LockInfo>,
+        deadline: Instant,
+    ) -> Result<()> {
+        if !D::WATCH {
+            tokio::time::sleep_until(deadline.min(Instant::now() + POLL_INTERVAL)).await;
+            return Ok(());
+        }
+        let shared = self.shared();
+        let slot = shared.wake.slot(name);
+        let mut listening = false;
+        loop {
+            // Registered before looking, so a change after the look wakes it.
+            let woken = slot.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if !std::mem::replace(&mut listening, true) {
+                D::listen(shared);
+            }
+            let now = self.inspect(name).await?;
+            if !same(seen, now.as_ref()) || Instant::now() >= deadline {
+                return Ok(());
+            }
+            let look = deadline.min(Instant::now() + POLL_INTERVAL);
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(look) => {}
+            }
+        }
+    }
+
     async fn force_release(&self, name: &LockName) -> Result<bool> {
         match which(self) {
             #[cfg(feature = "postgres")]
@@ -95,6 +145,15 @@ impl<D: Dialect> Admin for SqlLock<D> {
             Which::Lite(lite) => lite::force_release(lite, name).await,
             Which::None(_) => unsupported(),
         }
+    }
+}
+
+/// Whether two looks at a lock show the same holder with the same value.
+fn same(a: Option<&LockInfo>, b: Option<&LockInfo>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.token == b.token && a.owner == b.owner && a.value == b.value,
+        _ => false,
     }
 }
 
@@ -142,38 +201,45 @@ mod pg {
         let shared = lock.shared();
         let p = &shared.settings.table_prefix;
         let m = matches(exact);
-        let rows: Vec<(String, Option<i64>, String, Option<i64>)> =
-            match shared.settings.strategy {
-                Strategy::Table => {
-                    let sql = format!(
-                        "SELECT l.name, f.value, l.owner, l.expires_at - {NOW} FROM {p}locks l
-                         LEFT JOIN {p}fences f ON f.name = l.name
+        // A value shows only with the holder that stored it: its owner and token.
+        let rows: Vec<Row> = match shared.settings.strategy {
+            Strategy::Table => {
+                let sql = format!(
+                    "SELECT l.name, f.value, l.owner, l.expires_at - {NOW}, v.value
+                         FROM {p}locks l LEFT JOIN {p}fences f ON f.name = l.name
+                         LEFT JOIN {p}lock_values v
+                           ON v.name = l.name AND v.owner = l.owner AND v.token = f.value
                          WHERE l.name {m} AND l.expires_at >= {NOW}"
-                    );
-                    sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
-                }
-                Strategy::Advisory => {
-                    let sql = format!(
-                        "SELECT k.name, f.value, 'backend pid ' || h.pid, NULL::bigint
-                         FROM {p}advisory_keys k JOIN ({HELD}) h ON h.key = k.key
-                         LEFT JOIN {p}fences f ON f.name = k.name WHERE k.name {m}"
-                    );
-                    sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
-                }
+                );
+                sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
             }
-            .map_err(map::<Postgres>)?;
-        Ok(rows
-            .into_iter()
-            .map(|(n, token, owner, left)| info(&n, token, owner, left))
-            .collect())
+            Strategy::Advisory => {
+                let sql = format!(
+                    "SELECT k.name, f.value, 'backend pid ' || h.pid, NULL::bigint, v.value
+                         FROM {p}advisory_keys k JOIN ({HELD}) h ON h.key = k.key
+                         LEFT JOIN {p}fences f ON f.name = k.name
+                         LEFT JOIN {p}lock_values v ON v.name = k.name AND v.token = f.value
+                           AND v.owner = 'backend pid ' || h.pid
+                         WHERE k.name {m}"
+                );
+                sqlx::query_as(&sql).bind(key).fetch_all(&shared.pool).await
+            }
+        }
+        .map_err(map::<Postgres>)?;
+        Ok(rows.into_iter().map(info).collect())
     }
 
     pub(super) async fn force_release(lock: &crate::PgLock, name: &LockName) -> Result<bool> {
         let shared = lock.shared();
         let p = &shared.settings.table_prefix;
         let done: Option<bool> = match shared.settings.strategy {
+            // Observers (`changed`) hear of it.
             Strategy::Table => {
-                let sql = format!("DELETE FROM {p}locks WHERE name = $1 AND expires_at >= {NOW}");
+                let sql = format!(
+                    "WITH d AS (DELETE FROM {p}locks WHERE name = $1 AND expires_at >= {NOW}
+                                RETURNING name)
+                     SELECT pg_notify('{p}released', name) FROM d"
+                );
                 let done = sqlx::query(&sql)
                     .bind(name.as_str())
                     .execute(&shared.pool)
@@ -192,7 +258,17 @@ mod pg {
             }
         }
         .map_err(map::<Postgres>)?;
-        Ok(done.unwrap_or(false))
+        let done = done.unwrap_or(false);
+        if done && shared.settings.strategy == Strategy::Advisory {
+            // Observers hear of it (the session may take a moment more to end).
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(format!("{p}changed"))
+                .bind(name.as_str())
+                .execute(&shared.pool)
+                .await
+                .map_err(map::<Postgres>)?;
+        }
+        Ok(done)
     }
 }
 
@@ -218,9 +294,12 @@ mod my {
         let mut held = Vec::new();
         match shared.settings.strategy {
             Strategy::Table => {
+                // A value shows only with the holder that stored it: its owner and token.
                 let sql = format!(
-                    "SELECT CAST(l.name AS CHAR), f.value, l.owner, l.expires_at - {NOW}
+                    "SELECT CAST(l.name AS CHAR), f.value, l.owner, l.expires_at - {NOW}, v.value
                      FROM {p}locks l LEFT JOIN {p}fences f ON f.name = l.name
+                     LEFT JOIN {p}lock_values v
+                       ON v.name = l.name AND v.owner = l.owner AND v.token = f.value
                      WHERE {} AND l.expires_at >= {NOW}",
                     m("l.name")
                 );
@@ -228,30 +307,33 @@ mod my {
                 if !exact {
                     query = query.bind(key);
                 }
-                let rows: Vec<(String, Option<i64>, String, Option<i64>)> =
-                    query.fetch_all(&shared.pool).await.map_err(map::<MySql>)?;
-                for (n, token, owner, left) in rows {
-                    held.push(info(&n, token, owner, left));
-                }
+                let rows: Vec<Row> = query.fetch_all(&shared.pool).await.map_err(map::<MySql>)?;
+                held.extend(rows.into_iter().map(info));
             }
             Strategy::Advisory => {
                 // Every name ever locked has a fence row; GET_LOCK names are hashes.
                 let sql = format!(
-                    "SELECT CAST(name AS CHAR), value FROM {p}fences WHERE {}",
-                    m("name")
+                    "SELECT CAST(f.name AS CHAR), f.value, v.token, v.owner, v.value
+                     FROM {p}fences f LEFT JOIN {p}lock_values v ON v.name = f.name WHERE {}",
+                    m("f.name")
                 );
                 let mut query = sqlx::query_as(&sql).bind(key);
                 if !exact {
                     query = query.bind(key);
                 }
-                let names: Vec<(String, i64)> =
+                type Named = (String, i64, Option<i64>, Option<String>, Option<String>);
+                let names: Vec<Named> =
                     query.fetch_all(&shared.pool).await.map_err(map::<MySql>)?;
-                for (n, token) in names {
+                for (n, token, v_token, v_owner, value) in names {
                     let Ok(name) = LockName::new(&n) else {
                         continue;
                     };
                     if let Some(id) = holder(lock, &name).await? {
-                        held.push(info(&n, Some(token), format!("connection {id}"), None));
+                        let owner = format!("connection {id}");
+                        // Only the holder's own: its connection and token.
+                        let ours = v_token == Some(token) && v_owner.as_ref() == Some(&owner);
+                        let value = value.filter(|_| ours);
+                        held.push(info((n, Some(token), owner, None, value)));
                     }
                 }
             }
@@ -317,23 +399,23 @@ mod lite {
         let shared = lock.shared();
         let p = &shared.settings.table_prefix;
         let m = match exact {
-            true => "name = ?1",
-            false => "substr(name, 1, length(?1)) = ?1",
+            true => "l.name = ?1",
+            false => "substr(l.name, 1, length(?1)) = ?1",
         };
+        // A value shows only with the holder that stored it: its owner and token.
         let sql = format!(
-            "SELECT name, token, owner, expires_at - ?2 FROM {p}locks
-             WHERE {m} AND expires_at >= ?2"
+            "SELECT l.name, l.token, l.owner, l.expires_at - ?2, v.value FROM {p}locks l
+             LEFT JOIN {p}lock_values v
+               ON v.name = l.name AND v.owner = l.owner AND v.token = l.token
+             WHERE {m} AND l.expires_at >= ?2"
         );
-        let rows: Vec<(String, Option<i64>, String, Option<i64>)> = sqlx::query_as(&sql)
+        let rows: Vec<Row> = sqlx::query_as(&sql)
             .bind(key)
             .bind(now_ms())
             .fetch_all(&shared.pool)
             .await
             .map_err(map::<Sqlite>)?;
-        Ok(rows
-            .into_iter()
-            .map(|(n, token, owner, left)| info(&n, token, owner, left))
-            .collect())
+        Ok(rows.into_iter().map(info).collect())
     }
 
     pub(super) async fn force_release(lock: &crate::SqliteLock, name: &LockName) -> Result<bool> {

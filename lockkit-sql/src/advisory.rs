@@ -69,7 +69,7 @@ fn won<D: Dialect>(
     let Some(token) = token else {
         return Outcome::Busy(());
     };
-    let lease = SessionLease::<D>::new(lock, name, key, holder);
+    let lease = SessionLease::<D>::new(lock, name, key, token, holder);
     Outcome::Won(Acquired::new(
         FencingToken(token as u64),
         lease_end(started, ttl),

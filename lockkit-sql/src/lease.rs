@@ -1,4 +1,6 @@
-//! Extending and releasing: a session lock on its held connection, or a lease row.
+//! Extending, releasing and storing a value (`set_value`, in `<prefix>lock_values`, checked
+//! against the holder in the same statement): a session lock on its held connection, or a
+//! lease row.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,9 +25,13 @@ pub(crate) struct SessionLease<D: Dialect> {
     lock: Arc<Shared<D>>,
     name: LockName,
     key: Key,
+    /// The fencing token, stored with a value.
+    token: i64,
     holder: Holder<D>,
     /// Set once released (or given up).
     released: AtomicBool,
+    /// Set once a value may have been stored: it is cleared when the lock is let go of.
+    valued: AtomicBool,
 }
 
 /// How much older than an extend the latest statement on its session may be and still count
@@ -34,13 +40,31 @@ pub(crate) struct SessionLease<D: Dialect> {
 const SHARED_RENEWAL: u32 = 16;
 
 impl<D: Dialect> SessionLease<D> {
-    pub(crate) fn new(lock: Arc<Shared<D>>, name: LockName, key: Key, holder: Holder<D>) -> Self {
+    pub(crate) fn new(
+        lock: Arc<Shared<D>>,
+        name: LockName,
+        key: Key,
+        token: i64,
+        holder: Holder<D>,
+    ) -> Self {
         SessionLease {
             lock,
             name,
             key,
+            token,
             holder,
             released: AtomicBool::new(false),
+            valued: AtomicBool::new(false),
+        }
+    }
+
+    /// What letting go of the lock needs.
+    fn held(&self) -> Held<'_> {
+        Held {
+            name: &self.name,
+            key: &self.key,
+            token: self.token,
+            valued: self.valued.load(Ordering::SeqCst),
         }
     }
 
@@ -102,19 +126,57 @@ impl<D: Dialect> Lease for SessionLease<D> {
         if self.released.swap(true, Ordering::SeqCst) {
             return Err(self.not_owner());
         }
-        unlock(&self.lock, &mut session, &self.name, &self.key)
+        unlock(&self.lock, &mut session, self.held())
             .await
             .map_err(|lost| Error::lost(self.name.as_str(), lost))
     }
+
+    /// On the session, in one statement that stores the value only if the session holds
+    /// the lock (the server's own record, as inspect reads it). A session found ended is
+    /// the lock lost, as for [`Lease::extend`].
+    async fn set_value(&self, value: &str) -> Result<()> {
+        let mut session = self.holder.lock().await;
+        if self.released.load(Ordering::SeqCst) {
+            return Err(self.not_owner());
+        }
+        if !session.alive() {
+            return Err(self.gone(&session));
+        }
+        if !session.keys.contains_key(&self.key) {
+            return Err(self.not_owner());
+        }
+        // Before the statement: a value whose answer is lost is still cleared.
+        self.valued.store(true, Ordering::SeqCst);
+        let bind = Bind::new(&self.name)
+            .key(&self.key, None)
+            .token(self.token)
+            .value(value);
+        match session.run(&statements(&self.lock).set_value, &bind).await {
+            Ok(Some(stored)) if stored > 0 => Ok(()),
+            Ok(_) => Err(self.not_owner()),
+            Err(_) if !session.alive() => Err(self.gone(&session)),
+            Err(e) => Err(error::map::<D>(e)),
+        }
+    }
 }
 
-/// Lets go of `key` on `session`; a session that cannot is ended, so nothing stays held.
+/// A lock of a session, to let go of.
+struct Held<'a> {
+    name: &'a LockName,
+    key: &'a Key,
+    token: i64,
+    /// Whether a value may have been stored with it.
+    valued: bool,
+}
+
+/// Lets go of a lock on `session`, then clears the value stored with it; a session that
+/// cannot do either is ended, so nothing stays held, and no later lock on it shows the value.
 async fn unlock<D: Dialect>(
     lock: &Shared<D>,
     session: &mut Session<D>,
-    name: &LockName,
-    key: &Key,
+    held: Held<'_>,
 ) -> std::result::Result<(), LostReason> {
+    let Held { name, key, .. } = held;
     if !session.alive() {
         let why = session.ended.clone().unwrap_or_default();
         return Err(LostReason::SessionLost(why));
@@ -128,10 +190,17 @@ async fn unlock<D: Dialect>(
         Ok(_) => Err(LostReason::NotOwner),
         Err(e) => Err(LostReason::SessionLost(error::map::<D>(e).to_string())),
     };
+    if result.is_ok() && held.valued {
+        let bind = Bind::new(name).token(held.token);
+        if let Err(e) = session.run(&statements(lock).clear_value, &bind).await {
+            tracing::debug!(error = %e, "ending a session whose released lock kept its value");
+            session.end("a released lock's value could not be cleared");
+        }
+    }
     if result.is_err() {
         // Whatever the session holds that it should not goes with it.
         session.end("a lock could not be let go of");
-    } else if session.keys.is_empty() {
+    } else if session.alive() && session.keys.is_empty() {
         lock.sessions.emptied(session);
     }
     result
@@ -146,9 +215,16 @@ impl<D: Dialect> Drop for SessionLease<D> {
         }
         let (lock, holder) = (self.lock.clone(), self.holder.clone());
         let (name, key) = (self.name.clone(), self.key.clone());
+        let (token, valued) = (self.token, self.valued.load(Ordering::SeqCst));
         spawn_cleanup("letting go of an advisory lock", async move {
             let mut session = holder.lock().await;
-            let unlocked = unlock(&lock, &mut session, &name, &key).await;
+            let held = Held {
+                name: &name,
+                key: &key,
+                token,
+                valued,
+            };
+            let unlocked = unlock(&lock, &mut session, held).await;
             unlocked.map_err(|lost| Error::lost(name.as_str(), lost))
         });
     }
@@ -160,11 +236,18 @@ pub(crate) struct TableLease<D: Dialect> {
     lock: Arc<Shared<D>>,
     name: LockName,
     owner: String,
+    /// The fencing token, stored with a value.
+    token: i64,
 }
 
 impl<D: Dialect> TableLease<D> {
-    pub(crate) fn new(lock: Arc<Shared<D>>, name: LockName, owner: String) -> Self {
-        TableLease { lock, name, owner }
+    pub(crate) fn new(lock: Arc<Shared<D>>, name: LockName, owner: String, token: i64) -> Self {
+        TableLease {
+            lock,
+            name,
+            owner,
+            token,
+        }
     }
 
     async fn run(&self, sql: &crate::dialect::Sql, ttl: Duration) -> Result<bool> {
@@ -184,15 +267,25 @@ pub(crate) async fn row<D: Dialect>(
     ttl: Duration,
 ) -> Result<bool> {
     let bind = Bind::new(name).lease(owner, ttl);
+    Ok(changed(lock, sql, &bind).await? == Some(1))
+}
+
+/// Runs a statement on a lease row with the values of `bind`, again after a lost race as
+/// [`row`] does: the rows it changed.
+async fn changed<D: Dialect>(
+    lock: &Shared<D>,
+    sql: &crate::dialect::Sql,
+    bind: &Bind<'_>,
+) -> Result<Option<i64>> {
     let mut tries = 0;
     loop {
-        match D::Db::run(On::Pool(&lock.pool), sql, &bind).await {
+        match D::Db::run(On::Pool(&lock.pool), sql, bind).await {
             Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
                 tries += 1;
                 let most = (5 * tries).min(25);
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=most))).await;
             }
-            other => return Ok(other.map_err(error::map::<D>)? == Some(1)),
+            other => return other.map_err(error::map::<D>),
         }
     }
 }
@@ -230,6 +323,18 @@ impl<D: Dialect> Lease for TableLease<D> {
         match reason {
             None => Ok(()),
             Some(reason) => Err(Error::lost(self.name.as_str(), reason)),
+        }
+    }
+
+    /// One statement that stores the value only while the row is ours and in time.
+    async fn set_value(&self, value: &str) -> Result<()> {
+        let bind = Bind::new(&self.name)
+            .lease(&self.owner, Duration::ZERO)
+            .token(self.token)
+            .value(value);
+        match changed(&self.lock, &self.lock.sql.set_value, &bind).await? {
+            Some(stored) if stored > 0 => Ok(()),
+            _ => Err(Error::lost(self.name.as_str(), LostReason::NotOwner)),
         }
     }
 }

@@ -174,6 +174,8 @@ impl<D: Dialect> Backend for SqlLock<D> {
             .renewal(true)
             .networked(D::SERVER)
             .admin(true, true, true)
+            .election(true)
+            .watch(D::WATCH)
     }
 
     fn admin(&self) -> Option<&dyn Admin> {

@@ -53,7 +53,12 @@ async fn take<D: Dialect>(lock: Arc<Shared<D>>, name: LockName, ttl: Duration) -
     let Some(token) = token else {
         return Ok(Outcome::Busy(()));
     };
-    let lease = Armed::new(TableLease::new(lock.clone(), name, owner));
+    let lease = Armed::new(TableLease::new(
+        lock.clone(),
+        name,
+        owner,
+        token.get() as i64,
+    ));
     let valid_until = lease_end(started, ttl);
     if Instant::now() >= valid_until {
         // Granted after its lease had run out (a slow statement): another client may hold

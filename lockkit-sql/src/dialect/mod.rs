@@ -60,8 +60,10 @@ pub(crate) enum Arg {
     /// The server-side wait in milliseconds.
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     SliceMs,
-    /// A fencing token presented to a fence table.
+    /// A fencing token: presented to a fence table, or the holder's, stored with its value.
     Token,
+    /// The value a holder stores with its lock (`Lease::set_value`).
+    Value,
     /// Many lease rows at once, as a JSON array of `{"name", "owner", "ttl"}` objects.
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     Rows,
@@ -143,6 +145,15 @@ pub(crate) struct AdvisorySql {
     /// Lets go of the lock if this session holds it: after a statement that failed, and
     /// may have taken it first (a session lock outlives the failed statement).
     pub(crate) unlock_if_held: Sql,
+    /// Stores [`Arg::Value`] in `<prefix>lock_values` with the name, our token and this
+    /// session's id as the owner (as inspect shows it) if this session holds the lock
+    /// ([`Arg::Key`]), never over a later holder's value: more than 0 if stored.
+    /// PostgreSQL also `NOTIFY`s the observers.
+    pub(crate) set_value: Sql,
+    /// Run on the session right after it let go of a lock it had stored a value with:
+    /// deletes that value (name, token), so a later lock of the name on the same session
+    /// (the same owner id) never shows it. PostgreSQL also `NOTIFY`s the observers.
+    pub(crate) clear_value: Sql,
 }
 
 /// Every statement of a dialect, with the configured table prefix.
@@ -167,6 +178,10 @@ pub(crate) struct Statements {
     pub(crate) extend_many: Option<Sql>,
     /// Deletes our row if in time; then, failing that, if ours at all (late).
     pub(crate) release: [Sql; 2],
+    /// Stores [`Arg::Value`] in `<prefix>lock_values` with our row's name, owner and token
+    /// ([`Arg::Token`]) if the row is ours and in time, never over a later holder's (higher
+    /// token) value: more than 0 if stored. PostgreSQL also `NOTIFY`s the observers.
+    pub(crate) set_value: Sql,
     /// `None`: the database has no advisory locks (SQLite).
     pub(crate) advisory: Option<AdvisorySql>,
 }
@@ -207,6 +222,7 @@ pub(crate) struct Bind<'a> {
     slice_ms: i64,
     token: i64,
     rows: &'a str,
+    value: &'a str,
 }
 
 impl<'a> Bind<'a> {
@@ -223,6 +239,7 @@ impl<'a> Bind<'a> {
             slice_ms: 0,
             token: 0,
             rows: "",
+            value: "",
         }
     }
 
@@ -237,6 +254,7 @@ impl<'a> Bind<'a> {
             slice_ms: 0,
             token,
             rows: "",
+            value: "",
         }
     }
 
@@ -249,6 +267,18 @@ impl<'a> Bind<'a> {
     /// With a TTL.
     pub(crate) fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl_ms = millis(ttl);
+        self
+    }
+
+    /// With the holder's fencing token.
+    pub(crate) fn token(mut self, token: i64) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// With a value to store.
+    pub(crate) fn value(mut self, value: &'a str) -> Self {
+        self.value = value;
         self
     }
 
@@ -332,6 +362,7 @@ where
                 (Arg::SliceMs, _) => query.bind(bind.slice_ms),
                 (Arg::Token, _) => query.bind(bind.token),
                 (Arg::Rows, _) => query.bind(bind.rows.to_string()),
+                (Arg::Value, _) => query.bind(bind.value.to_string()),
                 (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
                 (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
                 (Arg::Key, None) => unreachable!("a key statement without a key"),
@@ -408,6 +439,9 @@ pub(crate) mod hooks {
         /// Longest pause between re-checks of a lease-table wait, by default: short, as
         /// only waiters in this process are woken on release.
         const MAX_POLL: Duration = Duration::from_millis(100);
+        /// Whether the server tells observers of changes (PostgreSQL's `NOTIFY`, heard by
+        /// the task [`Hooks::listen`] starts): `Admin::changed` then waits for them.
+        const WATCH: bool = false;
 
         /// The statements, with the table prefix `p`.
         fn statements(p: &str) -> Statements;

@@ -38,12 +38,27 @@ impl Hooks for MySql {
             ),
             &[Name],
         );
+        // Stores the value of the row that follows unless a later holder (a higher token) has
+        // stored one: the token is assigned last, after the columns compared with it.
+        let store = |row: &str| {
+            let t = format!("{p}lock_values");
+            let newer = format!("VALUES(token) >= {t}.token");
+            format!(
+                "INSERT INTO {t} (name, token, owner, value) {row}
+                 ON DUPLICATE KEY UPDATE owner = IF({newer}, VALUES(owner), {t}.owner),
+                     value = IF({newer}, VALUES(value), {t}.value),
+                     token = GREATEST({t}.token, VALUES(token))"
+            )
+        };
         Statements {
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {p}fences (name VARBINARY(255) PRIMARY KEY,
                  value BIGINT NOT NULL) ENGINE=InnoDB;
                  CREATE TABLE IF NOT EXISTS {p}locks (name VARBINARY(255) PRIMARY KEY,
-                 owner CHAR(32) NOT NULL, expires_at BIGINT NOT NULL) ENGINE=InnoDB;"
+                 owner CHAR(32) NOT NULL, expires_at BIGINT NOT NULL) ENGINE=InnoDB;
+                 CREATE TABLE IF NOT EXISTS {p}lock_values (name VARBINARY(255) PRIMARY KEY,
+                 token BIGINT NOT NULL, owner VARCHAR(64) NOT NULL,
+                 value TEXT CHARACTER SET utf8mb4 NOT NULL) ENGINE=InnoDB;"
             ),
             acquire: Sql::count(
                 format!(
@@ -89,6 +104,13 @@ impl Hooks for MySql {
                     &[Name, Owner],
                 )
             }),
+            set_value: Sql::count(
+                store(&format!(
+                    "SELECT name, ?, owner, ? FROM {p}locks
+                     WHERE name = ? AND owner = ? AND expires_at >= {NOW}"
+                )),
+                &[Token, Value, Name, Owner],
+            ),
             advisory: Some(AdvisorySql {
                 // Whole seconds, rounded up; renewals run a statement at least every TTL/3,
                 // which restarts the clock.
@@ -103,6 +125,18 @@ impl Hooks for MySql {
                 unlock: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
                 // NULL when nobody holds it, 0 when another session does.
                 unlock_if_held: Sql::scalar("SELECT RELEASE_LOCK(?)", &[Key]),
+                // The owner as inspect shows it: the connection holding the lock.
+                set_value: Sql::count(
+                    store(
+                        "SELECT ?, ?, CONCAT('connection ', CONNECTION_ID()), ? FROM DUAL
+                         WHERE IS_USED_LOCK(?) = CONNECTION_ID()",
+                    ),
+                    &[Name, Token, Value, Key],
+                ),
+                clear_value: Sql::count(
+                    format!("DELETE FROM {p}lock_values WHERE name = ? AND token = ?"),
+                    &[Name, Token],
+                ),
             }),
         }
     }

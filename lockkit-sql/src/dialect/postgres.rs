@@ -25,6 +25,11 @@ pub struct Postgres;
 /// The server's clock in milliseconds since the epoch (all clients share it).
 const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// This session holds the advisory lock of key `$1` (a condition on `pg_locks`).
+const HELD_HERE: &str = "locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+     AND objsubid = 1 AND classid = (($1 >> 32) & 4294967295)::oid
+     AND objid = ($1 & 4294967295)::oid";
+
 /// Arms the session for the milliseconds of parameter `ttl` (`$n`): the server ends it once
 /// silent that long. Renewals restart the clock at least every TTL/3.
 fn arm(ttl: &str) -> String {
@@ -40,8 +45,9 @@ pub struct PgState {
     keys: Mutex<HashMap<LockName, i64>>,
     /// Finds or assigns a name's key, starting at a candidate.
     key: Sql,
-    /// The release channel.
-    channel: String,
+    /// The channels: releases of lease rows (which wake waiters and observers), and the
+    /// other changes observers wake on (values stored and cleared, forced releases).
+    channels: [String; 2],
     listener: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -63,6 +69,7 @@ impl Hooks for Postgres {
     const PASS_THROUGH: &'static str = "sslmode sslrootcert sslcert sslkey application_name";
     // `NOTIFY` wakes the waiters of every client: re-check seldom.
     const MAX_POLL: Duration = Duration::from_secs(1);
+    const WATCH: bool = true;
 
     fn statements(p: &str) -> Statements {
         use Arg::*;
@@ -70,6 +77,17 @@ impl Hooks for Postgres {
         let fence = format!("INSERT INTO {p}fences (name, value)");
         let bump =
             format!("ON CONFLICT (name) DO UPDATE SET value = {p}fences.value + 1 RETURNING value");
+        // Stores the value of the rows that follow unless a later holder (a higher token)
+        // has stored one, and tells the observers.
+        let store = |rows: &str| {
+            format!(
+                "WITH s AS (INSERT INTO {p}lock_values (name, token, owner, value) {rows}
+                    ON CONFLICT (name) DO UPDATE SET token = EXCLUDED.token,
+                        owner = EXCLUDED.owner, value = EXCLUDED.value
+                    WHERE {p}lock_values.token <= EXCLUDED.token RETURNING name)
+                 SELECT pg_notify('{p}changed', name) FROM s"
+            )
+        };
         Statements {
             // One simple query is one implicit transaction: the migration lock is held to
             // its end, so concurrent clients do not race on the DDL.
@@ -77,7 +95,8 @@ impl Hooks for Postgres {
                 "SELECT pg_advisory_xact_lock(hashtext('lockkit migrate'));
                  CREATE TABLE IF NOT EXISTS {p}fences (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
                  CREATE TABLE IF NOT EXISTS {p}advisory_keys (name TEXT PRIMARY KEY, key BIGINT NOT NULL UNIQUE);
-                 CREATE TABLE IF NOT EXISTS {p}locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);"
+                 CREATE TABLE IF NOT EXISTS {p}locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at BIGINT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {p}lock_values (name TEXT PRIMARY KEY, token BIGINT NOT NULL, owner TEXT NOT NULL, value TEXT NOT NULL);"
             ),
             // The row and its token in one statement: the row stays locked until the token
             // is taken, so a holder delayed in between never gets a token above the next
@@ -124,6 +143,13 @@ impl Hooks for Postgres {
                     &[Name, Owner],
                 )
             }),
+            set_value: Sql::count(
+                store(&format!(
+                    "SELECT name, $3, owner, $4 FROM {p}locks
+                     WHERE name = $1 AND owner = $2 AND expires_at >= {NOW}"
+                )),
+                &[Name, Owner, Token, Value],
+            ),
             advisory: Some(AdvisorySql {
                 arm: Sql::count(format!("SELECT {}", arm("$1")), &[TtlMs]),
                 // Armed, locked and fenced in one statement (one implicit transaction): the
@@ -153,11 +179,24 @@ impl Hooks for Postgres {
                 fence: None,
                 unlock: Sql::scalar("SELECT pg_advisory_unlock($1)::int::bigint", &[Key]),
                 unlock_if_held: Sql::scalar(
-                    "SELECT pg_advisory_unlock($1)::int::bigint FROM pg_locks
-                     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-                     AND objsubid = 1 AND classid = (($1 >> 32) & 4294967295)::oid
-                     AND objid = ($1 & 4294967295)::oid",
+                    format!("SELECT pg_advisory_unlock($1)::int::bigint FROM pg_locks WHERE {HELD_HERE}"),
                     &[Key],
+                ),
+                // The owner as inspect shows it: the backend pid holding the lock.
+                set_value: Sql::count(
+                    store(&format!(
+                        "SELECT $2, $3, 'backend pid ' || pg_backend_pid(), $4 FROM pg_locks
+                         WHERE {HELD_HERE}"
+                    )),
+                    &[Key, Name, Token, Value],
+                ),
+                clear_value: Sql::count(
+                    format!(
+                        "WITH d AS (DELETE FROM {p}lock_values WHERE name = $1 AND token = $2
+                                    RETURNING name)
+                         SELECT pg_notify('{p}changed', name) FROM d"
+                    ),
+                    &[Name, Token],
                 ),
             }),
         }
@@ -196,7 +235,7 @@ impl Hooks for Postgres {
                 ),
                 &[Arg::Name, Arg::Key],
             ),
-            channel: format!("{p}released"),
+            channels: [format!("{p}released"), format!("{p}changed")],
             listener: Mutex::default(),
         }
     }
@@ -267,7 +306,8 @@ impl Hooks for Postgres {
         ))
     }
 
-    /// Starts the `LISTEN` task once: it wakes the waiters of every name it hears released.
+    /// Starts the `LISTEN` task once: it wakes the waiters and observers of every name it
+    /// hears released or changed.
     fn listen(lock: &Shared<Self>) {
         let mut task = lock
             .state
@@ -277,16 +317,18 @@ impl Hooks for Postgres {
         if task.is_some() {
             return;
         }
-        let (pool, channel, wake) = (
+        let (pool, channels, wake) = (
             lock.pool.clone(),
-            lock.state.channel.clone(),
+            lock.state.channels.clone(),
             lock.wake.clone(),
         );
         *task = Some(tokio::spawn(async move {
             loop {
                 let listener = async {
                     let mut listener = PgListener::connect_with(&pool).await?;
-                    listener.listen(&channel).await?;
+                    listener
+                        .listen_all(channels.iter().map(String::as_str))
+                        .await?;
                     Ok::<_, sqlx::Error>(listener)
                 };
                 let mut listener = match listener.await {

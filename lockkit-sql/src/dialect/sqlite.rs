@@ -47,6 +47,12 @@ impl Hooks for Sqlite {
                     value INTEGER NOT NULL
                 );
                 INSERT OR IGNORE INTO {p}fence (id, value) VALUES (1, 0);
+                CREATE TABLE IF NOT EXISTS {p}lock_values (
+                    name TEXT PRIMARY KEY NOT NULL,
+                    token INTEGER NOT NULL,
+                    owner TEXT NOT NULL,
+                    value TEXT NOT NULL
+                ) WITHOUT ROWID;
                 CREATE TRIGGER IF NOT EXISTS {p}fence_insert AFTER INSERT ON {p}locks
                 BEGIN
                     UPDATE {p}fence SET value = NEW.token WHERE id = 1 AND value < NEW.token;
@@ -98,6 +104,19 @@ impl Hooks for Sqlite {
                     &[Name, Owner],
                 ),
             ],
+            // The row's own token; never over a later holder's value. (The `WHERE` of the
+            // `SELECT` keeps SQLite from reading `ON CONFLICT` as a join's `ON`.)
+            set_value: Sql::count(
+                format!(
+                    "INSERT INTO {p}lock_values (name, token, owner, value)
+                     SELECT name, token, owner, ?4 FROM {p}locks
+                     WHERE name = ?1 AND owner = ?2 AND expires_at >= ?3
+                     ON CONFLICT (name) DO UPDATE SET token = excluded.token,
+                         owner = excluded.owner, value = excluded.value
+                     WHERE {p}lock_values.token <= excluded.token"
+                ),
+                &[Name, Owner, NowMs, Value],
+            ),
             advisory: None,
         }
     }

@@ -136,3 +136,53 @@ pub(crate) async fn release(args: ReleaseArgs) -> Result<ExitCode, BoxError> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `lockkit leader`.
+#[derive(Args)]
+pub(crate) struct LeaderArgs {
+    /// Lock service URL.
+    #[arg(long, env = "LOCKKIT_URL")]
+    url: String,
+    /// Election name.
+    #[arg(long)]
+    name: String,
+    /// Keep printing every change of leader (or of its value) until stopped.
+    #[arg(long)]
+    watch: bool,
+    /// Print JSON lines (`{"name", "leader", "token", "value"}`).
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_leader(name: &str, leader: Option<&lockkit::Leader>, json: bool) {
+    match (leader, json) {
+        (Some(l), true) => println!(
+            "{}",
+            serde_json::json!({"name": name, "leader": true, "token": l.token.get(), "value": l.value})
+        ),
+        (None, true) => println!("{}", serde_json::json!({"name": name, "leader": false})),
+        (Some(l), false) => println!("leader\t{name}\t{}\t{}", l.token.get(), l.value),
+        (None, false) => println!("none\t{name}"),
+    }
+}
+
+pub(crate) async fn leader(args: LeaderArgs) -> Result<ExitCode, BoxError> {
+    use futures_util::StreamExt;
+    let locks = lockkit::connect(&args.url).await?;
+    if !args.watch {
+        let leader = locks.leader(&args.name).await?;
+        print_leader(&args.name, leader.as_ref(), args.json);
+        return Ok(ExitCode::from(u8::from(leader.is_none())));
+    }
+    let mut changes = locks.observe(&args.name);
+    while let Some(change) = changes.next().await {
+        match change {
+            Ok(leader) => print_leader(&args.name, leader.as_ref(), args.json),
+            // A passing failure (a server restarting): say so and keep watching.
+            Err(e) if e.is_retryable() => eprintln!("lockkit: {}", crate::one_line(&e.to_string())),
+            Err(e) => return Err(e.into()),
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use lockkit_core::backend::{Backend, LockName, LockOptions};
+use lockkit_core::backend::{Backend, LockOptions};
 use lockkit_etcd::EtcdLock;
 use lockkit_testkit::election::{self, take};
-use lockkit_testkit::{fresh_name, service_url};
+use lockkit_testkit::service_url;
 
 async fn client() -> EtcdLock {
     EtcdLock::connect(&service_url("LOCKKIT_ETCD_URL"))
@@ -15,28 +15,14 @@ async fn client() -> EtcdLock {
         .expect("connect")
 }
 
-async fn pair(test: &str) -> (EtcdLock, EtcdLock, LockName) {
-    let name = LockName::new(&fresh_name(&format!("lockkit-etcd-election/{test}"))).unwrap();
-    (client().await, client().await, name)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn value_follows_the_holder() {
-    let (a, b, name) = pair("follows").await;
-    election::value_follows_the_holder(&a, &b, &name).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_set_value_fails() {
-    let (a, b, name) = pair("stale").await;
-    election::stale_set_value_fails(&a, &b, &name).await;
-}
+lockkit_testkit::election_tests!("lockkit-etcd-election", client());
 
 /// A holder whose lease ran out (its own lease, not renewed) cannot store a value once
 /// another client holds the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_set_value_fails() {
-    let (a, b, name) = pair("expired").await;
+    let (a, b) = (client().await, client().await);
+    let name = election::name("lockkit-etcd-election", "expired");
     let short = LockOptions::new()
         .ttl(a.capabilities().min_ttl)
         .auto_renew(false);
@@ -47,17 +33,4 @@ async fn expired_set_value_fails() {
     let holder = b.lock(&name, &wait, None).await.expect("taken over");
     assert!(holder.token > stale.token);
     election::stale_fails_after_takeover(&b, &name, &stale, &holder).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_value_wakes_no_waiter() {
-    let (a, b, name) = pair("waiter").await;
-    election::set_value_wakes_no_waiter(&a, &b, &name).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changed_sees_every_change() {
-    let (a, b, name) = pair("changed").await;
-    assert!(a.capabilities().watch && a.capabilities().election);
-    election::changed_sees_every_change(&a, &b, &name).await;
 }

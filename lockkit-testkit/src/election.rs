@@ -17,6 +17,34 @@ use tokio::time::Instant;
 /// under a second), so a loaded machine does not fail the check.
 pub const PROMPT: Duration = Duration::from_secs(2);
 
+/// A fresh lock name for the check `case` of a backend crate's tests (`prefix`: the crate).
+pub fn name(prefix: &str, case: &str) -> LockName {
+    LockName::new(&crate::fresh_name(&format!("{prefix}/{case}"))).expect("a valid name")
+}
+
+/// Stamps the backend-independent checks of this module as tests of a backend crate:
+/// `prefix` names its locks, `$connect` is an expression whose `.await` is a new client.
+#[macro_export]
+macro_rules! election_tests {
+    ($prefix:literal, $connect:expr) => {
+        $crate::election_tests!(@cases $prefix, $connect;
+            value_follows_the_holder,
+            stale_set_value_fails,
+            set_value_wakes_no_waiter,
+            changed_sees_every_change);
+    };
+    (@cases $prefix:literal, $connect:expr; $($case:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (a, b) = ($connect.await, $connect.await);
+                let name = $crate::election::name($prefix, stringify!($case));
+                $crate::election::$case(&a, &b, &name).await;
+            }
+        )+
+    };
+}
+
 fn admin(backend: &dyn Backend) -> &dyn Admin {
     backend.admin().expect("the backend has no admin interface")
 }
@@ -104,25 +132,25 @@ pub async fn stale_fails_after_takeover(
         None,
         "the old holder's value"
     );
-    let error = stale
-        .lease
-        .set_value("stale")
-        .await
-        .expect_err("a stale set_value");
-    assert!(error.is_lost(), "{}: a stale set_value: {error}", b.name());
+    refused(b, stale).await;
     assert_eq!(
         value_of(b, name, holder).await,
         None,
         "after a stale set_value"
     );
     holder.lease.set_value("new").await.expect("set_value");
+    refused(b, stale).await;
+    assert_eq!(value_of(b, name, holder).await.as_deref(), Some("new"));
+}
+
+/// `stale`'s `set_value` fails with `LockLost`.
+async fn refused(b: &dyn Backend, stale: &Acquired) {
     let error = stale
         .lease
         .set_value("stale")
         .await
         .expect_err("a stale set_value");
     assert!(error.is_lost(), "{}: a stale set_value: {error}", b.name());
-    assert_eq!(value_of(b, name, holder).await.as_deref(), Some("new"));
 }
 
 /// Storing a value does not hand the lock over: a waiter keeps waiting until the release.
@@ -178,6 +206,7 @@ async fn changed_during(
 /// release, an acquisition; an event 100 ms after it started watching), at once when what
 /// it was given is out of date, and not before its deadline when nothing changes.
 pub async fn changed_sees_every_change(a: &dyn Backend, b: &dyn Backend, name: &LockName) {
+    assert!(b.capabilities().watch, "{}: claims no watch", b.name());
     let after = |ms| tokio::time::sleep(Duration::from_millis(ms));
     let far = Duration::from_secs(10);
     let quiet = changed_during(b, name, Duration::from_millis(300), async {}).await;

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use lockkit_core::backend::{Backend, LockName, LockOptions};
+use lockkit_core::backend::{Backend, LockOptions};
 use lockkit_testkit::election::{self, take};
-use lockkit_testkit::{fresh_name, hosts, service_url};
+use lockkit_testkit::{hosts, service_url};
 use lockkit_zk::zookeeper_client as zk;
 use lockkit_zk::ZkLock;
 
@@ -16,28 +16,14 @@ async fn client() -> ZkLock {
         .expect("connect")
 }
 
-async fn pair(test: &str) -> (ZkLock, ZkLock, LockName) {
-    let name = LockName::new(&fresh_name(&format!("lockkit-zk-election/{test}"))).unwrap();
-    (client().await, client().await, name)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn value_follows_the_holder() {
-    let (a, b, name) = pair("follows").await;
-    election::value_follows_the_holder(&a, &b, &name).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_set_value_fails() {
-    let (a, b, name) = pair("stale").await;
-    election::stale_set_value_fails(&a, &b, &name).await;
-}
+lockkit_testkit::election_tests!("lockkit-zk-election", client());
 
 /// A holder whose session ended (closed by a twin client: the same as an expiry, at once)
 /// cannot store a value once another client holds the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_session_set_value_fails() {
-    let (a, b, name) = pair("closed").await;
+    let (a, b) = (client().await, client().await);
+    let name = election::name("lockkit-zk-election", "closed");
     // A TTL of its own: the session is this test's only.
     let ttl = Duration::from_millis(9_876);
     let stale = take(&a, &name, &LockOptions::new().ttl(ttl)).await;
@@ -55,17 +41,4 @@ async fn closed_session_set_value_fails() {
     let holder = b.lock(&name, &wait, None).await.expect("taken over");
     assert!(holder.token > stale.token);
     election::stale_fails_after_takeover(&b, &name, &stale, &holder).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_value_wakes_no_waiter() {
-    let (a, b, name) = pair("waiter").await;
-    election::set_value_wakes_no_waiter(&a, &b, &name).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changed_sees_every_change() {
-    let (a, b, name) = pair("changed").await;
-    assert!(a.capabilities().watch && a.capabilities().election);
-    election::changed_sees_every_change(&a, &b, &name).await;
 }

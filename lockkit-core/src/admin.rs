@@ -130,6 +130,17 @@ pub trait Admin: Send + Sync {
     }
 }
 
+/// Whether two looks at a lock ([`Admin::inspect`] answers) show the same state: both free,
+/// or the same holder (token and owner) with the same value. What an [`Admin::changed`]
+/// compares its fresh look with `seen` by.
+pub fn same_state(a: Option<&LockInfo>, b: Option<&LockInfo>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => (&a.token, &a.owner, &a.value) == (&b.token, &b.owner, &b.value),
+        _ => false,
+    }
+}
+
 /// How often [`Admin::changed`]'s default looks again: the delay with which observers on a
 /// backend without server-side events see a change.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);

@@ -151,7 +151,7 @@ impl Admin for EtcdLock {
             let now = holder
                 .as_ref()
                 .map(|kv| Inner::holder_info(name.as_str(), kv));
-            if !same_holder(now.as_ref(), seen) {
+            if !lockkit_core::admin::same_state(now.as_ref(), seen) {
                 return Ok(());
             }
             let options = WatchOptions::new()
@@ -180,16 +180,5 @@ impl Admin for EtcdLock {
         tokio::time::timeout_at(deadline, wait)
             .await
             .unwrap_or(Ok(()))
-    }
-}
-
-/// Whether two views of a lock show the same holder (token, owner) with the same value.
-fn same_holder(now: Option<&LockInfo>, seen: Option<&LockInfo>) -> bool {
-    match (now, seen) {
-        (None, None) => true,
-        (Some(now), Some(seen)) => {
-            (&now.token, &now.owner, &now.value) == (&seen.token, &seen.owner, &seen.value)
-        }
-        _ => false,
     }
 }

@@ -124,7 +124,7 @@ impl<D: Dialect> Admin for SqlLock<D> {
                 D::listen(shared);
             }
             let now = self.inspect(name).await?;
-            if !same(seen, now.as_ref()) || Instant::now() >= deadline {
+            if !lockkit_core::admin::same_state(seen, now.as_ref()) || Instant::now() >= deadline {
                 return Ok(());
             }
             let look = deadline.min(Instant::now() + POLL_INTERVAL);
@@ -145,15 +145,6 @@ impl<D: Dialect> Admin for SqlLock<D> {
             Which::Lite(lite) => lite::force_release(lite, name).await,
             Which::None(_) => unsupported(),
         }
-    }
-}
-
-/// Whether two looks at a lock show the same holder with the same value.
-fn same(a: Option<&LockInfo>, b: Option<&LockInfo>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => a.token == b.token && a.owner == b.owner && a.value == b.value,
-        _ => false,
     }
 }
 

@@ -65,17 +65,6 @@ fn describe(name: &str, stat: &zk::Stat, data: &[u8]) -> LockInfo {
     }
 }
 
-/// Whether two views of a lock show the same holder (token, owner) with the same value.
-fn same_holder(now: Option<&LockInfo>, seen: Option<&LockInfo>) -> bool {
-    match (now, seen) {
-        (None, None) => true,
-        (Some(now), Some(seen)) => {
-            (&now.token, &now.owner, &now.value) == (&seen.token, &seen.owner, &seen.value)
-        }
-        _ => false,
-    }
-}
-
 impl ZkLock {
     /// [`Admin::changed`] without its deadline.
     async fn wait_changed(&self, name: &LockName, seen: Option<&LockInfo>) -> Result<()> {
@@ -112,7 +101,7 @@ impl ZkLock {
             Err(e) => return Err(map_err(e)),
         };
         let now = describe(name.as_str(), &stat, &data);
-        if same_holder(Some(&now), seen) {
+        if lockkit_core::admin::same_state(Some(&now), seen) {
             holder_watch.changed().await;
         }
         Ok(())

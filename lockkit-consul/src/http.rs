@@ -473,45 +473,51 @@ impl Http {
         }
     }
 
+    /// Runs the KV operations `ops` in one `PUT /v1/txn` whose last one writes the key as
+    /// `session`: the entry as written if the session holds it, else whether Consul said
+    /// the session is invalid.
+    async fn txn(
+        &self,
+        what: &'static str,
+        ops: serde_json::Value,
+        session: &str,
+    ) -> Result<std::result::Result<KeyEntry, bool>> {
+        let body = serde_json::to_vec(&ops).expect("plain JSON");
+        let call = self.call(what, Method::PUT, "/v1/txn", &[], Some(body));
+        let (status, body, _) = self.short(what, call).await?;
+        let answer = |body: &[u8]| -> Result<TxnAnswer> {
+            serde_json::from_slice(body).map_err(|e| self.answer(what, e))
+        };
+        match status {
+            StatusCode::OK => {
+                let results = answer(&body)?.results.into_iter().flatten();
+                match results.map(|r| r.kv).next_back() {
+                    Some(entry) if entry.session.as_deref() == Some(session) => Ok(Ok(entry)),
+                    _ => Ok(Err(false)),
+                }
+            }
+            StatusCode::CONFLICT => {
+                let errors = answer(&body)?.errors.into_iter().flatten();
+                Ok(Err(errors
+                    .into_iter()
+                    .any(|e| e.what.contains("invalid session"))))
+            }
+            _ => Err(self.status(what, status, &body)),
+        }
+    }
+
     /// Takes the KV key `key` for `session` in one `PUT /v1/txn` (the `lock` verb), which
     /// answers with the entry as written: its ModifyIndex is the fencing token, so no read
     /// follows.
     pub(crate) async fn lock_key(&self, key: &str, session: &str) -> Result<Locked> {
-        const WHAT: &str = "acquire (txn)";
-        let body = serde_json::json!([{
+        let ops = serde_json::json!([{
             "KV": {"Verb": "lock", "Key": key, "Value": "", "Session": session}
         }]);
-        let body = serde_json::to_vec(&body).expect("plain JSON");
-        let call = self.call(WHAT, Method::PUT, "/v1/txn", &[], Some(body));
-        let (status, body, _) = self.short(WHAT, call).await?;
-        match status {
-            StatusCode::OK => {
-                let answer: TxnAnswer =
-                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
-                let entry = answer.results.into_iter().flatten().next().map(|r| r.kv);
-                match entry {
-                    Some(entry) if entry.session.as_deref() == Some(session) => {
-                        Ok(Locked::Taken(entry.acquisition()))
-                    }
-                    _ => Ok(Locked::Busy),
-                }
-            }
-            StatusCode::CONFLICT => {
-                let answer: TxnAnswer =
-                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
-                let invalid = answer
-                    .errors
-                    .iter()
-                    .flatten()
-                    .any(|e| e.what.contains("invalid session"));
-                Ok(if invalid {
-                    Locked::InvalidSession
-                } else {
-                    Locked::Busy
-                })
-            }
-            _ => Err(self.status(WHAT, status, &body)),
-        }
+        Ok(match self.txn("acquire (txn)", ops, session).await? {
+            Ok(entry) => Locked::Taken(entry.acquisition()),
+            Err(true) => Locked::InvalidSession,
+            Err(false) => Locked::Busy,
+        })
     }
 
     /// Writes `value` to the KV key `key` held by `session`, in one `PUT /v1/txn`: a
@@ -527,35 +533,13 @@ impl Http {
         value: &[u8],
     ) -> Result<Option<u64>> {
         use base64::Engine as _;
-        const WHAT: &str = "store a value (txn)";
         let value = base64::engine::general_purpose::STANDARD.encode(value);
-        let body = serde_json::json!([
+        let ops = serde_json::json!([
             {"KV": {"Verb": "check-index", "Key": key, "Index": index}},
             {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}}
         ]);
-        let body = serde_json::to_vec(&body).expect("plain JSON");
-        let call = self.call(WHAT, Method::PUT, "/v1/txn", &[], Some(body));
-        let (status, body, _) = self.short(WHAT, call).await?;
-        match status {
-            StatusCode::OK => {
-                let answer: TxnAnswer =
-                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
-                let written = answer
-                    .results
-                    .into_iter()
-                    .flatten()
-                    .map(|r| r.kv)
-                    .next_back();
-                match written {
-                    Some(entry) if entry.session.as_deref() == Some(session) => {
-                        Ok(Some(entry.modify_index))
-                    }
-                    _ => Ok(None),
-                }
-            }
-            StatusCode::CONFLICT => Ok(None),
-            _ => Err(self.status(WHAT, status, &body)),
-        }
+        let written = self.txn("store a value (txn)", ops, session).await?;
+        Ok(written.ok().map(|entry| entry.modify_index))
     }
 
     /// Every KV entry under `prefix/` (one recursive read, with the holders' values:

@@ -7,9 +7,11 @@
 //! key stays, so the next holder's token is higher.
 //!
 //! The holder's value ([`Lease::set_value`](lockkit_core::backend::Lease::set_value)) is the
-//! name's value key, `<owner> <sequence> <value>`: shown only when its owner is the holder
-//! (owner ids are fresh for every acquisition), from the instance with the highest sequence
-//! number. [`Admin::changed`] subscribes to the name's channel (sharing the waiters'
+//! name's value key, `<owner> <sequence> <token> <value>`: shown only when its owner is the
+//! holder (owner ids are fresh for every acquisition), from the instance with the highest
+//! sequence number, and with the token stored there (with RedLock the highest fence may be
+//! past the holder's token when a contender's partial win was undone; a holder without a
+//! value is shown with that highest fence). [`Admin::changed`] subscribes to the name's channel (sharing the waiters'
 //! subscription), on which an acquisition publishes `taken`, a release `released` (or the
 //! next waiter's owner id) and a stored value `value`; an expiry publishes nothing, so the
 //! caller's deadline (bounded by the holder's remaining lease) covers it.
@@ -58,16 +60,17 @@ async fn look(node: &Node, keys: &Keys) -> Result<Seen> {
         .map_err(|e| map_err(&node.address, e))
 }
 
-/// The value in a value key (`<owner> <sequence> <value>`) with its sequence number, if
-/// `owner` stored it.
-fn value_of(stored: &[u8], owner: &str) -> Option<(u64, String)> {
-    let mut parts = stored.splitn(3, |b| *b == b' ');
-    let (by, sequence, value) = (parts.next()?, parts.next()?, parts.next()?);
+/// What a value key holds (`<owner> <sequence> <token> <value>`), if `owner` stored it:
+/// the sequence number, the holder's token and the value.
+fn value_of(stored: &[u8], owner: &str) -> Option<(u64, u64, String)> {
+    let mut parts = stored.splitn(4, |b| *b == b' ');
+    let (by, sequence, token) = (parts.next()?, parts.next()?, parts.next()?);
     if by != owner.as_bytes() {
         return None;
     }
-    let sequence = std::str::from_utf8(sequence).ok()?.parse().ok()?;
-    Some((sequence, String::from_utf8_lossy(value).into_owned()))
+    let number = |text: &[u8]| std::str::from_utf8(text).ok()?.parse().ok();
+    let value = String::from_utf8_lossy(parts.next()?).into_owned();
+    Some((number(sequence)?, number(token)?, value))
 }
 
 /// Whether two looks at a lock found the same holder with the same value.
@@ -114,20 +117,20 @@ impl Admin for RedisLock {
                 continue;
             }
             let remaining = holding.iter().map(|s| s.1.max(0)).min().unwrap_or(0);
-            let token = seen.iter().filter_map(|s| s.2).max().unwrap_or(0);
-            let mut info = LockInfo::new(name.as_str())
-                .owner(owner.clone())
-                .token(token)
-                .remaining(Duration::from_millis(remaining as u64));
-            // Only the holder's own value, the latest it stored.
+            // Only the holder's own value, the latest it stored, with the holder's token
+            // (a RedLock instance's fence may be past it: a contender's undone partial win).
             let value = seen
                 .iter()
                 .filter_map(|s| value_of(s.3.as_deref()?, owner))
-                .max_by_key(|(sequence, _)| *sequence);
-            if let Some((_, value)) = value {
-                info = info.value(value);
-            }
-            return Ok(Some(info));
+                .max_by_key(|(sequence, _, _)| *sequence);
+            let fence = seen.iter().filter_map(|s| s.2).max().unwrap_or(0);
+            let info = LockInfo::new(name.as_str())
+                .owner(owner.clone())
+                .remaining(Duration::from_millis(remaining as u64));
+            return Ok(Some(match value {
+                Some((_, token, value)) => info.token(token).value(value),
+                None => info.token(fence),
+            }));
         }
         Ok(None)
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::backend::{FencingToken, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
@@ -23,6 +23,9 @@ pub(crate) struct RedisLease {
     /// The sequence number of the last value stored: with RedLock, a later value wins over an
     /// earlier one on every instance, whatever order they arrive in.
     values: Arc<AtomicU64>,
+    /// The fencing token, once the lease is won: stored with each value, since a RedLock
+    /// instance's fence counter may have moved past it (a contender's undone partial win).
+    token: FencingToken,
 }
 
 impl RedisLease {
@@ -33,7 +36,14 @@ impl RedisLease {
             keys,
             owner,
             values: Arc::default(),
+            token: FencingToken(0),
         }
+    }
+
+    /// The lease, won with `token`.
+    pub(crate) fn with_token(mut self, token: FencingToken) -> Self {
+        self.token = token;
+        self
     }
 
     /// Releases on every instance (telling waiters if `publish`: a single instance's first
@@ -99,18 +109,19 @@ impl Lease for RedisLease {
         Err(self.short_of_quorum(answers, "the renewal"))
     }
 
-    /// Stores `<owner> <sequence> <value>` in the name's value key on every instance where
+    /// Stores `<owner> <sequence> <token> <value>` in the name's value key on every instance where
     /// the lock is this lease's (one script call each), and tells observers; a quorum must
     /// confirm. See [`scripts::SET_VALUE`].
     async fn set_value(&self, value: &str) -> Result<()> {
         let sequence = (self.values.fetch_add(1, Ordering::Relaxed) + 1).to_string();
+        let value = format!("{} {value}", self.token.get());
         let answers: Vec<Result<i64>> = self
             .inner
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::SET_VALUE,
                 &[&self.keys.lock, &self.keys.value],
-                &[&self.owner, &sequence, value, &self.keys.channel],
+                &[&self.owner, &sequence, &value, &self.keys.channel],
             )
             .await;
         if self.quorum_of(&answers)? {

@@ -100,7 +100,7 @@ pub(crate) struct Node {
 pub(crate) struct Keys {
     pub(crate) lock: String,
     pub(crate) fence: String,
-    /// Where the holder's value lives (`<owner> <sequence> <value>`), see
+    /// Where the holder's value lives (`<owner> <sequence> <token> <value>`), see
     /// [`scripts::SET_VALUE`].
     pub(crate) value: String,
     /// Release messages for waiters; `taken`, `released` and `value` for leader observers.
@@ -486,7 +486,7 @@ impl Inner {
                 return Ok(Outcome::Won(Acquired::new(
                     token,
                     valid_until,
-                    Box::new(lease),
+                    Box::new(lease.with_token(token)),
                 )));
             }
             tracing::debug!(lock = %name, "acquired too late to be valid, releasing");

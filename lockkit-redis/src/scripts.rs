@@ -140,9 +140,9 @@ return 0
     )
 });
 
-/// KEYS: lock, value. ARGV: owner, sequence number, value, channel. Stores
-/// `<owner> <sequence> <value>` in the value key if the lock is the owner's (1), else
-/// changes nothing (0); publishes `value` on the channel for leader observers. A value the
+/// KEYS: lock, value. ARGV: owner, sequence number, value (the lease passes
+/// `<token> <value>`), channel. Stores `<owner> <sequence> <value>` in the value key if the
+/// lock is the owner's (1), else changes nothing (0); publishes `value` on the channel for leader observers. A value the
 /// same owner stored with a higher sequence number (a later call that got there first)
 /// is kept. The value key has no TTL: the release deletes it, and one left by a holder whose
 /// lease ran out names that holder, so it is never shown with a later one.

@@ -141,7 +141,7 @@ mod zk {
         url_key: "LOCKKIT_ZK_URL",
         params: "",
         closed: "zk://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, fifo, semaphore);
+    }; fencing, lease_expiry, renewal, fifo, semaphore, election);
 }
 
 #[cfg(feature = "etcd")]
@@ -150,5 +150,5 @@ mod etcd {
         url_key: "LOCKKIT_ETCD_URL",
         params: "",
         closed: "etcd://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, fifo, semaphore);
+    }; fencing, lease_expiry, renewal, fifo, semaphore, election);
 }

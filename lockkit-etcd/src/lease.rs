@@ -1,4 +1,5 @@
-//! One lock key and the etcd lease it is bound to: renewal, TTL changes, release.
+//! One lock key and the etcd lease it is bound to: renewal, TTL changes, release, and the
+//! leader's value, stored in the key itself (see [`Lease::set_value`] below).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +50,8 @@ struct State {
     /// was lost): settled by the next operation.
     pending: Option<Arc<Group>>,
     released: bool,
+    /// The key's create revision (its fencing token) once created, else 0.
+    revision: i64,
 }
 
 /// A lease as granted: id, asked TTL, granted TTL.
@@ -83,6 +86,7 @@ impl EtcdLease {
                 group,
                 pending: None,
                 released: false,
+                revision: 0,
             })),
         })
     }
@@ -100,9 +104,12 @@ impl EtcdLease {
         self.state.lock().await.group.clone()
     }
 
-    /// The key was created: its lease's keeper checks from now on that it still exists.
-    pub(crate) async fn created(&self) {
-        self.state.lock().await.group.confirm(&self.key);
+    /// The key was created at `revision`: its lease's keeper checks from now on that it
+    /// still exists.
+    pub(crate) async fn created(&self, revision: i64) {
+        let mut state = self.state.lock().await;
+        state.revision = revision;
+        state.group.confirm(&self.key);
     }
 
     /// Resolves when the lease's keeper finds the key or its lease gone.
@@ -271,6 +278,36 @@ impl EtcdLease {
         Ok(())
     }
 
+    /// Stores `value` in the key, in one transaction that does so only while the key is the
+    /// one this lease created (same create revision): a key deleted (released, expired,
+    /// force-released) is not re-created. The put keeps the key's lease and create revision,
+    /// so its token and place; waiters watch deletions only, so none wakes.
+    async fn set_value_now(&self, value: &str) -> Result<()> {
+        let state = self.state.lock().await;
+        if state.released {
+            return Err(Error::lost(self.name.as_str(), LostReason::Released));
+        }
+        if let Some(reason) = self.signal.reason() {
+            return Err(Error::lost(self.name.as_str(), reason));
+        }
+        let stored = store_value(&self.name, value);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.key.as_str(),
+                CompareOp::Equal,
+                state.revision,
+            )])
+            .and_then([TxnOp::put(
+                self.key.as_str(),
+                stored,
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        match self.inner.txn(txn).await?.succeeded() {
+            true => Ok(()),
+            false => Err(self.lost()),
+        }
+    }
+
     async fn release_now(&self) -> Result<()> {
         let mut state = self.state.lock().await;
         if state.released {
@@ -357,6 +394,29 @@ impl Lease for EtcdLease {
     async fn lost(&self) -> LostReason {
         self.signal.wait().await
     }
+
+    /// One transaction: the value goes into the key itself while it is still ours. See the
+    /// crate docs ("Leader values").
+    async fn set_value(&self, value: &str) -> Result<()> {
+        let (this, value) = (self.clone(), value.to_string());
+        detached(async move { this.set_value_now(&value).await }).await
+    }
+}
+
+/// What a lock key holds: the lock's name, then, once the holder stored a value, a NUL and
+/// the value (a name has no NUL).
+pub(crate) fn store_value(name: &LockName, value: &str) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(name.as_str().len() + 1 + value.len());
+    stored.extend_from_slice(name.as_str().as_bytes());
+    stored.push(0);
+    stored.extend_from_slice(value.as_bytes());
+    stored
+}
+
+/// The value stored in a lock key by [`store_value`], if any.
+pub(crate) fn stored_value(key_value: &[u8]) -> Option<String> {
+    let at = key_value.iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&key_value[at + 1..]).into_owned())
 }
 
 /// A lease operation's result. It holds no lock of its own: if the caller stops waiting,

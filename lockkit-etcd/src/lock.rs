@@ -299,12 +299,14 @@ impl Inner {
                 return Err((e, shared.then_some(group)));
             }
         };
-        lease.created().await;
         let kvs = match answer.op_responses().into_iter().nth(1) {
             Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
             _ => Vec::new(),
         };
         let ours = kvs.first().filter(|kv| kv.key() == key.as_bytes());
+        lease
+            .created(ours.map_or(0, |kv| kv.create_revision()))
+            .await;
         let Some(ours) = ours else {
             let _ = lease.withdraw().await;
             let e = Error::backend(
@@ -595,6 +597,8 @@ impl Backend for EtcdLock {
             .fifo(true)
             .expiry_slack(EXPIRY_SLACK)
             .admin(true, true, true)
+            .election(true)
+            .watch(true)
     }
 
     fn admin(&self) -> Option<&dyn Admin> {

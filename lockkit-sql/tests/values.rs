@@ -134,7 +134,8 @@ async fn stored_replaced_and_gone_with_the_holder(which: &str, strategy: &str) {
 async fn stale_lease_stores_nothing(which: &str, strategy: &str, forced: bool) {
     let (a, b, _dir) = clients(which, strategy).await;
     let name = LockName::new(&fresh_name("lockkit-sql-values/stale")).unwrap();
-    let ttl = if forced { 10_000 } else { 200 };
+    // Long enough to store the value within the lease on a loaded machine.
+    let ttl = if forced { 10_000 } else { 1_500 };
     let stale = take(&a, &name, ttl).await;
     stale.lease.set_value("old leader").await.unwrap();
     if forced {

@@ -2,10 +2,12 @@
 //! the test servers ([`service_url`], [`service_urls`]), lock names no other run uses
 //! ([`fresh_name`]), servers stopped for a fault test ([`Stopped`]), and, from
 //! `lockkit::bench` (the code of `lockkit bench`), the warm-up and timing loop
-//! ([`time_loop`]) with its statistics ([`Stats`]) and the contended run ([`contended`]).
+//! ([`time_loop`]) with its statistics ([`Stats`]) and the contended run ([`contended`]), and
+//! the checks of a backend's part of leader election ([`election`]).
 //!
 //! Not published: a dev-dependency of the workspace's tests and examples only.
 
+pub mod election;
 mod faults;
 mod services;
 

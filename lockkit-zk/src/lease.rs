@@ -1,5 +1,5 @@
 //! A held ZooKeeper lock: our node, owned by a shared session whose heartbeats are the
-//! renewal.
+//! renewal. A leader's value is the node's data (see [`Lease::set_value`] below).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -80,13 +80,14 @@ impl Lease for ZkLease {
         }
     }
 
-    /// Deletes our node (version-checked: an ephemeral lock node is never written). If the
-    /// request fails on a connection problem, the session deletes the node once connected
-    /// again (the error is still returned, so the keeper may retry).
+    /// Deletes our node (any version: [`Lease::set_value`] writes it; its path, unique to
+    /// this acquisition, is the check). If the request fails on a connection problem, the
+    /// session deletes the node once connected again (the error is still returned, so the
+    /// keeper may retry).
     async fn release(&self) -> Result<()> {
         let session = &self.node.session;
         let path = &self.node.path;
-        match session.request(session.client.delete(path, Some(0))).await {
+        match session.request(session.client.delete(path, None)).await {
             Ok(()) => Ok(()),
             // Deleted by the session since a failed attempt handed it over.
             Err(zk::Error::NoNode) if self.handed_over.load(Ordering::SeqCst) => Ok(()),
@@ -96,6 +97,33 @@ impl Lease for ZkLease {
                 session.orphan(Orphan::Node(path.clone()));
                 Err(map_err(e))
             }
+            Err(zk::Error::SessionExpired | zk::Error::ClientClosed) => Err(self.lost(
+                LostReason::SessionLost("the ZooKeeper session expired".into()),
+            )),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// One `setData` on our node (any version: only this lease writes it). A node that is
+    /// gone (released, force-released, its session expired) is not re-created: `NoNode` is
+    /// `LockLost`. The answer's stat confirms the node is still the one we created, owned by
+    /// our session. See the crate docs ("Leader values").
+    async fn set_value(&self, value: &str) -> Result<()> {
+        let session = &self.node.session;
+        if let Health::Lost(why) = session.health() {
+            return Err(self.lost(LostReason::SessionLost(why)));
+        }
+        let write = session
+            .client
+            .set_data(&self.node.path, value.as_bytes(), None);
+        match session.request(write).await {
+            Ok(stat)
+                if stat.czxid == self.node.czxid
+                    && stat.ephemeral_owner == session.client.session_id().0 =>
+            {
+                Ok(())
+            }
+            Ok(_) | Err(zk::Error::NoNode) => Err(self.lost(LostReason::NotOwner)),
             Err(zk::Error::SessionExpired | zk::Error::ClientClosed) => Err(self.lost(
                 LostReason::SessionLost("the ZooKeeper session expired".into()),
             )),

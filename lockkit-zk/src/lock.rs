@@ -453,6 +453,8 @@ impl Backend for ZkLock {
             .fifo(true)
             .max_ttl(options.max_ttl)
             .admin(true, true, true)
+            .election(true)
+            .watch(true)
     }
 
     fn admin(&self) -> Option<&dyn Admin> {

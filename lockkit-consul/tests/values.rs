@@ -279,3 +279,15 @@ macro_rules! session {
 
 session!(shared, true);
 session!(own, false);
+
+/// The backend-independent checks of `lockkit_testkit::election`.
+mod shared_checks {
+    async fn connect() -> lockkit_consul::ConsulLock {
+        let url = lockkit_testkit::service_url("LOCKKIT_CONSUL_URL");
+        lockkit_consul::ConsulLock::connect(&url)
+            .await
+            .expect("connect")
+    }
+
+    lockkit_testkit::election_tests!("lockkit-consul-election", connect());
+}

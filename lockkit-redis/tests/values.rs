@@ -247,3 +247,21 @@ macro_rules! mode {
 
 mode!(single, false);
 mode!(redlock, true);
+
+/// The backend-independent checks of `lockkit_testkit::election`, on each mode.
+mod shared_checks {
+    async fn connect(redlock: bool) -> lockkit_redis::RedisLock {
+        let url = lockkit_testkit::service_url(super::url_key(redlock));
+        lockkit_redis::RedisLock::connect(&url)
+            .await
+            .expect("connect")
+    }
+
+    mod single {
+        lockkit_testkit::election_tests!("lockkit-redis-election", super::connect(false));
+    }
+
+    mod redlock {
+        lockkit_testkit::election_tests!("lockkit-redlock-election", super::connect(true));
+    }
+}

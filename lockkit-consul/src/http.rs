@@ -82,16 +82,64 @@ pub(crate) struct KeyEntry {
     pub(crate) key: String,
     /// The Raft index of the entry's last change.
     pub(crate) modify_index: u64,
+    /// The Raft index at which the key was created (anew after a deletion).
+    #[serde(default)]
+    pub(crate) create_index: u64,
+    /// How many times the key was taken (kept when its holder writes it again).
+    #[serde(default)]
+    pub(crate) lock_index: u64,
     /// The session holding the key, if any.
     #[serde(default)]
     pub(crate) session: Option<String>,
+    /// The value, base64-encoded (`None` when empty, or left out of a transaction's answer).
+    #[serde(default)]
+    pub(crate) value: Option<String>,
+}
+
+/// One acquisition of a key: the fencing token (the `ModifyIndex` the acquisition wrote) and
+/// what tells it apart from every other acquisition of the key for as long as it is held
+/// (`CreateIndex` changes when the key is deleted and created again, `LockIndex` with every
+/// acquisition of a free key; both stay when the holder writes the key again, so the
+/// `ModifyIndex` alone cannot tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Acquisition {
+    pub(crate) token: u64,
+    pub(crate) create_index: u64,
+    pub(crate) lock_index: u64,
+}
+
+impl KeyEntry {
+    /// The acquisition this entry, as its acquisition wrote it, records.
+    pub(crate) fn acquisition(&self) -> Acquisition {
+        Acquisition {
+            token: self.modify_index,
+            create_index: self.create_index,
+            lock_index: self.lock_index,
+        }
+    }
+
+    /// Whether `session` holds the key by the acquisition `taken`.
+    pub(crate) fn held_by(&self, session: &str, taken: &Acquisition) -> bool {
+        self.session.as_deref() == Some(session)
+            && self.create_index == taken.create_index
+            && self.lock_index == taken.lock_index
+    }
+
+    /// The value, decoded (empty when there is none or it is not base64).
+    pub(crate) fn value_bytes(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let encoded = self.value.as_deref().unwrap_or_default();
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap_or_default()
+    }
 }
 
 /// What a `lock` transaction found.
 #[derive(Debug)]
 pub(crate) enum Locked {
-    /// Taken, at this ModifyIndex.
-    Taken(u64),
+    /// Taken (the entry as written: its ModifyIndex is the fencing token).
+    Taken(Acquisition),
     /// Held by another session (or in its lock-delay).
     Busy,
     /// Consul no longer knows the session.
@@ -391,7 +439,7 @@ impl Http {
 
     /// Reads exactly the KV key `key` (no `recurse`: Consul would list every key it starts
     /// with), blocking until it changes after `index` (at most `wait`) when given: the entry
-    /// if the key exists, and the index to block on next (none if it does not exist).
+    /// if the key exists, and the index to block on next (none if Consul sent none).
     pub(crate) async fn read_key(
         &self,
         key: &str,
@@ -412,7 +460,8 @@ impl Http {
             }
         };
         match status {
-            StatusCode::NOT_FOUND => Ok((None, None)),
+            // Consul indexes a missing key too: a blocking read then waits for its creation.
+            StatusCode::NOT_FOUND => Ok((None, (next > 0).then_some(next))),
             StatusCode::OK => {
                 let entries: Vec<KeyEntry> =
                     serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
@@ -424,48 +473,77 @@ impl Http {
         }
     }
 
+    /// Runs the KV operations `ops` in one `PUT /v1/txn` whose last one writes the key as
+    /// `session`: the entry as written if the session holds it, else whether Consul said
+    /// the session is invalid.
+    async fn txn(
+        &self,
+        what: &'static str,
+        ops: serde_json::Value,
+        session: &str,
+    ) -> Result<std::result::Result<KeyEntry, bool>> {
+        let body = serde_json::to_vec(&ops).expect("plain JSON");
+        let call = self.call(what, Method::PUT, "/v1/txn", &[], Some(body));
+        let (status, body, _) = self.short(what, call).await?;
+        let answer = |body: &[u8]| -> Result<TxnAnswer> {
+            serde_json::from_slice(body).map_err(|e| self.answer(what, e))
+        };
+        match status {
+            StatusCode::OK => {
+                let results = answer(&body)?.results.into_iter().flatten();
+                match results.map(|r| r.kv).next_back() {
+                    Some(entry) if entry.session.as_deref() == Some(session) => Ok(Ok(entry)),
+                    _ => Ok(Err(false)),
+                }
+            }
+            StatusCode::CONFLICT => {
+                let errors = answer(&body)?.errors.into_iter().flatten();
+                Ok(Err(errors
+                    .into_iter()
+                    .any(|e| e.what.contains("invalid session"))))
+            }
+            _ => Err(self.status(what, status, &body)),
+        }
+    }
+
     /// Takes the KV key `key` for `session` in one `PUT /v1/txn` (the `lock` verb), which
     /// answers with the entry as written: its ModifyIndex is the fencing token, so no read
     /// follows.
     pub(crate) async fn lock_key(&self, key: &str, session: &str) -> Result<Locked> {
-        const WHAT: &str = "acquire (txn)";
-        let body = serde_json::json!([{
+        let ops = serde_json::json!([{
             "KV": {"Verb": "lock", "Key": key, "Value": "", "Session": session}
         }]);
-        let body = serde_json::to_vec(&body).expect("plain JSON");
-        let call = self.call(WHAT, Method::PUT, "/v1/txn", &[], Some(body));
-        let (status, body, _) = self.short(WHAT, call).await?;
-        match status {
-            StatusCode::OK => {
-                let answer: TxnAnswer =
-                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
-                let entry = answer.results.into_iter().flatten().next().map(|r| r.kv);
-                match entry {
-                    Some(entry) if entry.session.as_deref() == Some(session) => {
-                        Ok(Locked::Taken(entry.modify_index))
-                    }
-                    _ => Ok(Locked::Busy),
-                }
-            }
-            StatusCode::CONFLICT => {
-                let answer: TxnAnswer =
-                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
-                let invalid = answer
-                    .errors
-                    .iter()
-                    .flatten()
-                    .any(|e| e.what.contains("invalid session"));
-                Ok(if invalid {
-                    Locked::InvalidSession
-                } else {
-                    Locked::Busy
-                })
-            }
-            _ => Err(self.status(WHAT, status, &body)),
-        }
+        Ok(match self.txn("acquire (txn)", ops, session).await? {
+            Ok(entry) => Locked::Taken(entry.acquisition()),
+            Err(true) => Locked::InvalidSession,
+            Err(false) => Locked::Busy,
+        })
     }
 
-    /// Every KV entry under `prefix/` (one recursive read; values are empty).
+    /// Writes `value` to the KV key `key` held by `session`, in one `PUT /v1/txn`: a
+    /// `check-index` on `index` (the key's last `ModifyIndex` the caller knows of) and the
+    /// `lock` verb, which keeps the key held by the session (and its `LockIndex`). The new
+    /// `ModifyIndex`, or `None` if the key changed since `index` (or the session no longer
+    /// holds it): the caller reads it to tell which.
+    pub(crate) async fn write_held(
+        &self,
+        key: &str,
+        session: &str,
+        index: u64,
+        value: &[u8],
+    ) -> Result<Option<u64>> {
+        use base64::Engine as _;
+        let value = base64::engine::general_purpose::STANDARD.encode(value);
+        let ops = serde_json::json!([
+            {"KV": {"Verb": "check-index", "Key": key, "Index": index}},
+            {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}}
+        ]);
+        let written = self.txn("store a value (txn)", ops, session).await?;
+        Ok(written.ok().map(|entry| entry.modify_index))
+    }
+
+    /// Every KV entry under `prefix/` (one recursive read, with the holders' values:
+    /// at most 4 KiB each).
     pub(crate) async fn list_keys(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
         const WHAT: &str = "list lock keys";
         let path = format!("/v1/kv/{}/", escaped(prefix));

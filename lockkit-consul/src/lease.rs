@@ -1,15 +1,18 @@
-//! A held lock: renewing its session, releasing its key, and the loss signal from the
-//! client's session watcher. The keeper times the renewals; nothing here loops.
+//! A held lock: renewing its session, releasing its key, storing the holder's value in it,
+//! and the loss signal from the client's session watcher. The keeper times the renewals;
+//! nothing here loops.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::backend::{FencingToken, Lease, LockName};
+use lockkit_core::backend::{Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::error::BACKEND;
+use crate::http::Acquisition;
 use crate::lock::{lease_end, Inner, Session};
 use crate::shared::{SharedSession, RECENT};
 use crate::watcher::Watcher;
@@ -56,6 +59,12 @@ pub(crate) struct ConsulLease {
     session_ttl: Duration,
     holder: Holder,
     state: Arc<LeaseState>,
+    /// The acquisition: the token, and what tells this holder from a later one on the same
+    /// (shared) session.
+    taken: Acquisition,
+    /// The key's `ModifyIndex` after this lease's last write (the acquisition, then each
+    /// value stored); one value is stored at a time.
+    written: tokio::sync::Mutex<u64>,
 }
 
 impl std::fmt::Debug for ConsulLease {
@@ -70,14 +79,14 @@ impl std::fmt::Debug for ConsulLease {
 }
 
 impl ConsulLease {
-    /// The lease of `session` (its own), which took the KV key `key` with fencing token
-    /// `token`; watched for invalidation from now on.
+    /// The lease of `session` (its own), which took the KV key `key` (`taken`); watched for
+    /// invalidation from now on.
     pub(crate) fn new(
         inner: Arc<Inner>,
         name: LockName,
         key: String,
         session: Session,
-        token: FencingToken,
+        taken: Acquisition,
     ) -> Self {
         Self::build(
             inner,
@@ -86,7 +95,7 @@ impl ConsulLease {
             session.id,
             session.ttl,
             Holder::Own,
-            token,
+            taken,
         )
     }
 
@@ -96,10 +105,10 @@ impl ConsulLease {
         name: LockName,
         key: String,
         session: Arc<SharedSession>,
-        token: FencingToken,
+        taken: Acquisition,
     ) -> Self {
         let (id, ttl) = (session.id.clone(), session.ttl);
-        Self::build(inner, name, key, id, ttl, Holder::Shared(session), token)
+        Self::build(inner, name, key, id, ttl, Holder::Shared(session), taken)
     }
 
     fn build(
@@ -109,14 +118,14 @@ impl ConsulLease {
         session: String,
         session_ttl: Duration,
         holder: Holder,
-        token: FencingToken,
+        taken: Acquisition,
     ) -> Self {
         let (lost, _) = watch::channel(None);
         let state = Arc::new(LeaseState { lost });
         if let Holder::Shared(shared) = &holder {
             shared.join(&key, &state);
         }
-        Watcher::register(&inner.watcher, &inner, &key, &session, token.get(), &state);
+        Watcher::register(&inner.watcher, &inner, &key, &session, taken.token, &state);
         ConsulLease {
             inner,
             name,
@@ -125,6 +134,8 @@ impl ConsulLease {
             session_ttl,
             holder,
             state,
+            taken,
+            written: tokio::sync::Mutex::new(taken.token),
         }
     }
 
@@ -214,6 +225,41 @@ impl Lease for ConsulLease {
             Some(reason) => Err(Error::lost(self.name.as_str(), reason)),
             None => Ok(until),
         }
+    }
+
+    /// Writes `<token> <value>` to the key, only while this acquisition holds it: a
+    /// `check-index` transaction on the index of the lease's last write (one request). If
+    /// the key changed since (a write of ours whose answer was lost), it is read: still ours
+    /// (same session, `CreateIndex` and `LockIndex`), the write is tried again at its new
+    /// index; else [`Error::LockLost`].
+    async fn set_value(&self, value: &str) -> Result<()> {
+        if let Some(reason) = self.state.reason() {
+            return Err(Error::lost(self.name.as_str(), reason));
+        }
+        let body = format!("{} {value}", self.taken.token);
+        let mut written = self.written.lock().await;
+        let http = &self.inner.http;
+        for _ in 0..3 {
+            let write = http.write_held(&self.key, &self.session, *written, body.as_bytes());
+            if let Some(index) = write.await? {
+                *written = index;
+                return Ok(());
+            }
+            let (entry, _) = http.read_key(&self.key, None, Duration::ZERO).await?;
+            match entry {
+                Some(entry) if entry.held_by(&self.session, &self.taken) => {
+                    *written = entry.modify_index;
+                }
+                _ => return Err(self.not_owner()),
+            }
+        }
+        Err(Error::connection(
+            BACKEND,
+            format!(
+                "the key {} kept changing while its value was stored",
+                self.key
+            ),
+        ))
     }
 
     async fn release(&self) -> Result<()> {

@@ -36,6 +36,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// (one listing of the prefix every third of the TTL). The fencing token is the key's
 /// `ModifyIndex` right after the acquisition: a Raft index, so it grows across releases and
 /// deletions of the key.
+/// A holder's value ([`Lease::set_value`](lockkit_core::backend::Lease::set_value)) is the
+/// key's body, `<token> <value>`, written by the holder's session with a `check-index`
+/// transaction; the body's token keeps the holder's token what it was although the write
+/// moves the `ModifyIndex`. Observers ([`Admin::changed`]) block on the key.
 /// Waiters block on the key with Consul's blocking queries and try again when its session
 /// clears. See the crate documentation for the details.
 #[derive(Clone)]
@@ -214,10 +218,10 @@ impl Inner {
         };
         for _ in 0..3 {
             match self.http.lock_key(&key, &session.id).await {
-                Ok(Locked::Taken(index)) => {
-                    let token = FencingToken(index);
+                Ok(Locked::Taken(taken)) => {
+                    let token = FencingToken(taken.token);
                     let valid_until = session.until()?;
-                    let lease = ConsulLease::shared(self.clone(), name, key, session, token);
+                    let lease = ConsulLease::shared(self.clone(), name, key, session, taken);
                     return Ok(Outcome::Won(Acquired::new(
                         token,
                         valid_until,
@@ -267,9 +271,10 @@ impl Inner {
         let (entry, _) = self.http.read_key(&key, None, Duration::ZERO).await?;
         match entry {
             Some(entry) if entry.session.as_deref() == Some(session.id.as_str()) => {
-                let token = FencingToken(entry.modify_index);
+                let taken = entry.acquisition();
+                let token = FencingToken(taken.token);
                 let valid_until = lease_end(session.fresh_at, session.ttl)?;
-                let lease = ConsulLease::new(self.clone(), name, key, session.disarm(), token);
+                let lease = ConsulLease::new(self.clone(), name, key, session.disarm(), taken);
                 Ok(Outcome::Won(Acquired::new(
                     token,
                     valid_until,
@@ -312,6 +317,8 @@ impl Backend for ConsulLock {
             .max_ttl(MAX_TTL)
             .expiry_slack(MIN_TTL)
             .admin(true, true, true)
+            .election(true)
+            .watch(true)
     }
 
     fn admin(&self) -> Option<&dyn Admin> {

@@ -1,10 +1,12 @@
-//! A lease held on one or more Redis instances: extend and release, by owner id.
+//! A lease held on one or more Redis instances: extend, release and the holder's value, by
+//! owner id.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::backend::{FencingToken, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
@@ -18,6 +20,12 @@ pub(crate) struct RedisLease {
     name: LockName,
     keys: Keys,
     owner: Arc<str>,
+    /// The sequence number of the last value stored: with RedLock, a later value wins over an
+    /// earlier one on every instance, whatever order they arrive in.
+    values: Arc<AtomicU64>,
+    /// The fencing token, once the lease is won: stored with each value, since a RedLock
+    /// instance's fence counter may have moved past it (a contender's undone partial win).
+    token: FencingToken,
 }
 
 impl RedisLease {
@@ -27,7 +35,15 @@ impl RedisLease {
             name,
             keys,
             owner,
+            values: Arc::default(),
+            token: FencingToken(0),
         }
+    }
+
+    /// The lease, won with `token`.
+    pub(crate) fn with_token(mut self, token: FencingToken) -> Self {
+        self.token = token;
+        self
     }
 
     /// Releases on every instance (telling waiters if `publish`: a single instance's first
@@ -44,13 +60,37 @@ impl RedisLease {
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::RELEASE,
-                &[&self.keys.lock, &self.keys.queue],
+                &[&self.keys.lock, &self.keys.queue, &self.keys.value],
                 &[&self.owner, &self.keys.channel, mode],
             )
             .await;
         let released = answers.iter().filter(|a| matches!(a, Ok(1))).count();
         let failed = answers.iter().filter(|a| a.is_err()).count();
         (released, failed)
+    }
+}
+
+impl RedisLease {
+    /// Whether a quorum of instances did it (answered 1); [`Error::LockLost`] when so many
+    /// refused (answered 0: the lock is not ours there) that no quorum is left.
+    fn quorum_of(&self, answers: &[Result<i64>]) -> Result<bool> {
+        let done = answers.iter().filter(|a| matches!(a, Ok(1))).count();
+        let refused = answers.iter().filter(|a| matches!(a, Ok(0))).count();
+        if refused > self.inner.nodes.len() - self.inner.quorum {
+            return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
+        }
+        Ok(done >= self.inner.quorum)
+    }
+
+    /// The error of a request (`what`) that was neither refused nor confirmed by a quorum.
+    fn short_of_quorum(&self, answers: Vec<Result<i64>>, what: &str) -> Error {
+        let error = answers.into_iter().find_map(|a| a.err());
+        error.unwrap_or_else(|| {
+            Error::connection(
+                self.inner.backend,
+                format!("{what} did not reach a quorum in time"),
+            )
+        })
     }
 }
 
@@ -61,20 +101,33 @@ impl Lease for RedisLease {
         let validity = inner.validity(ttl)?;
         // Batched with the client's other renewals; valid from when the batch was sent.
         let (started, answers) = renewals::extend(inner, &self.keys.lock, &self.owner, ttl).await?;
-        let extended = answers.iter().filter(|a| matches!(a, Ok(1))).count();
-        let refused = answers.iter().filter(|a| matches!(a, Ok(0))).count();
-        if extended >= inner.quorum {
+        if self.quorum_of(&answers)? {
             if let Some(valid_until) = Inner::valid_until(started, validity) {
                 return Ok(valid_until);
             }
         }
-        if refused > inner.nodes.len() - inner.quorum {
-            return Err(Error::lost(self.name.as_str(), LostReason::NotOwner));
+        Err(self.short_of_quorum(answers, "the renewal"))
+    }
+
+    /// Stores `<owner> <sequence> <token> <value>` in the name's value key on every instance where
+    /// the lock is this lease's (one script call each), and tells observers; a quorum must
+    /// confirm. See [`scripts::SET_VALUE`].
+    async fn set_value(&self, value: &str) -> Result<()> {
+        let sequence = (self.values.fetch_add(1, Ordering::Relaxed) + 1).to_string();
+        let value = format!("{} {value}", self.token.get());
+        let answers: Vec<Result<i64>> = self
+            .inner
+            .on_all(
+                lockkit_core::DEFAULT_TTL,
+                &scripts::SET_VALUE,
+                &[&self.keys.lock, &self.keys.value],
+                &[&self.owner, &sequence, &value, &self.keys.channel],
+            )
+            .await;
+        if self.quorum_of(&answers)? {
+            return Ok(());
         }
-        let error = answers.into_iter().find_map(|a| a.err());
-        Err(error.unwrap_or_else(|| {
-            Error::connection(inner.backend, "the renewal did not reach a quorum in time")
-        }))
+        Err(self.short_of_quorum(answers, "storing the value"))
     }
 
     async fn release(&self) -> Result<()> {

@@ -22,7 +22,7 @@ use crate::lease::RedisLease;
 use crate::options::{Instance, RedisOptions, UNSAFE_ALLOW_EVICTION};
 use crate::renewals::Renewals;
 use crate::scripts;
-use crate::subscriptions::{Subscription, Subscriptions};
+use crate::subscriptions::{Role, Subscription, Subscriptions};
 
 /// A lock service on one Redis server (`redis://`), or RedLock over N independent servers
 /// (`redlock://h1:p1,h2:p2,…`, quorum N/2+1).
@@ -64,6 +64,12 @@ use crate::subscriptions::{Subscription, Subscriptions};
 /// while one batch is on its way go out together in one script call per instance. Keys and
 /// channel of a name share one hash tag, so they stay on one Redis Cluster slot (the batched
 /// renewal spans names, so it needs a single instance or RedLock, not Redis Cluster).
+///
+/// A holder's value ([`Lease::set_value`](lockkit_core::backend::Lease::set_value), for
+/// leader election) is kept in the name's value key with the holder's owner id, written only
+/// while the lock key holds that id, and shown only with that holder. Acquisitions, releases
+/// and values are published on the name's channel, which leader observers
+/// ([`Admin::changed`]) subscribe to.
 #[derive(Debug, Clone)]
 pub struct RedisLock {
     pub(crate) inner: Arc<Inner>,
@@ -75,7 +81,7 @@ pub(crate) struct Inner {
     pub(crate) nodes: Vec<Node>,
     pub(crate) quorum: usize,
     pub(crate) options: RedisOptions,
-    subscriptions: Arc<Subscriptions>,
+    pub(crate) subscriptions: Arc<Subscriptions>,
     /// The renewals waiting for the next batch.
     pub(crate) renewals: Renewals,
 }
@@ -86,7 +92,7 @@ pub(crate) struct Node {
     /// `host:port`, for messages (never the password).
     pub(crate) address: String,
     pub(crate) commands: ConnectionManager,
-    pubsub: ConnectionManager,
+    pub(crate) pubsub: ConnectionManager,
 }
 
 /// The keys and channel of one lock name.
@@ -94,6 +100,10 @@ pub(crate) struct Node {
 pub(crate) struct Keys {
     pub(crate) lock: String,
     pub(crate) fence: String,
+    /// Where the holder's value lives (`<owner> <sequence> <token> <value>`), see
+    /// [`scripts::SET_VALUE`].
+    pub(crate) value: String,
+    /// Release messages for waiters; `taken`, `released` and `value` for leader observers.
     pub(crate) channel: String,
     /// The waiters in arrival order (a single instance only).
     pub(crate) queue: String,
@@ -334,6 +344,7 @@ impl Inner {
         let tag = format!("{}{{{}}}", self.options.key_prefix(), name.encoded());
         Keys {
             fence: format!("{tag}:fence"),
+            value: format!("{tag}:value"),
             channel: format!("{tag}:released"),
             queue: format!("{tag}:queue"),
             alive: format!("{tag}:alive"),
@@ -433,7 +444,13 @@ impl Inner {
                 ttl,
                 &scripts::ACQUIRE,
                 &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
-                &[&owner, &ttl_ms, if queue { "1" } else { "0" }, &liveness_ms],
+                &[
+                    &owner,
+                    &ttl_ms,
+                    if queue { "1" } else { "0" },
+                    &liveness_ms,
+                    &keys.channel,
+                ],
             )
             .await;
         let mut tokens = Vec::new();
@@ -469,7 +486,7 @@ impl Inner {
                 return Ok(Outcome::Won(Acquired::new(
                     token,
                     valid_until,
-                    Box::new(lease),
+                    Box::new(lease.with_token(token)),
                 )));
             }
             tracing::debug!(lock = %name, "acquired too late to be valid, releasing");
@@ -561,6 +578,8 @@ impl Backend for RedisLock {
             .renewal(true)
             .networked(true)
             .admin(true, true, true)
+            .election(true)
+            .watch(true)
     }
 
     fn admin(&self) -> Option<&dyn Admin> {
@@ -630,8 +649,11 @@ impl Backend for RedisLock {
             if subscription.is_none() {
                 // Subscribe, then try again: a release before the subscription was missed.
                 let nodes = inner.nodes.iter().map(|n| n.pubsub.clone()).collect();
-                let mine = inner.queues().then_some(&owner);
-                let subscribed = inner.subscriptions.subscribe(&keys.channel, mine, nodes);
+                let role = match inner.queues() {
+                    true => Role::Queued(&owner),
+                    false => Role::Any,
+                };
+                let subscribed = inner.subscriptions.subscribe(&keys.channel, role, nodes);
                 subscription = Some(subscribed.await);
                 continue;
             }

@@ -56,7 +56,9 @@ pub struct RedisOptions {
     /// 0.01; at least 0 and below 1.
     pub drift_factor: f64,
     /// Longest pause between re-checks of a busy lock when no release message arrives
-    /// (messages can be lost during a reconnect). Default 1 s; from 10 ms to a day.
+    /// (messages can be lost during a reconnect), and longest wait of a leader observer
+    /// ([`Admin::changed`](lockkit_core::backend::Admin::changed)) without a message.
+    /// Default 1 s; from 10 ms to a day.
     pub max_poll: Duration,
     /// Accept servers whose `maxmemory-policy` may evict keys (anything but `noeviction`).
     /// `None` (the default): the URL's `unsafe_allow_eviction=` parameter, else `false`, and

@@ -4,8 +4,9 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: lock, fence, queue, alive. ARGV: owner, ttl ms, mode, liveness ms. `{1, token}`
-/// when taken, `{0, pttl}` when not (`pttl` -2: free, but another waiter's turn).
+/// KEYS: lock, fence, queue, alive. ARGV: owner, ttl ms, mode, liveness ms, channel.
+/// `{1, token}` when taken (and `taken` published on the channel, for leader observers),
+/// `{0, pttl}` when not (`pttl` -2: free, but another waiter's turn).
 ///
 /// The token is `max(fence + 1, server time in µs)`, stored back in the fence key: a hybrid
 /// logical clock. While the fence key lives, tokens rise by the counter; when it is lost
@@ -49,6 +50,7 @@ else
 end
 if free then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    redis.call('PUBLISH', ARGV[5], 'taken')
     local clock = time[1] .. string.format('%06d', tonumber(time[2]))
     local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
     if fence and fence >= tonumber(clock) then
@@ -116,25 +118,50 @@ return extended
     )
 });
 
-/// KEYS: lock, queue. ARGV: owner, channel, publish (`0` undoes a partial RedLock
+/// KEYS: lock, queue, value. ARGV: owner, channel, publish (`0` undoes a partial RedLock
 /// acquisition quietly, `1` tells RedLock waiters `released`, `2` tells the first queued
-/// waiter that it is its turn, by its owner id). 1 if released, 0 if not ours.
+/// waiter that it is its turn, by its owner id, or `released` when nobody queues, for leader
+/// observers). The holder's value goes with the lock. 1 if released, 0 if not ours.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('DEL', KEYS[1])
+    redis.call('DEL', KEYS[1], KEYS[3])
     if ARGV[3] == '1' then
         redis.call('PUBLISH', ARGV[2], 'released')
     elseif ARGV[3] == '2' then
         local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-        if head then
-            redis.call('PUBLISH', ARGV[2], head)
-        end
+        redis.call('PUBLISH', ARGV[2], head or 'released')
     end
     return 1
 end
 return 0
+",
+    )
+});
+
+/// KEYS: lock, value. ARGV: owner, sequence number, value (the lease passes
+/// `<token> <value>`), channel. Stores `<owner> <sequence> <value>` in the value key if the
+/// lock is the owner's (1), else changes nothing (0); publishes `value` on the channel for leader observers. A value the
+/// same owner stored with a higher sequence number (a later call that got there first)
+/// is kept. The value key has no TTL: the release deletes it, and one left by a holder whose
+/// lease ran out names that holder, so it is never shown with a later one.
+pub(crate) static SET_VALUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+local current = redis.call('GET', KEYS[2])
+if current then
+    local owner, sequence = string.match(current, '^(%S+) (%d+) ')
+    if owner == ARGV[1] and tonumber(sequence) > tonumber(ARGV[2]) then
+        return 1
+    end
+end
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'value')
+return 1
 ",
     )
 });

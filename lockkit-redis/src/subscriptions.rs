@@ -1,6 +1,8 @@
 //! Release channels shared by all waiters of one client: one subscription per channel, however
 //! many waiters, and one waiter woken per release message: the queued waiter the message
-//! names (a single instance), or any one waiter (RedLock's `released`).
+//! names (a single instance), or any one waiter (RedLock's `released`). Leader observers
+//! ([`Admin::changed`](lockkit_core::backend::Admin::changed)) share the same subscription
+//! and wake on every message (`taken` and `value` wake only them).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,12 +33,33 @@ struct Waiters {
     any: Arc<Notify>,
     /// Queued waiters by owner id, woken by a message that names them.
     named: HashMap<Arc<str>, Arc<Notify>>,
+    /// Leader observers, all woken by every message.
+    observers: Arc<Notify>,
 }
 
 impl Waiters {
     fn all(&self) -> impl Iterator<Item = &Arc<Notify>> {
-        std::iter::once(&self.any).chain(self.named.values())
+        [&self.any, &self.observers]
+            .into_iter()
+            .chain(self.named.values())
     }
+}
+
+/// Who subscribes to a channel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Role<'a> {
+    /// A RedLock waiter: woken by a message that names no queued waiter of this client.
+    Any,
+    /// A queued waiter (a single instance), by its owner id: woken by the messages naming it.
+    Queued(&'a Arc<str>),
+    /// A leader observer: woken by every message (through `Notify::notify_waiters`, so
+    /// only a `Notified` created before the message sees it).
+    Observer,
+}
+
+/// Messages for leader observers only: a lock taken, a holder's value stored.
+fn for_observers_only(payload: &Value) -> bool {
+    matches!(payload, Value::BulkString(p) if p == b"taken" || p == b"value")
 }
 
 impl Subscriptions {
@@ -51,6 +74,10 @@ impl Subscriptions {
                 if let [Value::BulkString(channel), payload, ..] = push.data.as_slice() {
                     let channel = String::from_utf8_lossy(channel);
                     if let Some(waiters) = self.notifies().get(channel.as_ref()) {
+                        waiters.observers.notify_waiters();
+                        if for_observers_only(payload) {
+                            return;
+                        }
                         let named = match payload {
                             Value::BulkString(owner) => std::str::from_utf8(owner)
                                 .ok()
@@ -79,11 +106,12 @@ impl Subscriptions {
 
     /// Subscribes to `channel` on every node (unless this client already is) for as long as
     /// the returned guard lives. Nodes that fail to subscribe are left to the fallback poll.
-    /// A queued waiter gives its owner id (`owner`): it is woken by the messages that name it.
+    /// What wakes the subscriber depends on its `role`. Cancel-safe: a subscriber dropped
+    /// while the SUBSCRIBE is on its way gives its hold back in the background.
     pub(crate) async fn subscribe(
         self: &Arc<Self>,
         channel: &str,
-        owner: Option<&Arc<str>>,
+        role: Role<'_>,
         nodes: Vec<ConnectionManager>,
     ) -> Armed<Subscription> {
         let mut counts = self.counts.lock().await;
@@ -93,23 +121,29 @@ impl Subscriptions {
         let notify = {
             let mut notifies = self.notifies();
             let waiters = notifies.entry(channel.to_string()).or_default();
-            match owner {
-                Some(owner) => waiters.named.entry(owner.clone()).or_default().clone(),
-                None => waiters.any.clone(),
+            match role {
+                Role::Queued(owner) => waiters.named.entry(owner.clone()).or_default().clone(),
+                Role::Any => waiters.any.clone(),
+                Role::Observer => waiters.observers.clone(),
             }
         };
-        let subscription = Subscription {
+        let owner = match role {
+            Role::Queued(owner) => Some(owner.clone()),
+            Role::Any | Role::Observer => None,
+        };
+        // Armed before the first await: counted now, so given back if dropped.
+        let subscription = Armed::new(Subscription {
             subscriptions: self.clone(),
             channel: channel.to_string(),
-            owner: owner.cloned(),
+            owner,
             nodes,
             notify,
-        };
+        });
         if first {
             on_nodes(&subscription.nodes, channel, true).await;
         }
         drop(counts);
-        Armed::new(subscription)
+        subscription
     }
 
     async fn unsubscribe(

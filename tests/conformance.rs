@@ -78,7 +78,7 @@ mod redis {
         url_key: "LOCKKIT_REDIS_URL",
         params: "",
         closed: "redis://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "redis")]
@@ -87,7 +87,7 @@ mod redlock {
         url_key: "LOCKKIT_REDLOCK_URL",
         params: "",
         closed: "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "consul")]
@@ -96,7 +96,7 @@ mod consul {
         url_key: "LOCKKIT_CONSUL_URL",
         params: "",
         closed: "consul://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, semaphore);
+    }; fencing, lease_expiry, renewal, semaphore, election);
 }
 
 #[cfg(feature = "postgres")]

@@ -73,15 +73,6 @@ fn value_of(stored: &[u8], owner: &str) -> Option<(u64, u64, String)> {
     Some((number(sequence)?, number(token)?, value))
 }
 
-/// Whether two looks at a lock found the same holder with the same value.
-fn same(a: Option<&LockInfo>, b: Option<&LockInfo>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => a.token == b.token && a.owner == b.owner && a.value == b.value,
-        _ => false,
-    }
-}
-
 /// Redis glob patterns treat these as special.
 fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -222,7 +213,7 @@ impl Admin for RedisLock {
         let notify = subscription.notify();
         // Created before the look: a message from then on wakes it.
         let woken = notify.notified();
-        if !same(self.inspect(name).await?.as_ref(), seen) {
+        if !lockkit_core::admin::same_state(self.inspect(name).await?.as_ref(), seen) {
             return Ok(());
         }
         let fallback = Instant::now() + inner.options.max_poll;

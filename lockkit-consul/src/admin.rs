@@ -135,13 +135,9 @@ impl Admin for ConsulLock {
     ) -> Result<()> {
         let key = self.inner.key(name);
         let http = &self.inner.http;
-        // Consul shows no remaining lease, so the whole description compares.
         let differs = |entry: &Option<KeyEntry>| {
-            entry
-                .as_ref()
-                .and_then(|e| describe(name.as_str(), e))
-                .as_ref()
-                != seen
+            let now = entry.as_ref().and_then(|e| describe(name.as_str(), e));
+            !lockkit_core::admin::same_state(now.as_ref(), seen)
         };
         let (entry, mut index) = http.read_key(&key, None, Duration::ZERO).await?;
         if differs(&entry) {

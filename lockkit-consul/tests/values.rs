@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockkit_consul::ConsulLock;
-use lockkit_core::backend::{Acquired, Backend, LockInfo, LockName, LockOptions};
+use lockkit_core::backend::{Acquired, Backend, LockName, LockOptions};
 use lockkit_core::Error;
+use lockkit_testkit::election::{self, inspect};
 use lockkit_testkit::{fresh_name, service_url};
 use tokio::time::Instant;
 
@@ -42,10 +43,6 @@ async fn take_for(client: &Client, name: &LockName, shared: bool, ttl: Duration)
         assert!(Instant::now() < until, "{name} never came free");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn inspect(client: &Client, name: &LockName) -> Option<LockInfo> {
-    client.admin().unwrap().inspect(name).await.unwrap()
 }
 
 /// The holder's token and value, as `client` sees them.
@@ -195,20 +192,8 @@ async fn changed_after(
     name: &LockName,
     change: impl Future<Output = ()>,
 ) -> Duration {
-    let seen = inspect(observer, name).await;
-    let (observer, name) = (observer.clone(), name.clone());
-    let waiting = tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(4);
-        let admin = observer.admin().unwrap();
-        admin.changed(&name, seen.as_ref(), deadline).await.unwrap();
-        Instant::now()
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "returned before any change");
-    let changed = Instant::now();
-    change.await;
-    let returned = waiting.await.unwrap();
-    returned.saturating_duration_since(changed)
+    let (deadline, settle) = (Duration::from_secs(4), Duration::from_millis(300));
+    election::changed_after(observer, name, deadline, settle, change).await
 }
 
 /// `changed` returns soon after another client's acquisition, stored values and release

@@ -11,6 +11,7 @@ use std::time::Duration;
 use lockkit_core::backend::{Acquired, Backend, LockInfo, LockName, LockOptions};
 use lockkit_core::Error;
 use lockkit_sql::{MySqlLock, PgLock, SqlOptions, SqliteLock};
+use lockkit_testkit::election::{self, inspect};
 use lockkit_testkit::{fresh_name, service_url, with_params};
 use tokio::time::Instant;
 
@@ -57,10 +58,6 @@ async fn take(client: &Client, name: &LockName, ttl_ms: u64) -> Acquired {
         assert!(Instant::now() < until, "{name}: never free");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn inspect(client: &Client, name: &LockName) -> Option<LockInfo> {
-    client.admin().unwrap().inspect(name).await.unwrap()
 }
 
 fn token_of(info: &Option<LockInfo>) -> Option<u64> {
@@ -244,24 +241,13 @@ async fn only_postgres_claims_watch() {
 
 /// `changed`, from `b`, with `change` run 200 ms into the wait: how long it took from the
 /// change to the return.
-async fn changed_after(b: &Client, name: &LockName, change: impl Future<Output = ()>) -> Duration {
-    let seen = inspect(b, name).await;
-    let (b2, name2) = (b.clone(), name.clone());
-    let waiting = tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let admin = b2.admin().unwrap();
-        admin
-            .changed(&name2, seen.as_ref(), deadline)
-            .await
-            .unwrap();
-        Instant::now()
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiting.is_finished(), "{name}: returned before any change");
-    let changed = Instant::now();
-    change.await;
-    let returned = waiting.await.unwrap();
-    returned.saturating_duration_since(changed)
+async fn changed_after(
+    observer: &Client,
+    name: &LockName,
+    change: impl Future<Output = ()>,
+) -> Duration {
+    let (deadline, settle) = (Duration::from_secs(10), Duration::from_millis(200));
+    election::changed_after(observer, name, deadline, settle, change).await
 }
 
 /// Returns promptly after another client's acquisition, set_value and release, and not

@@ -8,6 +8,7 @@
 //! [`Admin::changed`]: lockkit_core::backend::Admin::changed
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lockkit_core::backend::{Acquired, Admin, Backend, LockInfo, LockName, LockOptions};
@@ -178,6 +179,34 @@ pub async fn set_value_wakes_no_waiter(a: &dyn Backend, b: &dyn Backend, name: &
     assert!(next.token > held.token);
     assert_eq!(value_of(a, name, &next).await, None);
     next.lease.release().await.expect("release");
+}
+
+/// `observer`'s `changed` on `name`, from what it sees now and with `deadline` to go, with
+/// `change` made `settle` into the wait (once the observer is waiting; returning before it
+/// fails): how long after the change it returned.
+pub async fn changed_after(
+    observer: &Arc<dyn Backend>,
+    name: &LockName,
+    deadline: Duration,
+    settle: Duration,
+    change: impl Future<Output = ()>,
+) -> Duration {
+    let seen = inspect(observer.as_ref(), name).await;
+    let (observer, watched) = (observer.clone(), name.clone());
+    let waiting = tokio::spawn(async move {
+        let deadline = Instant::now() + deadline;
+        admin(observer.as_ref())
+            .changed(&watched, seen.as_ref(), deadline)
+            .await
+            .unwrap_or_else(|e| panic!("{}: changed {watched}: {e}", observer.name()));
+        Instant::now()
+    });
+    tokio::time::sleep(settle).await;
+    assert!(!waiting.is_finished(), "{name}: returned before any change");
+    let changed = Instant::now();
+    change.await;
+    let returned = waiting.await.expect("the observer panicked");
+    returned.saturating_duration_since(changed)
 }
 
 /// How long `b`'s `changed` on `name` (seen as it is now, deadline `limit` away) takes while

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use lockkit_core::backend::{Backend, LockOptions};
+use lockkit_core::LostReason;
 use lockkit_testkit::election::{self, take};
 use lockkit_testkit::{hosts, service_url};
 use lockkit_zk::zookeeper_client as zk;
@@ -29,12 +30,29 @@ async fn closed_session_set_value_fails() {
     let stale = take(&a, &name, &LockOptions::new().ttl(ttl)).await;
     let session = a.session_client(ttl).await.unwrap().session().clone();
     let cluster = hosts(&service_url("LOCKKIT_ZK_URL")).join(",");
-    let twin = zk::Client::connector()
-        .with_session(session)
-        .connect(&cluster)
-        .await
-        .expect("reopen the session");
+    // The fault injector, not lockkit: reattaching to a session another connection still
+    // owns can time out on a busy server, so it gets a few tries, each as long as the session.
+    let mut tries = 0;
+    let twin = loop {
+        tries += 1;
+        let reopen = zk::Client::connector()
+            .with_session(session.clone())
+            .with_session_timeout(ttl)
+            .connect(&cluster)
+            .await;
+        match reopen {
+            Ok(twin) => break twin,
+            Err(e) if tries < 3 => eprintln!("reopening the session, try {tries}: {e}"),
+            Err(e) => panic!("reopen the session: {e}"),
+        }
+    };
     drop(twin);
+    // The stale holder learns that its session ended (before that, a write may fail on the
+    // moved connection with a connection error: unknown, not lost, which is honest).
+    let reason = tokio::time::timeout(Duration::from_secs(20), stale.lease.lost())
+        .await
+        .expect("the closed session was not reported lost");
+    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason:?}");
     let wait = LockOptions::new()
         .ttl(Duration::from_secs(10))
         .wait_timeout(Duration::from_secs(10));

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::admin::{LockInfo, MAX_VALUE_LEN};
 use crate::error::{Error, LostReason, Result};
 use crate::guard::LockGuard;
-use crate::locks::Locks;
+use crate::locks::{with_retries, Locks};
 use crate::name::LockName;
 use crate::options::LockOptions;
 use crate::token::FencingToken;
@@ -102,7 +102,11 @@ impl Leadership {
         if let Some(reason) = self.guard.lost_reason() {
             return Err(Error::lost(self.name(), reason));
         }
-        self.guard.lease().set_value(&value).await?;
+        self.guard
+            .lease()
+            .set_value(&value)
+            .await
+            .map_err(|e| self.guard.note(e))?;
         *self.value.lock().unwrap_or_else(|e| e.into_inner()) = value;
         Ok(())
     }
@@ -111,6 +115,28 @@ impl Leadership {
     /// Reports [`Error::LockLost`] if leadership had already been lost.
     pub async fn resign(self) -> Result<()> {
         self.guard.release().await
+    }
+}
+
+/// Stores the winner's value and hands out its term. A connection error is retried (the
+/// write is the same each time, so harmless) under the options' retry policy while the lease
+/// is valid, rather than giving back a lock just won; a failure gives the lock back.
+pub(crate) async fn announce(
+    guard: LockGuard,
+    value: String,
+    opts: &LockOptions,
+) -> Result<Leadership> {
+    let written = with_retries(opts, false, Some(guard.valid_until()), || {
+        guard.lease().set_value(&value)
+    })
+    .await;
+    match written {
+        Ok(()) => Ok(Leadership {
+            guard,
+            value: Mutex::new(value),
+        }),
+        Err(Some(e)) => Err(guard.note(e)),
+        Err(None) => Err(Error::lost(guard.name(), LostReason::Expired)),
     }
 }
 
@@ -148,7 +174,7 @@ impl Locks {
         check_value(&value)?;
         self.require_election()?;
         let guard = self.acquire_with(name, opts).await?;
-        self.announce(guard, value).await
+        announce(guard, value, opts).await
     }
 
     /// One attempt to become leader of `name` now: `Ok(None)` if another process leads.
@@ -162,18 +188,9 @@ impl Locks {
         check_value(&value)?;
         self.require_election()?;
         match self.try_acquire_with(name, opts).await? {
-            Some(guard) => self.announce(guard, value).await.map(Some),
+            Some(guard) => announce(guard, value, opts).await.map(Some),
             None => Ok(None),
         }
-    }
-
-    async fn announce(&self, guard: LockGuard, value: String) -> Result<Leadership> {
-        // A failure here drops the guard, which gives the lock back.
-        guard.lease().set_value(&value).await?;
-        Ok(Leadership {
-            guard,
-            value: Mutex::new(value),
-        })
     }
 
     fn require_election(&self) -> Result<()> {

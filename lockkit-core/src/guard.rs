@@ -215,6 +215,16 @@ impl LockGuard {
         self.shared.lost_reason().is_none() && Instant::now() < self.valid_until()
     }
 
+    /// Notes what a request made with this guard's lease learnt: a [`Error::LockLost`]
+    /// marks the guard lost at once (its holder need not wait for the next renewal to find
+    /// out). Returns the error.
+    pub(crate) fn note(&self, error: Error) -> Error {
+        if let Error::LockLost { reason, .. } = &error {
+            self.shared.mark_lost(reason.clone());
+        }
+        error
+    }
+
     /// Why the lock was lost, if it was.
     pub fn lost_reason(&self) -> Option<LostReason> {
         self.shared.lost_reason()
@@ -530,6 +540,10 @@ mod tests {
         delays: std::sync::Mutex<std::collections::VecDeque<Duration>>,
         /// The end of the lease as the "server" last applied it.
         server_until: std::sync::Mutex<Option<Instant>>,
+        /// `set_value` calls still to fail with a connection error.
+        value_failures: AtomicU32,
+        /// `set_value` calls made.
+        values: AtomicU32,
     }
 
     #[derive(Debug)]
@@ -561,6 +575,20 @@ mod tests {
 
         async fn release(&self) -> Result<()> {
             self.0.releases.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        async fn set_value(&self, _: &str) -> Result<()> {
+            let script = &self.0;
+            script.values.fetch_add(1, Ordering::SeqCst);
+            if script.not_owner.load(Ordering::SeqCst) {
+                return Err(Error::lost("x", LostReason::NotOwner));
+            }
+            let left = script.value_failures.load(Ordering::SeqCst);
+            if left > 0 {
+                script.value_failures.store(left - 1, Ordering::SeqCst);
+                return Err(Error::connection("scripted", "connection reset"));
+            }
             Ok(())
         }
 
@@ -888,5 +916,39 @@ mod tests {
         // The extend, then at least three retries of the failing renewal.
         assert!(extends(&script) >= 4, "retried too little");
         assert!(!guard.is_held());
+    }
+
+    /// A leader whose proclaim finds the lock taken over knows at once that it lost: the
+    /// guard reports the loss (and so `is_leader` turns false) without waiting for the
+    /// next renewal to find out.
+    #[tokio::test(start_paused = true)]
+    async fn a_proclaim_that_finds_the_lock_lost_marks_the_term_lost() {
+        let script = Arc::new(Script::default());
+        let opts = LockOptions::new().ttl(TTL);
+        let leading = crate::election::announce(guard(&script, &opts), "a".into(), &opts)
+            .await
+            .unwrap();
+        script.not_owner.store(true, Ordering::SeqCst);
+        let error = leading.proclaim("b").await.unwrap_err();
+        assert!(error.is_lost(), "{error}");
+        assert_eq!(leading.guard().lost_reason(), Some(LostReason::NotOwner));
+        assert!(!leading.is_leader());
+        assert_eq!(script.extends.load(Ordering::SeqCst), 0, "no renewal ran");
+    }
+
+    /// A campaign whose value write meets a passing connection error keeps the lock it won
+    /// and writes the value again (the same value: the retry is harmless), instead of giving
+    /// the lock back.
+    #[tokio::test(start_paused = true)]
+    async fn a_campaign_rides_out_a_connection_error_when_announcing() {
+        let script = Arc::new(Script::default());
+        script.value_failures.store(2, Ordering::SeqCst);
+        let opts = LockOptions::new().ttl(TTL);
+        let leading = crate::election::announce(guard(&script, &opts), "a".into(), &opts)
+            .await
+            .expect("announced after the retries");
+        assert!(leading.is_leader());
+        assert_eq!(script.values.load(Ordering::SeqCst), 3);
+        assert_eq!(script.releases.load(Ordering::SeqCst), 0);
     }
 }

@@ -374,7 +374,7 @@ fn finish(
 /// that had not failed yet; a deadline passing while the service is down (during an attempt
 /// after a connection error, or before the next retry) gives that connection error, which
 /// names the cause where a bare timeout would hide it.
-async fn with_retries<T, F, Fut>(
+pub(crate) async fn with_retries<T, F, Fut>(
     opts: &LockOptions,
     waiting: bool,
     deadline: Option<Instant>,

@@ -39,8 +39,12 @@ pub(crate) const MAX_LEAD_US: u64 = 5_000;
 const ACQUIRE_SOURCE: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
-local free = redis.call('EXISTS', KEYS[1]) == 0
-if free and redis.call('EXISTS', KEYS[3]) == 1 then
+local free
+if redis.call('EXISTS', KEYS[3]) == 0 then
+    -- Nobody waits: taken if free, in the same call.
+    free = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) ~= false
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+    free = true
     local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
     if #dead > 0 then
@@ -54,13 +58,13 @@ if free and redis.call('EXISTS', KEYS[3]) == 1 then
         redis.call('ZREM', KEYS[3], ARGV[1])
         redis.call('ZREM', KEYS[4], ARGV[1])
     end
-elseif free then
-    -- Nobody waits.
+    if free then
+        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    end
 else
     free = false
 end
 if free then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     redis.call('PUBLISH', ARGV[5], 'taken')
     local issue = tonumber(time[1] .. string.format('%06d', tonumber(time[2])))
     local proposed = tonumber(ARGV[6]) or 0

@@ -506,6 +506,10 @@ impl Inner {
     /// Revokes leases that no key needs any more, without waiting. One that is not revoked
     /// runs out by itself within its TTL: it holds no key.
     pub(crate) fn revoke_in_background(self: &Arc<Self>, ids: Vec<i64>) {
+        if ids.is_empty() {
+            // Every release of a key on a shared lease: no task for nothing to do.
+            return;
+        }
         let inner = self.clone();
         spawn_cleanup("revoking a spare lease", async move {
             let mut result = Ok(());

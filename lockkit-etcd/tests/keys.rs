@@ -27,6 +27,19 @@ async fn keys(plain: &mut Client, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The two keys under a lock's prefix, once a waiter has queued (within 10 s).
+async fn two_keys(plain: &mut Client, prefix: &str) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let queue = keys(plain, prefix).await;
+        if queue.len() == 2 {
+            return queue;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{queue:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn plain() -> Client {
     let url = service_url("LOCKKIT_ETCD_URL");
     let host = url.trim_start_matches("etcd://").split(['/', '?']).next();
@@ -70,15 +83,7 @@ async fn keys_that_exist_together_differ_and_a_reused_name_queues_last() {
         let (lock, name, opts) = (lock.clone(), name.clone(), opts.clone());
         tokio::spawn(async move { lock.lock(&name, &opts, None).await })
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let queue = loop {
-        let queue = keys(&mut plain, &prefix).await;
-        if queue.len() == 2 || tokio::time::Instant::now() > deadline {
-            break queue;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(queue.len(), 2, "{queue:?}");
+    let queue = two_keys(&mut plain, &prefix).await;
     assert_ne!(queue[0], queue[1]);
     first.lease.release().await.expect("release");
     let second = second.await.expect("no panic").expect("handed over");
@@ -90,14 +95,7 @@ async fn keys_that_exist_together_differ_and_a_reused_name_queues_last() {
         let (lock, name, opts) = (lock.clone(), name.clone(), opts.clone());
         tokio::spawn(async move { lock.lock(&name, &opts, None).await })
     };
-    let queue = loop {
-        let queue = keys(&mut plain, &prefix).await;
-        if queue.len() == 2 || tokio::time::Instant::now() > deadline {
-            break queue;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(queue.len(), 2, "{queue:?}");
+    two_keys(&mut plain, &prefix).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!third.is_finished(), "the third waiter jumped the queue");
     second.lease.release().await.expect("release");

@@ -1,8 +1,8 @@
 //! One lock key and the etcd lease it is bound to: renewal, TTL changes, release, and the
 //! leader's value, stored in the key itself (see [`Lease::set_value`] below).
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,59 @@ use tokio::time::Instant;
 use crate::group::{Group, Signal};
 use crate::lock::Inner;
 
-/// Numbers the keys a process creates, so keys on one shared lease differ.
-static KEYS: AtomicU64 = AtomicU64::new(0);
+/// The key names a client's keys have now, per lock and lease, so a client that takes the
+/// same lock again reuses a name instead of creating a new key each time: etcd keeps a
+/// deleted key in its index until the history is compacted, and every read of a lock's
+/// queue (a range over its prefix) walks past the deleted keys, so new names would make
+/// each acquisition of a busy lock slower than the one before.
+///
+/// A name is taken while its key may exist, and given back only once the key is known to be
+/// gone (deleted by its lease's holder, found deleted); a name whose deletion failed stays
+/// taken. A reused name's key is a new key: a new create revision (token and place in the
+/// queue), a new version, and a deletion watchers of the old key saw.
+#[derive(Debug, Default)]
+pub(crate) struct KeyNames {
+    taken: std::sync::Mutex<HashMap<(String, i64), BTreeSet<u64>>>,
+}
+
+impl KeyNames {
+    fn taken(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), BTreeSet<u64>>> {
+        // Never held across an await or a panic point.
+        self.taken.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lowest number `n` free for keys `<dir><n>/<lease>`, now taken.
+    fn take(&self, dir: &str, lease: i64) -> u64 {
+        let mut taken = self.taken();
+        let numbers = taken.entry((dir.to_string(), lease)).or_default();
+        let free = (0..)
+            .zip(numbers.iter())
+            .find(|(n, used)| n != *used)
+            .map_or(numbers.len() as u64, |(n, _)| n);
+        numbers.insert(free);
+        free
+    }
+
+    /// Gives `n` back: the key `<dir><n>/<lease>` is gone.
+    fn give_back(&self, dir: &str, lease: i64, n: u64) {
+        let mut taken = self.taken();
+        let slot = (dir.to_string(), lease);
+        if let Some(numbers) = taken.get_mut(&slot) {
+            numbers.remove(&n);
+            if numbers.is_empty() {
+                taken.remove(&slot);
+            }
+        }
+    }
+}
+
+/// Where a key's name came from in [`KeyNames`].
+#[derive(Debug, Clone)]
+struct Named {
+    dir: String,
+    lease: i64,
+    n: u64,
+}
 
 /// A key in a lock's queue and the lease it is bound to. While the key waits it belongs to
 /// the waiting `lock` call; once it holds the lock it is the guard's [`Lease`].
@@ -30,6 +81,7 @@ pub(crate) struct EtcdLease {
     inner: Arc<Inner>,
     name: LockName,
     key: String,
+    named: Named,
     signal: Arc<Signal>,
     state: Arc<Mutex<State>>,
 }
@@ -71,16 +123,23 @@ impl EtcdLease {
         dir: &str,
         group: Arc<Group>,
     ) -> Option<Self> {
-        let seq = KEYS.fetch_add(1, Ordering::Relaxed);
-        let key = format!("{dir}{seq:x}/{:016x}", group.id as u64);
+        let n = inner.names.take(dir, group.id);
+        let named = Named {
+            dir: dir.to_string(),
+            lease: group.id,
+            n,
+        };
+        let key = format!("{dir}{n:x}/{:016x}", group.id as u64);
         let signal = Signal::new();
         if !group.join(&key, &signal) {
+            inner.names.give_back(dir, group.id, n);
             return None;
         }
         Some(EtcdLease {
             inner,
             name,
             key,
+            named,
             signal,
             state: Arc::new(Mutex::new(State {
                 group,
@@ -315,7 +374,7 @@ impl EtcdLease {
         }
         state.released = true;
         // Best effort: a pending lease the key might be bound to is dealt with below anyway.
-        let _ = self.resolve_pending(&mut state).await;
+        let settled = self.resolve_pending(&mut state).await.is_ok();
         let group = state.group.clone();
         group.leave(&self.key);
         let mut spare: Vec<Arc<Group>> = state.pending.take().into_iter().collect();
@@ -334,7 +393,12 @@ impl EtcdLease {
         match last {
             Ok(deleted) => {
                 // The lock is free now; a key's own lease has no key left: revoking it is
-                // tidying.
+                // tidying. The key is gone (or was never bound to any lease of ours but
+                // this one): its name may serve again.
+                if settled {
+                    let Named { dir, lease, n } = &self.named;
+                    self.inner.names.give_back(dir, *lease, *n);
+                }
                 self.inner.revoke_in_background(own);
                 match deleted {
                     true => Ok(()),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::error::{lease_not_found, map_err, never_sent, BACKEND};
 use crate::group::{Group, Groups};
-use crate::lease::{secs, ttl_secs, EtcdLease, Granted};
+use crate::lease::{secs, ttl_secs, EtcdLease, Granted, KeyNames};
 use crate::options::EtcdOptions;
 
 /// The shortest lease etcd grants with its default election timeout (1 s) is 1.5 s, which it
@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     pub(crate) endpoints: Vec<String>,
     /// The shared leases of the client's renewing guards, one per TTL.
     pub(crate) groups: Groups,
+    /// The names of the client's keys that may exist, for reuse once gone.
+    pub(crate) names: KeyNames,
 }
 
 impl std::fmt::Debug for Inner {
@@ -153,6 +155,7 @@ impl EtcdLock {
             options,
             endpoints,
             groups: Groups::default(),
+            names: KeyNames::default(),
         });
         let status = || {
             let mut maintenance = inner.client.maintenance_client();
@@ -172,8 +175,8 @@ impl EtcdLock {
 
     /// The key prefix of the lock `name` (for inspection and operations). The keys under it
     /// are the holder (the lowest create revision) and the waiters, each named
-    /// `<n>/<hex id of the lease it was created on>` (`n` numbers the creating process's
-    /// keys).
+    /// `<n>/<hex id of the lease it was created on>` (`n` numbers the creating client's
+    /// keys of that lock and lease; a number is used again once its key is gone).
     pub fn key_prefix(&self, name: &LockName) -> String {
         self.inner.dir(name)
     }
@@ -503,6 +506,10 @@ impl Inner {
     /// Revokes leases that no key needs any more, without waiting. One that is not revoked
     /// runs out by itself within its TTL: it holds no key.
     pub(crate) fn revoke_in_background(self: &Arc<Self>, ids: Vec<i64>) {
+        if ids.is_empty() {
+            // Every release of a key on a shared lease: no task for nothing to do.
+            return;
+        }
         let inner = self.clone();
         spawn_cleanup("revoking a spare lease", async move {
             let mut result = Ok(());

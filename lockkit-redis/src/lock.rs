@@ -30,9 +30,12 @@ use crate::subscriptions::{Role, Subscription, Subscriptions};
 /// One acquisition is one round trip per instance: a script does `SET key owner NX PX ttl`
 /// and, when it wins, issues the fencing token `max(fence + 1, server TIME in µs)` and stores
 /// it in the name's fence key (which never expires): a hybrid logical clock. With RedLock,
-/// the client takes the highest token among the instances it won and writes it back to every
-/// instance (`fence = max(fence, token)`) before it returns the guard: any two quorums share
-/// an instance, so the next holder's token is strictly larger.
+/// the client takes the highest token among the instances it won; unless a quorum of them
+/// issued that very token, it writes it back to every instance (`fence = max(fence, token)`)
+/// before it returns the guard: any two quorums share an instance, so the next holder's
+/// token is strictly larger. So that the instances usually issue the same token (and the
+/// write-back round is skipped), the client proposes one: its clock plus 2 ms, which an
+/// instance issues instead of its own clock only if it is later and at most 5 ms ahead of it.
 ///
 /// Tokens keep rising when a fence key is lost (a restart without persistence or with the
 /// last second of AOF lost, a failover to a replica that missed it, a FLUSHALL, eviction):
@@ -40,7 +43,7 @@ use crate::subscriptions::{Role, Subscription, Subscriptions};
 /// the server that issues the next token reads later than the last token issued, i.e. no
 /// server clock steps back (a slewing NTP is fine), and servers that take over from one
 /// another (a promoted replica, RedLock instances) agree to within the time between the last
-/// token and the loss. Tokens are microseconds since the Unix epoch (about 1.7e15), not
+/// token and the loss, less 5 ms with RedLock (a proposed token may be that far ahead). Tokens are microseconds since the Unix epoch (about 1.7e15), not
 /// small consecutive numbers. Mutual exclusion itself still needs the lock key to survive:
 /// a server that loses it while the lock is held lets a second holder in (then the tokens
 /// tell them apart), so use persistence (AOF with fsync) or restart past the longest TTL.
@@ -438,6 +441,11 @@ impl Inner {
         let queue = queue && self.queues();
         let ttl_ms = millis(ttl).to_string();
         let liveness_ms = millis(liveness(&self.options)).to_string();
+        let proposal = match self.nodes.len() {
+            1 => 0,
+            _ => proposal(),
+        }
+        .to_string();
         let started = Instant::now();
         let answers: Vec<Result<(i64, i64)>> = self
             .on_all(
@@ -450,6 +458,7 @@ impl Inner {
                     if queue { "1" } else { "0" },
                     &liveness_ms,
                     &keys.channel,
+                    &proposal,
                 ],
             )
             .await;
@@ -472,7 +481,10 @@ impl Inner {
         let lease = RedisLease::new(self.clone(), name.clone(), keys.clone(), owner.clone());
         if tokens.len() >= self.quorum {
             let mut token = tokens.iter().copied().max().unwrap_or(0);
-            if self.nodes.len() > 1 {
+            // A quorum whose fence counters already stand at the token (they issued it, or
+            // their counter reads it) needs no write-back: any later quorum shares one of them.
+            let agreed = tokens.iter().filter(|t| **t == token).count() >= self.quorum;
+            if self.nodes.len() > 1 && !agreed {
                 token = self.write_back(&keys, token, ttl).await.inspect_err(|_| {
                     let lease = lease.clone();
                     spawn_cleanup("undoing a partial RedLock acquisition", async move {
@@ -676,6 +688,24 @@ impl Connect for RedisLock {
     }
 }
 
+/// How far ahead of this client's clock a RedLock acquisition proposes its token (2 ms): enough
+/// for the request to reach instances whose clocks agree with ours, well within
+/// [`scripts::MAX_LEAD_US`].
+const PROPOSAL_LEAD: Duration = Duration::from_millis(2);
+
+/// The token a RedLock acquisition proposes to every instance: this client's clock in µs
+/// since the Unix epoch, plus [`PROPOSAL_LEAD`]. An instance whose clock is later, or more
+/// than [`scripts::MAX_LEAD_US`] before it, issues its own (see [`scripts::ACQUIRE`]); then the
+/// tokens differ and the highest is written back.
+fn proposal() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_add(PROPOSAL_LEAD);
+    // Below 2^53, so the script's numbers (doubles) hold it exactly.
+    (now.as_micros().min((1 << 53) - 1)) as u64
+}
+
 /// A fresh owner id: what the lock key holds while the lock is ours.
 fn owner_id() -> Arc<str> {
     uuid::Uuid::new_v4().simple().to_string().into()
@@ -689,6 +719,67 @@ pub(crate) fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs the acquisition script on a single instance with `proposed` as the proposed
+    /// token; the token issued, and the lock's keys deleted again.
+    async fn issued_for(lock: &RedisLock, name: &LockName, proposed: u64) -> i64 {
+        let inner = &lock.inner;
+        let keys = inner.keys(name);
+        let proposed = proposed.to_string();
+        let answers: Vec<Result<(i64, i64)>> = inner
+            .on_all(
+                Duration::from_secs(5),
+                &scripts::ACQUIRE,
+                &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
+                &["owner", "5000", "0", "2000", &keys.channel, &proposed],
+            )
+            .await;
+        let mut conn = inner.nodes[0].commands.clone();
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(&keys.lock)
+            .arg(&keys.fence)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 2);
+        match answers.into_iter().next().unwrap().unwrap() {
+            (1, token) => token,
+            other => panic!("not taken: {other:?}"),
+        }
+    }
+
+    async fn server_micros(lock: &RedisLock) -> i64 {
+        let mut conn = lock.inner.nodes[0].commands.clone();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+        secs * 1_000_000 + micros
+    }
+
+    /// A proposed token is issued only if it is at most `MAX_LEAD_US` ahead of the server's
+    /// clock: a token never runs further ahead of it, so a lost fence counter is covered by
+    /// that clock once it is that far past the last token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_proposed_token_never_runs_far_ahead_of_the_server_clock() {
+        let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
+        let lock = RedisLock::connect(&url).await.unwrap();
+        let name = LockName::new(&lockkit_testkit::fresh_name("lockkit-redis/proposal")).unwrap();
+
+        let before = server_micros(&lock).await;
+        let token = issued_for(&lock, &name, before as u64 + 3_600_000_000).await;
+        let after = server_micros(&lock).await;
+        assert!(
+            (before..=after).contains(&token),
+            "token {token} outside the server clock's {before}..={after}"
+        );
+
+        // Just ahead of the clock: issued as proposed.
+        let near = server_micros(&lock).await + 2_000;
+        assert_eq!(issued_for(&lock, &name, near as u64).await, near);
+
+        // Behind the clock: the clock wins.
+        let before = server_micros(&lock).await;
+        let token = issued_for(&lock, &name, 1).await;
+        assert!(token >= before, "token {token} behind the clock {before}");
+    }
 
     #[tokio::test]
     async fn debug_never_shows_the_password() {

@@ -4,7 +4,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: lock, fence, queue, alive. ARGV: owner, ttl ms, mode, liveness ms, channel.
+/// KEYS: lock, fence, queue, alive. ARGV: owner, ttl ms, mode, liveness ms, channel,
+/// proposed token (µs, `0` for none).
 /// `{1, token}` when taken (and `taken` published on the channel, for leader observers),
 /// `{0, pttl}` when not (`pttl` -2: free, but another waiter's turn).
 ///
@@ -16,6 +17,11 @@ use redis::Script;
 /// as a number below 2^53 (µs until the year 2255), so Lua's doubles keep it exact; a fence
 /// at or above it is `INCR`ed by Redis itself, exactly.
 ///
+/// A RedLock client proposes one token to every instance (its clock plus a small lead), so
+/// that the instances issue the same token and no write-back is needed: the proposal stands
+/// in for the server time only when it is later than it and at most [`MAX_LEAD_US`] ahead of
+/// it, so a token never runs further ahead of the issuing server's clock than that.
+///
 /// The queue (a single instance only; RedLock passes mode `0` and leaves it empty): `queue`
 /// orders the waiters by arrival (score: server time in µs when first queued), `alive` holds
 /// until when each waiter is presumed alive (score: server time in ms; every attempt of the
@@ -23,13 +29,22 @@ use redis::Script;
 /// to anyone when nobody waits: a releaser cannot barge in before the waiter it woke. Mode
 /// `1` queues the owner when it does not get the lock; mode `0` (`try_lock`, RedLock) never
 /// queues. Waiters that stopped refreshing are dropped when the lock is found free.
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+pub(crate) static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&ACQUIRE_SOURCE.replace("MAX_LEAD_US", &MAX_LEAD_US.to_string())));
+
+/// How far ahead of the issuing server's clock a proposed token may be, in µs (5 ms).
+pub(crate) const MAX_LEAD_US: u64 = 5_000;
+
+/// The source of [`ACQUIRE`], with `MAX_LEAD_US` standing for [`MAX_LEAD_US`].
+const ACQUIRE_SOURCE: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
-local free = redis.call('EXISTS', KEYS[1]) == 0
-if free and redis.call('EXISTS', KEYS[3]) == 1 then
+local free
+if redis.call('EXISTS', KEYS[3]) == 0 then
+    -- Nobody waits: taken if free, in the same call.
+    free = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) ~= false
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+    free = true
     local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
     local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
     if #dead > 0 then
@@ -43,21 +58,25 @@ if free and redis.call('EXISTS', KEYS[3]) == 1 then
         redis.call('ZREM', KEYS[3], ARGV[1])
         redis.call('ZREM', KEYS[4], ARGV[1])
     end
-elseif free then
-    -- Nobody waits.
+    if free then
+        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    end
 else
     free = false
 end
 if free then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     redis.call('PUBLISH', ARGV[5], 'taken')
-    local clock = time[1] .. string.format('%06d', tonumber(time[2]))
+    local issue = tonumber(time[1] .. string.format('%06d', tonumber(time[2])))
+    local proposed = tonumber(ARGV[6]) or 0
+    if proposed > issue and proposed <= issue + MAX_LEAD_US then
+        issue = proposed
+    end
     local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-    if fence and fence >= tonumber(clock) then
+    if fence and fence >= issue then
         return {1, redis.call('INCR', KEYS[2])}
     end
-    redis.call('SET', KEYS[2], clock)
-    return {1, tonumber(clock)}
+    redis.call('SET', KEYS[2], string.format('%.0f', issue))
+    return {1, issue}
 end
 if ARGV[3] == '1' then
     local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -65,9 +84,7 @@ if ARGV[3] == '1' then
     redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[1])
 end
 return {0, redis.call('PTTL', KEYS[1])}
-",
-    )
-});
+";
 
 /// KEYS: lock, queue, alive. ARGV: owner, channel. Takes a waiter that stopped waiting out of
 /// the queue; if the lock is free, tells the next waiter it is its turn.

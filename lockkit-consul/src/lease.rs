@@ -65,6 +65,9 @@ pub(crate) struct ConsulLease {
     /// The key's `ModifyIndex` after this lease's last write (the acquisition, then each
     /// value stored); one value is stored at a time.
     written: tokio::sync::Mutex<u64>,
+    /// Waiters were in line when it was taken: the release reads the line first and hands
+    /// the key on in one transaction.
+    waiters_seen: bool,
 }
 
 impl std::fmt::Debug for ConsulLease {
@@ -136,7 +139,23 @@ impl ConsulLease {
             state,
             taken,
             written: tokio::sync::Mutex::new(taken.token),
+            waiters_seen: false,
         }
+    }
+
+    /// Marks the lease as taken with waiters in line (it came through the line itself).
+    pub(crate) fn seen_waiters(mut self) -> Self {
+        self.waiters_seen = true;
+        self
+    }
+
+    /// Releases the key (only if this lease's session holds it), handing it to the first
+    /// waiter in line if there is one.
+    async fn release_key(&self) -> Result<bool> {
+        let inner = &self.inner;
+        inner
+            .release_key(&self.key, &self.session, self.waiters_seen)
+            .await
     }
 
     fn not_owner(&self) -> Error {
@@ -160,10 +179,19 @@ impl ConsulLease {
         lease_end(sent, self.session_ttl)
     }
 
-    /// Releases the key (only if this lease's session holds it), then destroys the lock's
-    /// own session.
+    /// Releases the key (only if this lease's session holds it; handed to the first waiter
+    /// in line, if any), then destroys the lock's own session (or, if it came through a
+    /// line, keeps it for the client's next wait in one).
     async fn release_own(&self) -> Result<()> {
-        let released = self.inner.http.put_key(&self.key, "", &self.session).await;
+        let released = self.release_key().await;
+        // A session that came through a line and now holds nothing serves the client's next
+        // wait in one.
+        let spare = self.waiters_seen
+            && matches!(released, Ok(true))
+            && self.inner.keep_spare(&self.session, self.session_ttl);
+        if spare {
+            return Ok(());
+        }
         let destroyed = self.inner.http.destroy_session(&self.session).await;
         match (released?, destroyed) {
             (false, _) => Err(self.not_owner()),
@@ -181,7 +209,7 @@ impl ConsulLease {
     /// client may take it again.
     async fn release_shared(&self, session: &Arc<SharedSession>) -> Result<()> {
         session.leave(&self.key);
-        match self.inner.http.put_key(&self.key, "", &self.session).await {
+        match self.release_key().await {
             Ok(released) => {
                 self.inner.sessions.unclaim(&self.key);
                 match released {

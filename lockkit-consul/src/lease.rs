@@ -65,9 +65,9 @@ pub(crate) struct ConsulLease {
     /// The key's `ModifyIndex` after this lease's last write (the acquisition, then each
     /// value stored); one value is stored at a time.
     written: tokio::sync::Mutex<u64>,
-    /// Waiters were in line when it was taken: the release reads the line first and hands
-    /// the key on in one transaction.
-    waiters_seen: bool,
+    /// Taken through the line: `Some`, with the session of the waiter seen behind, if any
+    /// (the release hands the key to it, or reads the line first).
+    line: Option<Option<String>>,
 }
 
 impl std::fmt::Debug for ConsulLease {
@@ -139,13 +139,14 @@ impl ConsulLease {
             state,
             taken,
             written: tokio::sync::Mutex::new(taken.token),
-            waiters_seen: false,
+            line: None,
         }
     }
 
-    /// Marks the lease as taken with waiters in line (it came through the line itself).
-    pub(crate) fn seen_waiters(mut self) -> Self {
-        self.waiters_seen = true;
+    /// Marks the lease as taken through the line, with `behind` the session of the waiter
+    /// seen next in it.
+    pub(crate) fn came_through_line(mut self, behind: Option<String>) -> Self {
+        self.line = Some(behind);
         self
     }
 
@@ -154,7 +155,11 @@ impl ConsulLease {
     async fn release_key(&self) -> Result<bool> {
         let inner = &self.inner;
         inner
-            .release_key(&self.key, &self.session, self.waiters_seen)
+            .release_key(
+                &self.key,
+                &self.session,
+                self.line.as_ref().map(Option::as_deref),
+            )
             .await
     }
 
@@ -186,7 +191,7 @@ impl ConsulLease {
         let released = self.release_key().await;
         // A session that came through a line and now holds nothing serves the client's next
         // wait in one.
-        let spare = self.waiters_seen
+        let spare = self.line.is_some()
             && matches!(released, Ok(true))
             && self.inner.keep_spare(&self.session, self.session_ttl);
         if spare {

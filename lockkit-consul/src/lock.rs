@@ -118,15 +118,13 @@ impl Session {
         ttl: Duration,
     ) -> Result<Armed<Session>> {
         while let Some(id) = inner.take_spare(ttl) {
-            let sent = Instant::now();
             let mut session = Armed::new(Session {
                 inner: inner.clone(),
                 id,
                 ttl,
-                fresh_at: sent,
+                fresh_at: Instant::now(),
             });
-            if inner.http.renew_session(&session.id).await? {
-                session.fresh_at = sent;
+            if session.renew().await? {
                 return Ok(session);
             }
             // Lapsed: nothing to destroy.
@@ -142,6 +140,11 @@ impl Session {
         if self.fresh_at.elapsed() <= self.ttl / 3 {
             return Ok(true);
         }
+        self.renew().await
+    }
+
+    /// Renews the session now: `false` if Consul dropped it.
+    pub(crate) async fn renew(&mut self) -> Result<bool> {
         let sent = Instant::now();
         if !self.inner.http.renew_session(&self.id).await? {
             return Ok(false);

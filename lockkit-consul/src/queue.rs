@@ -69,19 +69,22 @@ impl Inner {
     }
 
     /// Releases `key`, held by `session`, handing it to the first live waiter if there is
-    /// one: `false` if `session` did not hold it. With `look_first` (waiters were seen) the
-    /// line is read first and the hand-off is one transaction; otherwise the unlock reads the
-    /// line in its own transaction (one request when nobody waits), and a waiter found then
-    /// is handed the key in a second one (or takes it itself first).
+    /// one: `false` if `session` did not hold it. `line` is what the lease saw of the line:
+    /// nothing (taken without waiting: the unlock reads the line in its own transaction, one
+    /// request when nobody waits, and a waiter found then is handed the key in a second one,
+    /// or takes it itself first), or that it came through the line, with the waiter seen
+    /// behind it (the key is handed to that one in one transaction if it still waits; if it
+    /// left, or none was seen, the line is read first).
     pub(crate) async fn release_key(
         &self,
         key: &str,
         session: &str,
-        look_first: bool,
+        line: Option<Option<&str>>,
     ) -> Result<bool> {
-        let mut next = match look_first {
-            true => self.next_in_line(key).await?,
-            false => None,
+        let mut next = match line {
+            None => None,
+            Some(Some(behind)) => Some(behind.to_string()),
+            Some(None) => self.next_in_line(key).await?,
         };
         let mut released = false;
         for _ in 0..HAND_OFF_TRIES {
@@ -168,7 +171,7 @@ impl Cleanup for Waiter {
             .map(drop);
         let handed = self
             .inner
-            .release_key(&self.key, &self.session.id, true)
+            .release_key(&self.key, &self.session.id, Some(None))
             .await
             .map(drop);
         let destroyed = http.destroy_session(&self.session.id).await;
@@ -206,7 +209,12 @@ impl Inner {
 
     /// The first waiter's own take of a free key: it leaves the line in the same
     /// transaction.
-    async fn take_turn(self: Arc<Self>, name: LockName, waiter: Armed<Waiter>) -> Result<Step> {
+    async fn take_turn(
+        self: Arc<Self>,
+        name: LockName,
+        waiter: Armed<Waiter>,
+        behind: Option<String>,
+    ) -> Result<Step> {
         let (key, session, entry) = (&waiter.key, &waiter.session.id, waiter.entry());
         let ops = json!([
             {"KV": {"Verb": "check-session", "Key": entry, "Session": session}},
@@ -217,7 +225,7 @@ impl Inner {
             Ok(entries) => {
                 let taken = entries.into_iter().find(|e| e.key == *key);
                 match taken {
-                    Some(taken) => Ok(Outcome::Won(self.won(name, waiter, &taken)?)),
+                    Some(taken) => Ok(Outcome::Won(self.won(name, waiter, &taken, behind)?)),
                     None => Ok(Outcome::Busy(Some(waiter))),
                 }
             }
@@ -225,12 +233,14 @@ impl Inner {
         }
     }
 
-    /// The lease of a waiter whose session holds the key (`entry`).
+    /// The lease of a waiter whose session holds the key (`entry`); `behind` is the session
+    /// of the waiter seen next in line, if any.
     fn won(
         self: &Arc<Self>,
         name: LockName,
         waiter: Armed<Waiter>,
         entry: &KeyEntry,
+        behind: Option<String>,
     ) -> Result<Acquired> {
         let waiter = waiter.disarm();
         let taken = entry.acquisition();
@@ -239,7 +249,7 @@ impl Inner {
         Ok(Acquired::new(
             FencingToken(taken.token),
             valid_until,
-            Box::new(lease.seen_waiters()),
+            Box::new(lease.came_through_line(behind)),
         ))
     }
 
@@ -300,13 +310,13 @@ impl Inner {
                     let (entry, _) = self.http.read_key(&key, None, Duration::ZERO).await?;
                     match entry {
                         Some(entry) if entry.session.as_deref() == Some(&current.session.id) => {
-                            return self.won(name.clone(), current, &entry);
+                            let behind = line.first().and_then(|e| e.session.clone());
+                            return self.won(name.clone(), current, &entry, behind);
                         }
                         // Enter again, with the same session if it is still there.
                         _ => {
                             let mut kept = Armed::new(current.disarm().session);
-                            kept.fresh_at = Instant::now() - ttl;
-                            if kept.keep().await? {
+                            if kept.renew().await? {
                                 session = Some(kept);
                             } else {
                                 kept.disarm();
@@ -316,16 +326,18 @@ impl Inner {
                 }
                 // First: the key is handed over, or taken when free.
                 Some(0) => {
+                    let behind = line.get(1).and_then(|e| e.session.clone());
                     let mut index = None;
                     loop {
                         let (entry, next) = self.http.read_key(&key, index, wait).await?;
                         match &entry {
                             Some(e) if e.session.as_deref() == Some(&current.session.id) => {
-                                return self.won(name.clone(), current, e);
+                                return self.won(name.clone(), current, e, behind);
                             }
                             Some(e) if e.session.is_some() => refused = 0,
                             _ => {
-                                let take = self.clone().take_turn(name.clone(), current);
+                                let (name, behind) = (name.clone(), behind.clone());
+                                let take = self.clone().take_turn(name, current, behind);
                                 match run_detached(take).await? {
                                     Outcome::Won(acquired) => return Ok(acquired),
                                     Outcome::Busy(back) => waiter = back,

@@ -31,7 +31,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// `serfHealth`, so a partitioned or failed agent does not hand the lock to someone else
 /// while its holder still believes it holds it; the session ends only when its TTL lapses or
 /// it is destroyed); an acquisition takes the key `<prefix>/<encoded name>` on it with one
-/// `lock` transaction, and a release is one `PUT ?release=`. A guard with renewal off gets a
+/// `lock` transaction, and a release is one transaction (`unlock`, and a look at the line). A guard with renewal off gets a
 /// session of its own. Reads are of exactly that key, except the shared session's key check
 /// (one listing of the prefix every third of the TTL). The fencing token is the key's
 /// `ModifyIndex` right after the acquisition: a Raft index, so it grows across releases and
@@ -40,8 +40,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// key's body, `<token> <value>`, written by the holder's session with a `check-index`
 /// transaction; the body's token keeps the holder's token what it was although the write
 /// moves the `ModifyIndex`. Observers ([`Admin::changed`]) block on the key.
-/// Waiters block on the key with Consul's blocking queries and try again when its session
-/// clears. See the crate documentation for the details.
+/// Waiters queue: each enters the lock's line (`<key>/w/<session>`, held by a session of its
+/// own), blocks on the entry ahead of it (the first one on the key) with Consul's blocking
+/// queries, and a release hands the key to the first waiter in one transaction, so waiters
+/// are served in arrival order. See the crate documentation for the details.
 #[derive(Clone)]
 pub struct ConsulLock {
     pub(crate) inner: Arc<Inner>,

@@ -69,6 +69,8 @@ pub(crate) struct Inner {
     /// client's next wait in a line: a contended client does not create and destroy a
     /// session per acquisition (each of which wakes every client's session watcher).
     pub(crate) spare: std::sync::Mutex<Vec<(String, Duration)>>,
+    /// The keys this client lately handed to a waiter, and when.
+    pub(crate) handed: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 /// How many released waiters' sessions a client keeps for its next waits; an unused one
@@ -197,6 +199,7 @@ impl ConsulLock {
                 watcher: Arc::new(Watcher::default()),
                 sessions: Sessions::default(),
                 spare: std::sync::Mutex::default(),
+                handed: std::sync::Mutex::default(),
             }),
         })
     }
@@ -409,6 +412,14 @@ impl Backend for ConsulLock {
         opts: &LockOptions,
         deadline: Option<Instant>,
     ) -> Result<Acquired> {
+        // Just handed to a waiter by this client: surely held, so straight into the line.
+        if self.inner.handed_off_recently(&self.inner.key(name)) {
+            let session = Session::for_line(&self.inner, name, opts.ttl).await?;
+            return self
+                .inner
+                .wait_in_line(name, opts.ttl, session, deadline)
+                .await;
+        }
         if opts.auto_renew {
             let attempt = self.inner.clone().attempt_shared(name.clone(), opts.ttl);
             if let Outcome::Won(acquired) = run_detached(attempt).await? {

@@ -12,6 +12,7 @@
 //! crashed, or a hand-off did not happen) takes it itself, leaving the line in the same
 //! transaction.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,13 @@ use crate::lock::{lease_end, Inner, Session};
 
 /// How many times a release looks for the next live waiter before it just unlocks the key.
 const HAND_OFF_TRIES: usize = 4;
+
+/// For how long after this client handed a lock to a waiter its next wait for that lock
+/// goes straight into the line, without first trying to take it (it is surely held).
+const HANDED_RECENTLY: Duration = Duration::from_secs(1);
+
+/// The most recent hand-offs a client remembers.
+const HANDED_KEPT: usize = 64;
 
 /// The folder of `key`'s line (its waiters' entries are right under it).
 fn line_of(key: &str) -> String {
@@ -62,6 +70,28 @@ fn first_in_line(key: &str, entries: &[KeyEntry]) -> Option<String> {
 }
 
 impl Inner {
+    fn handed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that this client just handed `key` to a waiter.
+    fn note_handed_off(&self, key: &str) {
+        let mut handed = self.handed();
+        if handed.len() >= HANDED_KEPT {
+            handed.retain(|_, at| at.elapsed() < HANDED_RECENTLY);
+        }
+        if handed.len() < HANDED_KEPT {
+            handed.insert(key.to_string(), Instant::now());
+        }
+    }
+
+    /// Whether this client handed `key` to a waiter within [`HANDED_RECENTLY`] (and forgets
+    /// it): a wait for it then enters the line at once.
+    pub(crate) fn handed_off_recently(&self, key: &str) -> bool {
+        let at = self.handed().remove(key);
+        at.is_some_and(|at| at.elapsed() < HANDED_RECENTLY)
+    }
+
     /// The session of the first live waiter for `key`.
     async fn next_in_line(&self, key: &str) -> Result<Option<String>> {
         let entries = self.http.list_keys(&line_of(key)).await?;
@@ -115,7 +145,10 @@ impl Inner {
                 }
             }
             match self.http.transact("release (txn)", &json!(ops)).await? {
-                Ok(_) if next.is_some() => return Ok(true),
+                Ok(_) if next.is_some() => {
+                    self.note_handed_off(key);
+                    return Ok(true);
+                }
                 Ok(entries) => {
                     released = true;
                     next = first_in_line(key, &entries);

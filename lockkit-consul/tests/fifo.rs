@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockkit_consul::ConsulLock;
+use lockkit_core::backend::LockName;
 use lockkit_core::{LockOptions, Locks};
 use lockkit_testkit::{fresh_name, service_url};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -107,6 +109,72 @@ async fn a_waiter_that_gives_up_leaves_the_line() {
         got.duration_since(released)
     );
     let after = b.try_acquire(&name).await.unwrap();
+    assert!(
+        after.is_some(),
+        "the lock stayed held after every waiter left"
+    );
+}
+
+/// How many entries the line of `name` has: one raw `GET ?recurse` of `<key>/w/` (an HTTP
+/// status line of 404 means none).
+async fn line_entries(name: &str) -> usize {
+    let url = service_url("LOCKKIT_CONSUL_URL");
+    let lock = ConsulLock::connect(&url).await.unwrap();
+    let key = lock.lock_key(&LockName::new(name).unwrap());
+    let address = url.trim_start_matches("consul://");
+    let address = address.split(['/', '?']).next().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let path = format!("/v1/kv/{}/w/?recurse", key.replace('%', "%25"));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    if answer.starts_with("HTTP/1.0 404") || answer.starts_with("HTTP/1.1 404") {
+        return 0;
+    }
+    assert!(answer.contains(" 200 "), "unexpected answer: {answer}");
+    answer.matches("\"Key\"").count()
+}
+
+/// Waits that time out, and waits dropped at moments spread over their first requests
+/// (entering the line among them), leave no entry in the line behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_waits_leave_no_entry() {
+    let name = fresh_name("lockkit-consul-fifo/dropped");
+    let holder = client().await.acquire(&name).await.unwrap();
+    // The probe sees a waiter in line.
+    let (locks, name2) = (client().await, name.clone());
+    let queued = tokio::spawn(async move {
+        let opts = waiting(Duration::from_secs(30), true);
+        let _ = locks.acquire_with(&name2, &opts).await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(line_entries(&name).await, 1, "the waiter is not in line");
+    queued.abort();
+    let _ = queued.await;
+    let mut waits = JoinSet::new();
+    for i in 0..8u64 {
+        let (locks, name) = (client().await, name.clone());
+        waits.spawn(async move {
+            let opts = waiting(Duration::from_secs(30), i % 2 == 0);
+            let wait = locks.acquire_with(&name, &opts);
+            // Dropped after 0 to 35 ms: before, during and after entering the line.
+            let dropped = tokio::time::timeout(Duration::from_millis(5 * i), wait).await;
+            assert!(dropped.is_err(), "got a held lock");
+        });
+    }
+    while let Some(done) = waits.join_next().await {
+        done.unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut left = line_entries(&name).await;
+    while left > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = line_entries(&name).await;
+    }
+    assert_eq!(left, 0, "dropped waits left entries in the line");
+    holder.release().await.unwrap();
+    let after = client().await.try_acquire(&name).await.unwrap();
     assert!(
         after.is_some(),
         "the lock stayed held after every waiter left"

@@ -1,7 +1,7 @@
 //! Renewals of lease rows, batched per client: the keeper extends each guard on its own, and
 //! the extends that arrive within a few milliseconds of each other go out as one statement
-//! (PostgreSQL, MySQL). A batch in which any row was not extended is done again row by row, so
-//! each guard learns its own answer.
+//! (on SQLite also one commit). A batch in which some rows were not extended is halved and
+//! each half sent again, down to single rows, so each guard learns its own answer.
 
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -107,8 +107,9 @@ async fn send<D: Dialect>(lock: &Shared<D>, batch: Vec<Ask>) {
             }
         };
         let rows = rows_json(&part);
-        let bind = Bind::new(&part[0].name).rows(&rows);
+        // Before the bind reads the local clock (SQLite's leases end on it).
         let sent = Instant::now();
+        let bind = Bind::new(&part[0].name).rows(&rows);
         let answer = match D::Db::run(On::Pool(&lock.pool), many, &bind).await {
             Ok(Some(n)) if n == part.len() as i64 => Some(Some(sent)),
             // None was ours and in time: the statement checked each.

@@ -65,7 +65,6 @@ pub(crate) enum Arg {
     /// The value a holder stores with its lock (`Lease::set_value`).
     Value,
     /// Many lease rows at once, as a JSON array of `{"name", "owner", "ttl"}` objects.
-    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     Rows,
 }
 
@@ -174,7 +173,7 @@ pub(crate) struct Statements {
     /// Extends our lease row if it is ours and in time: 1 if extended.
     pub(crate) extend: Sql,
     /// Extends many lease rows ([`Arg::Rows`]) each if ours and in time, in one statement:
-    /// the number extended. `None`: one `extend` per row (SQLite).
+    /// the number extended. `None`: one `extend` per row.
     pub(crate) extend_many: Option<Sql>,
     /// Deletes our row if in time; then, failing that, if ours at all (late).
     pub(crate) release: [Sql; 2],

@@ -235,7 +235,8 @@ impl<D: Dialect> Drop for SessionLease<D> {
 pub(crate) struct TableLease<D: Dialect> {
     lock: Arc<Shared<D>>,
     name: LockName,
-    owner: String,
+    /// Shared with the renewal batches it joins.
+    owner: Arc<str>,
     /// The fencing token, stored with a value.
     token: i64,
 }
@@ -245,7 +246,7 @@ impl<D: Dialect> TableLease<D> {
         TableLease {
             lock,
             name,
-            owner,
+            owner: owner.into(),
             token,
         }
     }

@@ -1,7 +1,7 @@
 //! Renewals of lease rows, batched per client: the keeper extends each guard on its own, and
 //! the extends that arrive within a few milliseconds of each other go out as one statement
-//! (PostgreSQL, MySQL). A batch in which any row was not extended is done again row by row, so
-//! each guard learns its own answer.
+//! (on SQLite also one commit). A batch in which some rows were not extended is halved and
+//! each half sent again, down to single rows, so each guard learns its own answer.
 
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ const MOST: usize = 500;
 /// One extend waiting for its batch.
 struct Ask {
     name: LockName,
-    owner: String,
+    owner: Arc<str>,
     ttl: Duration,
     /// When the statement that extended the row was sent; `None`: not ours, or too late.
     answer: oneshot::Sender<Result<Option<Instant>>>,
@@ -47,7 +47,7 @@ impl std::fmt::Debug for Renewals {
 pub(crate) async fn extend<D: Dialect>(
     lock: &Arc<Shared<D>>,
     name: &LockName,
-    owner: &str,
+    owner: &Arc<str>,
     ttl: Duration,
 ) -> Result<Option<Instant>> {
     let (answer, answered) = oneshot::channel();
@@ -55,7 +55,7 @@ pub(crate) async fn extend<D: Dialect>(
         let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
         state.0.push(Ask {
             name: name.clone(),
-            owner: owner.to_string(),
+            owner: owner.clone(),
             ttl,
             answer,
         });
@@ -107,8 +107,9 @@ async fn send<D: Dialect>(lock: &Shared<D>, batch: Vec<Ask>) {
             }
         };
         let rows = rows_json(&part);
-        let bind = Bind::new(&part[0].name).rows(&rows);
+        // Before the bind reads the local clock (SQLite's leases end on it).
         let sent = Instant::now();
+        let bind = Bind::new(&part[0].name).rows(&rows);
         let answer = match D::Db::run(On::Pool(&lock.pool), many, &bind).await {
             Ok(Some(n)) if n == part.len() as i64 => Some(Some(sent)),
             // None was ours and in time: the statement checked each.
@@ -136,7 +137,13 @@ async fn send<D: Dialect>(lock: &Shared<D>, batch: Vec<Ask>) {
 
 /// The rows of `batch` as a JSON array of `{"name", "owner", "ttl"}`.
 fn rows_json(batch: &[Ask]) -> String {
-    let mut out = String::from("[");
+    // The fixed text of a row, with a 20-digit TTL.
+    const ROW: usize = r#"{"name":"","owner":"","ttl":},"#.len() + 20;
+    let size: usize = (batch.iter())
+        .map(|ask| ROW + ask.name.as_str().len() + ask.owner.len())
+        .sum();
+    let mut out = String::with_capacity(size + 2);
+    out.push('[');
     for (i, ask) in batch.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -151,18 +158,26 @@ fn rows_json(batch: &[Ask]) -> String {
     out
 }
 
+/// `s` as a JSON string. The text between the characters that need escaping is copied as
+/// it is (every byte that needs it is ASCII, so never part of a wider character).
 fn json_string(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
         }
+        out.push_str(&s[plain..i]);
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+        }
+        plain = i + 1;
     }
+    out.push_str(&s[plain..]);
     out.push('"');
 }
 
@@ -173,5 +188,11 @@ mod tests {
         let mut out = String::new();
         super::json_string(&mut out, "a\"b\\c\nd\u{1}é");
         assert_eq!(out, "\"a\\\"b\\\\c\\u000ad\\u0001é\"");
+        out.clear();
+        super::json_string(&mut out, "plain/é✓");
+        assert_eq!(out, "\"plain/é✓\"");
+        out.clear();
+        super::json_string(&mut out, "\"é\n");
+        assert_eq!(out, "\"\\\"é\\u000a\"");
     }
 }

@@ -65,7 +65,6 @@ pub(crate) enum Arg {
     /// The value a holder stores with its lock (`Lease::set_value`).
     Value,
     /// Many lease rows at once, as a JSON array of `{"name", "owner", "ttl"}` objects.
-    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     Rows,
 }
 
@@ -174,7 +173,7 @@ pub(crate) struct Statements {
     /// Extends our lease row if it is ours and in time: 1 if extended.
     pub(crate) extend: Sql,
     /// Extends many lease rows ([`Arg::Rows`]) each if ours and in time, in one statement:
-    /// the number extended. `None`: one `extend` per row (SQLite).
+    /// the number extended. `None`: one `extend` per row.
     pub(crate) extend_many: Option<Sql>,
     /// Deletes our row if in time; then, failing that, if ours at all (late).
     pub(crate) release: [Sql; 2],
@@ -335,7 +334,7 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     i64: Type<DB> + for<'q> Encode<'q, DB> + for<'r> Decode<'r, DB>,
-    String: Type<DB> + for<'q> Encode<'q, DB>,
+    for<'q> &'q str: Type<DB> + Encode<'q, DB>,
     usize: ColumnIndex<DB::Row>,
     DB::QueryResult: Into<AnyQueryResult>,
 {
@@ -355,16 +354,17 @@ where
         let mut query = sqlx::query::<DB>(&sql.text);
         for arg in sql.args {
             query = match (arg, bind.key) {
-                (Arg::Name, _) => query.bind(bind.name.to_string()),
-                (Arg::Owner, _) => query.bind(bind.owner.to_string()),
+                // Text borrowed from the caller for the statement: not copied.
+                (Arg::Name, _) => query.bind(bind.name),
+                (Arg::Owner, _) => query.bind(bind.owner),
                 (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
                 (Arg::NowMs, _) => query.bind(bind.now_ms),
                 (Arg::SliceMs, _) => query.bind(bind.slice_ms),
                 (Arg::Token, _) => query.bind(bind.token),
-                (Arg::Rows, _) => query.bind(bind.rows.to_string()),
-                (Arg::Value, _) => query.bind(bind.value.to_string()),
+                (Arg::Rows, _) => query.bind(bind.rows),
+                (Arg::Value, _) => query.bind(bind.value),
                 (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
-                (Arg::Key, Some(Key::Text(key))) => query.bind(key.clone()),
+                (Arg::Key, Some(Key::Text(key))) => query.bind(key.as_str()),
                 (Arg::Key, None) => unreachable!("a key statement without a key"),
             };
         }

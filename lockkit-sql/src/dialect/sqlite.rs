@@ -91,7 +91,21 @@ impl Hooks for Sqlite {
                 ),
                 &[Name, Owner, NowMs, TtlMs],
             ),
-            extend_many: None,
+            // One statement, one commit for the batch (UPDATE ... FROM: SQLite 3.33+, JSON
+            // functions built in since 3.38; an older SQLite fails it, and the rows are
+            // extended one by one). The same checks as `extend`, per row.
+            extend_many: Some(Sql::count(
+                format!(
+                    "UPDATE {p}locks SET expires_at = ?1 + b.ttl
+                     FROM (SELECT json_extract(value, '$.name') AS name,
+                                  json_extract(value, '$.owner') AS owner,
+                                  json_extract(value, '$.ttl') AS ttl
+                           FROM json_each(?2)) AS b
+                     WHERE {p}locks.name = b.name AND {p}locks.owner = b.owner
+                       AND {p}locks.expires_at >= ?1"
+                ),
+                &[NowMs, Rows],
+            )),
             release: [
                 Sql::count(
                     format!(

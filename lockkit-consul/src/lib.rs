@@ -7,7 +7,6 @@ mod http;
 mod lease;
 mod lock;
 mod options;
-mod queue;
 mod shared;
 mod watcher;
 

@@ -5,19 +5,16 @@
 #![cfg(feature = "zk")]
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use lockkit::zk::zookeeper_client as zk;
 use lockkit::zk::ZkOptions;
 use lockkit::{Error, LockName, LockOptions, Locks, LostReason, ZkLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use lockkit_testkit::{fresh_name, hosts, service_url};
+use lockkit_testkit::{fresh_name, hosts, service_url, Proxy};
 
 fn url() -> String {
     service_url("LOCKKIT_ZK_URL")
@@ -72,57 +69,53 @@ async fn wait_for_contenders(raw: &zk::Client, lock: &Locks, name: &str, count: 
     }
 }
 
+/// An operator (or another process holding the session's id and password) closes a holder's
+/// session: the holder learns it lost the lock as soon as it can talk to the server again.
+///
+/// The holder talks through a [`Proxy`] that is cut while the session is closed: otherwise
+/// its client, moved off the session by the twin's reattach, reattaches at once and the two
+/// clients fight over the session (reattaches time out and the close may never happen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_closed_from_outside_fires_lost() {
-    let (a, b) = (client().await, client().await);
+    let proxy = Proxy::start(&server()).await;
+    let backend = ZkLock::connect(&format!("zk://{}", proxy.addr()))
+        .await
+        .unwrap();
+    let a = Locks::new(backend.clone());
+    let (b, raw) = (client().await, raw().await);
     let name = fresh_name("lockkit-zk-faults/session_closed");
     // A long TTL and renewal: only the session's end can take the lock away here.
     let ttl = Duration::from_secs(20);
     let opts = LockOptions::new().ttl(ttl);
     let guard = a.acquire_with(&name, &opts).await.unwrap();
     assert!(b.try_acquire_with(&name, &opts).await.unwrap().is_none());
+    let session = backend.session_client(ttl).await.unwrap().session().clone();
 
     // Open the guard's session a second time, by id and password, and close it.
-    let session = a
-        .backend_as::<ZkLock>()
-        .unwrap()
-        .session_client(ttl)
+    proxy.cut();
+    let twin = zk::Client::connector()
+        .with_session(session)
+        .connect(&hosts(&url()).join(","))
         .await
-        .unwrap()
-        .session()
-        .clone();
-    let cluster = hosts(&url()).join(",");
-    // The fault injector, not lockkit: reattaching to a live session can time out when the
-    // server is busy, so it gets a few tries.
-    let mut tries = 0;
-    let twin = loop {
-        tries += 1;
-        match zk::Client::connector()
-            .with_session(session.clone())
-            .connect(&cluster)
-            .await
-        {
-            Ok(twin) => break twin,
-            Err(e) if tries < 3 => eprintln!("reopening the session, try {tries}: {e}"),
-            Err(e) => panic!("reopen the session: {e}"),
-        }
-    };
-    let started = Instant::now();
+        .expect("reopen the session");
     drop(twin);
-
-    let reason = tokio::time::timeout(Duration::from_secs(10), guard.lost())
-        .await
-        .expect("lost() did not fire after the session was closed");
-    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason:?}");
-    assert!(!guard.is_held());
-    eprintln!("lost() fired {:?} after the close", started.elapsed());
-
-    // The node went with the session: another client gets the lock at once.
+    // The node went with the session: the lock is free for another client at once.
+    wait_for_contenders(&raw, &b, &name, 0).await;
     let next = b
         .acquire_with(&name, &opts.clone().wait_timeout(Duration::from_secs(5)))
         .await
         .expect("the closed session's node stayed");
     assert!(next.fencing_token() > guard.fencing_token());
+
+    // The holder hears of it once its connection is back.
+    proxy.restore();
+    let restored = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(10), guard.lost())
+        .await
+        .expect("lost() did not fire after the session was closed");
+    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason:?}");
+    assert!(!guard.is_held());
+    eprintln!("lost() fired {:?} after the restore", restored.elapsed());
     let err = guard.release().await.expect_err("released after loss");
     assert!(err.is_lost(), "{err:?}");
     next.release().await.unwrap();
@@ -198,67 +191,6 @@ async fn a_wait_longer_than_the_ttl_still_gets_a_full_lease() {
     next.release().await.unwrap();
 }
 
-/// A TCP proxy in front of the ZooKeeper server whose traffic can be cut silently: while cut,
-/// open connections forward nothing (neither end sees a close) and new ones are accepted but
-/// never answered, like a network partition. Restoring closes every connection that lived
-/// through the cut (their bytes are lost) and forwards new ones again.
-struct Proxy {
-    addr: SocketAddr,
-    cut: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start() -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (cut, rx) = watch::channel(false);
-        let target = server();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(Self::pump(client, target.clone(), rx.clone()));
-            }
-        });
-        Proxy { addr, cut, task }
-    }
-
-    async fn pump(mut client: TcpStream, target: String, mut cut: watch::Receiver<bool>) {
-        if !*cut.borrow_and_update() {
-            let Ok(mut server) = TcpStream::connect(&target).await else {
-                return;
-            };
-            let forward = tokio::io::copy_bidirectional(&mut client, &mut server);
-            let was_cut = tokio::select! {
-                _ = forward => false,
-                _ = cut.wait_for(|cut| *cut) => true,
-            };
-            if !was_cut {
-                return;
-            }
-        }
-        // Black-holed: hold the connection open without a word until the cut ends.
-        let _ = cut.wait_for(|cut| !*cut).await;
-    }
-
-    fn url(&self) -> String {
-        format!("zk://{}", self.addr)
-    }
-
-    fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-
-    fn restore(&self) {
-        self.cut.send_replace(false);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Polls `client`'s session state until it is connected, for at most `limit`.
 async fn wait_connected(client: &zk::Client, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -277,9 +209,11 @@ async fn wait_connected(client: &zk::Client, limit: Duration) {
 /// other guards), so the node would wedge the lock for every client until the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_lost_in_a_silent_disconnect_is_done_after_reconnect() {
-    let proxy = Proxy::start().await;
+    let proxy = Proxy::start(&server()).await;
     let options = ZkOptions::new().request_timeout(Duration::from_secs(1));
-    let backend = ZkLock::connect_with(&proxy.url(), options).await.unwrap();
+    let backend = ZkLock::connect_with(&format!("zk://{}", proxy.addr()), options)
+        .await
+        .unwrap();
     let cut_off = Locks::new(backend.clone());
     let direct = client().await;
     let name = fresh("silent_release");

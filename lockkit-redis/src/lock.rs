@@ -464,18 +464,29 @@ impl Inner {
             .await;
         let mut tokens = Vec::new();
         let mut busy_for: Option<i64> = None;
-        let mut failures = Vec::new();
+        let mut unanswered = Vec::new();
         for (node, answer) in self.nodes.iter().zip(answers) {
             match answer {
                 Ok((1, token)) => tokens.push(token),
                 // -1: a key without TTL (not ours); its end is unknown.
                 Ok((_, pttl)) if pttl < 0 => {}
                 Ok((_, pttl)) => busy_for = Some(busy_for.map_or(pttl, |b| b.min(pttl))),
-                // The script may have run although its answer was lost: ask again.
-                Err(e) => match self.recover(node, &keys, &owner, ttl).await {
-                    Some(token) => tokens.push(token),
-                    None => failures.push(e),
-                },
+                Err(e) => unanswered.push((node, e)),
+            }
+        }
+        // The script may have run although its answer was lost: ask those instances again,
+        // all at once.
+        let recovered = join_all(
+            unanswered
+                .iter()
+                .map(|(node, _)| self.recover(node, &keys, &owner, ttl)),
+        )
+        .await;
+        let mut failures = Vec::new();
+        for ((_, e), token) in unanswered.into_iter().zip(recovered) {
+            match token {
+                Some(token) => tokens.push(token),
+                None => failures.push(e),
             }
         }
         let lease = RedisLease::new(self.clone(), name.clone(), keys.clone(), owner.clone());

@@ -1,6 +1,6 @@
 //! What lockkit's integration tests and benchmarks share, so each is written once: the URLs of
 //! the test servers ([`service_url`], [`service_urls`]), lock names no other run uses
-//! ([`fresh_name`]), servers stopped for a fault test ([`Stopped`]), and, from
+//! ([`fresh_name`]), servers stopped for a fault test ([`Stopped`]) or cut off behind a proxy ([`Proxy`]), and, from
 //! `lockkit::bench` (the code of `lockkit bench`), the warm-up and timing loop
 //! ([`time_loop`]) with its statistics ([`Stats`]) and the contended run ([`contended`]), and
 //! the checks of a backend's part of leader election ([`election`]).
@@ -11,7 +11,7 @@ pub mod election;
 mod faults;
 mod services;
 
-pub use faults::{services, Stopped};
+pub use faults::{services, Proxy, Stopped};
 pub use lockkit::bench::{contended, time_loop, try_time_loop, Contended, Stats};
 pub use services::{cluster_url, hosts, service_url, service_urls, with_params};
 

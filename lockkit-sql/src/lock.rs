@@ -40,8 +40,26 @@ pub(crate) struct Shared<D: Dialect> {
     pub(crate) sessions: Sessions<D>,
     /// Lease-row renewals waiting for their batch (table strategy).
     pub(crate) renewals: Renewals,
+    /// Turns of the lease-row takes at the pool: all of its connections but one (the only
+    /// one, for a pool of one). A burst of takes larger than the pool queues here, so the
+    /// renewals and releases, which skip this line, wait for at most one statement instead
+    /// of every take queued before them, and are not lost to a burst.
+    takes: tokio::sync::Semaphore,
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) state: D::State,
+}
+
+impl<D: Dialect> Shared<D> {
+    /// A lease-row take's turn at the pool (see `takes`), waited for no longer than the pool
+    /// would make it wait for a connection.
+    pub(crate) async fn take_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let timeout = self.settings.acquire_timeout;
+        match tokio::time::timeout(timeout, self.takes.acquire()).await {
+            Ok(Ok(turn)) => Ok(turn),
+            // Never closed; and a wait past the timeout is the pool's own error.
+            _ => Err(error::map::<D>(sqlx::Error::PoolTimedOut)),
+        }
+    }
 }
 
 impl<D: Dialect> Clone for SqlLock<D> {
@@ -91,6 +109,10 @@ impl<D: Dialect> SqlLock<D> {
         let database = target
             .database
             .map(|db| format!("{}:{db}:{}", D::NAME, settings.table_prefix));
+        let takes = match pool.options().get_max_connections() {
+            0 | 1 => 1,
+            more => more as usize - 1,
+        };
         let lock = SqlLock {
             inner: Arc::new(Shared {
                 pool,
@@ -99,6 +121,7 @@ impl<D: Dialect> SqlLock<D> {
                 wake: wait::wake_slots(database),
                 sessions: Sessions::default(),
                 renewals: Renewals::default(),
+                takes: tokio::sync::Semaphore::new(takes),
                 settings,
             }),
         };

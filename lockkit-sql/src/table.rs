@@ -31,6 +31,7 @@ pub(crate) async fn attempt<D: Dialect>(
 
 async fn take<D: Dialect>(lock: Arc<Shared<D>>, name: LockName, ttl: Duration) -> Result<Outcome> {
     let owner = uuid::Uuid::new_v4().simple().to_string();
+    let _turn = lock.take_turn().await?;
     let mut conn = lock.pool.acquire().await.map_err(error::map::<D>)?;
     let started = Instant::now();
     let bind = Bind::new(&name).lease(&owner, ttl);
@@ -96,6 +97,7 @@ pub(crate) async fn time_left<D: Dialect>(
     name: &LockName,
 ) -> Result<Option<Duration>> {
     let bind = Bind::new(name);
+    let _turn = lock.take_turn().await?;
     let left = D::Db::run(On::Pool(&lock.pool), &lock.sql.time_left, &bind).await;
     let left = left.map_err(error::map::<D>)?;
     Ok(left.map(|ms| Duration::from_millis(ms.max(0) as u64)))

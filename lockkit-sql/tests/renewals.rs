@@ -1,6 +1,7 @@
 //! Renewals of lease rows (the table strategy), batched per client: many guards on one SQLite
 //! file all kept through several TTLs, and a batch that holds rows no longer ours (taken over
-//! by another client, or run out) extends only the rest, each extend learning its own answer.
+//! by another client, or run out) extends only the rest, each extend learning its own answer;
+//! and a burst of takes larger than the pool does not starve the renewals.
 //! SQLite runs on a temporary file; PostgreSQL and MySQL on the servers of `scripts/services`.
 #![cfg(feature = "sqlite")]
 
@@ -147,11 +148,63 @@ async fn sqlite_batch_extends_only_rows_ours_and_in_time() {
     batch_extends_only_rows_ours_and_in_time(Arc::new(a), Arc::new(b)).await;
 }
 
+/// A burst of takes far larger than the pool, from the client that holds a guard: its
+/// renewals must not wait behind every queued take (longer than the TTL) and be lost.
+async fn a_burst_of_takes_does_not_starve_renewals(ours: Locks, theirs: Locks, tries: usize) {
+    let ttl = Duration::from_secs(1);
+    let base = fresh_name("lockkit-sql-renewals/burst");
+    let (kept, busy) = (format!("{base}-kept"), format!("{base}-busy"));
+    let guard = ours
+        .acquire_with(&kept, &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap();
+    let other = theirs
+        .acquire_with(&busy, &LockOptions::new().ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut burst = JoinSet::new();
+    for _ in 0..tries {
+        let (ours, busy) = (ours.clone(), busy.clone());
+        burst.spawn(async move { ours.try_acquire(&busy).await.map(|g| g.is_some()) });
+    }
+    let mut errors = 0;
+    while let Some(tried) = burst.join_next().await {
+        match tried.unwrap() {
+            Ok(taken) => assert!(!taken, "took a lock another client holds"),
+            Err(_) => errors += 1,
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("{tries} tries in {took:?}, {errors} failed");
+    assert!(
+        took > ttl * 2,
+        "the burst ({took:?}) was too short to test anything: more tries"
+    );
+    assert!(
+        guard.is_held(),
+        "the guard was lost during the burst: {:?}",
+        guard.lost_reason()
+    );
+    guard.release().await.expect("release after the burst");
+    other.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_burst_of_takes_does_not_starve_renewals() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("locks.db").display());
+    let ours = Locks::new(SqliteLock::connect(&url).await.unwrap());
+    let theirs = Locks::new(SqliteLock::connect(&url).await.unwrap());
+    a_burst_of_takes_does_not_starve_renewals(ours, theirs, 20_000).await;
+}
+
 #[cfg(all(feature = "postgres", feature = "mysql"))]
 mod servers {
     use std::sync::Arc;
 
     use lockkit_core::backend::Backend;
+    use lockkit_core::Locks;
     use lockkit_sql::{MySqlLock, PgLock};
     use lockkit_testkit::{service_url, with_params};
 
@@ -167,6 +220,30 @@ mod servers {
                 Arc::new(MySqlLock::connect(&url).await.unwrap()),
             ),
         }
+    }
+
+    /// A small pool, so the burst is many times its size.
+    async fn small_pool(key: &str) -> (Locks, Locks) {
+        let url = with_params(&service_url(key), "strategy=table&max_connections=4");
+        let connect = |url: String| async move {
+            match key {
+                "LOCKKIT_POSTGRES_URL" => Locks::new(PgLock::connect(&url).await.unwrap()),
+                _ => Locks::new(MySqlLock::connect(&url).await.unwrap()),
+            }
+        };
+        (connect(url.clone()).await, connect(url).await)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_a_burst_of_takes_does_not_starve_renewals() {
+        let (ours, theirs) = small_pool("LOCKKIT_POSTGRES_URL").await;
+        super::a_burst_of_takes_does_not_starve_renewals(ours, theirs, 5_000).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_a_burst_of_takes_does_not_starve_renewals() {
+        let (ours, theirs) = small_pool("LOCKKIT_MYSQL_URL").await;
+        super::a_burst_of_takes_does_not_starve_renewals(ours, theirs, 5_000).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

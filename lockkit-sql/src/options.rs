@@ -81,8 +81,10 @@ options! {
     /// DDL: then run `migrate()` once (or its SQL) ahead of time. Default on.
     auto_migrate: bool,
     /// Pool size (`max_connections=`). With advisory locks a connection holds up to 1000
-    /// locks, and every concurrent acquisition or wait uses one. Default 256 for advisory locks, 32 for a server's lease table,
-    /// 4 for SQLite (1 for an in-memory database, whatever is set).
+    /// locks, and every concurrent acquisition or wait uses one. With lease tables, takes use
+    /// all connections but one, which stays free for renewals and releases. Default 256 for
+    /// advisory locks, 32 for a server's lease table, 4 for SQLite (1 for an in-memory
+    /// database, whatever is set).
     max_connections: u32,
     /// How long to wait for a connection, to connect or from the pool
     /// (`acquire_timeout=`). Default 3 s; SQLite: its busy timeout.

@@ -375,6 +375,12 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
     // The backend's loss signal, made once and polled for as long as the lock is held.
     let lease_lost = lease.lost();
     tokio::pin!(lease_lost);
+    // One timer and one registration for clock changes, kept across the turns of the loop
+    // (re-armed, not re-made): with thousands of guards a process does little else.
+    let timer = sleep_until(Instant::now());
+    tokio::pin!(timer);
+    let clock_changed = shared.clock_changed.notified();
+    tokio::pin!(clock_changed);
     let mut next_renewal = shared.clock().renewal_due();
     // Once the lock is lost, the lease is released right away (best effort): a lease that
     // ran out here must not live on in the backend, where a session-based lock (an advisory
@@ -389,25 +395,33 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
             continue;
         }
         let lost = shared.lost_reason().is_some();
-        let clock = *shared.clock();
-        let valid_until = clock.valid_until();
-        let renew_at = next_renewal.unwrap_or(valid_until);
+        // The timer wakes the keeper for the next renewal, or at the end of the lease.
+        let valid_until = shared.clock().valid_until();
+        let wake_at = next_renewal.map_or(valid_until, |at| at.min(valid_until));
+        if timer.deadline() != wake_at {
+            timer.as_mut().reset(wake_at);
+        }
         tokio::select! {
             biased;
             _ = &mut inbox => break,
             reason = &mut lease_lost, if !lost => shared.mark_lost(reason),
-            _ = shared.clock_changed.notified() => {
+            _ = clock_changed.as_mut() => {
+                clock_changed.set(shared.clock_changed.notified());
                 // An explicit extend may have shortened the TTL, or asked a fixed-TTL lease
                 // to outlast its server-side TTL: renew no later than it needs.
                 let soonest = shared.clock().renewal_due();
                 next_renewal = next_renewal.into_iter().chain(soonest).min();
             }
-            _ = sleep_until(valid_until), if !lost => {
-                if Instant::now() >= shared.clock().valid_until() {
+            _ = timer.as_mut(), if !lost => {
+                let now = Instant::now();
+                if now >= shared.clock().valid_until() {
                     shared.mark_lost(LostReason::Expired);
+                    continue;
                 }
-            }
-            _ = sleep_until(renew_at), if !lost && next_renewal.is_some() => {
+                if next_renewal.is_none_or(|at| now < at) {
+                    // The lease was extended meanwhile: not over yet.
+                    continue;
+                }
                 // Not while an explicit extend is in flight; then with the clock it left.
                 let renewal = async {
                     let _one_at_a_time = shared.extending.lock().await;

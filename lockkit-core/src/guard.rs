@@ -438,7 +438,8 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
                         shared.mark_lost(reason);
                         continue;
                     }
-                    done = renewal => done,
+                    // Boxed: in flight only now and then, so not part of every idle keeper.
+                    done = Box::pin(renewal) => done,
                 };
                 let (result, started, clock) = result;
                 next_renewal = renewed(&shared, result, started, clock);
@@ -454,7 +455,7 @@ async fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>, mut inbox: oneshot::Re
     }
     let result = match (released, shared.lost_reason()) {
         (true, Some(reason)) => Err(Error::lost(shared.name.as_str(), reason)),
-        _ => release_with_retries(&shared, lease.as_ref()).await,
+        _ => Box::pin(release_with_retries(&shared, lease.as_ref())).await,
     };
     match result {
         Ok(()) => tracing::debug!(?held, "released on drop"),

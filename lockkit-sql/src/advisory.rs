@@ -138,7 +138,7 @@ async fn take<D: Dialect>(
         (_, None) => return Err(error::no_value::<D>("the advisory lock")),
     };
     if token.is_some() {
-        session.keys.insert(key.clone(), ttl_ms);
+        session.hold(key.clone(), ttl_ms);
     }
     Ok(token)
 }

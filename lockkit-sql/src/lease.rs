@@ -98,9 +98,8 @@ impl<D: Dialect> Lease for SessionLease<D> {
             return Err(self.gone(&session));
         }
         let ttl_ms = millis(ttl);
-        match session.keys.get_mut(&self.key) {
-            Some(held) => *held = ttl_ms,
-            None => return Err(self.not_owner()),
+        if !session.set_ttl(&self.key, ttl_ms) {
+            return Err(self.not_owner());
         }
         let arm_ms = session.arm_for(ttl_ms);
         if let Some(last) = session.last_ok {
@@ -181,7 +180,7 @@ async fn unlock<D: Dialect>(
         let why = session.ended.clone().unwrap_or_default();
         return Err(LostReason::SessionLost(why));
     }
-    if session.keys.remove(key).is_none() {
+    if !session.let_go(key) {
         return Err(LostReason::NotOwner);
     }
     let bind = Bind::new(name).key(key, None);

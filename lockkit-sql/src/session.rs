@@ -4,7 +4,7 @@
 //! every lock of a session share its statements: the session being alive is what keeps its
 //! locks, so one statement renews them all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,8 +30,12 @@ pub(crate) struct Session<D: Dialect> {
     conn: Option<PoolConnection<D::Db>>,
     /// Why it ended.
     pub(crate) ended: Option<String>,
-    /// The locks it holds, each with its lease's TTL in milliseconds.
+    /// The locks it holds, each with its lease's TTL in milliseconds. Changed only through
+    /// [`Session::hold`], [`Session::set_ttl`] and [`Session::let_go`], which keep `ttls`.
     pub(crate) keys: HashMap<Key, i64>,
+    /// How many held locks have each TTL: the longest in O(log n) for [`Session::arm_for`],
+    /// which every renewal asks (a session holds up to a thousand locks).
+    ttls: BTreeMap<i64, u32>,
     /// The idle timeout the server ends it after, in milliseconds (0: not armed): at least
     /// every held lock's TTL, so the server never ends it before a lease it confirmed.
     pub(crate) armed_ms: i64,
@@ -55,6 +59,7 @@ impl<D: Dialect> Session<D> {
             conn: Some(conn),
             ended: None,
             keys: HashMap::new(),
+            ttls: BTreeMap::new(),
             armed_ms: 0,
             last_ok: None,
         }
@@ -82,7 +87,47 @@ impl<D: Dialect> Session<D> {
 
     /// The idle timeout the session needs with its locks and one more of `ttl_ms`.
     pub(crate) fn arm_for(&self, ttl_ms: i64) -> i64 {
-        self.keys.values().copied().fold(ttl_ms, i64::max).max(1)
+        let longest = self.ttls.last_key_value().map_or(ttl_ms, |(&t, _)| t);
+        longest.max(ttl_ms).max(1)
+    }
+
+    /// Records that the session holds `key` with a lease of `ttl_ms`.
+    pub(crate) fn hold(&mut self, key: Key, ttl_ms: i64) {
+        if let Some(old) = self.keys.insert(key, ttl_ms) {
+            self.forget_ttl(old);
+        }
+        *self.ttls.entry(ttl_ms).or_default() += 1;
+    }
+
+    /// Changes the TTL of a held `key`; `false` if the session does not hold it.
+    pub(crate) fn set_ttl(&mut self, key: &Key, ttl_ms: i64) -> bool {
+        let Some(held) = self.keys.get_mut(key) else {
+            return false;
+        };
+        let old = std::mem::replace(held, ttl_ms);
+        self.forget_ttl(old);
+        *self.ttls.entry(ttl_ms).or_default() += 1;
+        true
+    }
+
+    /// Records that the session no longer holds `key`; `false` if it did not.
+    pub(crate) fn let_go(&mut self, key: &Key) -> bool {
+        match self.keys.remove(key) {
+            Some(old) => {
+                self.forget_ttl(old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget_ttl(&mut self, ttl_ms: i64) {
+        if let Some(count) = self.ttls.get_mut(&ttl_ms) {
+            *count -= 1;
+            if *count == 0 {
+                self.ttls.remove(&ttl_ms);
+            }
+        }
     }
 
     /// Runs `sql` on the session; a success restarts its idle clock. A connection error

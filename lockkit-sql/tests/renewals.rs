@@ -237,7 +237,7 @@ mod servers {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_a_burst_of_takes_does_not_starve_renewals() {
         let (ours, theirs) = small_pool("LOCKKIT_POSTGRES_URL").await;
-        super::a_burst_of_takes_does_not_starve_renewals(ours, theirs, 5_000).await;
+        super::a_burst_of_takes_does_not_starve_renewals(ours, theirs, 8_000).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,182 @@
+//! Waiters queue on the test Consul agent of `scripts/services`: they get the lock in the
+//! order they started waiting, a releaser that asks again at once queues behind them, and a
+//! waiter that gives up leaves nothing that holds the line up.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockkit_consul::ConsulLock;
+use lockkit_core::backend::LockName;
+use lockkit_core::{LockOptions, Locks};
+use lockkit_testkit::{fresh_name, service_url};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+async fn client() -> Locks {
+    let url = service_url("LOCKKIT_CONSUL_URL");
+    Locks::new(ConsulLock::connect(&url).await.unwrap())
+}
+
+fn waiting(wait: Duration, renew: bool) -> LockOptions {
+    LockOptions::new().wait_timeout(wait).auto_renew(renew)
+}
+
+/// Five clients start waiting one after another (renewing guards and guards with renewal
+/// off alternately); after the release they get the lock in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_get_the_lock_in_arrival_order() {
+    let name = fresh_name("lockkit-consul-fifo/order");
+    let holder = client().await.acquire(&name).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = JoinSet::new();
+    for i in 0..5 {
+        let locks = client().await;
+        let (name, order) = (name.clone(), order.clone());
+        waiters.spawn(async move {
+            let opts = waiting(Duration::from_secs(60), i % 2 == 0);
+            let guard = locks.acquire_with(&name, &opts).await.unwrap();
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    holder.release().await.unwrap();
+    while let Some(done) = waiters.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
+}
+
+/// A holder that releases while a client waits and asks again at once does not get the lock
+/// back ahead of the waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_releaser_does_not_barge_ahead_of_a_waiter() {
+    let name = fresh_name("lockkit-consul-fifo/barge");
+    let (a, b) = (client().await, client().await);
+    for renew in [true, false] {
+        let held = a.acquire_with(&name, &waiting(Duration::ZERO, renew)).await;
+        let held = held.unwrap();
+        let name2 = name.clone();
+        let b = b.clone();
+        let waiter = tokio::spawn(async move {
+            let opts = waiting(Duration::from_secs(30), renew);
+            let guard = b.acquire_with(&name2, &opts).await.unwrap();
+            // Long enough that the releaser's try below comes while the waiter holds it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            guard.release().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        held.release().await.unwrap();
+        let again = a
+            .try_acquire_with(&name, &waiting(Duration::ZERO, renew))
+            .await;
+        let barged = again.unwrap();
+        assert!(
+            barged.is_none(),
+            "the releaser took the lock back ahead of the waiter"
+        );
+        waiter.await.unwrap();
+    }
+}
+
+/// A waiter that times out leaves the line: the next waiter gets the lock as soon as it is
+/// released, and then anyone gets it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiter_that_gives_up_leaves_the_line() {
+    let name = fresh_name("lockkit-consul-fifo/gives-up");
+    let (a, b, c) = (client().await, client().await, client().await);
+    let held = a.acquire(&name).await.unwrap();
+    let short = waiting(Duration::from_millis(700), true);
+    let gave_up = b.acquire_with(&name, &short).await;
+    assert!(gave_up.is_err(), "got a held lock");
+    let name2 = name.clone();
+    let next = tokio::spawn(async move {
+        let opts = waiting(Duration::from_secs(30), true);
+        let guard = c.acquire_with(&name2, &opts).await.unwrap();
+        let got = Instant::now();
+        guard.release().await.unwrap();
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = Instant::now();
+    held.release().await.unwrap();
+    let got = next.await.unwrap();
+    assert!(
+        got.duration_since(released) < Duration::from_secs(5),
+        "the next waiter waited {:?} after the release",
+        got.duration_since(released)
+    );
+    let after = b.try_acquire(&name).await.unwrap();
+    assert!(
+        after.is_some(),
+        "the lock stayed held after every waiter left"
+    );
+}
+
+/// How many entries the line of `name` has: one raw `GET ?recurse` of `<key>/w/` (an HTTP
+/// status line of 404 means none).
+async fn line_entries(name: &str) -> usize {
+    let url = service_url("LOCKKIT_CONSUL_URL");
+    let lock = ConsulLock::connect(&url).await.unwrap();
+    let key = lock.lock_key(&LockName::new(name).unwrap());
+    let address = url.trim_start_matches("consul://");
+    let address = address.split(['/', '?']).next().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let path = format!("/v1/kv/{}/w/?recurse", key.replace('%', "%25"));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    if answer.starts_with("HTTP/1.0 404") || answer.starts_with("HTTP/1.1 404") {
+        return 0;
+    }
+    assert!(answer.contains(" 200 "), "unexpected answer: {answer}");
+    answer.matches("\"Key\"").count()
+}
+
+/// Waits that time out, and waits dropped at moments spread over their first requests
+/// (entering the line among them), leave no entry in the line behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_waits_leave_no_entry() {
+    let name = fresh_name("lockkit-consul-fifo/dropped");
+    let holder = client().await.acquire(&name).await.unwrap();
+    // The probe sees a waiter in line.
+    let (locks, name2) = (client().await, name.clone());
+    let queued = tokio::spawn(async move {
+        let opts = waiting(Duration::from_secs(30), true);
+        let _ = locks.acquire_with(&name2, &opts).await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(line_entries(&name).await, 1, "the waiter is not in line");
+    queued.abort();
+    let _ = queued.await;
+    let mut waits = JoinSet::new();
+    for i in 0..8u64 {
+        let (locks, name) = (client().await, name.clone());
+        waits.spawn(async move {
+            let opts = waiting(Duration::from_secs(30), i % 2 == 0);
+            let wait = locks.acquire_with(&name, &opts);
+            // Dropped after 0 to 35 ms: before, during and after entering the line.
+            let dropped = tokio::time::timeout(Duration::from_millis(5 * i), wait).await;
+            assert!(dropped.is_err(), "got a held lock");
+        });
+    }
+    while let Some(done) = waits.join_next().await {
+        done.unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut left = line_entries(&name).await;
+    while left > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = line_entries(&name).await;
+    }
+    assert_eq!(left, 0, "dropped waits left entries in the line");
+    holder.release().await.unwrap();
+    let after = client().await.try_acquire(&name).await.unwrap();
+    assert!(
+        after.is_some(),
+        "the lock stayed held after every waiter left"
+    );
+}

@@ -378,6 +378,7 @@ impl Backend for ConsulLock {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(MIN_TTL)
             .fencing(true)
+            .fifo(true)
             .lease_expiry(true)
             .renewal(true)
             .networked(true)

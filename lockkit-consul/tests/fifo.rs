@@ -180,3 +180,156 @@ async fn dropped_waits_leave_no_entry() {
         "the lock stayed held after every waiter left"
     );
 }
+
+/// A stand-in for a Consul agent whose servers are electing a leader: a TCP proxy in front
+/// of the test agent that, while "electing", drops every open connection (a blocking query
+/// in flight fails) and answers every new request `500 No cluster leader`, as an agent does
+/// until a new leader is elected; otherwise it forwards.
+struct Election {
+    addr: std::net::SocketAddr,
+    electing: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Election {
+    async fn start(target: String) -> Election {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (electing, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(client, target.clone(), rx.clone()));
+            }
+        });
+        Election {
+            addr,
+            electing,
+            task,
+        }
+    }
+
+    async fn serve(
+        mut client: tokio::net::TcpStream,
+        target: String,
+        mut electing: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if !*electing.borrow_and_update() {
+            let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = electing.wait_for(|e| *e) => {}
+            }
+            return; // both dropped: closed
+        }
+        let mut request = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.read(&mut request)).await;
+        let body = "No cluster leader";
+        let answer = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = client.write_all(answer.as_bytes()).await;
+        let _ = client.shutdown().await;
+    }
+
+    /// A client of this stand-in agent.
+    async fn client(&self) -> Locks {
+        let url = format!("consul://{}", self.addr);
+        Locks::new(ConsulLock::connect(&url).await.unwrap())
+    }
+
+    /// An election of `length`.
+    async fn elect(&self, length: Duration) {
+        self.electing.send_replace(true);
+        tokio::time::sleep(length).await;
+        self.electing.send_replace(false);
+    }
+}
+
+impl Drop for Election {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The test agent's `host:port`.
+fn agent() -> String {
+    let url = service_url("LOCKKIT_CONSUL_URL");
+    lockkit_testkit::hosts(&url).remove(0)
+}
+
+/// A waiter whose agent loses its cluster leader for a while (its blocking query fails, and
+/// so does every request until a new leader is elected) keeps its place: the holder's
+/// release after the election hands it the lock at once, not to a stale entry of its own
+/// that holds the lock until its session lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiter_keeps_its_place_through_a_leader_election() {
+    let plain = format!("consul://{}", agent());
+    assert_eq!(
+        service_url("LOCKKIT_CONSUL_URL"),
+        plain,
+        "a URL with parameters"
+    );
+    let name = fresh_name("lockkit-consul-fifo/election");
+    let election = Election::start(agent()).await;
+    let holder = client().await.acquire(&name).await.unwrap();
+    let locks = election.client().await;
+    let name2 = name.clone();
+    let waiter = tokio::spawn(async move {
+        let opts = waiting(Duration::from_secs(20), true);
+        let acquired = locks.acquire_with(&name2, &opts).await;
+        let guard = acquired.unwrap_or_else(|e| panic!("no lock 20 s after the election: {e}"));
+        let got = Instant::now();
+        guard.release().await.unwrap();
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(line_entries(&name).await, 1, "the waiter is not in line");
+    election.elect(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let got = waiter.await.unwrap();
+    let after = got.duration_since(released);
+    assert!(
+        after < Duration::from_secs(3),
+        "the waiter got the lock {after:?} after the release"
+    );
+    assert_eq!(line_entries(&name).await, 0, "entries left in the line");
+}
+
+/// A wait dropped while its agent has no cluster leader (its clean-up fails then) leaves no
+/// entry in the line once a leader is back, well before its session's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wait_dropped_during_an_election_leaves_the_line_after_it() {
+    let name = fresh_name("lockkit-consul-fifo/dropped-in-election");
+    let election = Election::start(agent()).await;
+    let holder = client().await.acquire(&name).await.unwrap();
+    let locks = election.client().await;
+    let name2 = name.clone();
+    let waiter = tokio::spawn(async move {
+        let opts = waiting(Duration::from_secs(60), true);
+        let _ = locks.acquire_with(&name2, &opts).await;
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(line_entries(&name).await, 1, "the waiter is not in line");
+    let electing = election.elect(Duration::from_secs(2));
+    tokio::pin!(electing);
+    // Dropped halfway through the election.
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut electing).await;
+    waiter.abort();
+    let _ = waiter.await;
+    electing.await;
+    // Well before the session's TTL (10 s) could end it.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut left = line_entries(&name).await;
+    while left > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = line_entries(&name).await;
+    }
+    assert_eq!(left, 0, "the dropped wait's entry outlived the election");
+    holder.release().await.unwrap();
+}

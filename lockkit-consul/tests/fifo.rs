@@ -115,9 +115,9 @@ async fn a_waiter_that_gives_up_leaves_the_line() {
     );
 }
 
-/// How many entries the line of `name` has: one raw `GET ?recurse` of `<key>/w/` (an HTTP
-/// status line of 404 means none).
-async fn line_entries(name: &str) -> usize {
+/// The entries of the line of `name`: one raw `GET ?recurse` of `<key>/w/` (an HTTP status
+/// line of 404 means none).
+async fn line_keys(name: &str) -> Vec<String> {
     let url = service_url("LOCKKIT_CONSUL_URL");
     let lock = ConsulLock::connect(&url).await.unwrap();
     let key = lock.lock_key(&LockName::new(name).unwrap());
@@ -130,10 +130,18 @@ async fn line_entries(name: &str) -> usize {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
     if answer.starts_with("HTTP/1.0 404") || answer.starts_with("HTTP/1.1 404") {
-        return 0;
+        return Vec::new();
     }
     assert!(answer.contains(" 200 "), "unexpected answer: {answer}");
-    answer.matches("\"Key\"").count()
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a body");
+    let entries: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+    let key = |e: &serde_json::Value| e["Key"].as_str().expect("a key").to_string();
+    entries.iter().map(key).collect()
+}
+
+/// How many entries the line of `name` has.
+async fn line_entries(name: &str) -> usize {
+    line_keys(name).await.len()
 }
 
 /// Waits that time out, and waits dropped at moments spread over their first requests
@@ -287,9 +295,11 @@ async fn a_waiter_keeps_its_place_through_a_leader_election() {
         got
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(line_entries(&name).await, 1, "the waiter is not in line");
+    let before = line_keys(&name).await;
+    assert_eq!(before.len(), 1, "the waiter is not in line");
     election.elect(Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(line_keys(&name).await, before, "the waiter lost its place");
     let released = Instant::now();
     holder.release().await.unwrap();
     let got = waiter.await.unwrap();

@@ -416,10 +416,7 @@ impl Backend for ConsulLock {
         // Just handed to a waiter by this client: surely held, so straight into the line.
         if self.inner.handed_off_recently(&self.inner.key(name)) {
             let session = Session::for_line(&self.inner, name, opts.ttl).await?;
-            return self
-                .inner
-                .wait_in_line(name, opts.ttl, session, deadline)
-                .await;
+            return self.inner.wait_in_line(name, opts, session, deadline).await;
         }
         if opts.auto_renew {
             let attempt = self.inner.clone().attempt_shared(name.clone(), opts.ttl);
@@ -427,10 +424,7 @@ impl Backend for ConsulLock {
                 return Ok(acquired);
             }
             let session = Session::for_line(&self.inner, name, opts.ttl).await?;
-            return self
-                .inner
-                .wait_in_line(name, opts.ttl, session, deadline)
-                .await;
+            return self.inner.wait_in_line(name, opts, session, deadline).await;
         }
         let attempt = self.inner.clone().attempt(name.clone(), opts.ttl, None);
         let session = match run_detached(attempt).await? {
@@ -438,9 +432,7 @@ impl Backend for ConsulLock {
             Outcome::Busy(Some(session)) => session,
             Outcome::Busy(None) => Session::for_line(&self.inner, name, opts.ttl).await?,
         };
-        self.inner
-            .wait_in_line(name, opts.ttl, session, deadline)
-            .await
+        self.inner.wait_in_line(name, opts, session, deadline).await
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use lockkit_core::backend::{
     run_detached, Acquired, Armed, Cleanup, FencingToken, LockName, Outcome,
 };
-use lockkit_core::Result;
+use lockkit_core::{Error, LockOptions, Result};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -215,6 +215,17 @@ impl Cleanup for Waiter {
 /// A waiter after one request: still waiting, or its session is gone (a new one is needed).
 type Step = Outcome<Option<Armed<Waiter>>>;
 
+/// What one look at the line came to.
+enum Look {
+    /// The lock is the waiter's.
+    Won(Acquired),
+    /// Still waiting (the waiter, unless its session is gone), and whether it just tried to
+    /// take the key, found free, and was refused.
+    Again(Option<Armed<Waiter>>, bool),
+    /// Out of line without the lock: enter again, with this session if it is still there.
+    Gone(Option<Armed<Session>>),
+}
+
 impl Inner {
     /// Enters `key`'s line with `session` (one transaction).
     async fn enter_line(self: Arc<Self>, key: String, session: Armed<Session>) -> Result<Step> {
@@ -254,7 +265,14 @@ impl Inner {
             {"KV": {"Verb": "lock", "Key": key, "Session": session}},
             {"KV": {"Verb": "delete", "Key": entry}},
         ]);
-        match self.http.transact("take the lock (txn)", &ops).await? {
+        let answer = match self.http.transact("take the lock (txn)", &ops).await {
+            Ok(answer) => answer,
+            // Unknown whether it took the key: the waiter's next look at the line tells (out
+            // of line and holding it, or still first).
+            Err(e) if e.is_retryable() => return Ok(Outcome::Busy(Some(waiter))),
+            Err(e) => return Err(e),
+        };
+        match answer {
             Ok(entries) => {
                 let taken = entries.into_iter().find(|e| e.key == *key);
                 match taken {
@@ -287,32 +305,69 @@ impl Inner {
     }
 
     /// Renews a waiter's session once a third of its TTL has passed; `None` if Consul
-    /// dropped it (its entry went with it).
-    async fn keep(mut waiter: Armed<Waiter>) -> Result<Option<Armed<Waiter>>> {
-        if waiter.session.keep().await? {
-            return Ok(Some(waiter));
+    /// dropped it (its entry went with it). A failed renewal gives the waiter back with the
+    /// error (it may still be in line).
+    async fn keep(
+        mut waiter: Armed<Waiter>,
+    ) -> std::result::Result<Option<Armed<Waiter>>, (Error, Armed<Waiter>)> {
+        match waiter.session.keep().await {
+            Ok(true) => Ok(Some(waiter)),
+            Ok(false) => {
+                waiter.disarm();
+                Ok(None)
+            }
+            Err(e) => Err((e, waiter)),
         }
-        waiter.disarm();
-        Ok(None)
     }
 
     /// Waits in `name`'s line with `session` (a session of the waiter's own) until the lock
     /// is handed to it, or it is first in line and finds the lock free.
+    ///
+    /// A request that fails on the way (the agent's servers electing a leader: a blocking
+    /// query in flight fails, and so does every request until a leader is elected) does not
+    /// give up the waiter's place: the waiter keeps its entry, pauses as `opts.retry` says,
+    /// and looks at the line again; it gives up (and leaves the line) with the error only
+    /// when the policy allows no retries, or its session could lapse before the next try.
     pub(crate) async fn wait_in_line(
         self: &Arc<Self>,
         name: &LockName,
-        ttl: Duration,
+        opts: &LockOptions,
         session: Armed<Session>,
         deadline: Option<Instant>,
     ) -> Result<Acquired> {
+        let ttl = opts.ttl;
         let key = self.key(name);
         let max_wait = self.settings.max_blocking_wait.max(Duration::from_secs(1));
         let mut session = Some(session);
         let mut waiter: Option<Armed<Waiter>> = None;
         let mut refused = 0u32;
+        let mut failed = 0u32;
+        // Keeps the waiter in line through a failed request (see above).
+        let ride_out = |e: Error, current: Option<Armed<Waiter>>, failed: &mut u32| {
+            let Some(current) = current else {
+                return Err(e);
+            };
+            let pause = opts.retry.backoff(*failed);
+            let lapse = current.session.fresh_at.checked_add(current.session.ttl);
+            let lapses = lapse.is_none_or(|at| Instant::now() + pause >= at);
+            if !e.is_retryable() || opts.retry.max_retries == 0 || lapses {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, ?pause, "waiting in a Consul lock's line");
+            *failed = failed.saturating_add(1);
+            Ok((current, pause))
+        };
         loop {
             let current = match waiter.take() {
-                Some(current) => Self::keep(current).await?,
+                Some(current) => match Self::keep(current).await {
+                    Ok(kept) => kept,
+                    Err((e, current)) => {
+                        let (current, pause) = ride_out(e, Some(current), &mut failed)?;
+                        tokio::time::sleep(pause).await;
+                        waiter = Some(current);
+                        continue;
+                    }
+                },
                 None => {
                     let session = match session.take() {
                         Some(session) => session,
@@ -333,73 +388,118 @@ impl Inner {
                 .map_or(max_wait, |d| d.saturating_duration_since(Instant::now()))
                 .clamp(Duration::from_secs(1), max_wait)
                 .min(ttl / 3);
-            let entries = self.http.list_keys(&line_of(&key)).await?;
-            let line = in_line(&key, &entries);
-            let me = line.iter().position(|e| e.key == current.entry());
-            match me {
-                // Out of line: handed the lock, or the entry is gone (deleted from outside,
-                // or with the session).
-                None => {
-                    let (entry, _) = self.http.read_key(&key, None, Duration::ZERO).await?;
-                    match entry {
-                        Some(entry) if entry.session.as_deref() == Some(&current.session.id) => {
-                            let behind = line.first().and_then(|e| e.session.clone());
-                            return self.won(name.clone(), current, &entry, behind);
+            match self.look(name, &key, current, wait).await {
+                Ok(Look::Won(acquired)) => return Ok(acquired),
+                Ok(Look::Again(back, took)) => {
+                    failed = 0;
+                    waiter = back;
+                    if took {
+                        // Refused although the key looked free (a lock-delay, or a newcomer
+                        // took it): pause a little more each time.
+                        refused += 1;
+                        if refused > 1 {
+                            let pause = 25 * u64::from(refused.min(40));
+                            tokio::time::sleep(Duration::from_millis(pause)).await;
                         }
-                        // Enter again, with the same session if it is still there.
-                        _ => {
-                            let mut kept = Armed::new(current.disarm().session);
-                            if kept.renew().await? {
-                                session = Some(kept);
-                            } else {
-                                kept.disarm();
-                            }
-                        }
+                    } else {
+                        refused = 0;
                     }
                 }
-                // First: the key is handed over, or taken when free.
-                Some(0) => {
-                    let behind = line.get(1).and_then(|e| e.session.clone());
-                    let mut index = None;
-                    loop {
-                        let (entry, next) = self.http.read_key(&key, index, wait).await?;
-                        match &entry {
-                            Some(e) if e.session.as_deref() == Some(&current.session.id) => {
-                                return self.won(name.clone(), current, e, behind);
-                            }
-                            Some(e) if e.session.is_some() => refused = 0,
-                            _ => {
-                                let (name, behind) = (name.clone(), behind.clone());
-                                let take = self.clone().take_turn(name, current, behind);
-                                match run_detached(take).await? {
-                                    Outcome::Won(acquired) => return Ok(acquired),
-                                    Outcome::Busy(back) => waiter = back,
-                                }
-                                // Refused although the key looked free (a lock-delay, or a
-                                // newcomer took it): pause a little more each time.
-                                refused += 1;
-                                if refused > 1 {
-                                    let pause = 25 * u64::from(refused.min(40));
-                                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                                }
-                                break;
-                            }
-                        }
-                        if index.is_some() {
-                            // One blocking wait done: renew if due, and look at the line again.
-                            waiter = Some(current);
-                            break;
-                        }
-                        index = next;
-                    }
+                Ok(Look::Gone(kept)) => {
+                    failed = 0;
+                    session = kept;
                 }
-                // Behind someone: wait until the entry ahead changes (left, or its session
-                // went).
-                Some(at) => {
-                    let ahead = line[at - 1];
-                    let index = Some(ahead.modify_index);
-                    self.http.read_key(&ahead.key.clone(), index, wait).await?;
+                Err((e, current)) => {
+                    let (current, pause) = ride_out(e, current, &mut failed)?;
+                    tokio::time::sleep(pause).await;
                     waiter = Some(current);
+                }
+            }
+        }
+    }
+
+    /// One look at the line by the waiter `current`, and one wait: on the entry ahead, or,
+    /// for the first in line, on the key (taken if free). A failed request gives the waiter
+    /// back with the error, if it still is one.
+    async fn look(
+        self: &Arc<Self>,
+        name: &LockName,
+        key: &str,
+        current: Armed<Waiter>,
+        wait: Duration,
+    ) -> std::result::Result<Look, (Error, Option<Armed<Waiter>>)> {
+        let entries = match self.http.list_keys(&line_of(key)).await {
+            Ok(entries) => entries,
+            Err(e) => return Err((e, Some(current))),
+        };
+        let line = in_line(key, &entries);
+        let me = line.iter().position(|e| e.key == current.entry());
+        match me {
+            // Out of line: handed the lock, or the entry is gone (deleted from outside, or
+            // with the session).
+            None => {
+                let entry = match self.http.read_key(key, None, Duration::ZERO).await {
+                    Ok((entry, _)) => entry,
+                    Err(e) => return Err((e, Some(current))),
+                };
+                match entry {
+                    Some(entry) if entry.session.as_deref() == Some(&current.session.id) => {
+                        let behind = line.first().and_then(|e| e.session.clone());
+                        let won = self.won(name.clone(), current, &entry, behind);
+                        won.map(Look::Won).map_err(|e| (e, None))
+                    }
+                    // Enter again, with the same session if it is still there.
+                    _ => {
+                        let mut kept = Armed::new(current.disarm().session);
+                        match kept.renew().await {
+                            Ok(true) => Ok(Look::Gone(Some(kept))),
+                            Ok(false) => {
+                                kept.disarm();
+                                Ok(Look::Gone(None))
+                            }
+                            Err(e) => Err((e, None)),
+                        }
+                    }
+                }
+            }
+            // First: the key is handed over, or taken when free.
+            Some(0) => {
+                let behind = line.get(1).and_then(|e| e.session.clone());
+                let mut index = None;
+                loop {
+                    let (entry, next) = match self.http.read_key(key, index, wait).await {
+                        Ok(read) => read,
+                        Err(e) => return Err((e, Some(current))),
+                    };
+                    match &entry {
+                        Some(e) if e.session.as_deref() == Some(&current.session.id) => {
+                            let won = self.won(name.clone(), current, e, behind);
+                            return won.map(Look::Won).map_err(|e| (e, None));
+                        }
+                        Some(e) if e.session.is_some() => {}
+                        _ => {
+                            let take = self.clone().take_turn(name.clone(), current, behind);
+                            return match run_detached(take).await {
+                                Ok(Outcome::Won(acquired)) => Ok(Look::Won(acquired)),
+                                Ok(Outcome::Busy(back)) => Ok(Look::Again(back, true)),
+                                Err(e) => Err((e, None)),
+                            };
+                        }
+                    }
+                    if index.is_some() {
+                        // One blocking wait done: renew if due, and look at the line again.
+                        return Ok(Look::Again(Some(current), false));
+                    }
+                    index = next;
+                }
+            }
+            // Behind someone: wait until the entry ahead changes (left, or its session went).
+            Some(at) => {
+                let ahead = line[at - 1];
+                let index = Some(ahead.modify_index);
+                match self.http.read_key(&ahead.key, index, wait).await {
+                    Ok(_) => Ok(Look::Again(Some(current), false)),
+                    Err(e) => Err((e, Some(current))),
                 }
             }
         }

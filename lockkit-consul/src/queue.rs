@@ -23,7 +23,7 @@ use lockkit_core::{Error, LockOptions, Result};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::http::KeyEntry;
+use crate::http::{retrying, KeyEntry};
 use crate::lease::ConsulLease;
 use crate::lock::{lease_end, Inner, Session};
 
@@ -193,21 +193,22 @@ impl Waiter {
 impl Cleanup for Waiter {
     const WHAT: &'static str = "leaving a Consul lock's line";
 
+    /// Each step is tried again after a connection error for as long as the session is
+    /// surely alive: an entry left behind would hold the line up (and be handed the lock)
+    /// until the session lapses.
     async fn cleanup(self) -> Result<()> {
         let http = &self.inner.http;
+        let session = &self.session.id;
+        let until =
+            lease_end(self.session.fresh_at, self.session.ttl).unwrap_or_else(|_| Instant::now());
         // Out of the line first, so the next waiter wakes; then the key on, if it was handed
         // here; then the session.
         let delete = json!([{"KV": {"Verb": "delete", "Key": self.entry()}}]);
-        let left = http
-            .transact("leave the line (txn)", &delete)
-            .await
-            .map(drop);
-        let handed = self
-            .inner
-            .release_key(&self.key, &self.session.id, Some(None))
-            .await
-            .map(drop);
-        let destroyed = http.destroy_session(&self.session.id).await;
+        let leave = || http.transact("leave the line (txn)", &delete);
+        let left = retrying(until, leave).await.map(drop);
+        let hand_on = || self.inner.release_key(&self.key, session, Some(None));
+        let handed = retrying(until, hand_on).await.map(drop);
+        let destroyed = retrying(until, || http.destroy_session(session)).await;
         left.and(handed).and(destroyed)
     }
 }

@@ -144,6 +144,17 @@ async fn line_entries(name: &str) -> usize {
     line_keys(name).await.len()
 }
 
+/// How many entries the line of `name` has once it is empty, or `within` has passed.
+async fn line_entries_after(name: &str, within: Duration) -> usize {
+    let until = Instant::now() + within;
+    let mut left = line_entries(name).await;
+    while left > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = line_entries(name).await;
+    }
+    left
+}
+
 /// Waits that time out, and waits dropped at moments spread over their first requests
 /// (entering the line among them), leave no entry in the line behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -174,12 +185,7 @@ async fn dropped_waits_leave_no_entry() {
     while let Some(done) = waits.join_next().await {
         done.unwrap();
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    let mut left = line_entries(&name).await;
-    while left > 0 && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = line_entries(&name).await;
-    }
+    let left = line_entries_after(&name, Duration::from_secs(10)).await;
     assert_eq!(left, 0, "dropped waits left entries in the line");
     holder.release().await.unwrap();
     let after = client().await.try_acquire(&name).await.unwrap();
@@ -269,6 +275,27 @@ fn agent() -> String {
     lockkit_testkit::hosts(&url).remove(0)
 }
 
+/// Queues a waiter for `name` (held) through `election`'s agent with `wait` time, and
+/// returns once it is in line. Its task gives when it got the lock (released at once), or
+/// the error.
+async fn queue_through(
+    election: &Election,
+    name: &str,
+    wait: Duration,
+) -> tokio::task::JoinHandle<lockkit_core::Result<Instant>> {
+    let locks = election.client().await;
+    let name2 = name.to_string();
+    let waiter = tokio::spawn(async move {
+        let guard = locks.acquire_with(&name2, &waiting(wait, true)).await?;
+        let got = Instant::now();
+        guard.release().await?;
+        Ok(got)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(line_entries(name).await, 1, "the waiter is not in line");
+    waiter
+}
+
 /// A waiter whose agent loses its cluster leader for a while (its blocking query fails, and
 /// so does every request until a new leader is elected) keeps its place: the holder's
 /// release after the election hands it the lock at once, not to a stale entry of its own
@@ -284,25 +311,15 @@ async fn a_waiter_keeps_its_place_through_a_leader_election() {
     let name = fresh_name("lockkit-consul-fifo/election");
     let election = Election::start(agent()).await;
     let holder = client().await.acquire(&name).await.unwrap();
-    let locks = election.client().await;
-    let name2 = name.clone();
-    let waiter = tokio::spawn(async move {
-        let opts = waiting(Duration::from_secs(20), true);
-        let acquired = locks.acquire_with(&name2, &opts).await;
-        let guard = acquired.unwrap_or_else(|e| panic!("no lock 20 s after the election: {e}"));
-        let got = Instant::now();
-        guard.release().await.unwrap();
-        got
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiter = queue_through(&election, &name, Duration::from_secs(20)).await;
     let before = line_keys(&name).await;
-    assert_eq!(before.len(), 1, "the waiter is not in line");
     election.elect(Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(line_keys(&name).await, before, "the waiter lost its place");
     let released = Instant::now();
     holder.release().await.unwrap();
     let got = waiter.await.unwrap();
+    let got = got.unwrap_or_else(|e| panic!("no lock 20 s after the election: {e}"));
     let after = got.duration_since(released);
     assert!(
         after < Duration::from_secs(3),
@@ -318,14 +335,7 @@ async fn a_wait_dropped_during_an_election_leaves_the_line_after_it() {
     let name = fresh_name("lockkit-consul-fifo/dropped-in-election");
     let election = Election::start(agent()).await;
     let holder = client().await.acquire(&name).await.unwrap();
-    let locks = election.client().await;
-    let name2 = name.clone();
-    let waiter = tokio::spawn(async move {
-        let opts = waiting(Duration::from_secs(60), true);
-        let _ = locks.acquire_with(&name2, &opts).await;
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(line_entries(&name).await, 1, "the waiter is not in line");
+    let waiter = queue_through(&election, &name, Duration::from_secs(60)).await;
     let electing = election.elect(Duration::from_secs(2));
     tokio::pin!(electing);
     // Dropped halfway through the election.
@@ -333,13 +343,8 @@ async fn a_wait_dropped_during_an_election_leaves_the_line_after_it() {
     waiter.abort();
     let _ = waiter.await;
     electing.await;
-    // Well before the session's TTL (10 s) could end it.
-    let until = Instant::now() + Duration::from_secs(4);
-    let mut left = line_entries(&name).await;
-    while left > 0 && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = line_entries(&name).await;
-    }
+    // Well before the session's TTL could end it.
+    let left = line_entries_after(&name, Duration::from_secs(4)).await;
     assert_eq!(left, 0, "the dropped wait's entry outlived the election");
     holder.release().await.unwrap();
 }

@@ -96,7 +96,7 @@ mod consul {
         url_key: "LOCKKIT_CONSUL_URL",
         params: "",
         closed: "consul://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, semaphore, election);
+    }; fencing, lease_expiry, renewal, fifo, semaphore, election);
 }
 
 #[cfg(feature = "postgres")]

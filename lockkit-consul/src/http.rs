@@ -15,6 +15,7 @@ use rs_consul::types::CreateOrUpdateKeyRequest;
 use rs_consul::{Consul, ConsulError, HttpsClient};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::error::RequestError;
 
@@ -162,10 +163,40 @@ struct TxnResult {
     kv: KeyEntry,
 }
 
-#[derive(Deserialize)]
+/// Why a `PUT /v1/txn` was refused: which operation failed, and Consul's words.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct TxnError {
-    what: String,
+pub(crate) struct TxnError {
+    #[serde(default)]
+    pub(crate) op_index: usize,
+    pub(crate) what: String,
+}
+
+/// Runs `request` until it gets through, again after each connection error (pausing as the
+/// default retry policy does: 25 ms doubling up to 1 s) while the next try would start
+/// before `until`: its answer, or the last error. For clean-up that must happen, such as
+/// leaving a lock's line while the agent's servers elect a leader.
+pub(crate) async fn retrying<T, F, Fut>(until: Instant, mut request: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let policy = lockkit_core::RetryPolicy::default();
+    let mut failed = 0u32;
+    loop {
+        match request().await {
+            Err(e) if e.is_retryable() => {
+                let pause = policy.backoff(failed);
+                if Instant::now() + pause >= until {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, ?pause, "retrying a clean-up request");
+                failed = failed.saturating_add(1);
+                tokio::time::sleep(pause).await;
+            }
+            answer => return answer,
+        }
+    }
 }
 
 /// A KV key as it goes into a URL path: the name encoding's `%` must itself be escaped (the
@@ -473,6 +504,29 @@ impl Http {
         }
     }
 
+    /// Runs the KV operations `ops` in one `PUT /v1/txn`: the entries the operations
+    /// answered with, in order, or why Consul refused the whole transaction.
+    pub(crate) async fn transact(
+        &self,
+        what: &'static str,
+        ops: &serde_json::Value,
+    ) -> Result<std::result::Result<Vec<KeyEntry>, Vec<TxnError>>> {
+        let body = serde_json::to_vec(ops).expect("plain JSON");
+        let call = self.call(what, Method::PUT, "/v1/txn", &[], Some(body));
+        let (status, body, _) = self.short(what, call).await?;
+        let answer = |body: &[u8]| -> Result<TxnAnswer> {
+            serde_json::from_slice(body).map_err(|e| self.answer(what, e))
+        };
+        match status {
+            StatusCode::OK => {
+                let results = answer(&body)?.results.into_iter().flatten();
+                Ok(Ok(results.map(|r| r.kv).collect()))
+            }
+            StatusCode::CONFLICT => Ok(Err(answer(&body)?.errors.unwrap_or_default())),
+            _ => Err(self.status(what, status, &body)),
+        }
+    }
+
     /// Runs the KV operations `ops` in one `PUT /v1/txn` whose last one writes the key as
     /// `session`: the entry as written if the session holds it, else whether Consul said
     /// the session is invalid.
@@ -482,28 +536,13 @@ impl Http {
         ops: serde_json::Value,
         session: &str,
     ) -> Result<std::result::Result<KeyEntry, bool>> {
-        let body = serde_json::to_vec(&ops).expect("plain JSON");
-        let call = self.call(what, Method::PUT, "/v1/txn", &[], Some(body));
-        let (status, body, _) = self.short(what, call).await?;
-        let answer = |body: &[u8]| -> Result<TxnAnswer> {
-            serde_json::from_slice(body).map_err(|e| self.answer(what, e))
-        };
-        match status {
-            StatusCode::OK => {
-                let results = answer(&body)?.results.into_iter().flatten();
-                match results.map(|r| r.kv).next_back() {
-                    Some(entry) if entry.session.as_deref() == Some(session) => Ok(Ok(entry)),
-                    _ => Ok(Err(false)),
-                }
-            }
-            StatusCode::CONFLICT => {
-                let errors = answer(&body)?.errors.into_iter().flatten();
-                Ok(Err(errors
-                    .into_iter()
-                    .any(|e| e.what.contains("invalid session"))))
-            }
-            _ => Err(self.status(what, status, &body)),
-        }
+        Ok(match self.transact(what, &ops).await? {
+            Ok(entries) => match entries.into_iter().next_back() {
+                Some(entry) if entry.session.as_deref() == Some(session) => Ok(entry),
+                _ => Err(false),
+            },
+            Err(errors) => Err(errors.iter().any(|e| e.what.contains("invalid session"))),
+        })
     }
 
     /// Takes the KV key `key` for `session` in one `PUT /v1/txn` (the `lock` verb), which

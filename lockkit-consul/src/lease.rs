@@ -65,6 +65,9 @@ pub(crate) struct ConsulLease {
     /// The key's `ModifyIndex` after this lease's last write (the acquisition, then each
     /// value stored); one value is stored at a time.
     written: tokio::sync::Mutex<u64>,
+    /// Taken through the line: `Some`, with the session of the waiter seen behind, if any
+    /// (the release hands the key to it, or reads the line first).
+    line: Option<Option<String>>,
 }
 
 impl std::fmt::Debug for ConsulLease {
@@ -136,7 +139,28 @@ impl ConsulLease {
             state,
             taken,
             written: tokio::sync::Mutex::new(taken.token),
+            line: None,
         }
+    }
+
+    /// Marks the lease as taken through the line, with `behind` the session of the waiter
+    /// seen next in it.
+    pub(crate) fn came_through_line(mut self, behind: Option<String>) -> Self {
+        self.line = Some(behind);
+        self
+    }
+
+    /// Releases the key (only if this lease's session holds it), handing it to the first
+    /// waiter in line if there is one.
+    async fn release_key(&self) -> Result<bool> {
+        let inner = &self.inner;
+        inner
+            .release_key(
+                &self.key,
+                &self.session,
+                self.line.as_ref().map(Option::as_deref),
+            )
+            .await
     }
 
     fn not_owner(&self) -> Error {
@@ -160,10 +184,19 @@ impl ConsulLease {
         lease_end(sent, self.session_ttl)
     }
 
-    /// Releases the key (only if this lease's session holds it), then destroys the lock's
-    /// own session.
+    /// Releases the key (only if this lease's session holds it; handed to the first waiter
+    /// in line, if any), then destroys the lock's own session (or, if it came through a
+    /// line, keeps it for the client's next wait in one).
     async fn release_own(&self) -> Result<()> {
-        let released = self.inner.http.put_key(&self.key, "", &self.session).await;
+        let released = self.release_key().await;
+        // A session that came through a line and now holds nothing serves the client's next
+        // wait in one.
+        let spare = self.line.is_some()
+            && matches!(released, Ok(true))
+            && self.inner.keep_spare(&self.session, self.session_ttl);
+        if spare {
+            return Ok(());
+        }
         let destroyed = self.inner.http.destroy_session(&self.session).await;
         match (released?, destroyed) {
             (false, _) => Err(self.not_owner()),
@@ -181,7 +214,7 @@ impl ConsulLease {
     /// client may take it again.
     async fn release_shared(&self, session: &Arc<SharedSession>) -> Result<()> {
         session.leave(&self.key);
-        match self.inner.http.put_key(&self.key, "", &self.session).await {
+        match self.release_key().await {
             Ok(released) => {
                 self.inner.sessions.unclaim(&self.key);
                 match released {

@@ -7,6 +7,7 @@ mod http;
 mod lease;
 mod lock;
 mod options;
+mod queue;
 mod shared;
 mod watcher;
 

@@ -31,7 +31,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// `serfHealth`, so a partitioned or failed agent does not hand the lock to someone else
 /// while its holder still believes it holds it; the session ends only when its TTL lapses or
 /// it is destroyed); an acquisition takes the key `<prefix>/<encoded name>` on it with one
-/// `lock` transaction, and a release is one `PUT ?release=`. A guard with renewal off gets a
+/// `lock` transaction, and a release is one transaction (`unlock`, and a look at the line). A guard with renewal off gets a
 /// session of its own. Reads are of exactly that key, except the shared session's key check
 /// (one listing of the prefix every third of the TTL). The fencing token is the key's
 /// `ModifyIndex` right after the acquisition: a Raft index, so it grows across releases and
@@ -40,8 +40,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// key's body, `<token> <value>`, written by the holder's session with a `check-index`
 /// transaction; the body's token keeps the holder's token what it was although the write
 /// moves the `ModifyIndex`. Observers ([`Admin::changed`]) block on the key.
-/// Waiters block on the key with Consul's blocking queries and try again when its session
-/// clears. See the crate documentation for the details.
+/// Waiters queue: each enters the lock's line (`<key>/w/<session>`, held by a session of its
+/// own), blocks on the entry ahead of it (the first one on the key) with Consul's blocking
+/// queries, and a release hands the key to the first waiter in one transaction, so waiters
+/// are served in arrival order. See the crate documentation for the details.
 #[derive(Clone)]
 pub struct ConsulLock {
     pub(crate) inner: Arc<Inner>,
@@ -63,7 +65,17 @@ pub(crate) struct Inner {
     pub(crate) watcher: Arc<Watcher>,
     /// The shared sessions of the client's renewing guards, one per TTL.
     pub(crate) sessions: Sessions,
+    /// Sessions of waiters whose leases were released, each with its TTL, kept for the
+    /// client's next wait in a line: a contended client does not create and destroy a
+    /// session per acquisition (each of which wakes every client's session watcher).
+    pub(crate) spare: std::sync::Mutex<Vec<(String, Duration)>>,
+    /// The keys this client lately handed to a waiter, and when.
+    pub(crate) handed: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
+
+/// How many released waiters' sessions a client keeps for its next waits; an unused one
+/// lapses at its TTL, holding nothing.
+const SPARE: usize = 8;
 
 /// Refuses a TTL Consul would refuse for a session.
 pub(crate) fn check_ttl(ttl: Duration) -> Result<()> {
@@ -83,11 +95,15 @@ pub(crate) struct Session {
     pub(crate) ttl: Duration,
     /// When the request that created or last renewed it was sent: Consul keeps it at least
     /// until this plus the TTL.
-    fresh_at: Instant,
+    pub(crate) fresh_at: Instant,
 }
 
 impl Session {
-    async fn create(inner: &Arc<Inner>, name: &LockName, ttl: Duration) -> Result<Armed<Session>> {
+    pub(crate) async fn create(
+        inner: &Arc<Inner>,
+        name: &LockName,
+        ttl: Duration,
+    ) -> Result<Armed<Session>> {
         let label = format!("lockkit {}", name.encoded());
         let (id, sent) = inner.new_session(&label, ttl).await?;
         Ok(Armed::new(Session {
@@ -98,19 +114,47 @@ impl Session {
         }))
     }
 
-    /// Renews a session kept across the attempts of one wait once it is getting old, so the
-    /// lease starts with most of its TTL; `None` if Consul dropped it (nothing to destroy).
-    async fn refresh(mut session: Armed<Session>) -> Result<Option<Armed<Session>>> {
-        if session.fresh_at.elapsed() <= session.ttl / 3 {
-            return Ok(Some(session));
-        }
-        let sent = Instant::now();
-        if !session.inner.http.renew_session(&session.id).await? {
+    /// A session of `ttl` for a wait in a line: a spare one the client kept (renewed first),
+    /// or a new one.
+    pub(crate) async fn for_line(
+        inner: &Arc<Inner>,
+        name: &LockName,
+        ttl: Duration,
+    ) -> Result<Armed<Session>> {
+        while let Some(id) = inner.take_spare(ttl) {
+            let mut session = Armed::new(Session {
+                inner: inner.clone(),
+                id,
+                ttl,
+                fresh_at: Instant::now(),
+            });
+            if session.renew().await? {
+                return Ok(session);
+            }
+            // Lapsed: nothing to destroy.
             session.disarm();
-            return Ok(None);
         }
-        session.fresh_at = sent;
-        Ok(Some(session))
+        Session::create(inner, name, ttl).await
+    }
+
+    /// Renews the session once a third of its TTL has passed since it was last renewed, so
+    /// a waiter's session outlives the wait and its lease starts with most of its TTL:
+    /// `false` if Consul dropped it.
+    pub(crate) async fn keep(&mut self) -> Result<bool> {
+        if self.fresh_at.elapsed() <= self.ttl / 3 {
+            return Ok(true);
+        }
+        self.renew().await
+    }
+
+    /// Renews the session now: `false` if Consul dropped it.
+    pub(crate) async fn renew(&mut self) -> Result<bool> {
+        let sent = Instant::now();
+        if !self.inner.http.renew_session(&self.id).await? {
+            return Ok(false);
+        }
+        self.fresh_at = sent;
+        Ok(true)
     }
 }
 
@@ -154,6 +198,8 @@ impl ConsulLock {
                 settings,
                 watcher: Arc::new(Watcher::default()),
                 sessions: Sessions::default(),
+                spare: std::sync::Mutex::default(),
+                handed: std::sync::Mutex::default(),
             }),
         })
     }
@@ -193,6 +239,27 @@ impl Inner {
             })
             .await?;
         Ok((id, sent))
+    }
+
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<(String, Duration)>> {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_spare(&self, ttl: Duration) -> Option<String> {
+        let mut spare = self.spares();
+        let at = spare.iter().position(|(_, t)| *t == ttl)?;
+        Some(spare.swap_remove(at).0)
+    }
+
+    /// Keeps the session `id` of `ttl`, which holds nothing, for a later wait; `false` if
+    /// enough are kept (the caller destroys it).
+    pub(crate) fn keep_spare(&self, id: &str, ttl: Duration) -> bool {
+        let mut spare = self.spares();
+        if spare.len() >= SPARE {
+            return false;
+        }
+        spare.push((id.to_string(), ttl));
+        true
     }
 
     /// The KV prefix of every lock key.
@@ -311,6 +378,7 @@ impl Backend for ConsulLock {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(MIN_TTL)
             .fencing(true)
+            .fifo(true)
             .lease_expiry(true)
             .renewal(true)
             .networked(true)
@@ -345,96 +413,26 @@ impl Backend for ConsulLock {
         opts: &LockOptions,
         deadline: Option<Instant>,
     ) -> Result<Acquired> {
+        // Just handed to a waiter by this client: surely held, so straight into the line.
+        if self.inner.handed_off_recently(&self.inner.key(name)) {
+            let session = Session::for_line(&self.inner, name, opts.ttl).await?;
+            return self.inner.wait_in_line(name, opts, session, deadline).await;
+        }
         if opts.auto_renew {
-            return self.lock_shared(name, opts, deadline).await;
-        }
-        let inner = &self.inner;
-        let key = inner.key(name);
-        let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
-        let mut index = None;
-        // A session kept across attempts of this wait (destroyed if the wait is dropped).
-        let mut session: Option<Armed<Session>> = None;
-        let mut refused = 0u32;
-        loop {
-            let wait = deadline.map_or(max_wait, |d| {
-                d.saturating_duration_since(Instant::now())
-                    .clamp(Duration::from_secs(1), max_wait)
-            });
-            let (entry, next) = inner.http.read_key(&key, index, wait).await?;
-            if !free(&entry) {
-                index = next;
-                continue;
-            }
-            // Free: take it. A kept session that is getting old is renewed first (or
-            // replaced if Consul dropped it), so the lease starts with most of its TTL.
-            if let Some(kept) = session.take() {
-                session = Session::refresh(kept).await?;
-            }
-            let attempt = inner
-                .clone()
-                .attempt(name.clone(), opts.ttl, session.take());
-            match run_detached(attempt).await? {
-                Outcome::Won(acquired) => return Ok(acquired),
-                Outcome::Busy(back) => session = back,
-            }
-            // Someone else got it: block on the key again. If the key looked free yet the
-            // acquisition was refused twice in a row (a lock-delay), pause before retrying.
-            refused += 1;
-            if refused > 1 {
-                let pause = Duration::from_millis(25 * u64::from(refused.min(40)));
-                tokio::time::sleep(pause).await;
-            }
-            index = None;
-            let (entry, next) = inner.http.read_key(&key, None, Duration::ZERO).await?;
-            if !free(&entry) {
-                refused = 0;
-                index = next;
-            }
-        }
-    }
-}
-
-impl ConsulLock {
-    /// Waits for the lock on the client's shared session: tries first (one request when the
-    /// lock is free), then blocks on the key until it looks free, and tries again.
-    async fn lock_shared(
-        &self,
-        name: &LockName,
-        opts: &LockOptions,
-        deadline: Option<Instant>,
-    ) -> Result<Acquired> {
-        let inner = &self.inner;
-        let key = inner.key(name);
-        let max_wait = inner.settings.max_blocking_wait.max(Duration::from_secs(1));
-        let mut refused = 0u32;
-        loop {
-            let attempt = inner.clone().attempt_shared(name.clone(), opts.ttl);
+            let attempt = self.inner.clone().attempt_shared(name.clone(), opts.ttl);
             if let Outcome::Won(acquired) = run_detached(attempt).await? {
                 return Ok(acquired);
             }
-            // Busy: block on the key until it changes and looks free.
-            let mut index = None;
-            let mut looked_free = true;
-            loop {
-                let wait = deadline.map_or(max_wait, |d| {
-                    d.saturating_duration_since(Instant::now())
-                        .clamp(Duration::from_secs(1), max_wait)
-                });
-                let (entry, next) = inner.http.read_key(&key, index, wait).await?;
-                if free(&entry) {
-                    break;
-                }
-                looked_free = false;
-                index = next;
-            }
-            // Refused although the key looked free (a lock-delay, or this client's own
-            // release still in flight): pause a little more each time.
-            refused = if looked_free { refused + 1 } else { 0 };
-            if refused > 1 {
-                let pause = Duration::from_millis(5 * u64::from(refused.min(40)));
-                tokio::time::sleep(pause).await;
-            }
+            let session = Session::for_line(&self.inner, name, opts.ttl).await?;
+            return self.inner.wait_in_line(name, opts, session, deadline).await;
         }
+        let attempt = self.inner.clone().attempt(name.clone(), opts.ttl, None);
+        let session = match run_detached(attempt).await? {
+            Outcome::Won(acquired) => return Ok(acquired),
+            Outcome::Busy(Some(session)) => session,
+            Outcome::Busy(None) => Session::for_line(&self.inner, name, opts.ttl).await?,
+        };
+        self.inner.wait_in_line(name, opts, session, deadline).await
     }
 }
 

@@ -11,6 +11,7 @@ use lockkit_core::backend::LockName;
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
+use crate::http::retrying;
 use crate::lease::LeaseState;
 use crate::lock::{lease_end, Inner};
 
@@ -263,14 +264,14 @@ impl Inner {
         };
         runtime.spawn(async move {
             let until = Instant::now() + session.ttl * 2;
-            let mut pause = Duration::from_millis(50);
-            while Instant::now() < until && !session.is_lost() {
-                match inner.http.put_key(&key, "", &session.id).await {
-                    Ok(_) => break,
-                    Err(e) => tracing::debug!(error = %e, key, "letting go of a key, retrying"),
+            let release = || async {
+                if session.is_lost() {
+                    return Ok(false);
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+                inner.http.put_key(&key, "", &session.id).await
+            };
+            if let Err(e) = retrying(until, release).await {
+                tracing::debug!(error = %e, key, "letting go of a key");
             }
             inner.sessions.unclaim(&key);
         });

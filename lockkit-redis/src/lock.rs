@@ -111,7 +111,10 @@ pub(crate) struct Keys {
     /// The waiters in arrival order (a single instance only).
     pub(crate) queue: String,
     /// Until when each waiter is presumed alive.
-    alive: String,
+    pub(crate) alive: String,
+    /// What each waiter asks for: its TTL and the number of its latest attempt (see
+    /// [`scripts::ACQUIRE`]), for a release to hand it the lock.
+    pub(crate) asked: String,
 }
 
 /// A waiter's place in a name's queue (a single instance only): taken out of it in the
@@ -132,7 +135,13 @@ impl Cleanup for Queued {
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::DEQUEUE,
-                &[&self.keys.lock, &self.keys.queue, &self.keys.alive],
+                &[
+                    &self.keys.lock,
+                    &self.keys.queue,
+                    &self.keys.alive,
+                    &self.keys.fence,
+                    &self.keys.asked,
+                ],
                 &[&self.owner, &self.keys.channel],
             )
             .await;
@@ -351,6 +360,7 @@ impl Inner {
             channel: format!("{tag}:released"),
             queue: format!("{tag}:queue"),
             alive: format!("{tag}:alive"),
+            asked: format!("{tag}:asked"),
             lock: tag,
         }
     }
@@ -428,13 +438,15 @@ impl Inner {
     }
 
     /// One acquisition request on every instance, as `owner`; a single instance's waiter
-    /// (`queue`) takes a place in the name's queue if the lock is not free for it.
+    /// (`queue`) takes a place in the name's queue if the lock is not free for it, recording
+    /// its TTL and the number of this attempt (`number`) for a release to hand it the lock.
     async fn attempt(
         self: Arc<Self>,
         name: LockName,
         ttl: Duration,
         owner: Arc<str>,
         queue: bool,
+        number: u64,
     ) -> Result<Outcome> {
         let validity = self.validity(ttl)?;
         let keys = self.keys(&name);
@@ -446,12 +458,19 @@ impl Inner {
             _ => proposal(),
         }
         .to_string();
+        let number = number.to_string();
         let started = Instant::now();
         let answers: Vec<Result<(i64, i64)>> = self
             .on_all(
                 ttl,
                 &scripts::ACQUIRE,
-                &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
+                &[
+                    &keys.lock,
+                    &keys.fence,
+                    &keys.queue,
+                    &keys.alive,
+                    &keys.asked,
+                ],
                 &[
                     &owner,
                     &ttl_ms,
@@ -459,6 +478,7 @@ impl Inner {
                     &liveness_ms,
                     &keys.channel,
                     &proposal,
+                    &number,
                 ],
             )
             .await;
@@ -613,7 +633,7 @@ impl Backend for RedisLock {
         let attempt = self
             .inner
             .clone()
-            .attempt(name.clone(), opts.ttl, owner_id(), false);
+            .attempt(name.clone(), opts.ttl, owner_id(), false, 0);
         Ok(run_detached(attempt).await?.into_acquired())
     }
 
@@ -625,12 +645,16 @@ impl Backend for RedisLock {
     ) -> Result<Acquired> {
         let inner = &self.inner;
         let keys = inner.keys(name);
+        let validity = inner.validity(opts.ttl)?;
         // One owner id for the whole wait: it is the waiter's place in the queue.
         let owner = owner_id();
         let mut queued: Option<Armed<Queued>> = None;
-        let mut subscription = None;
+        let mut subscription: Option<Armed<Subscription>> = None;
         let mut poll = Duration::from_millis(50);
         let mut splits = 0;
+        // The number of the latest attempt, and when it was sent (taken before sending).
+        let mut number = 0;
+        let mut sent;
         loop {
             let notify = subscription.as_deref().map(Subscription::notify);
             let woken = notify.as_ref().map(|n| n.notified());
@@ -638,9 +662,12 @@ impl Backend for RedisLock {
             if let Some(woken) = woken.as_mut().as_pin_mut() {
                 woken.enable();
             }
-            let attempt = inner
-                .clone()
-                .attempt(name.clone(), opts.ttl, owner.clone(), true);
+            number += 1;
+            sent = Instant::now();
+            let attempt =
+                inner
+                    .clone()
+                    .attempt(name.clone(), opts.ttl, owner.clone(), true, number);
             let busy_for = match run_detached(attempt).await? {
                 Outcome::Won(acquired) => {
                     // The winning attempt took us out of the queue.
@@ -685,6 +712,23 @@ impl Backend for RedisLock {
             tokio::select! {
                 _ = async { woken.as_pin_mut().expect("subscribed").await } => {}
                 _ = tokio::time::sleep(pause) => {}
+            }
+            let granted = subscription.as_deref().and_then(Subscription::take_grant);
+            if let Some(grant) = granted.filter(|g| g.attempt == number) {
+                // Handed over by a release after it had seen attempt `number`, so after we
+                // sent it: the lease, which runs from the grant, is valid at least from then.
+                if let Some(valid_until) = Inner::valid_until(sent, validity) {
+                    if let Some(queued) = queued.take() {
+                        queued.disarm();
+                    }
+                    let token = FencingToken(grant.token);
+                    let lease = RedisLease::new(inner.clone(), name.clone(), keys, owner);
+                    let lease = Box::new(lease.with_token(token));
+                    return Ok(Acquired::new(token, valid_until, lease));
+                }
+                // Too late to count as valid: the next attempt finds the lock ours and
+                // renews it from then.
+                continue;
             }
             poll = poll.saturating_mul(2).min(inner.options.max_poll);
         }
@@ -741,8 +785,14 @@ mod tests {
             .on_all(
                 Duration::from_secs(5),
                 &scripts::ACQUIRE,
-                &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
-                &["owner", "5000", "0", "2000", &keys.channel, &proposed],
+                &[
+                    &keys.lock,
+                    &keys.fence,
+                    &keys.queue,
+                    &keys.alive,
+                    &keys.asked,
+                ],
+                &["owner", "5000", "0", "2000", &keys.channel, &proposed, "0"],
             )
             .await;
         let mut conn = inner.nodes[0].commands.clone();

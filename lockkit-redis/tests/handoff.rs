@@ -115,6 +115,11 @@ async fn a_waiter_that_gave_up_while_handed_the_lock_passes_it_on() {
     // Released while B is not looking (its wait is not polled), then B gives up.
     held.lease.release().await.unwrap();
     let after_release = lock_holder(&mut conn, &a, &name).await;
+    assert_eq!(
+        after_release.as_ref(),
+        Some(&first[0]),
+        "not handed to the first waiter"
+    );
     drop(b_wait);
 
     let started = Instant::now();
@@ -191,4 +196,42 @@ return redis.call('INCR', KEYS[2])
     // The lock is no longer the first holder's: it can neither extend nor release it.
     assert!(held.lease.extend(TTL).await.is_err());
     assert!(held.lease.release().await.is_err());
+}
+
+/// A release hands the lock to the waiting client with a higher token, and the waiter's
+/// lease counts as valid no longer than the server keeps the lock key: it is measured from
+/// before the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_lease_is_valid_no_longer_than_the_server_keeps_it() {
+    let a = client(Duration::from_secs(1)).await;
+    // A long fallback re-check: the waiter returns on the hand-off message.
+    let b = client(Duration::from_secs(30)).await;
+    let mut conn = raw().await;
+    let name = name("validity");
+    let opts = LockOptions::new().ttl(TTL);
+    let held = a.try_lock(&name, &opts).await.unwrap().expect("free");
+    let mut b_wait: Wait = Box::pin(b.lock(&name, &opts, None));
+    until_queued(&mut conn, &a, &name, &mut b_wait, 1).await;
+
+    let started = Instant::now();
+    held.lease.release().await.unwrap();
+    let acquired = tokio::time::timeout(Duration::from_secs(5), b_wait)
+        .await
+        .expect("not handed over within 5 s")
+        .unwrap();
+    println!("handed over in {:?}", started.elapsed());
+    assert!(acquired.token > held.token);
+    let now = Instant::now();
+    let pttl: u64 = redis::cmd("PTTL")
+        .arg(a.lock_key(&name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let valid_for = acquired.valid_until.saturating_duration_since(now);
+    assert!(!valid_for.is_zero());
+    assert!(
+        valid_for <= Duration::from_millis(pttl),
+        "valid for {valid_for:?}, the key lives {pttl} ms"
+    );
+    acquired.lease.release().await.unwrap();
 }

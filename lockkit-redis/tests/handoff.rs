@@ -235,3 +235,50 @@ async fn a_handed_over_lease_is_valid_no_longer_than_the_server_keeps_it() {
     );
     acquired.lease.release().await.unwrap();
 }
+
+/// The conformance suite's `fifo_order` case on a single server (the backend does not claim
+/// `fifo`, RedLock waiters do not queue, so the suite does not stamp it for `redis://`):
+/// five clients start waiting one after another; the releases hand the lock down the queue
+/// in the order they started waiting, each with a higher token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_offs_follow_the_queue() {
+    let a = client(Duration::from_secs(1)).await;
+    let mut conn = raw().await;
+    let name = name("fifo");
+    let opts = LockOptions::new().ttl(TTL);
+    let held = a.try_lock(&name, &opts).await.unwrap().expect("free");
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let client = client(Duration::from_secs(1)).await;
+        let (mine, opts, order) = (name.clone(), opts.clone(), order.clone());
+        waiters.spawn(async move {
+            let acquired = client.lock(&mine, &opts, None).await.unwrap();
+            order.lock().unwrap().push((i, acquired.token));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            acquired.lease.release().await.unwrap();
+        });
+        let until = Instant::now() + Duration::from_secs(5);
+        while queued(&mut conn, &a, &name).await.len() <= i {
+            assert!(Instant::now() < until, "waiter {i} never queued");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    held.lease.release().await.unwrap();
+    let all = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(done) = waiters.join_next().await {
+            done.unwrap();
+        }
+    });
+    all.await
+        .expect("the waiters did not all get the lock within 10 s");
+    let order = order.lock().unwrap().clone();
+    let waiters: Vec<_> = order.iter().map(|(i, _)| *i).collect();
+    assert_eq!(waiters, [0, 1, 2, 3, 4], "not granted in arrival order");
+    let mut last = held.token;
+    for (_, token) in order {
+        assert!(token > last, "{token:?} after {last:?}");
+        last = token;
+    }
+    assert_eq!(lock_holder(&mut conn, &a, &name).await, None);
+}

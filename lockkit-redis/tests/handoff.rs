@@ -37,49 +37,70 @@ fn name(test: &str) -> LockName {
 
 type Wait<'a> = Pin<Box<dyn Future<Output = lockkit_core::Result<Acquired>> + Send + 'a>>;
 
-/// The owner ids in `name`'s queue, first first.
-async fn queued(conn: &mut ConnectionManager, lock: &RedisLock, name: &LockName) -> Vec<String> {
-    let queue = format!("{}:queue", lock.lock_key(name));
-    redis::cmd("ZRANGE")
-        .arg(&queue)
-        .arg(0)
-        .arg(-1)
-        .query_async(conn)
-        .await
-        .unwrap()
+/// A lock held by client `a` (lease `held`), with client `b` (fallback re-check every
+/// `b_poll`) queued for it: `wait` is b's wait, polled only when the test polls it.
+struct Scene {
+    a: RedisLock,
+    conn: ConnectionManager,
+    name: LockName,
+    opts: LockOptions,
+    held: Acquired,
+    wait: Wait<'static>,
+    /// b's owner id.
+    waiter: String,
 }
 
-/// Polls `wait` (without letting it finish) until `name`'s queue holds `count` waiters.
-async fn until_queued(
-    conn: &mut ConnectionManager,
-    lock: &RedisLock,
-    name: &LockName,
-    wait: &mut Wait<'_>,
-    count: usize,
-) -> Vec<String> {
-    let until = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Ok(done) = tokio::time::timeout(Duration::from_millis(20), &mut *wait).await {
-            panic!("the waiter returned while the lock was held: {done:?}");
-        }
-        let queue = queued(conn, lock, name).await;
-        if queue.len() == count {
-            return queue;
-        }
-        assert!(Instant::now() < until, "never queued: {queue:?}");
+impl Scene {
+    async fn new(test: &str, b_poll: Duration) -> Scene {
+        let (a, b) = (client(Duration::from_secs(1)).await, client(b_poll).await);
+        let (name, opts) = (name(test), LockOptions::new().ttl(TTL));
+        let held = a.try_lock(&name, &opts).await.unwrap().expect("free");
+        let (mine, my_opts) = (name.clone(), opts.clone());
+        let wait = Box::pin(async move { b.lock(&mine, &my_opts, None).await });
+        let mut scene = Scene {
+            a,
+            conn: raw().await,
+            name,
+            opts,
+            held,
+            wait,
+            waiter: String::new(),
+        };
+        scene.waiter = scene.until_queued(1, true).await.remove(0);
+        scene
     }
-}
 
-async fn lock_holder(
-    conn: &mut ConnectionManager,
-    lock: &RedisLock,
-    name: &LockName,
-) -> Option<String> {
-    redis::cmd("GET")
-        .arg(lock.lock_key(name))
-        .query_async(conn)
-        .await
-        .unwrap()
+    /// The owner ids in the queue, first first.
+    async fn queued(&mut self) -> Vec<String> {
+        let queue = format!("{}:queue", self.a.lock_key(&self.name));
+        let range = redis::cmd("ZRANGE").arg(&queue).arg(0).arg(-1).clone();
+        range.query_async(&mut self.conn).await.unwrap()
+    }
+
+    /// Waits until the queue holds `count` waiters (polling b's wait meanwhile if `poll`,
+    /// which must not return: the lock is held).
+    async fn until_queued(&mut self, count: usize, poll: bool) -> Vec<String> {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let queue = self.queued().await;
+            if queue.len() == count {
+                return queue;
+            }
+            assert!(Instant::now() < until, "never {count} queued: {queue:?}");
+            let pause = Duration::from_millis(10);
+            if !poll {
+                tokio::time::sleep(pause).await;
+            } else if let Ok(done) = tokio::time::timeout(pause, &mut self.wait).await {
+                panic!("the waiter returned while the lock was held: {done:?}");
+            }
+        }
+    }
+
+    /// The owner id the lock key holds.
+    async fn holder(&mut self) -> Option<String> {
+        let get = redis::cmd("GET").arg(self.a.lock_key(&self.name)).clone();
+        get.query_async(&mut self.conn).await.unwrap()
+    }
 }
 
 /// A waiter that is handed the lock by a release and then stops waiting (its wait dropped
@@ -87,63 +108,40 @@ async fn lock_holder(
 /// waiter: nothing stays held by a waiter that left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_gave_up_while_handed_the_lock_passes_it_on() {
-    let (a, b, c) = (
-        client(Duration::from_secs(1)).await,
-        client(Duration::from_secs(1)).await,
-        client(Duration::from_secs(1)).await,
-    );
-    let mut conn = raw().await;
-    let name = name("gave-up");
-    let opts = LockOptions::new().ttl(TTL);
-    let held = a.try_lock(&name, &opts).await.unwrap().expect("free");
-
-    let mut b_wait: Wait = Box::pin(b.lock(&name, &opts, None));
-    let first = until_queued(&mut conn, &a, &name, &mut b_wait, 1).await;
+    let mut scene = Scene::new("gave-up", Duration::from_secs(1)).await;
+    let c = client(Duration::from_secs(1)).await;
     let c_wait = tokio::spawn({
-        let (c, name, opts) = (c.clone(), name.clone(), opts.clone());
+        let (name, opts) = (scene.name.clone(), scene.opts.clone());
         async move { c.lock(&name, &opts, None).await }
     });
-    let queue = loop {
-        let queue = queued(&mut conn, &a, &name).await;
-        if queue.len() == 2 {
-            break queue;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(queue[0], first[0], "FIFO: the first waiter stays first");
+    let queue = scene.until_queued(2, false).await;
+    assert_eq!(queue[0], scene.waiter, "FIFO: the first waiter stays first");
 
-    // Released while B is not looking (its wait is not polled), then B gives up.
-    held.lease.release().await.unwrap();
-    let after_release = lock_holder(&mut conn, &a, &name).await;
+    // Released while b is not looking (its wait is not polled), then b gives up.
+    scene.held.lease.release().await.unwrap();
+    let after_release = scene.holder().await;
+    let handed = Some(&scene.waiter);
     assert_eq!(
         after_release.as_ref(),
-        Some(&first[0]),
+        handed,
         "not handed to the first waiter"
     );
-    drop(b_wait);
+    // b gives up: its wait is dropped.
+    scene.wait = Box::pin(std::future::pending());
 
     let started = Instant::now();
     let next = tokio::time::timeout(Duration::from_secs(5), c_wait)
         .await
-        .unwrap_or_else(|_| {
-            panic!("the next waiter did not get the lock within 5 s (held by {after_release:?} after the release)")
-        })
+        .expect("the next waiter did not get the lock within 5 s")
         .unwrap()
         .unwrap();
     println!("handed on after {:?}", started.elapsed());
-    assert!(
-        next.token > held.token,
-        "{:?} after {:?}",
-        next.token,
-        held.token
-    );
-    assert_eq!(
-        lock_holder(&mut conn, &a, &name).await,
-        Some(queue[1].clone())
-    );
+    let first = scene.held.token;
+    assert!(next.token > first, "{:?} after {first:?}", next.token);
+    assert_eq!(scene.holder().await, Some(queue[1].clone()));
     next.lease.release().await.unwrap();
-    assert_eq!(lock_holder(&mut conn, &a, &name).await, None);
-    assert!(queued(&mut conn, &a, &name).await.is_empty());
+    assert_eq!(scene.holder().await, None);
+    assert!(scene.queued().await.is_empty());
 }
 
 /// A waiter made the owner by a hand-off whose message it never got (a lost message, a
@@ -151,17 +149,9 @@ async fn a_waiter_that_gave_up_while_handed_the_lock_passes_it_on() {
 /// returns it with the token issued for it, instead of waiting out its own lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_missed_its_hand_off_message_finds_the_lock_on_its_re_check() {
-    let a = client(Duration::from_secs(1)).await;
-    let b = client(Duration::from_millis(200)).await;
-    let mut conn = raw().await;
-    let name = name("missed");
-    let opts = LockOptions::new().ttl(TTL);
-    let held = a.try_lock(&name, &opts).await.unwrap().expect("free");
-
-    let mut b_wait: Wait = Box::pin(b.lock(&name, &opts, None));
-    let queue = until_queued(&mut conn, &a, &name, &mut b_wait, 1).await;
+    let mut scene = Scene::new("missed", Duration::from_millis(200)).await;
     // What a release's hand-off does, without its message.
-    let key = a.lock_key(&name);
+    let key = scene.a.lock_key(&scene.name);
     let token: u64 = redis::Script::new(
         r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -176,15 +166,16 @@ return redis.call('INCR', KEYS[2])
     .key(format!("{key}:queue"))
     .key(format!("{key}:alive"))
     .key(format!("{key}:asked"))
-    .arg(&queue[0])
+    .arg(&scene.waiter)
     .arg(TTL.as_millis() as u64)
-    .invoke_async(&mut conn)
+    .invoke_async(&mut scene.conn)
     .await
     .unwrap();
+    let held = scene.held;
     assert!(token > held.token.get());
 
     let started = Instant::now();
-    let acquired = tokio::time::timeout(Duration::from_secs(5), b_wait)
+    let acquired = tokio::time::timeout(Duration::from_secs(5), scene.wait)
         .await
         .expect("the waiter did not notice within 5 s that the lock is its own")
         .unwrap();
@@ -192,7 +183,9 @@ return redis.call('INCR', KEYS[2])
     assert_eq!(acquired.token.get(), token);
     assert!(acquired.valid_until > Instant::now());
     acquired.lease.release().await.unwrap();
-    assert_eq!(lock_holder(&mut conn, &a, &name).await, None);
+    let get = redis::cmd("GET").arg(&key).clone();
+    let left: Option<String> = get.query_async(&mut scene.conn).await.unwrap();
+    assert_eq!(left, None);
     // The lock is no longer the first holder's: it can neither extend nor release it.
     assert!(held.lease.extend(TTL).await.is_err());
     assert!(held.lease.release().await.is_err());
@@ -203,30 +196,21 @@ return redis.call('INCR', KEYS[2])
 /// before the grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handed_over_lease_is_valid_no_longer_than_the_server_keeps_it() {
-    let a = client(Duration::from_secs(1)).await;
     // A long fallback re-check: the waiter returns on the hand-off message.
-    let b = client(Duration::from_secs(30)).await;
-    let mut conn = raw().await;
-    let name = name("validity");
-    let opts = LockOptions::new().ttl(TTL);
-    let held = a.try_lock(&name, &opts).await.unwrap().expect("free");
-    let mut b_wait: Wait = Box::pin(b.lock(&name, &opts, None));
-    until_queued(&mut conn, &a, &name, &mut b_wait, 1).await;
-
+    let mut scene = Scene::new("validity", Duration::from_secs(30)).await;
     let started = Instant::now();
-    held.lease.release().await.unwrap();
-    let acquired = tokio::time::timeout(Duration::from_secs(5), b_wait)
+    scene.held.lease.release().await.unwrap();
+    let acquired = tokio::time::timeout(Duration::from_secs(5), &mut scene.wait)
         .await
         .expect("not handed over within 5 s")
         .unwrap();
     println!("handed over in {:?}", started.elapsed());
-    assert!(acquired.token > held.token);
+    assert!(acquired.token > scene.held.token);
     let now = Instant::now();
-    let pttl: u64 = redis::cmd("PTTL")
-        .arg(a.lock_key(&name))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let pttl = redis::cmd("PTTL")
+        .arg(scene.a.lock_key(&scene.name))
+        .clone();
+    let pttl: u64 = pttl.query_async(&mut scene.conn).await.unwrap();
     let valid_for = acquired.valid_until.saturating_duration_since(now);
     assert!(!valid_for.is_zero());
     assert!(
@@ -259,7 +243,7 @@ async fn hand_offs_follow_the_queue() {
             acquired.lease.release().await.unwrap();
         });
         let until = Instant::now() + Duration::from_secs(5);
-        while queued(&mut conn, &a, &name).await.len() <= i {
+        while queue_len(&mut conn, &a, &name).await <= i {
             assert!(Instant::now() < until, "waiter {i} never queued");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -280,5 +264,16 @@ async fn hand_offs_follow_the_queue() {
         assert!(token > last, "{token:?} after {last:?}");
         last = token;
     }
-    assert_eq!(lock_holder(&mut conn, &a, &name).await, None);
+    let get = redis::cmd("EXISTS").arg(a.lock_key(&name)).clone();
+    let left: u64 = get.query_async(&mut conn).await.unwrap();
+    assert_eq!(left, 0, "still held");
+}
+
+async fn queue_len(conn: &mut ConnectionManager, lock: &RedisLock, name: &LockName) -> usize {
+    let queue = format!("{}:queue", lock.lock_key(name));
+    redis::cmd("ZCARD")
+        .arg(&queue)
+        .query_async(conn)
+        .await
+        .unwrap()
 }

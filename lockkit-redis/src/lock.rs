@@ -508,7 +508,7 @@ impl Inner {
         let recovered = join_all(
             unanswered
                 .iter()
-                .map(|(node, _)| self.recover(node, &keys, &owner, ttl)),
+                .map(|(node, _)| self.recover(node, &keys, &owner, ttl, queue)),
         )
         .await;
         let mut failures = Vec::new();
@@ -582,11 +582,21 @@ impl Inner {
         Ok(Outcome::Busy(Busy::Held(left, queued)))
     }
 
-    /// After an ambiguous error: the token if our SET went through after all.
-    async fn recover(&self, node: &Node, keys: &Keys, owner: &str, ttl: Duration) -> Option<i64> {
+    /// After an ambiguous error: the token if our SET went through after all, or (a queued
+    /// waiter, `queued`) a release handed us the lock; then the key is renewed to `ttl` from
+    /// now, since the hand-off may predate the attempt the lease is counted from.
+    async fn recover(
+        &self,
+        node: &Node,
+        keys: &Keys,
+        owner: &str,
+        ttl: Duration,
+        queued: bool,
+    ) -> Option<i64> {
         let mut conn = node.commands.clone();
         let mut call = scripts::RECOVER.prepare_invoke();
-        call.key(&keys.lock).key(&keys.fence).arg(owner);
+        let renew = if queued { millis(ttl) } else { 0 };
+        call.key(&keys.lock).key(&keys.fence).arg(owner).arg(renew);
         let answer = tokio::time::timeout(self.request_timeout(ttl), call.invoke_async(&mut conn));
         match answer.await {
             Ok(Ok(token)) if token >= 0 => Some(token),

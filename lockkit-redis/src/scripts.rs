@@ -180,12 +180,20 @@ return 1
     ))
 });
 
-/// KEYS: lock, fence. ARGV: owner. The fence counter if the lock is ours (an acquisition
-/// whose answer was lost went through), else -1.
+/// KEYS: lock, fence. ARGV: owner, ttl ms (`0`: keep the key's TTL). The fence counter if
+/// the lock is ours (an acquisition whose answer was lost went through, or, for a queued
+/// waiter, a release handed it the lock), else -1.
+///
+/// A queued waiter passes its TTL, and the key is renewed to it from now: the lock may have
+/// been handed to it before the attempt whose answer was lost was even sent, and the waiter
+/// counts the lease valid from that attempt. RedLock passes `0` (its waiters do not queue).
 pub(crate) static RECOVER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+    if ARGV[2] ~= '0' then
+        redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
     return tonumber(redis.call('GET', KEYS[2]) or '0')
 end
 return -1

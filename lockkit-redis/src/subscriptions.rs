@@ -1,10 +1,10 @@
-//! Release channels shared by all waiters of one client: one subscription per channel, however many
-//! waiters, and one waiter woken per release message: the queued waiter the message names (a single
-//! instance), or any one waiter (RedLock's `released`). A message that hands the lock to a queued
-//! waiter (`<owner> <token> <attempt>`, see [`RELEASE`](crate::scripts::RELEASE)) leaves the
-//! [`Grant`] for that waiter to take. Leader observers
-//! ([`Admin::changed`](lockkit_core::backend::Admin::changed)) share the same subscription and wake
-//! on every message (`taken` and `value` wake only them).
+//! Release channels shared by all waiters of one client: one subscription per channel,
+//! however many waiters, and one waiter woken per release message: the queued waiter the
+//! message names (a single instance), or any one waiter (RedLock's `released`). A message
+//! that hands the lock to a queued waiter (`<owner> <token> <attempt>`, see
+//! [`RELEASE`](crate::scripts::RELEASE)) leaves the [`Grant`] for that waiter to take.
+//! Leader observers ([`Admin::changed`](lockkit_core::backend::Admin::changed)) share the
+//! same subscription and wake on every message (`taken` and `value` wake only them).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

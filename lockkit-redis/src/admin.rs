@@ -12,8 +12,9 @@
 //! sequence number, and with the token stored there (with RedLock the highest fence may be
 //! past the holder's token when a contender's partial win was undone; a holder without a
 //! value is shown with that highest fence). [`Admin::changed`] subscribes to the name's channel (sharing the waiters'
-//! subscription), on which an acquisition publishes `taken`, a release `released` (or the
-//! next waiter's owner id) and a stored value `value`; an expiry publishes nothing, so the
+//! subscription), on which an acquisition publishes `taken`, a release `released` (or, on a
+//! single instance, `<owner> <token> <attempt>` handing the lock to the next waiter, or the
+//! next waiter's owner id to wake it) and a stored value `value`; an expiry publishes nothing, so the
 //! caller's deadline (bounded by the holder's remaining lease) covers it.
 
 use std::collections::BTreeSet;

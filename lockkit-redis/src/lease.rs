@@ -46,9 +46,9 @@ impl RedisLease {
         self
     }
 
-    /// Releases on every instance (telling waiters if `publish`: a single instance's first
-    /// queued waiter, or all RedLock waiters); returns how many released and how many failed
-    /// to answer.
+    /// Releases on every instance (if `publish`: handing the lock to a single instance's
+    /// first live queued waiter, or telling all RedLock waiters); returns how many released
+    /// and how many failed to answer.
     pub(crate) async fn release_all(&self, publish: bool) -> (usize, usize) {
         let mode = match (publish, self.inner.nodes.len()) {
             (false, _) => "0",
@@ -60,7 +60,14 @@ impl RedisLease {
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::RELEASE,
-                &[&self.keys.lock, &self.keys.queue, &self.keys.value],
+                &[
+                    &self.keys.lock,
+                    &self.keys.queue,
+                    &self.keys.value,
+                    &self.keys.fence,
+                    &self.keys.alive,
+                    &self.keys.asked,
+                ],
                 &[&self.owner, &self.keys.channel, mode],
             )
             .await;

@@ -56,17 +56,26 @@ use crate::subscriptions::{Role, Subscription, Subscriptions};
 ///
 /// Release and extend compare the owner id in a script. On a single instance, waiters queue
 /// in arrival order (a sorted set per name, with a liveness deadline each waiter refreshes
-/// with every attempt): a free lock goes only to the first live waiter, so a releaser that
-/// asks again at once queues behind the waiters instead of barging in; release publishes the
-/// first waiter's owner id on the name's channel, and only that waiter wakes. RedLock
-/// waiters do not queue (instances could order them differently); release publishes
-/// `released` and one waiter per client wakes. Either way a jittered fallback re-check covers
-/// lost messages, and a wake-up the holder's lease running out. A waiter that stops waiting
-/// leaves the queue at once; one that crashed is dropped after its liveness deadline (three
-/// `max_poll`s, at least 2 s). Renewals of one client are batched: the extends asked for
-/// while one batch is on its way go out together in one script call per instance. Keys and
-/// channel of a name share one hash tag, so they stay on one Redis Cluster slot (the batched
-/// renewal spans names, so it needs a single instance or RedLock, not Redis Cluster).
+/// with every attempt, and the TTL it asks for): a free lock goes only to the first live
+/// waiter, so a releaser that asks again at once queues behind the waiters instead of
+/// barging in. A release hands the lock over directly: the same script makes the first live
+/// waiter the owner (its TTL, a new token) and publishes `<owner> <token> <attempt>` on the
+/// name's channel; only that waiter wakes, and it returns the lock without another round
+/// trip (the release script in `scripts.rs`). Its lease counts as valid from when it sent
+/// the attempt the grant names (the server had seen that attempt, so it was sent before the
+/// grant, and the key lives for the TTL from the grant), less the drift allowance. A waiter
+/// that stops waiting (timeout, cancel) leaves the queue at once and gives back a lock it
+/// was handed meanwhile, to the next waiter; one that crashed is handed nothing after its
+/// liveness deadline (three `max_poll`s, at least 2 s), and a lock it was handed before
+/// ends at its TTL. A waiter that missed its message finds the lock its own on its next
+/// attempt, which renews it and returns it. RedLock waiters do not queue (instances could
+/// order them differently) and are not handed anything; release publishes `released` and
+/// one waiter per client wakes. Either way a jittered fallback re-check covers lost
+/// messages, and a wake-up the holder's lease running out. Renewals of one client are
+/// batched: the extends asked for while one batch is on its way go out together in one
+/// script call per instance. Keys and channel of a name share one hash tag, so they stay on
+/// one Redis Cluster slot (the batched renewal spans names, so it needs a single instance
+/// or RedLock, not Redis Cluster).
 ///
 /// A holder's value ([`Lease::set_value`](lockkit_core::backend::Lease::set_value), for
 /// leader election) is kept in the name's value key with the holder's owner id, written only
@@ -111,7 +120,10 @@ pub(crate) struct Keys {
     /// The waiters in arrival order (a single instance only).
     pub(crate) queue: String,
     /// Until when each waiter is presumed alive.
-    alive: String,
+    pub(crate) alive: String,
+    /// What each waiter asks for: its TTL and the number of its latest attempt (see
+    /// [`scripts::ACQUIRE`]), for a release to hand it the lock.
+    pub(crate) asked: String,
 }
 
 /// A waiter's place in a name's queue (a single instance only): taken out of it in the
@@ -132,7 +144,13 @@ impl Cleanup for Queued {
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::DEQUEUE,
-                &[&self.keys.lock, &self.keys.queue, &self.keys.alive],
+                &[
+                    &self.keys.lock,
+                    &self.keys.queue,
+                    &self.keys.alive,
+                    &self.keys.fence,
+                    &self.keys.asked,
+                ],
                 &[&self.owner, &self.keys.channel],
             )
             .await;
@@ -351,6 +369,7 @@ impl Inner {
             channel: format!("{tag}:released"),
             queue: format!("{tag}:queue"),
             alive: format!("{tag}:alive"),
+            asked: format!("{tag}:asked"),
             lock: tag,
         }
     }
@@ -385,7 +404,9 @@ impl Inner {
         }
     }
 
-    /// The end of a lease of `validity` asked for at `started`, if it is still ahead.
+    /// The end of a lease of `validity` asked for at `started`, if it is still ahead. For a
+    /// lease handed over by a release, `started` is when the waiter sent the attempt the grant
+    /// names, which the grant followed.
     pub(crate) fn valid_until(started: Instant, validity: Duration) -> Option<Instant> {
         started
             .checked_add(validity)
@@ -428,13 +449,15 @@ impl Inner {
     }
 
     /// One acquisition request on every instance, as `owner`; a single instance's waiter
-    /// (`queue`) takes a place in the name's queue if the lock is not free for it.
+    /// (`queue`) takes a place in the name's queue if the lock is not free for it, recording
+    /// its TTL and the number of this attempt (`number`) for a release to hand it the lock.
     async fn attempt(
         self: Arc<Self>,
         name: LockName,
         ttl: Duration,
         owner: Arc<str>,
         queue: bool,
+        number: u64,
     ) -> Result<Outcome> {
         let validity = self.validity(ttl)?;
         let keys = self.keys(&name);
@@ -446,12 +469,19 @@ impl Inner {
             _ => proposal(),
         }
         .to_string();
+        let number = number.to_string();
         let started = Instant::now();
         let answers: Vec<Result<(i64, i64)>> = self
             .on_all(
                 ttl,
                 &scripts::ACQUIRE,
-                &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
+                &[
+                    &keys.lock,
+                    &keys.fence,
+                    &keys.queue,
+                    &keys.alive,
+                    &keys.asked,
+                ],
                 &[
                     &owner,
                     &ttl_ms,
@@ -459,6 +489,7 @@ impl Inner {
                     &liveness_ms,
                     &keys.channel,
                     &proposal,
+                    &number,
                 ],
             )
             .await;
@@ -479,7 +510,7 @@ impl Inner {
         let recovered = join_all(
             unanswered
                 .iter()
-                .map(|(node, _)| self.recover(node, &keys, &owner, ttl)),
+                .map(|(node, _)| self.recover(node, &keys, &owner, ttl, queue)),
         )
         .await;
         let mut failures = Vec::new();
@@ -553,11 +584,21 @@ impl Inner {
         Ok(Outcome::Busy(Busy::Held(left, queued)))
     }
 
-    /// After an ambiguous error: the token if our SET went through after all.
-    async fn recover(&self, node: &Node, keys: &Keys, owner: &str, ttl: Duration) -> Option<i64> {
+    /// After an ambiguous error: the token if our SET went through after all, or (a queued
+    /// waiter, `queued`) a release handed us the lock; then the key is renewed to `ttl` from
+    /// now, since the hand-off may predate the attempt the lease is counted from.
+    async fn recover(
+        &self,
+        node: &Node,
+        keys: &Keys,
+        owner: &str,
+        ttl: Duration,
+        queued: bool,
+    ) -> Option<i64> {
         let mut conn = node.commands.clone();
         let mut call = scripts::RECOVER.prepare_invoke();
-        call.key(&keys.lock).key(&keys.fence).arg(owner);
+        let renew = if queued { millis(ttl) } else { 0 };
+        call.key(&keys.lock).key(&keys.fence).arg(owner).arg(renew);
         let answer = tokio::time::timeout(self.request_timeout(ttl), call.invoke_async(&mut conn));
         match answer.await {
             Ok(Ok(token)) if token >= 0 => Some(token),
@@ -613,7 +654,7 @@ impl Backend for RedisLock {
         let attempt = self
             .inner
             .clone()
-            .attempt(name.clone(), opts.ttl, owner_id(), false);
+            .attempt(name.clone(), opts.ttl, owner_id(), false, 0);
         Ok(run_detached(attempt).await?.into_acquired())
     }
 
@@ -625,12 +666,16 @@ impl Backend for RedisLock {
     ) -> Result<Acquired> {
         let inner = &self.inner;
         let keys = inner.keys(name);
+        let validity = inner.validity(opts.ttl)?;
         // One owner id for the whole wait: it is the waiter's place in the queue.
         let owner = owner_id();
         let mut queued: Option<Armed<Queued>> = None;
-        let mut subscription = None;
+        let mut subscription: Option<Armed<Subscription>> = None;
         let mut poll = Duration::from_millis(50);
         let mut splits = 0;
+        // The number of the latest attempt, and when it was sent (taken before sending).
+        let mut number = 0;
+        let mut sent;
         loop {
             let notify = subscription.as_deref().map(Subscription::notify);
             let woken = notify.as_ref().map(|n| n.notified());
@@ -638,9 +683,12 @@ impl Backend for RedisLock {
             if let Some(woken) = woken.as_mut().as_pin_mut() {
                 woken.enable();
             }
-            let attempt = inner
-                .clone()
-                .attempt(name.clone(), opts.ttl, owner.clone(), true);
+            number += 1;
+            sent = Instant::now();
+            let attempt =
+                inner
+                    .clone()
+                    .attempt(name.clone(), opts.ttl, owner.clone(), true, number);
             let busy_for = match run_detached(attempt).await? {
                 Outcome::Won(acquired) => {
                     // The winning attempt took us out of the queue.
@@ -685,6 +733,23 @@ impl Backend for RedisLock {
             tokio::select! {
                 _ = async { woken.as_pin_mut().expect("subscribed").await } => {}
                 _ = tokio::time::sleep(pause) => {}
+            }
+            let granted = subscription.as_deref().and_then(Subscription::take_grant);
+            if let Some(grant) = granted.filter(|g| g.attempt == number) {
+                // Handed over by a release after it had seen attempt `number`, so after we
+                // sent it: the lease, which runs from the grant, is valid at least from then.
+                if let Some(valid_until) = Inner::valid_until(sent, validity) {
+                    if let Some(queued) = queued.take() {
+                        queued.disarm();
+                    }
+                    let token = FencingToken(grant.token);
+                    let lease = RedisLease::new(inner.clone(), name.clone(), keys, owner);
+                    let lease = Box::new(lease.with_token(token));
+                    return Ok(Acquired::new(token, valid_until, lease));
+                }
+                // Too late to count as valid: the next attempt finds the lock ours and
+                // renews it from then.
+                continue;
             }
             poll = poll.saturating_mul(2).min(inner.options.max_poll);
         }
@@ -741,8 +806,14 @@ mod tests {
             .on_all(
                 Duration::from_secs(5),
                 &scripts::ACQUIRE,
-                &[&keys.lock, &keys.fence, &keys.queue, &keys.alive],
-                &["owner", "5000", "0", "2000", &keys.channel, &proposed],
+                &[
+                    &keys.lock,
+                    &keys.fence,
+                    &keys.queue,
+                    &keys.alive,
+                    &keys.asked,
+                ],
+                &["owner", "5000", "0", "2000", &keys.channel, &proposed, "0"],
             )
             .await;
         let mut conn = inner.nodes[0].commands.clone();

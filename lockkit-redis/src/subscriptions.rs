@@ -1,8 +1,10 @@
-//! Release channels shared by all waiters of one client: one subscription per channel, however
-//! many waiters, and one waiter woken per release message: the queued waiter the message
-//! names (a single instance), or any one waiter (RedLock's `released`). Leader observers
-//! ([`Admin::changed`](lockkit_core::backend::Admin::changed)) share the same subscription
-//! and wake on every message (`taken` and `value` wake only them).
+//! Release channels shared by all waiters of one client: one subscription per channel,
+//! however many waiters, and one waiter woken per release message: the queued waiter the
+//! message names (a single instance), or any one waiter (RedLock's `released`). A message
+//! that hands the lock to a queued waiter (`<owner> <token> <attempt>`, see
+//! [`RELEASE`](crate::scripts::RELEASE)) leaves the [`Grant`] for that waiter to take.
+//! Leader observers ([`Admin::changed`](lockkit_core::backend::Admin::changed)) share the
+//! same subscription and wake on every message (`taken` and `value` wake only them).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +34,7 @@ struct Waiters {
     /// Woken by a message that names no waiter of ours (RedLock's `released`).
     any: Arc<Notify>,
     /// Queued waiters by owner id, woken by a message that names them.
-    named: HashMap<Arc<str>, Arc<Notify>>,
+    named: HashMap<Arc<str>, Named>,
     /// Leader observers, all woken by every message.
     observers: Arc<Notify>,
 }
@@ -41,8 +43,42 @@ impl Waiters {
     fn all(&self) -> impl Iterator<Item = &Arc<Notify>> {
         [&self.any, &self.observers]
             .into_iter()
-            .chain(self.named.values())
+            .chain(self.named.values().map(|n| &n.notify))
     }
+}
+
+/// One queued waiter of this client: what wakes it, and the hand-off it was last told of.
+#[derive(Debug, Default, Clone)]
+struct Named {
+    notify: Arc<Notify>,
+    grant: Arc<Mutex<Option<Grant>>>,
+}
+
+/// A release handed the lock to a queued waiter: it is the owner already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// The fencing token issued for it.
+    pub(crate) token: u64,
+    /// The number of the waiter's latest attempt the server had seen when it granted the
+    /// lock: the lease is valid at least from when the waiter sent that attempt.
+    pub(crate) attempt: u64,
+}
+
+/// A message naming a queued waiter: its owner id, and the grant if it hands it the lock
+/// (`<owner> <token> <attempt>`). A grant that does not parse is only a wake-up: the
+/// waiter's next attempt finds the lock its own.
+fn parse_turn(payload: &[u8]) -> Option<(&str, Option<Grant>)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut words = text.split(' ');
+    let owner = words.next()?;
+    let grant = match (words.next(), words.next(), words.next()) {
+        (Some(token), Some(attempt), None) => match (token.parse(), attempt.parse()) {
+            (Ok(token), Ok(attempt)) => Some(Grant { token, attempt }),
+            _ => None,
+        },
+        _ => None,
+    };
+    Some((owner, grant))
 }
 
 /// Who subscribes to a channel.
@@ -64,7 +100,7 @@ fn for_observers_only(payload: &Value) -> bool {
 
 impl Subscriptions {
     fn notifies(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiters>> {
-        self.notifies.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.notifies)
     }
 
     /// Called by the connection for every push message.
@@ -79,14 +115,21 @@ impl Subscriptions {
                             return;
                         }
                         let named = match payload {
-                            Value::BulkString(owner) => std::str::from_utf8(owner)
-                                .ok()
-                                .and_then(|owner| waiters.named.get(owner)),
+                            Value::BulkString(payload) => {
+                                parse_turn(payload).and_then(|(owner, grant)| {
+                                    Some((waiters.named.get(owner)?, grant))
+                                })
+                            }
                             _ => None,
                         };
                         // One waiter per message: no stampede on a release.
                         match named {
-                            Some(notify) => notify.notify_one(),
+                            Some((named, grant)) => {
+                                if grant.is_some() {
+                                    *lock(&named.grant) = grant;
+                                }
+                                named.notify.notify_one();
+                            }
                             // Another client's waiter's turn, or a RedLock release.
                             None if waiters.named.is_empty() => waiters.any.notify_one(),
                             None => {}
@@ -118,13 +161,19 @@ impl Subscriptions {
         let count = counts.entry(channel.to_string()).or_insert(0);
         *count += 1;
         let first = *count == 1;
-        let notify = {
+        let Named { notify, grant } = {
             let mut notifies = self.notifies();
             let waiters = notifies.entry(channel.to_string()).or_default();
             match role {
                 Role::Queued(owner) => waiters.named.entry(owner.clone()).or_default().clone(),
-                Role::Any => waiters.any.clone(),
-                Role::Observer => waiters.observers.clone(),
+                Role::Any => Named {
+                    notify: waiters.any.clone(),
+                    grant: Arc::default(),
+                },
+                Role::Observer => Named {
+                    notify: waiters.observers.clone(),
+                    grant: Arc::default(),
+                },
             }
         };
         let owner = match role {
@@ -138,6 +187,7 @@ impl Subscriptions {
             owner,
             nodes,
             notify,
+            grant,
         });
         if first {
             on_nodes(&subscription.nodes, channel, true).await;
@@ -197,6 +247,8 @@ pub(crate) struct Subscription {
     owner: Option<Arc<str>>,
     nodes: Vec<ConnectionManager>,
     notify: Arc<Notify>,
+    /// The hand-off last announced to this (queued) waiter, until taken.
+    grant: Arc<Mutex<Option<Grant>>>,
 }
 
 impl Subscription {
@@ -204,6 +256,16 @@ impl Subscription {
     pub(crate) fn notify(&self) -> Arc<Notify> {
         self.notify.clone()
     }
+
+    /// The hand-off last announced to this waiter since the previous call, if any.
+    pub(crate) fn take_grant(&self) -> Option<Grant> {
+        lock(&self.grant).take()
+    }
+}
+
+/// Locks `mutex`, whether or not a holder panicked (what it guards stays consistent).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Dropping the waiter's hold unsubscribes in the background once no waiter is left.
@@ -215,5 +277,28 @@ impl Cleanup for Subscription {
             .unsubscribe(self.channel, self.owner, self.nodes)
             .await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_turn_names_the_waiter_and_maybe_hands_it_the_lock() {
+        let grant = Grant {
+            token: 1_700_000_000_000_001,
+            attempt: 3,
+        };
+        assert_eq!(
+            parse_turn(b"ab12 1700000000000001 3"),
+            Some(("ab12", Some(grant)))
+        );
+        assert_eq!(parse_turn(b"ab12"), Some(("ab12", None)));
+        // Malformed grants only wake the waiter: its next attempt looks for itself.
+        for odd in [&b"ab12 x 3"[..], b"ab12 1 2 3", b"ab12 1", b"ab12 -1 3"] {
+            assert_eq!(parse_turn(odd), Some(("ab12", None)), "{odd:?}");
+        }
+        assert_eq!(parse_turn(b"\xff\xfe 1 2"), None);
     }
 }

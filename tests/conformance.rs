@@ -78,7 +78,7 @@ mod redis {
         url_key: "LOCKKIT_REDIS_URL",
         params: "",
         closed: "redis://127.0.0.1:1",
-    }; fencing, lease_expiry, renewal, semaphore, election);
+    }; fencing, lease_expiry, renewal, fifo, semaphore, election);
 }
 
 #[cfg(feature = "redis")]

@@ -638,6 +638,8 @@ impl Backend for RedisLock {
         let min_ttl = if self.inner.nodes.len() > 1 { 500 } else { 100 };
         Capabilities::new(Duration::from_millis(min_ttl))
             .fencing(true)
+            // A single instance's waiters queue and are handed the lock in arrival order.
+            .fifo(self.inner.queues())
             .lease_expiry(true)
             .renewal(true)
             .networked(true)

@@ -112,11 +112,6 @@ end
 /// The body of [`ACQUIRE`], with `MAX_LEAD_US` standing for [`MAX_LEAD_US`].
 const ACQUIRE_SOURCE: &str = r"
 local time = redis.call('TIME')
-if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    forget(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
-    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
-end
 local free
 if redis.call('EXISTS', KEYS[3]) == 0 then
     -- Nobody waits: taken if free, in the same call.
@@ -135,6 +130,13 @@ elseif redis.call('EXISTS', KEYS[1]) == 0 then
     end
 else
     free = false
+end
+-- Not free: a waiter's attempt may find it already its own (handed over), checked only here
+-- so the uncontended path stays one SET.
+if not free and ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    forget(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
 end
 if free then
     redis.call('PUBLISH', ARGV[5], 'taken')
@@ -247,8 +249,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     if ARGV[3] == '1' then
         redis.call('PUBLISH', ARGV[2], 'released')
     elseif ARGV[3] == '2' then
-        local time = redis.call('TIME')
-        if not hand_off(KEYS[1], KEYS[4], KEYS[2], KEYS[5], KEYS[6], ARGV[2], time) then
+        -- Nobody queued (the uncontended release): no hand-off to look for.
+        local queued = redis.call('EXISTS', KEYS[2]) == 1
+        if not (queued and hand_off(KEYS[1], KEYS[4], KEYS[2], KEYS[5], KEYS[6], ARGV[2],
+                redis.call('TIME'))) then
             redis.call('PUBLISH', ARGV[2], 'released')
         end
     end

@@ -422,14 +422,16 @@ impl Inner {
         args: &[&str],
     ) -> Vec<Result<T>> {
         let timeout = self.request_timeout(ttl);
+        // Built once for every instance: a renewal batch has thousands of arguments.
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let invocation = &invocation;
         join_all(self.nodes.iter().map(|node| async move {
-            let mut invocation = script.prepare_invoke();
-            for key in keys {
-                invocation.key(*key);
-            }
-            for arg in args {
-                invocation.arg(*arg);
-            }
             let mut conn = node.commands.clone();
             match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
                 Ok(result) => result.map_err(|e| map_err(&node.address, e)),

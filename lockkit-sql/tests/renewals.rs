@@ -15,10 +15,15 @@ use lockkit_testkit::fresh_name;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 
+/// The SQLite tests that load the machine (thousands of guards, a burst of takes) run one at
+/// a time: SQLite runs in this process, so each would be the other's CPU starvation.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// 2 000 guards with a 3 s TTL on one SQLite file (durable: a commit is an fsync), held for
 /// three TTLs: only renewals keep them, and every one must be kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_keeps_two_thousand_guards() {
+    let _heavy = HEAVY.lock().await;
     const GUARDS: usize = 2_000;
     let ttl = Duration::from_secs(3);
     let dir = tempfile::tempdir().unwrap();
@@ -192,6 +197,7 @@ async fn a_burst_of_takes_does_not_starve_renewals(ours: Locks, theirs: Locks, t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_burst_of_takes_does_not_starve_renewals() {
+    let _heavy = HEAVY.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("locks.db").display());
     let ours = Locks::new(SqliteLock::connect(&url).await.unwrap());

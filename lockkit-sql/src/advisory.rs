@@ -46,7 +46,7 @@ pub(crate) async fn attempt<D: Dialect>(
     };
     let started = Instant::now();
     let token = take::<D>(&lock, &mut session, &name, &key, ttl_ms, slice).await;
-    if session.keys.is_empty() {
+    if session.holds_none() {
         sessions.emptied(&mut session);
     }
     if token.as_ref().is_err_and(|e| e.is_retryable()) {

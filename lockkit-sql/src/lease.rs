@@ -141,7 +141,7 @@ impl<D: Dialect> Lease for SessionLease<D> {
         if !session.alive() {
             return Err(self.gone(&session));
         }
-        if !session.keys.contains_key(&self.key) {
+        if !session.holds(&self.key) {
             return Err(self.not_owner());
         }
         // Before the statement: a value whose answer is lost is still cleared.
@@ -199,7 +199,7 @@ async fn unlock<D: Dialect>(
     if result.is_err() {
         // Whatever the session holds that it should not goes with it.
         session.end("a lock could not be let go of");
-    } else if session.alive() && session.keys.is_empty() {
+    } else if session.alive() && session.holds_none() {
         lock.sessions.emptied(session);
     }
     result

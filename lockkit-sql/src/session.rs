@@ -31,8 +31,9 @@ pub(crate) struct Session<D: Dialect> {
     /// Why it ended.
     pub(crate) ended: Option<String>,
     /// The locks it holds, each with its lease's TTL in milliseconds. Changed only through
-    /// [`Session::hold`], [`Session::set_ttl`] and [`Session::let_go`], which keep `ttls`.
-    pub(crate) keys: HashMap<Key, i64>,
+    /// [`Session::hold`], [`Session::set_ttl`] and [`Session::let_go`], which keep `ttls`;
+    /// read through [`Session::holds_none`] and [`Session::holds`].
+    keys: HashMap<Key, i64>,
     /// How many held locks have each TTL: the longest in O(log n) for [`Session::arm_for`],
     /// which every renewal asks (a session holds up to a thousand locks).
     ttls: BTreeMap<i64, u32>,
@@ -68,6 +69,16 @@ impl<D: Dialect> Session<D> {
     /// Whether the session is still open (as far as this client knows).
     pub(crate) fn alive(&self) -> bool {
         self.conn.is_some()
+    }
+
+    /// Whether the session holds no lock.
+    pub(crate) fn holds_none(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether the session holds `key`.
+    pub(crate) fn holds(&self, key: &Key) -> bool {
+        self.keys.contains_key(key)
     }
 
     /// An empty session the server may have ended by now for being idle: not reused.
@@ -245,7 +256,7 @@ impl<D: Dialect> Sessions<D> {
             let list = self.list();
             for holder in list.iter() {
                 if let Ok(s) = holder.clone().try_lock_owned() {
-                    if s.alive() && s.keys.is_empty() && !s.stale(now) {
+                    if s.alive() && s.holds_none() && !s.stale(now) {
                         return Ok(s);
                     }
                 }
@@ -278,7 +289,7 @@ impl<D: Dialect> Sessions<D> {
     /// their renewals find out.
     pub(crate) fn close_spares(&self) {
         self.list().retain(|h| match h.try_lock() {
-            Ok(mut s) if s.keys.is_empty() => {
+            Ok(mut s) if s.holds_none() => {
                 s.end("closed after a connection error");
                 false
             }
@@ -289,7 +300,7 @@ impl<D: Dialect> Sessions<D> {
     fn spares(&self) -> usize {
         self.list()
             .iter()
-            .filter(|h| h.try_lock().is_ok_and(|s| s.alive() && s.keys.is_empty()))
+            .filter(|h| h.try_lock().is_ok_and(|s| s.alive() && s.holds_none()))
             .count()
     }
 }

@@ -10,7 +10,7 @@ use lockkit_core::backend::{FencingToken, Lease, LockName};
 use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
-use crate::lock::{Inner, Keys};
+use crate::lock::Inner;
 use crate::{renewals, scripts};
 
 /// A lease held on one or more instances.
@@ -18,7 +18,9 @@ use crate::{renewals, scripts};
 pub(crate) struct RedisLease {
     inner: Arc<Inner>,
     name: LockName,
-    keys: Keys,
+    /// The lock's key, for renewals; the name's other keys are derived when needed
+    /// ([`Inner::keys`]), so a held lease keeps one key, not seven.
+    lock_key: Box<str>,
     owner: Arc<str>,
     /// The sequence number of the last value stored: with RedLock, a later value wins over an
     /// earlier one on every instance, whatever order they arrive in.
@@ -29,11 +31,11 @@ pub(crate) struct RedisLease {
 }
 
 impl RedisLease {
-    pub(crate) fn new(inner: Arc<Inner>, name: LockName, keys: Keys, owner: Arc<str>) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, name: LockName, lock_key: &str, owner: Arc<str>) -> Self {
         RedisLease {
             inner,
             name,
-            keys,
+            lock_key: lock_key.into(),
             owner,
             values: Arc::default(),
             token: FencingToken(0),
@@ -55,20 +57,21 @@ impl RedisLease {
             (true, 1) => "2",
             (true, _) => "1",
         };
+        let keys = self.inner.keys(&self.name);
         let answers: Vec<Result<i64>> = self
             .inner
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::RELEASE,
                 &[
-                    &self.keys.lock,
-                    &self.keys.queue,
-                    &self.keys.value,
-                    &self.keys.fence,
-                    &self.keys.alive,
-                    &self.keys.asked,
+                    &keys.lock,
+                    &keys.queue,
+                    &keys.value,
+                    &keys.fence,
+                    &keys.alive,
+                    &keys.asked,
                 ],
-                &[&self.owner, &self.keys.channel, mode],
+                &[&self.owner, &keys.channel, mode],
             )
             .await;
         let released = answers.iter().filter(|a| matches!(a, Ok(1))).count();
@@ -107,7 +110,7 @@ impl Lease for RedisLease {
         let inner = &self.inner;
         let validity = inner.validity(ttl)?;
         // Batched with the client's other renewals; valid from when the batch was sent.
-        let (started, answers) = renewals::extend(inner, &self.keys.lock, &self.owner, ttl).await?;
+        let (started, answers) = renewals::extend(inner, &self.lock_key, &self.owner, ttl).await?;
         if self.quorum_of(&answers)? {
             if let Some(valid_until) = Inner::valid_until(started, validity) {
                 return Ok(valid_until);
@@ -122,13 +125,14 @@ impl Lease for RedisLease {
     async fn set_value(&self, value: &str) -> Result<()> {
         let sequence = (self.values.fetch_add(1, Ordering::Relaxed) + 1).to_string();
         let value = format!("{} {value}", self.token.get());
+        let keys = self.inner.keys(&self.name);
         let answers: Vec<Result<i64>> = self
             .inner
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::SET_VALUE,
-                &[&self.keys.lock, &self.keys.value],
-                &[&self.owner, &sequence, &value, &self.keys.channel],
+                &[&keys.lock, &keys.value],
+                &[&self.owner, &sequence, &value, &keys.channel],
             )
             .await;
         if self.quorum_of(&answers)? {

@@ -522,7 +522,7 @@ impl Inner {
                 None => failures.push(e),
             }
         }
-        let lease = RedisLease::new(self.clone(), name.clone(), keys.clone(), owner.clone());
+        let lease = RedisLease::new(self.clone(), name.clone(), &keys.lock, owner.clone());
         if tokens.len() >= self.quorum {
             let mut token = tokens.iter().copied().max().unwrap_or(0);
             // A quorum whose fence counters already stand at the token (they issued it, or
@@ -747,7 +747,7 @@ impl Backend for RedisLock {
                         queued.disarm();
                     }
                     let token = FencingToken(grant.token);
-                    let lease = RedisLease::new(inner.clone(), name.clone(), keys, owner);
+                    let lease = RedisLease::new(inner.clone(), name.clone(), &keys.lock, owner);
                     let lease = Box::new(lease.with_token(token));
                     return Ok(Acquired::new(token, valid_until, lease));
                 }

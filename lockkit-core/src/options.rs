@@ -176,7 +176,7 @@ impl LockOptions {
 
     /// Checks the options against a backend's capabilities.
     pub fn validate(&self, caps: &Capabilities) -> Result<()> {
-        validate_ttl(self.ttl, caps)?;
+        validate_ttl(self.ttl, caps.min_ttl, caps.max_ttl)?;
         if self.auto_renew {
             if !caps.renewal {
                 return Err(Error::InvalidOptions(
@@ -196,22 +196,20 @@ impl LockOptions {
 }
 
 /// Checks one lease TTL against a backend's limits.
-pub(crate) fn validate_ttl(ttl: Duration, caps: &Capabilities) -> Result<()> {
+pub(crate) fn validate_ttl(ttl: Duration, min_ttl: Duration, max_ttl: Duration) -> Result<()> {
     if ttl.is_zero() {
         return Err(Error::InvalidOptions(
             "the lease TTL must be above zero".into(),
         ));
     }
-    if ttl < caps.min_ttl {
+    if ttl < min_ttl {
         return Err(Error::InvalidOptions(format!(
-            "the lease TTL {ttl:?} is below this backend's minimum of {:?}",
-            caps.min_ttl
+            "the lease TTL {ttl:?} is below this backend's minimum of {min_ttl:?}"
         )));
     }
-    if ttl > caps.max_ttl {
+    if ttl > max_ttl {
         return Err(Error::InvalidOptions(format!(
-            "the lease TTL {ttl:?} is above this backend's maximum of {:?}",
-            caps.max_ttl
+            "the lease TTL {ttl:?} is above this backend's maximum of {max_ttl:?}"
         )));
     }
     Ok(())

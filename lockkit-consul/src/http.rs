@@ -15,7 +15,6 @@ use rs_consul::types::CreateOrUpdateKeyRequest;
 use rs_consul::{Consul, ConsulError, HttpsClient};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 
 use crate::error::RequestError;
 
@@ -170,33 +169,6 @@ pub(crate) struct TxnError {
     #[serde(default)]
     pub(crate) op_index: usize,
     pub(crate) what: String,
-}
-
-/// Runs `request` until it gets through, again after each connection error (pausing as the
-/// default retry policy does: 25 ms doubling up to 1 s) while the next try would start
-/// before `until`: its answer, or the last error. For clean-up that must happen, such as
-/// leaving a lock's line while the agent's servers elect a leader.
-pub(crate) async fn retrying<T, F, Fut>(until: Instant, mut request: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let policy = lockkit_core::RetryPolicy::default();
-    let mut failed = 0u32;
-    loop {
-        match request().await {
-            Err(e) if e.is_retryable() => {
-                let pause = policy.backoff(failed);
-                if Instant::now() + pause >= until {
-                    return Err(e);
-                }
-                tracing::debug!(error = %e, ?pause, "retrying a clean-up request");
-                failed = failed.saturating_add(1);
-                tokio::time::sleep(pause).await;
-            }
-            answer => return answer,
-        }
-    }
 }
 
 /// A KV key as it goes into a URL path: the name encoding's `%` must itself be escaped (the

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lockkit_core::backend::{Lease, LockName};
+use lockkit_core::backend::{Lease, LockName, LossSignal};
 use lockkit_core::{Error, LostReason, Result};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::BACKEND;
@@ -21,24 +20,17 @@ use crate::watcher::Watcher;
 /// by its key check).
 #[derive(Debug)]
 pub(crate) struct LeaseState {
-    lost: watch::Sender<Option<LostReason>>,
+    lost: LossSignal,
 }
 
 impl LeaseState {
     /// Marks the lease lost, once.
     pub(crate) fn mark_lost(&self, reason: LostReason) {
-        self.lost.send_if_modified(|slot| {
-            if slot.is_none() {
-                *slot = Some(reason);
-                true
-            } else {
-                false
-            }
-        });
+        self.lost.mark(reason);
     }
 
     fn reason(&self) -> Option<LostReason> {
-        self.lost.borrow().clone()
+        self.lost.reason()
     }
 }
 
@@ -123,8 +115,9 @@ impl ConsulLease {
         holder: Holder,
         taken: Acquisition,
     ) -> Self {
-        let (lost, _) = watch::channel(None);
-        let state = Arc::new(LeaseState { lost });
+        let state = Arc::new(LeaseState {
+            lost: LossSignal::new(),
+        });
         if let Holder::Shared(shared) = &holder {
             shared.join(&key, &state);
         }
@@ -305,13 +298,7 @@ impl Lease for ConsulLease {
     }
 
     async fn lost(&self) -> LostReason {
-        let mut rx = self.state.lost.subscribe();
-        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
-        match reason {
-            Ok(Some(reason)) => reason,
-            // The lease itself holds the sender, so this does not happen.
-            _ => std::future::pending().await,
-        }
+        self.state.lost.wait().await
     }
 
     fn fixed_ttl(&self) -> Option<Duration> {

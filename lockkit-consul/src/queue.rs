@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockkit_core::backend::{
-    run_detached, Acquired, Armed, Cleanup, FencingToken, LockName, Outcome,
+    retry_until, run_detached, Acquired, Armed, Cleanup, FencingToken, LockName, Outcome,
 };
-use lockkit_core::{Error, LockOptions, Result};
+use lockkit_core::{Error, LockOptions, Result, RetryPolicy};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::http::{retrying, KeyEntry};
+use crate::http::KeyEntry;
 use crate::lease::ConsulLease;
 use crate::lock::{lease_end, Inner, Session};
 
@@ -201,14 +201,15 @@ impl Cleanup for Waiter {
         let session = &self.session.id;
         let until =
             lease_end(self.session.fresh_at, self.session.ttl).unwrap_or_else(|_| Instant::now());
+        let policy = RetryPolicy::default();
         // Out of the line first, so the next waiter wakes; then the key on, if it was handed
         // here; then the session.
         let delete = json!([{"KV": {"Verb": "delete", "Key": self.entry()}}]);
         let leave = || http.transact("leave the line (txn)", &delete);
-        let left = retrying(until, leave).await.map(drop);
+        let left = retry_until(&policy, until, leave).await.map(drop);
         let hand_on = || self.inner.release_key(&self.key, session, Some(None));
-        let handed = retrying(until, hand_on).await.map(drop);
-        let destroyed = retrying(until, || http.destroy_session(session)).await;
+        let handed = retry_until(&policy, until, hand_on).await.map(drop);
+        let destroyed = retry_until(&policy, until, || http.destroy_session(session)).await;
         left.and(handed).and(destroyed)
     }
 }

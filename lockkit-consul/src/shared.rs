@@ -7,11 +7,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use lockkit_core::backend::LockName;
-use lockkit_core::{Error, LostReason, Result};
+use lockkit_core::backend::{retry_until, LockName};
+use lockkit_core::{Error, LostReason, Result, RetryPolicy};
 use tokio::time::Instant;
 
-use crate::http::retrying;
 use crate::lease::LeaseState;
 use crate::lock::{lease_end, Inner};
 
@@ -270,7 +269,7 @@ impl Inner {
                 }
                 inner.http.put_key(&key, "", &session.id).await
             };
-            if let Err(e) = retrying(until, release).await {
+            if let Err(e) = retry_until(&RetryPolicy::default(), until, release).await {
                 tracing::debug!(error = %e, key, "letting go of a key");
             }
             inner.sessions.unclaim(&key);

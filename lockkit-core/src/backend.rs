@@ -44,7 +44,7 @@ use tokio::time::Instant;
 pub use crate::admin::{Admin, LockInfo};
 pub use crate::capabilities::Capabilities;
 pub use crate::name::LockName;
-pub use crate::options::LockOptions;
+pub use crate::options::{LockOptions, RetryPolicy};
 pub use crate::token::FencingToken;
 /// Re-exported so backends and harnesses use the same version as the core.
 pub use async_trait::async_trait;
@@ -330,6 +330,96 @@ where
                 tracing::debug!(error = %e, "{what} failed");
             }
         });
+    }
+}
+
+/// Runs `request` until it gets through: again after each retryable (connection) error,
+/// pausing as `policy` backs off, while the next try would start before `until`. Gives its
+/// answer, or the last error. For a request that must happen although a lock's own retries
+/// are over, such as a clean-up while the service's servers elect a leader; `until` is when
+/// it stops mattering (say, when the session it cleans up after lapses anyway).
+pub async fn retry_until<T, F, Fut>(
+    policy: &RetryPolicy,
+    until: Instant,
+    mut request: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut failed = 0u32;
+    loop {
+        match request().await {
+            Err(e) if e.is_retryable() => {
+                let pause = policy.backoff(failed);
+                if Instant::now() + pause >= until {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, ?pause, "retrying a request that must get through");
+                failed = failed.saturating_add(1);
+                tokio::time::sleep(pause).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// A lease's loss: marked once by whatever finds it (a watcher, a session check), with the
+/// first reason, and awaited by [`Lease::lost`]. Every held lock of a backend that signals
+/// loss keeps one, so it is a mutex and a [`tokio::sync::Notify`] (about 72 bytes) rather
+/// than a `watch` channel (several hundred).
+#[derive(Debug, Default)]
+pub struct LossSignal {
+    reason: std::sync::Mutex<Option<LostReason>>,
+    marked: tokio::sync::Notify,
+}
+
+impl LossSignal {
+    /// Not lost.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<LostReason>> {
+        // Never held across an await or a panic point.
+        self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the lease lost with `reason`, unless it already was (the first reason stays);
+    /// whether this call marked it.
+    pub fn mark(&self, reason: LostReason) -> bool {
+        let first = {
+            let mut slot = self.slot();
+            let first = slot.is_none();
+            if first {
+                *slot = Some(reason);
+            }
+            first
+        };
+        if first {
+            self.marked.notify_waiters();
+        }
+        first
+    }
+
+    /// Why the lease was lost, once it was.
+    pub fn reason(&self) -> Option<LostReason> {
+        self.slot().clone()
+    }
+
+    /// Resolves with the reason once the lease is marked lost (at once if it already was).
+    /// Cancel-safe.
+    pub async fn wait(&self) -> LostReason {
+        loop {
+            let notified = self.marked.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a mark between the two still wakes it.
+            notified.as_mut().enable();
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            notified.await;
+        }
     }
 }
 

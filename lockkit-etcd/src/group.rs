@@ -10,6 +10,7 @@ use std::time::Duration;
 use etcd_client::{
     Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, LeaseTimeToLiveOptions, Txn, TxnOp,
 };
+use lockkit_core::backend::LossSignal;
 use lockkit_core::{Error, LostReason, Result};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -23,44 +24,7 @@ use crate::lock::Inner;
 const LINGER: Duration = Duration::from_secs(5);
 
 /// One key's loss signal, set by its lease's keeper.
-#[derive(Debug)]
-pub(crate) struct Signal {
-    lost: watch::Sender<Option<LostReason>>,
-}
-
-impl Signal {
-    pub(crate) fn new() -> Arc<Signal> {
-        Arc::new(Signal {
-            lost: watch::channel(None).0,
-        })
-    }
-
-    /// Marks the key lost, once.
-    pub(crate) fn mark(&self, reason: LostReason) {
-        self.lost.send_if_modified(|slot| {
-            let first = slot.is_none();
-            if first {
-                *slot = Some(reason);
-            }
-            first
-        });
-    }
-
-    pub(crate) fn reason(&self) -> Option<LostReason> {
-        self.lost.borrow().clone()
-    }
-
-    /// Resolves when the key is marked lost. Cancel-safe.
-    pub(crate) async fn wait(&self) -> LostReason {
-        let mut rx = self.lost.subscribe();
-        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
-        match reason {
-            Ok(reason) => reason.unwrap_or(LostReason::NotOwner),
-            // The sender lives as long as `self`.
-            Err(_) => std::future::pending().await,
-        }
-    }
-}
+pub(crate) type Signal = LossSignal;
 
 /// An etcd lease and the keys bound to it.
 pub(crate) struct Group {

@@ -1,7 +1,7 @@
 //! One lock key and the etcd lease it is bound to: renewal, TTL changes, release, and the
 //! leader's value, stored in the key itself (see [`Lease::set_value`] below).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,11 +28,13 @@ use crate::lock::Inner;
 /// queue), a new version, and a deletion watchers of the old key saw.
 #[derive(Debug, Default)]
 pub(crate) struct KeyNames {
-    taken: std::sync::Mutex<HashMap<(String, i64), BTreeSet<u64>>>,
+    /// The numbers taken, ascending: almost always just `0`, so a small vector rather than
+    /// a tree node per held lock.
+    taken: std::sync::Mutex<HashMap<(String, i64), Vec<u64>>>,
 }
 
 impl KeyNames {
-    fn taken(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), BTreeSet<u64>>> {
+    fn taken(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), Vec<u64>>> {
         // Never held across an await or a panic point.
         self.taken.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -41,11 +43,13 @@ impl KeyNames {
     fn take(&self, dir: &str, lease: i64) -> u64 {
         let mut taken = self.taken();
         let numbers = taken.entry((dir.to_string(), lease)).or_default();
-        let free = (0..)
+        // Ascending and distinct: the first place where the number differs from its index.
+        let place = (0..)
             .zip(numbers.iter())
-            .find(|(n, used)| n != *used)
-            .map_or(numbers.len() as u64, |(n, _)| n);
-        numbers.insert(free);
+            .position(|(n, used)| n != *used)
+            .unwrap_or(numbers.len());
+        let free = place as u64;
+        numbers.insert(place, free);
         free
     }
 
@@ -54,7 +58,7 @@ impl KeyNames {
         let mut taken = self.taken();
         let slot = (dir.to_string(), lease);
         if let Some(numbers) = taken.get_mut(&slot) {
-            numbers.remove(&n);
+            numbers.retain(|&used| used != n);
             if numbers.is_empty() {
                 taken.remove(&slot);
             }
@@ -130,7 +134,7 @@ impl EtcdLease {
             n,
         };
         let key = format!("{dir}{n:x}/{:016x}", group.id as u64);
-        let signal = Signal::new();
+        let signal = Arc::new(Signal::new());
         if !group.join(&key, &signal) {
             inner.names.give_back(dir, group.id, n);
             return None;

@@ -547,4 +547,57 @@ mod tests {
         let out = futures_util::FutureExt::now_or_never(request).unwrap();
         assert!(matches!(out, Err(Error::Unsupported(_))));
     }
+
+    #[tokio::test]
+    async fn a_loss_signal_keeps_its_first_reason_and_wakes_every_waiter() {
+        let signal = Arc::new(LossSignal::new());
+        assert_eq!(signal.reason(), None);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let signal = signal.clone();
+                tokio::spawn(async move { signal.wait().await })
+            })
+            .collect();
+        // A wait dropped before the mark leaves nothing behind.
+        let dropped = tokio::time::timeout(Duration::from_millis(20), signal.wait()).await;
+        assert!(dropped.is_err(), "resolved before the mark");
+        assert!(signal.mark(LostReason::NotOwner));
+        assert!(!signal.mark(LostReason::Expired), "marked twice");
+        for waiter in waiters {
+            let reason = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert_eq!(reason.unwrap().unwrap(), LostReason::NotOwner);
+        }
+        // Marked already: at once, with the first reason.
+        assert_eq!(signal.wait().await, LostReason::NotOwner);
+        assert_eq!(signal.reason(), Some(LostReason::NotOwner));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_until_retries_connection_errors_only_until_its_deadline() {
+        let policy = RetryPolicy::default();
+        let tries = AtomicU32::new(0);
+        let until = Instant::now() + Duration::from_millis(100);
+        let result: Result<()> = retry_until(&policy, until, || async {
+            tries.fetch_add(1, Ordering::SeqCst);
+            Err(Error::connection("test", "down"))
+        })
+        .await;
+        assert!(result.unwrap_err().is_retryable());
+        let tried = tries.load(Ordering::SeqCst);
+        assert!((2..10).contains(&tried), "{tried} tries");
+        assert!(Instant::now() < until, "slept past its deadline");
+        // An answer that is not a connection error ends it at once.
+        tries.store(0, Ordering::SeqCst);
+        let result: Result<()> = retry_until(
+            &policy,
+            Instant::now() + Duration::from_secs(60),
+            || async {
+                tries.fetch_add(1, Ordering::SeqCst);
+                Err(Error::lost("x", LostReason::NotOwner))
+            },
+        )
+        .await;
+        assert!(result.unwrap_err().is_lost());
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
 }

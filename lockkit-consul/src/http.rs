@@ -3,6 +3,8 @@
 //! session API) and KV reads (rs-consul always sends `recurse=`, and Consul lists a whole
 //! prefix whenever that parameter is present, whatever its value).
 
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -564,6 +566,44 @@ impl Http {
         match status {
             StatusCode::NOT_FOUND => Ok(Vec::new()),
             StatusCode::OK => serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e)),
+            _ => Err(self.status(WHAT, status, &body)),
+        }
+    }
+
+    /// The keys under `prefix/` that `session` holds (one recursive read, like
+    /// [`Http::list_keys`]). Each entry is read in place from the answer and only the keys
+    /// held by `session` are kept, so checking a session with thousands of keys does not
+    /// build an entry, with its session id and value, for every key under the prefix.
+    pub(crate) async fn keys_held_by(
+        &self,
+        prefix: &str,
+        session: &str,
+    ) -> Result<HashSet<String>> {
+        const WHAT: &str = "list lock keys";
+        /// The two fields read, borrowed from the answer where no escape needs decoding.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Held<'a> {
+            #[serde(borrow)]
+            key: Cow<'a, str>,
+            #[serde(default, borrow)]
+            session: Option<Cow<'a, str>>,
+        }
+        let path = format!("/v1/kv/{}/", escaped(prefix));
+        let query = [("recurse", "true".to_string())];
+        let call = self.call(WHAT, Method::GET, &path, &query, None);
+        let (status, body, _) = self.short(WHAT, call).await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(HashSet::new()),
+            StatusCode::OK => {
+                let entries: Vec<Held<'_>> =
+                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
+                Ok(entries
+                    .into_iter()
+                    .filter(|e| e.session.as_deref() == Some(session))
+                    .map(|e| e.key.into_owned())
+                    .collect())
+            }
             _ => Err(self.status(WHAT, status, &body)),
         }
     }

@@ -142,14 +142,7 @@ impl SharedSession {
     /// the session no longer holds (released or deleted from outside) is marked lost.
     async fn check_keys(&self, inner: &Inner) -> Result<()> {
         let sent = Instant::now();
-        let held: HashSet<String> = inner
-            .http
-            .list_keys(&inner.prefix())
-            .await?
-            .into_iter()
-            .filter(|entry| entry.session.as_deref() == Some(self.id.as_str()))
-            .map(|entry| entry.key)
-            .collect();
+        let held = inner.http.keys_held_by(&inner.prefix(), &self.id).await?;
         let state = self.state();
         for (key, (taken, member)) in &state.members {
             if *taken < sent && !held.contains(key) {

@@ -233,7 +233,9 @@ impl Lease for ConsulLease {
     /// third of the TTL with one listing.
     async fn extend(&self, _ttl: Duration) -> Result<Instant> {
         let session = match &self.holder {
-            Holder::Own => return self.extend_own().await,
+            // Boxed, so a shared-session renewal (the common case, thousands at once) stays
+            // small.
+            Holder::Own => return Box::pin(self.extend_own()).await,
             Holder::Shared(session) => session,
         };
         if let Some(reason) = self.state.reason() {

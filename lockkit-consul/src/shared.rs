@@ -114,7 +114,9 @@ impl SharedSession {
         }
         let sent = Instant::now();
         let check = self.state().checked_at.elapsed() >= self.ttl / 3;
-        if !inner.http.renew_session(&self.id).await? {
+        // Boxed: only one of the callers sharing the renewal sends it, and with thousands
+        // of locks on the session they all wait here at once.
+        if !Box::pin(inner.http.renew_session(&self.id)).await? {
             self.mark_lost();
             return Err(self.gone());
         }

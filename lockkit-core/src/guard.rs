@@ -466,7 +466,7 @@ fn keep(
         }
         let result = match (released, shared.lost_reason()) {
             (true, Some(reason)) => Err(Error::lost(shared.name.as_str(), reason)),
-            _ => boxed_release(&shared, lease.as_ref()).await,
+            _ => Box::pin(release_with_retries(&shared, lease.as_ref())).await,
         };
         match result {
             Ok(()) => tracing::debug!(?held, "released on drop"),
@@ -476,15 +476,6 @@ fn keep(
             }
         }
     }
-}
-
-/// [`release_with_retries`], boxed: the keeper runs it once, at its end, so it must not be
-/// part of every idle keeper's state.
-fn boxed_release<'a>(
-    shared: &'a Shared,
-    lease: &'a dyn Lease,
-) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
-    Box::pin(release_with_retries(shared, lease))
 }
 
 /// Releases, retrying connection errors while the lease is still valid: a release that

@@ -36,6 +36,13 @@ pub(crate) struct Http {
     in_flight: Arc<Semaphore>,
 }
 
+impl Http {
+    /// The timeout of one request.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
 impl std::fmt::Debug for Http {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Http")
@@ -172,6 +179,9 @@ pub(crate) struct TxnError {
     pub(crate) op_index: usize,
     pub(crate) what: String,
 }
+
+/// What a recursive read of the lock prefix is called in errors.
+const LISTING: &str = "list lock keys";
 
 /// A KV key as it goes into a URL path: the name encoding's `%` must itself be escaped (the
 /// prefix and the encoded name hold nothing else that needs escaping).
@@ -558,15 +568,22 @@ impl Http {
     /// Every KV entry under `prefix/` (one recursive read, with the holders' values:
     /// at most 4 KiB each).
     pub(crate) async fn list_keys(&self, prefix: &str) -> Result<Vec<KeyEntry>> {
-        const WHAT: &str = "list lock keys";
+        match self.listing(prefix).await? {
+            None => Ok(Vec::new()),
+            Some(body) => serde_json::from_slice(&body).map_err(|e| self.answer(LISTING, e)),
+        }
+    }
+
+    /// The answer to one recursive read of `prefix/`; `None` when nothing is under it.
+    async fn listing(&self, prefix: &str) -> Result<Option<Bytes>> {
         let path = format!("/v1/kv/{}/", escaped(prefix));
         let query = [("recurse", "true".to_string())];
-        let call = self.call(WHAT, Method::GET, &path, &query, None);
-        let (status, body, _) = self.short(WHAT, call).await?;
+        let call = self.call(LISTING, Method::GET, &path, &query, None);
+        let (status, body, _) = self.short(LISTING, call).await?;
         match status {
-            StatusCode::NOT_FOUND => Ok(Vec::new()),
-            StatusCode::OK => serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e)),
-            _ => Err(self.status(WHAT, status, &body)),
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK => Ok(Some(body)),
+            _ => Err(self.status(LISTING, status, &body)),
         }
     }
 
@@ -579,7 +596,6 @@ impl Http {
         prefix: &str,
         session: &str,
     ) -> Result<HashSet<String>> {
-        const WHAT: &str = "list lock keys";
         /// The two fields read, borrowed from the answer where no escape needs decoding.
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
@@ -589,23 +605,16 @@ impl Http {
             #[serde(default, borrow)]
             session: Option<Cow<'a, str>>,
         }
-        let path = format!("/v1/kv/{}/", escaped(prefix));
-        let query = [("recurse", "true".to_string())];
-        let call = self.call(WHAT, Method::GET, &path, &query, None);
-        let (status, body, _) = self.short(WHAT, call).await?;
-        match status {
-            StatusCode::NOT_FOUND => Ok(HashSet::new()),
-            StatusCode::OK => {
-                let entries: Vec<Held<'_>> =
-                    serde_json::from_slice(&body).map_err(|e| self.answer(WHAT, e))?;
-                Ok(entries
-                    .into_iter()
-                    .filter(|e| e.session.as_deref() == Some(session))
-                    .map(|e| e.key.into_owned())
-                    .collect())
-            }
-            _ => Err(self.status(WHAT, status, &body)),
-        }
+        let Some(body) = self.listing(prefix).await? else {
+            return Ok(HashSet::new());
+        };
+        let entries: Vec<Held<'_>> =
+            serde_json::from_slice(&body).map_err(|e| self.answer(LISTING, e))?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.session.as_deref() == Some(session))
+            .map(|e| e.key.into_owned())
+            .collect())
     }
 
     /// `PUT ?acquire=<session>` (or `?release=<session>`) on the KV key `key`: whether

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lockkit_core::backend::{Lease, LockName, LossSignal};
 use lockkit_core::{Error, LostReason, Result};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::BACKEND;
@@ -60,6 +61,9 @@ pub(crate) struct ConsulLease {
     /// Taken through the line: `Some`, with the session of the waiter seen behind, if any
     /// (the release hands the key to it, or reads the line first).
     line: Option<Option<String>>,
+    /// Set when a release attempt's outcome was unknown (a connection error) and the key
+    /// was handed to a background let-go (see [`ConsulLease::release_shared`]): its outcome.
+    let_go: std::sync::Mutex<Option<watch::Receiver<Option<bool>>>>,
 }
 
 impl std::fmt::Debug for ConsulLease {
@@ -133,6 +137,7 @@ impl ConsulLease {
             taken,
             written: tokio::sync::Mutex::new(taken.token),
             line: None,
+            let_go: std::sync::Mutex::new(None),
         }
     }
 
@@ -205,8 +210,35 @@ impl ConsulLease {
     /// Releases the key on the shared session, which stays for the client's other locks.
     /// If the answer is lost, the key is let go in the background (retried) before this
     /// client may take it again.
+    /// Releases the key of a shared session. After an attempt whose outcome is unknown (a
+    /// connection error), the key is let go in the background, and later attempts wait for
+    /// that let-go instead of sending a release of their own: one that reached Consul after
+    /// the let-go had given up the client's claim could release the same key taken again by
+    /// another guard of this client on the same session. A let-go that finds the key no
+    /// longer held counts as released (the earlier attempt did it); a loss in that window,
+    /// such as the session invalidated during the outage, is reported by `lost()`.
     async fn release_shared(&self, session: &Arc<SharedSession>) -> Result<()> {
         session.leave(&self.key);
+        let pending = self
+            .let_go
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(mut outcome) = pending {
+            let limit = self.inner.http.timeout();
+            let done = tokio::time::timeout(limit, outcome.wait_for(Option::is_some)).await;
+            return match done.map(|done| done.map(|d| *d)) {
+                Ok(Ok(Some(true))) => Ok(()),
+                Ok(_) => Err(Error::connection(
+                    BACKEND,
+                    format!("letting the key {} go failed", self.key),
+                )),
+                Err(_) => Err(Error::connection(
+                    BACKEND,
+                    format!("the key {} is still being let go", self.key),
+                )),
+            };
+        }
         match self.release_key().await {
             Ok(released) => {
                 self.inner.sessions.unclaim(&self.key);
@@ -216,7 +248,8 @@ impl ConsulLease {
                 }
             }
             Err(e) => {
-                self.inner.let_go(self.key.clone(), session.clone());
+                let outcome = self.inner.let_go(self.key.clone(), session.clone());
+                *self.let_go.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
                 Err(e)
             }
         }

@@ -308,7 +308,7 @@ impl Inner {
                 }
                 Err(e) => {
                     // Unknown whether the key was taken: let it go before taking it again.
-                    self.let_go(key, session);
+                    drop(self.let_go(key, session));
                     return Err(e);
                 }
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lockkit_core::backend::{retry_until, LockName};
 use lockkit_core::{Error, LostReason, Result, RetryPolicy};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::lease::LeaseState;
@@ -250,11 +251,18 @@ impl Inner {
 
     /// Releases `key` held by `session` in the background, retrying for up to twice the
     /// TTL (the session stays valid while other guards renew it, so a key left held would
-    /// block the lock), then gives the client's claim on it up.
-    pub(crate) fn let_go(self: &Arc<Self>, key: String, session: Arc<SharedSession>) {
+    /// block the lock), then gives the client's claim on it up. The outcome: `true` once
+    /// the key is let go (released, or found not held by the session), `false` if the
+    /// let-go gave up; the sender is dropped without a value when there is no runtime.
+    pub(crate) fn let_go(
+        self: &Arc<Self>,
+        key: String,
+        session: Arc<SharedSession>,
+    ) -> watch::Receiver<Option<bool>> {
+        let (done, outcome) = watch::channel(None);
         let inner = self.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+            return outcome;
         };
         runtime.spawn(async move {
             let until = Instant::now() + session.ttl * 2;
@@ -264,10 +272,13 @@ impl Inner {
                 }
                 inner.http.put_key(&key, "", &session.id).await
             };
-            if let Err(e) = retry_until(&RetryPolicy::default(), until, release).await {
+            let result = retry_until(&RetryPolicy::default(), until, release).await;
+            if let Err(e) = &result {
                 tracing::debug!(error = %e, key, "letting go of a key");
             }
             inner.sessions.unclaim(&key);
+            done.send_replace(Some(result.is_ok()));
         });
+        outcome
     }
 }

@@ -63,7 +63,7 @@ struct GroupState {
     lost: bool,
     /// The keys on the lease, each with its loss signal and since when it is certainly
     /// there (`None` while the request creating or moving it is in flight).
-    members: HashMap<String, Member>,
+    members: HashMap<Arc<str>, Member>,
     /// Keys whose deletion failed: the keeper deletes them.
     orphans: Vec<String>,
     /// The last round's error, if it failed.
@@ -112,7 +112,7 @@ impl Group {
     }
 
     /// Puts `key` on the lease (not yet checked for); `false` if the lease is gone.
-    pub(crate) fn join(&self, key: &str, signal: &Arc<Signal>) -> bool {
+    pub(crate) fn join(&self, key: &Arc<str>, signal: &Arc<Signal>) -> bool {
         let mut state = self.state();
         if state.lost {
             return false;
@@ -121,7 +121,7 @@ impl Group {
             since: None,
             signal: Arc::downgrade(signal),
         };
-        state.members.insert(key.to_string(), member);
+        state.members.insert(key.clone(), member);
         true
     }
 

@@ -69,7 +69,8 @@ impl KeyNames {
 /// Where a key's name came from in [`KeyNames`].
 #[derive(Debug, Clone)]
 struct Named {
-    dir: String,
+    /// The length of the directory `<dir>` at the start of the key `<dir><n>/<lease>`.
+    dir_len: usize,
     lease: i64,
     n: u64,
 }
@@ -84,7 +85,7 @@ struct Named {
 pub(crate) struct EtcdLease {
     inner: Arc<Inner>,
     name: LockName,
-    key: String,
+    key: Arc<str>,
     named: Named,
     signal: Arc<Signal>,
     state: Arc<Mutex<State>>,
@@ -129,11 +130,12 @@ impl EtcdLease {
     ) -> Option<Self> {
         let n = inner.names.take(dir, group.id);
         let named = Named {
-            dir: dir.to_string(),
+            dir_len: dir.len(),
             lease: group.id,
             n,
         };
-        let key = format!("{dir}{n:x}/{:016x}", group.id as u64);
+        // Shared with the lease's books in the group (one allocation per held lock).
+        let key: Arc<str> = format!("{dir}{n:x}/{:016x}", group.id as u64).into();
         let signal = Arc::new(Signal::new());
         if !group.join(&key, &signal) {
             inner.names.give_back(dir, group.id, n);
@@ -289,9 +291,9 @@ impl EtcdLease {
         // The old lease's keeper must not take the key's move for a deletion.
         old.leave(&self.key);
         let txn = Txn::new()
-            .when([Compare::lease(self.key.as_str(), CompareOp::Equal, old.id)])
+            .when([Compare::lease(&*self.key, CompareOp::Equal, old.id)])
             .and_then([TxnOp::put(
-                self.key.as_str(),
+                &*self.key,
                 Vec::new(),
                 Some(PutOptions::new().with_lease(new.id).with_ignore_value()),
             )]);
@@ -356,12 +358,12 @@ impl EtcdLease {
         let stored = store_value(&self.name, value);
         let txn = Txn::new()
             .when([Compare::create_revision(
-                self.key.as_str(),
+                &*self.key,
                 CompareOp::Equal,
                 state.revision,
             )])
             .and_then([TxnOp::put(
-                self.key.as_str(),
+                &*self.key,
                 stored,
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
@@ -400,8 +402,10 @@ impl EtcdLease {
                 // tidying. The key is gone (or was never bound to any lease of ours but
                 // this one): its name may serve again.
                 if settled {
-                    let Named { dir, lease, n } = &self.named;
-                    self.inner.names.give_back(dir, *lease, *n);
+                    let Named { dir_len, lease, n } = &self.named;
+                    self.inner
+                        .names
+                        .give_back(&self.key[..*dir_len], *lease, *n);
                 }
                 self.inner.revoke_in_background(own);
                 match deleted {

@@ -47,8 +47,9 @@ pub(crate) enum Holder {
 pub(crate) struct ConsulLease {
     inner: Arc<Inner>,
     name: LockName,
-    key: String,
-    session: String,
+    /// Shared with the session's and the watcher's books (one allocation per held lock).
+    key: Arc<str>,
+    session: Arc<str>,
     session_ttl: Duration,
     holder: Holder,
     state: Arc<LeaseState>,
@@ -91,7 +92,7 @@ impl ConsulLease {
             inner,
             name,
             key,
-            session.id,
+            session.id.into(),
             session.ttl,
             Holder::Own,
             taken,
@@ -114,7 +115,7 @@ impl ConsulLease {
         inner: Arc<Inner>,
         name: LockName,
         key: String,
-        session: String,
+        session: Arc<str>,
         session_ttl: Duration,
         holder: Holder,
         taken: Acquisition,
@@ -122,6 +123,7 @@ impl ConsulLease {
         let state = Arc::new(LeaseState {
             lost: LossSignal::new(),
         });
+        let key: Arc<str> = key.into();
         if let Holder::Shared(shared) = &holder {
             shared.join(&key, &state);
         }
@@ -176,7 +178,7 @@ impl ConsulLease {
             .http
             .read_key(&self.key, None, Duration::ZERO)
             .await?;
-        if entry.and_then(|e| e.session).as_deref() != Some(self.session.as_str()) {
+        if entry.and_then(|e| e.session).as_deref() != Some(&*self.session) {
             return Err(self.not_owner());
         }
         lease_end(sent, self.session_ttl)
@@ -248,7 +250,7 @@ impl ConsulLease {
                 }
             }
             Err(e) => {
-                let outcome = self.inner.let_go(self.key.clone(), session.clone());
+                let outcome = self.inner.let_go(self.key.to_string(), session.clone());
                 *self.let_go.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
                 Err(e)
             }

@@ -21,7 +21,8 @@ pub(crate) const RECENT: Duration = Duration::from_secs(1);
 
 /// One session shared by the client's renewing guards of one TTL.
 pub(crate) struct SharedSession {
-    pub(crate) id: String,
+    /// Shared with the leases of the keys taken on it.
+    pub(crate) id: Arc<str>,
     pub(crate) ttl: Duration,
     state: Mutex<State>,
     /// One renewal at a time; callers that queue behind it reuse its answer.
@@ -44,7 +45,7 @@ struct State {
     /// Consul no longer knows the session (or it was retired): no key may be taken on it.
     lost: bool,
     /// The keys held on the session, each with when it was taken and its loss signal.
-    members: HashMap<String, (Instant, Weak<LeaseState>)>,
+    members: HashMap<Arc<str>, (Instant, Weak<LeaseState>)>,
     /// When the keys were last checked.
     checked_at: Instant,
 }
@@ -75,10 +76,10 @@ impl SharedSession {
         }
     }
 
-    pub(crate) fn join(&self, key: &str, lease: &Arc<LeaseState>) {
+    pub(crate) fn join(&self, key: &Arc<str>, lease: &Arc<LeaseState>) {
         let taken = Instant::now();
         let member = (taken, Arc::downgrade(lease));
-        self.state().members.insert(key.to_string(), member);
+        self.state().members.insert(key.clone(), member);
     }
 
     pub(crate) fn leave(&self, key: &str) {
@@ -148,7 +149,7 @@ impl SharedSession {
         let held = inner.http.keys_held_by(&inner.prefix(), &self.id).await?;
         let state = self.state();
         for (key, (taken, member)) in &state.members {
-            if *taken < sent && !held.contains(key) {
+            if *taken < sent && !held.contains(&**key) {
                 if let Some(member) = member.upgrade() {
                     member.mark_lost(LostReason::NotOwner);
                 }
@@ -235,7 +236,7 @@ impl Inner {
         let label = format!("lockkit shared, first for {}", name.encoded());
         let (id, sent) = self.new_session(&label, ttl).await?;
         let session = Arc::new(SharedSession {
-            id,
+            id: id.into(),
             ttl,
             state: Mutex::new(State {
                 fresh_at: sent,

@@ -25,7 +25,7 @@ struct State {
     running: bool,
     /// Lock key → (the session holding it, the lock's fencing token, the lease). Several
     /// keys may be on one (shared) session.
-    leases: HashMap<String, (String, u64, Weak<LeaseState>)>,
+    leases: HashMap<Arc<str>, (Arc<str>, u64, Weak<LeaseState>)>,
 }
 
 impl Watcher {
@@ -37,14 +37,14 @@ impl Watcher {
     pub(crate) fn register(
         this: &Arc<Watcher>,
         inner: &Arc<Inner>,
-        key: &str,
-        session: &str,
+        key: &Arc<str>,
+        session: &Arc<str>,
         token: u64,
         lease: &Arc<LeaseState>,
     ) {
         let mut state = this.state();
-        let watched = (session.to_string(), token, Arc::downgrade(lease));
-        state.leases.insert(key.to_string(), watched);
+        let watched = (session.clone(), token, Arc::downgrade(lease));
+        state.leases.insert(key.clone(), watched);
         if !state.running {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 state.running = true;
@@ -81,7 +81,7 @@ async fn watch(watcher: Arc<Watcher>, inner: Weak<Inner>) {
                         return false;
                     };
                     // A list at an index below the acquisition may predate the session.
-                    if new_index < *token || sessions.contains(id.as_str()) {
+                    if new_index < *token || sessions.contains(&**id) {
                         return true;
                     }
                     lease.mark_lost(LostReason::SessionLost(

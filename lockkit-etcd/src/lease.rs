@@ -1,7 +1,7 @@
 //! One lock key and the etcd lease it is bound to: renewal, TTL changes, release, and the
 //! leader's value, stored in the key itself (see [`Lease::set_value`] below).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,51 +28,36 @@ use crate::lock::Inner;
 /// queue), a new version, and a deletion watchers of the old key saw.
 #[derive(Debug, Default)]
 pub(crate) struct KeyNames {
-    /// The numbers taken, ascending: almost always just `0`, so a small vector rather than
-    /// a tree node per held lock.
-    taken: std::sync::Mutex<HashMap<(String, i64), Vec<u64>>>,
+    /// The keys `<dir><n>/<lease>` taken, each the same string the lease and its group's
+    /// books hold: nothing more per held lock than a place in this set.
+    taken: std::sync::Mutex<HashSet<Arc<str>>>,
 }
 
 impl KeyNames {
-    fn taken(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), Vec<u64>>> {
+    fn taken(&self) -> std::sync::MutexGuard<'_, HashSet<Arc<str>>> {
         // Never held across an await or a panic point.
         self.taken.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The lowest number `n` free for keys `<dir><n>/<lease>`, now taken.
-    fn take(&self, dir: &str, lease: i64) -> u64 {
+    /// The key `<dir><n>/<lease>` with the lowest number `n` free, now taken.
+    fn take(&self, dir: &str, lease: i64) -> Arc<str> {
         let mut taken = self.taken();
-        let numbers = taken.entry((dir.to_string(), lease)).or_default();
-        // Ascending and distinct: the first place where the number differs from its index.
-        let place = (0..)
-            .zip(numbers.iter())
-            .position(|(n, used)| n != *used)
-            .unwrap_or(numbers.len());
-        let free = place as u64;
-        numbers.insert(place, free);
-        free
-    }
-
-    /// Gives `n` back: the key `<dir><n>/<lease>` is gone.
-    fn give_back(&self, dir: &str, lease: i64, n: u64) {
-        let mut taken = self.taken();
-        let slot = (dir.to_string(), lease);
-        if let Some(numbers) = taken.get_mut(&slot) {
-            numbers.retain(|&used| used != n);
-            if numbers.is_empty() {
-                taken.remove(&slot);
+        let mut n: u64 = 0;
+        loop {
+            let key = format!("{dir}{n:x}/{:016x}", lease as u64);
+            if !taken.contains(key.as_str()) {
+                let key: Arc<str> = key.into();
+                taken.insert(key.clone());
+                return key;
             }
+            n += 1;
         }
     }
-}
 
-/// Where a key's name came from in [`KeyNames`].
-#[derive(Debug, Clone)]
-struct Named {
-    /// The length of the directory `<dir>` at the start of the key `<dir><n>/<lease>`.
-    dir_len: usize,
-    lease: i64,
-    n: u64,
+    /// Gives `key` back: it is gone from etcd.
+    fn give_back(&self, key: &str) {
+        self.taken().remove(key);
+    }
 }
 
 /// A key in a lock's queue and the lease it is bound to. While the key waits it belongs to
@@ -86,7 +71,6 @@ pub(crate) struct EtcdLease {
     inner: Arc<Inner>,
     name: LockName,
     key: Arc<str>,
-    named: Named,
     signal: Arc<Signal>,
     state: Arc<Mutex<State>>,
 }
@@ -128,24 +112,18 @@ impl EtcdLease {
         dir: &str,
         group: Arc<Group>,
     ) -> Option<Self> {
-        let n = inner.names.take(dir, group.id);
-        let named = Named {
-            dir_len: dir.len(),
-            lease: group.id,
-            n,
-        };
-        // Shared with the lease's books in the group (one allocation per held lock).
-        let key: Arc<str> = format!("{dir}{n:x}/{:016x}", group.id as u64).into();
+        // Shared with the key names' set and the lease's books in the group (one allocation
+        // per held lock).
+        let key = inner.names.take(dir, group.id);
         let signal = Arc::new(Signal::new());
         if !group.join(&key, &signal) {
-            inner.names.give_back(dir, group.id, n);
+            inner.names.give_back(&key);
             return None;
         }
         Some(EtcdLease {
             inner,
             name,
             key,
-            named,
             signal,
             state: Arc::new(Mutex::new(State {
                 group,
@@ -402,10 +380,7 @@ impl EtcdLease {
                 // tidying. The key is gone (or was never bound to any lease of ours but
                 // this one): its name may serve again.
                 if settled {
-                    let Named { dir_len, lease, n } = &self.named;
-                    self.inner
-                        .names
-                        .give_back(&self.key[..*dir_len], *lease, *n);
+                    self.inner.names.give_back(&self.key);
                 }
                 self.inner.revoke_in_background(own);
                 match deleted {
@@ -517,4 +492,24 @@ pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
 
 pub(crate) fn secs(ttl: i64) -> Duration {
     Duration::from_secs(ttl.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyNames;
+
+    #[test]
+    fn key_names_take_the_lowest_free_number_and_reuse_given_back_ones() {
+        let names = KeyNames::default();
+        let first = names.take("p/a/", 0x1f);
+        assert_eq!(&*first, "p/a/0/000000000000001f");
+        let second = names.take("p/a/", 0x1f);
+        assert_eq!(&*second, "p/a/1/000000000000001f");
+        // Another lease or another lock starts at 0 again.
+        assert_eq!(&*names.take("p/a/", 0x20), "p/a/0/0000000000000020");
+        assert_eq!(&*names.take("p/a/0/", 0x1f), "p/a/0/0/000000000000001f");
+        names.give_back(&first);
+        assert_eq!(names.take("p/a/", 0x1f), first);
+        assert_eq!(&*names.take("p/a/", 0x1f), "p/a/2/000000000000001f");
+    }
 }

@@ -57,8 +57,9 @@ pub(crate) struct ConsulLease {
     /// (shared) session.
     taken: Acquisition,
     /// The key's `ModifyIndex` after this lease's last write (the acquisition, then each
-    /// value stored); one value is stored at a time.
-    written: tokio::sync::Mutex<u64>,
+    /// value stored); one value is stored at a time. Made by the first value stored (only
+    /// leaders store values), so a plain lock does not carry a mutex for it.
+    written: std::sync::OnceLock<Box<tokio::sync::Mutex<u64>>>,
     /// Taken through the line: `Some`, with the session of the waiter seen behind, if any
     /// (the release hands the key to it, or reads the line first).
     line: Option<Option<String>>,
@@ -91,7 +92,7 @@ impl ConsulLease {
         Self::build(
             inner,
             name,
-            key,
+            key.into(),
             session.id.into(),
             session.ttl,
             Holder::Own,
@@ -103,7 +104,7 @@ impl ConsulLease {
     pub(crate) fn shared(
         inner: Arc<Inner>,
         name: LockName,
-        key: String,
+        key: Arc<str>,
         session: Arc<SharedSession>,
         taken: Acquisition,
     ) -> Self {
@@ -114,7 +115,7 @@ impl ConsulLease {
     fn build(
         inner: Arc<Inner>,
         name: LockName,
-        key: String,
+        key: Arc<str>,
         session: Arc<str>,
         session_ttl: Duration,
         holder: Holder,
@@ -123,7 +124,6 @@ impl ConsulLease {
         let state = Arc::new(LeaseState {
             lost: LossSignal::new(),
         });
-        let key: Arc<str> = key.into();
         if let Holder::Shared(shared) = &holder {
             shared.join(&key, &state);
         }
@@ -137,7 +137,7 @@ impl ConsulLease {
             holder,
             state,
             taken,
-            written: tokio::sync::Mutex::new(taken.token),
+            written: std::sync::OnceLock::new(),
             line: None,
             let_go: std::sync::Mutex::new(None),
         }
@@ -250,7 +250,7 @@ impl ConsulLease {
                 }
             }
             Err(e) => {
-                let outcome = self.inner.let_go(self.key.to_string(), session.clone());
+                let outcome = self.inner.let_go(self.key.clone(), session.clone());
                 *self.let_go.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
                 Err(e)
             }
@@ -300,7 +300,9 @@ impl Lease for ConsulLease {
             return Err(Error::lost(self.name.as_str(), reason));
         }
         let body = format!("{} {value}", self.taken.token);
-        let mut written = self.written.lock().await;
+        let written =
+            (self.written).get_or_init(|| Box::new(tokio::sync::Mutex::new(self.taken.token)));
+        let mut written = written.lock().await;
         let http = &self.inner.http;
         for _ in 0..3 {
             let write = http.write_held(&self.key, &self.session, *written, body.as_bytes());
@@ -349,5 +351,15 @@ impl Drop for ConsulLease {
         if let Holder::Shared(session) = &self.holder {
             session.leave(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every held lock has one: with 10 000 held, each 16 bytes is 160 KB.
+    #[test]
+    fn a_lease_is_at_most_176_bytes() {
+        let size = std::mem::size_of::<super::ConsulLease>();
+        assert!(size <= 176, "ConsulLease is {size} bytes");
     }
 }

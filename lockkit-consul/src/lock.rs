@@ -272,7 +272,8 @@ impl Inner {
     /// holds the lock already (Consul would let the shared session take it twice). Runs
     /// detached: it is never cancelled half-way.
     async fn attempt_shared(self: Arc<Self>, name: LockName, ttl: Duration) -> Result<Outcome<()>> {
-        let key = self.key(&name);
+        // One string for the claim, the lease and the session's books.
+        let key: Arc<str> = self.key(&name).into();
         if !self.sessions.claim(&key) {
             return Ok(Outcome::Busy(()));
         }

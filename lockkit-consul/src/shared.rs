@@ -175,7 +175,8 @@ pub(crate) struct Sessions {
     /// The lock keys this client holds (or is taking, or letting go of) on a shared
     /// session. Consul lets a session take a key it already holds, so this is what keeps
     /// two guards of one client off one lock.
-    claimed: Mutex<HashSet<String>>,
+    /// Each key is the one string the lease and the session's books share.
+    claimed: Mutex<HashSet<Arc<str>>>,
 }
 
 impl Sessions {
@@ -183,14 +184,14 @@ impl Sessions {
         self.by_ttl.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn claims(&self) -> MutexGuard<'_, HashSet<String>> {
+    fn claims(&self) -> MutexGuard<'_, HashSet<Arc<str>>> {
         self.claimed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Claims `key` for an acquisition by this client: `false` if the client holds it (or is
     /// taking it) already.
-    pub(crate) fn claim(&self, key: &str) -> bool {
-        self.claims().insert(key.to_string())
+    pub(crate) fn claim(&self, key: &Arc<str>) -> bool {
+        self.claims().insert(key.clone())
     }
 
     pub(crate) fn unclaim(&self, key: &str) {
@@ -257,7 +258,7 @@ impl Inner {
     /// let-go gave up; the sender is dropped without a value when there is no runtime.
     pub(crate) fn let_go(
         self: &Arc<Self>,
-        key: String,
+        key: Arc<str>,
         session: Arc<SharedSession>,
     ) -> watch::Receiver<Option<bool>> {
         let (done, outcome) = watch::channel(None);
@@ -275,7 +276,7 @@ impl Inner {
             };
             let result = retry_until(&RetryPolicy::default(), until, release).await;
             if let Err(e) = &result {
-                tracing::debug!(error = %e, key, "letting go of a key");
+                tracing::debug!(error = %e, %key, "letting go of a key");
             }
             inner.sessions.unclaim(&key);
             done.send_replace(Some(result.is_ok()));

@@ -364,6 +364,18 @@ where
     }
 }
 
+/// How long a backend that batches its renewals lets the first renewal of a batch wait for
+/// others to join it, for leases of `ttl`: 0.5 % of the TTL, between 1 and 25 ms.
+///
+/// The keeper renews each guard at a third of its TTL, each on its own schedule; a client
+/// holding thousands of locks renews some of them every few milliseconds. A batch that waits
+/// a little carries many renewals in one request per server. The renewal counts its lease
+/// from when the batch is sent, so the wait costs only that much of the remaining two thirds
+/// of the TTL.
+pub fn renewal_gather(ttl: Duration) -> Duration {
+    (ttl / 200).clamp(Duration::from_millis(1), Duration::from_millis(25))
+}
+
 /// A lease's loss: marked once by whatever finds it (a watcher, a session check), with the
 /// first reason, and awaited by [`Lease::lost`]. Every held lock of a backend that signals
 /// loss keeps one, so it is a mutex and a [`tokio::sync::Notify`] (about 72 bytes) rather
@@ -570,6 +582,16 @@ mod tests {
         // Marked already: at once, with the first reason.
         assert_eq!(signal.wait().await, LostReason::NotOwner);
         assert_eq!(signal.reason(), Some(LostReason::NotOwner));
+    }
+
+    #[test]
+    fn renewal_gather_is_half_a_percent_of_the_ttl_within_1_to_25_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(super::renewal_gather(ms(10_000)), ms(25));
+        assert_eq!(super::renewal_gather(Duration::from_secs(3600)), ms(25));
+        assert_eq!(super::renewal_gather(ms(2_000)), ms(10));
+        assert_eq!(super::renewal_gather(ms(100)), ms(1));
+        assert_eq!(super::renewal_gather(Duration::ZERO), ms(1));
     }
 
     #[tokio::test(start_paused = true)]

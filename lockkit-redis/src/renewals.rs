@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use lockkit_core::backend::renewal_gather;
 use lockkit_core::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -14,12 +15,6 @@ use crate::scripts;
 
 /// The most leases one script call renews (the rest go in the next call).
 const MAX_BATCH: usize = 1000;
-
-/// How long a batch waits for more extends before it is sent. Keepers renew at a third of
-/// the TTL, each on its own schedule: without a wait, 10 000 guards made one script call per
-/// renewal on every instance. A renewal counts its lease from when the batch is sent, so the
-/// wait costs it only this much validity.
-const GATHER: Duration = Duration::from_millis(5);
 
 /// What one instance answered about one lease: 1 extended, 0 not ours.
 pub(crate) type Answers = Vec<Result<i64>>;
@@ -86,10 +81,22 @@ pub(crate) async fn extend(
     })
 }
 
-/// Sends batches until no extend is waiting.
+/// Sends batches until no extend is waiting. Each waits for more extends to join it first,
+/// as long as [`renewal_gather`] gives for the shortest TTL waiting: without a wait, 10 000
+/// guards made one script call per renewal on every instance.
 async fn flush(inner: Arc<Inner>) {
     loop {
-        tokio::time::sleep(GATHER).await;
+        let gather = {
+            let mut state = inner.renewals.state();
+            match state.waiting.iter().map(|r| r.ttl).min() {
+                Some(ttl) => renewal_gather(ttl),
+                None => {
+                    state.flushing = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep(gather).await;
         let batch: Vec<Request> = {
             let mut state = inner.renewals.state();
             if state.waiting.is_empty() {

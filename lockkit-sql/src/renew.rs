@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockkit_core::backend::LockName;
+use lockkit_core::backend::{renewal_gather, LockName};
 use lockkit_core::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -17,8 +17,6 @@ use crate::lease::row;
 use crate::lock::Shared;
 use crate::wait::millis;
 
-/// How long the first extend of a batch waits for others to join it.
-const GATHER: Duration = Duration::from_millis(10);
 /// Most rows per statement.
 const MOST: usize = 500;
 
@@ -71,10 +69,21 @@ pub(crate) async fn extend<D: Dialect>(
     })
 }
 
-/// Sends the waiting extends, a batch every [`GATHER`], until none are left.
+/// Sends the waiting extends until none are left, each batch once it has waited for others
+/// to join it as long as [`renewal_gather`] gives for the shortest TTL waiting.
 async fn send_batches<D: Dialect>(lock: Arc<Shared<D>>) {
     loop {
-        tokio::time::sleep(GATHER).await;
+        let gather = {
+            let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
+            match state.0.iter().map(|ask| ask.ttl).min() {
+                Some(ttl) => renewal_gather(ttl),
+                None => {
+                    state.1 = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep(gather).await;
         let batch: Vec<Ask> = {
             let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
             if state.0.is_empty() {

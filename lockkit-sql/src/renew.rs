@@ -84,12 +84,9 @@ async fn send_batches<D: Dialect>(lock: Arc<Shared<D>>) {
             }
         };
         tokio::time::sleep(gather).await;
+        // Not empty: only this task takes asks out, and it found some before the wait.
         let batch: Vec<Ask> = {
             let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
-            if state.0.is_empty() {
-                state.1 = false;
-                return;
-            }
             let n = state.0.len().min(MOST);
             state.0.drain(..n).collect()
         };

@@ -671,7 +671,7 @@ impl Backend for RedisLock {
         let inner = &self.inner;
         let keys = inner.keys(name);
         let validity = inner.validity(opts.ttl)?;
-        // One owner id for the whole wait: it is the waiter's place in the queue.
+        // A single instance: one owner id for the whole wait, its place in the queue.
         let owner = owner_id();
         let mut queued: Option<Armed<Queued>> = None;
         let mut subscription: Option<Armed<Subscription>> = None;
@@ -689,10 +689,17 @@ impl Backend for RedisLock {
             }
             number += 1;
             sent = Instant::now();
-            let attempt =
-                inner
-                    .clone()
-                    .attempt(name.clone(), opts.ttl, owner.clone(), true, number);
+            // RedLock: each attempt under an owner id of its own, so an attempt only ever
+            // counts keys it set itself. A key an earlier attempt set and whose undo never
+            // reached its instance must not pass a later attempt's recovery check, which
+            // would count it as won with that key's shorter TTL.
+            let as_owner = match inner.queues() {
+                true => owner.clone(),
+                false => owner_id(),
+            };
+            let attempt = inner
+                .clone()
+                .attempt(name.clone(), opts.ttl, as_owner, true, number);
             let busy_for = match run_detached(attempt).await? {
                 Outcome::Won(acquired) => {
                     // The winning attempt took us out of the queue.

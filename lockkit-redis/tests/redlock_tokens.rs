@@ -1,5 +1,7 @@
-//! RedLock fencing tokens when the instances issue different tokens. Runs on the RedLock instances of `scripts/services` (and the
-//! single instance), touching only fresh names' keys; no server is stopped.
+//! RedLock fencing tokens when the instances issue different tokens, and what one waiting
+//! `lock()` call's attempts may count as won. Runs on the RedLock instances of
+//! `scripts/services` (and the single instance), touching only fresh names' keys; no server
+//! is stopped.
 
 use std::time::Duration;
 
@@ -8,8 +10,8 @@ use lockkit_redis::redis::{self, aio::MultiplexedConnection};
 use lockkit_redis::RedisLock;
 use lockkit_testkit::{fresh_name, service_url};
 
-/// One plain connection per RedLock instance of the test services.
-async fn instances() -> Vec<MultiplexedConnection> {
+/// A plain client per RedLock instance of the test services.
+fn clients() -> Vec<redis::Client> {
     let url = service_url("LOCKKIT_REDLOCK_URL");
     let hosts = url
         .split("://")
@@ -18,9 +20,16 @@ async fn instances() -> Vec<MultiplexedConnection> {
         .split(['/', '?'])
         .next()
         .expect("hosts");
+    hosts
+        .split(',')
+        .map(|host| redis::Client::open(format!("redis://{host}/")).expect("a URL"))
+        .collect()
+}
+
+/// One plain connection per RedLock instance of the test services.
+async fn instances() -> Vec<MultiplexedConnection> {
     let mut conns = Vec::new();
-    for host in hosts.split(',') {
-        let client = redis::Client::open(format!("redis://{host}/")).expect("a URL");
+    for client in clients() {
         conns.push(client.get_multiplexed_async_connection().await.expect("up"));
     }
     conns
@@ -124,5 +133,88 @@ async fn redlock_tokens_of_two_clients_taking_turns_rise() {
     assert!(
         tokens.windows(2).all(|w| w[0] < w[1]),
         "tokens went back: {tokens:?}"
+    );
+}
+
+/// The quoted words of a `MONITOR` line (`... [0 lua] "SET" "key" "owner" "NX" ...`).
+fn quoted(line: &str) -> Vec<&str> {
+    line.split('"').skip(1).step_by(2).collect()
+}
+
+/// A RedLock `lock()` call that has to try again (the instances are split between other
+/// holders) sets each attempt's keys under an owner id of that attempt alone. With one owner
+/// id for the whole wait, a key an earlier attempt set and whose undo never reached its
+/// instance would still be "ours" to a later attempt whose answer from that instance was
+/// lost: the recovery check would count it as won, with the old key's shorter TTL, and two
+/// clients could then both count a quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redlock_attempt_sets_its_keys_under_its_own_owner_id() {
+    use futures_util::StreamExt;
+
+    let lock = RedisLock::connect(&service_url("LOCKKIT_REDLOCK_URL"))
+        .await
+        .expect("connect");
+    let clients = clients();
+    let mut conns = instances().await;
+    assert_eq!(conns.len(), 5);
+    let name = LockName::new(&fresh_name("lockkit-redis/attempt_owners")).unwrap();
+    let key = lock.lock_key(&name);
+    // Instances 3 and 4 see every attempt; the other three are held by others for a while,
+    // so each attempt wins two instances, no quorum, and undoes them.
+    let monitor = clients[3].get_async_monitor().await.expect("MONITOR");
+    let mut lines = monitor.into_on_message::<String>();
+    for (conn, holder) in conns[..3].iter_mut().zip(["x", "x", "y"]) {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(holder)
+            .arg("PX")
+            .arg(1_000)
+            .query_async(conn)
+            .await
+            .expect("SET");
+    }
+    let opts = LockOptions::new().ttl(Duration::from_secs(5));
+    let acquired = tokio::time::timeout(Duration::from_secs(10), lock.lock(&name, &opts, None))
+        .await
+        .expect("won once the other holders' keys expired")
+        .expect("lock");
+    acquired.lease.release().await.expect("release");
+
+    // The owner ids instance 3's acquisitions set the key to, in order, up to a marker sent
+    // after the release.
+    let marker = format!("{key} seen");
+    let _: String = redis::cmd("ECHO")
+        .arg(&marker)
+        .query_async(&mut conns[3])
+        .await
+        .expect("ECHO");
+    let mut owners = Vec::new();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next())
+            .await
+            .expect("the monitor saw the marker")
+            .expect("the monitor stream");
+        let words = quoted(&line);
+        if words.get(1) == Some(&marker.as_str()) {
+            break;
+        }
+        if words.len() > 3 && words[0].eq_ignore_ascii_case("SET") && words[1] == key {
+            if words.contains(&"NX") {
+                owners.push(words[2].to_string());
+            }
+        }
+    }
+    assert!(
+        owners.len() >= 2,
+        "only {} attempts: {owners:?}",
+        owners.len()
+    );
+    let mut distinct = owners.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        owners.len(),
+        "attempts reused an owner id: {owners:?}"
     );
 }

@@ -11,11 +11,11 @@
 //! holder (owner ids are fresh for every acquisition), from the instance with the highest
 //! sequence number, and with the token stored there (with RedLock the highest fence may be
 //! past the holder's token when a contender's partial win was undone; a holder without a
-//! value is shown with that highest fence). [`Admin::changed`] subscribes to the name's channel (sharing the waiters'
-//! subscription), on which an acquisition publishes `taken`, a release `released` (or, on a
-//! single instance, `<owner> <token> <attempt>` handing the lock to the next waiter, or the
-//! next waiter's owner id to wake it) and a stored value `value`; an expiry publishes nothing, so the
-//! caller's deadline (bounded by the holder's remaining lease) covers it.
+//! value is shown with that highest fence). [`Admin::changed`] subscribes to the name's channel (sharing RedLock waiters'
+//! subscription), on which an acquisition or a hand-off to a queued waiter publishes `taken`,
+//! a release that hands nothing on `released` and a stored value `value` (a queued waiter's
+//! own messages go to its own channel); an expiry publishes nothing, so the caller's deadline
+//! (bounded by the holder's remaining lease) covers it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -39,7 +39,7 @@ if redis.call('DEL', KEYS[1]) == 1 then
     redis.call('PUBLISH', ARGV[1], 'released')
     local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
     if head then
-        redis.call('PUBLISH', ARGV[1], head)
+        redis.call('PUBLISH', ARGV[1] .. ':' .. head, head)
     end
     return 1
 end

@@ -59,8 +59,8 @@ use crate::subscriptions::{Role, Subscription, Subscriptions};
 /// with every attempt, and the TTL it asks for): a free lock goes only to the first live
 /// waiter, so a releaser that asks again at once queues behind the waiters instead of
 /// barging in. A release hands the lock over directly: the same script makes the first live
-/// waiter the owner (its TTL, a new token) and publishes `<owner> <token> <attempt>` on the
-/// name's channel; only that waiter wakes, and it returns the lock without another round
+/// waiter the owner (its TTL, a new token) and publishes `<owner> <token> <attempt>` on that
+/// waiter's own channel; only that waiter's connection receives it, and it returns the lock without another round
 /// trip (the release script in `scripts.rs`). Its lease counts as valid from when it sent
 /// the attempt the grant names (the server had seen that attempt, so it was sent before the
 /// grant, and the key lives for the TTL from the grant), less the drift allowance. A waiter
@@ -115,7 +115,8 @@ pub(crate) struct Keys {
     /// Where the holder's value lives (`<owner> <sequence> <token> <value>`), see
     /// [`scripts::SET_VALUE`].
     pub(crate) value: String,
-    /// Release messages for waiters; `taken`, `released` and `value` for leader observers.
+    /// RedLock's `released` for its waiters; `taken`, `released` and `value` for leader
+    /// observers. A queued waiter's messages come on its own [`Keys::turn_channel`].
     pub(crate) channel: String,
     /// The waiters in arrival order (a single instance only).
     pub(crate) queue: String,
@@ -358,6 +359,13 @@ async fn refuse_eviction(nodes: &[Node], options: &RedisOptions, redlock: bool) 
         }
     }
     Ok(())
+}
+
+impl Keys {
+    /// The channel of one queued waiter (`<channel>:<owner>`): its hand-off, or a wake-up.
+    pub(crate) fn turn_channel(&self, owner: &str) -> String {
+        format!("{}:{owner}", self.channel)
+    }
 }
 
 impl Inner {
@@ -731,11 +739,13 @@ impl Backend for RedisLock {
             if subscription.is_none() {
                 // Subscribe, then try again: a release before the subscription was missed.
                 let nodes = inner.nodes.iter().map(|n| n.pubsub.clone()).collect();
-                let role = match inner.queues() {
-                    true => Role::Queued(&owner),
-                    false => Role::Any,
+                // A queued waiter listens on a channel of its own, on which only messages for
+                // it come: a hand-off wakes no other client.
+                let (channel, role) = match inner.queues() {
+                    true => (keys.turn_channel(&owner), Role::Queued(&owner)),
+                    false => (keys.channel.clone(), Role::Any),
                 };
-                let subscribed = inner.subscriptions.subscribe(&keys.channel, role, nodes);
+                let subscribed = inner.subscriptions.subscribe(&channel, role, nodes);
                 subscription = Some(subscribed.await);
                 continue;
             }

@@ -97,13 +97,15 @@ local function hand_off(lock, fence, queue, alive, asked, channel, time)
     local ttl, attempt = string.match(redis.call('HGET', asked, head) or '', '^(%d+) (%d+)$')
     local deadline = tonumber(redis.call('ZSCORE', alive, head) or '0')
     if not ttl or deadline <= now then
-        redis.call('PUBLISH', channel, head)
+        redis.call('PUBLISH', channel .. ':' .. head, head)
         return true
     end
     forget(queue, alive, asked, head)
     redis.call('SET', lock, head, 'PX', ttl)
     local token = issue(fence, micros(time))
-    redis.call('PUBLISH', channel, head .. ' ' .. string.format('%.0f', token) .. ' ' .. attempt)
+    redis.call('PUBLISH', channel .. ':' .. head,
+        head .. ' ' .. string.format('%.0f', token) .. ' ' .. attempt)
+    redis.call('PUBLISH', channel, 'taken')
     return true
 end
 "
@@ -230,14 +232,17 @@ return extended
 /// (dead ones are dropped first) becomes the owner in the same script: the lock key is set
 /// to its owner id with the TTL it asked for when it queued (kept in `asked`), a token is
 /// issued as by [`ACQUIRE`] (so tokens keep rising), the waiter leaves the queue, and
-/// `<owner> <token> <attempt>` is published: the waiter returns the lock without another
+/// `<owner> <token> <attempt>` is published on the waiter's own channel, `<channel>:<owner>`
+/// (only that waiter's connection receives it, however many clients wait), and `taken` on
+/// the name's channel for leader observers: the waiter returns the lock without another
 /// round trip. `<attempt>` is the number of the waiter's latest attempt the server had seen
 /// when it granted the lock: the waiter sent that attempt before the grant, and the lease
 /// runs from the grant, so the waiter counts it valid from when it sent that attempt (less
 /// the drift allowance), a bound that holds whatever the clocks read. A message for an
 /// earlier attempt than the waiter's latest is stale (that attempt would have found the lock
 /// its own) and is ignored. A waiter that did not store what it asks for (an older client)
-/// is only woken, by its owner id, and takes the lock with its own attempt; `released` is
+/// is only woken, by its owner id on its channel, and takes the lock with its own attempt;
+/// `released` is
 /// published when nobody waits, for leader observers. The owner ids are hex, without spaces.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(

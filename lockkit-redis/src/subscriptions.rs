@@ -1,10 +1,11 @@
-//! Release channels shared by all waiters of one client: one subscription per channel,
-//! however many waiters, and one waiter woken per release message: the queued waiter the
-//! message names (a single instance), or any one waiter (RedLock's `released`). A message
-//! that hands the lock to a queued waiter (`<owner> <token> <attempt>`, see
-//! [`RELEASE`](crate::scripts::RELEASE)) leaves the [`Grant`] for that waiter to take.
-//! Leader observers ([`Admin::changed`](lockkit_core::backend::Admin::changed)) share the
-//! same subscription and wake on every message (`taken` and `value` wake only them).
+//! Release channels: one subscription per channel and client, however many of its waiters
+//! listen, and one waiter woken per message. A queued waiter (a single instance) listens on
+//! a channel of its own (`<name's channel>:<owner>`), so a message that hands it the lock
+//! (`<owner> <token> <attempt>`, see [`RELEASE`](crate::scripts::RELEASE)) reaches no other
+//! client; it leaves the [`Grant`] for that waiter to take. RedLock waiters share the
+//! name's channel and any one of them wakes on `released`. Leader observers
+//! ([`Admin::changed`](lockkit_core::backend::Admin::changed)) listen on the name's channel
+//! and wake on every message (`taken` and `value` wake only them).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

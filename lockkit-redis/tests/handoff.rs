@@ -220,6 +220,40 @@ async fn a_handed_over_lease_is_valid_no_longer_than_the_server_keeps_it() {
     acquired.lease.release().await.unwrap();
 }
 
+/// A hand-off goes to the waiter's own channel: a client listening on the name's channel
+/// (a leader observer, or the client of another waiter) hears `taken`, never the grant, so
+/// a release wakes one connection however many clients wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_message_reaches_only_its_waiter() {
+    use futures_util::StreamExt;
+
+    // A long fallback re-check: the waiter returns on the hand-off message.
+    let mut scene = Scene::new("own_channel", Duration::from_secs(30)).await;
+    let client = redis::Client::open(service_url("LOCKKIT_REDIS_URL")).unwrap();
+    let mut listener = client.get_async_pubsub().await.unwrap();
+    let channel = format!("{}:released", scene.a.lock_key(&scene.name));
+    listener.subscribe(&channel).await.unwrap();
+    scene.held.lease.release().await.unwrap();
+    let acquired = tokio::time::timeout(Duration::from_secs(5), &mut scene.wait)
+        .await
+        .expect("not handed over within 5 s")
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut messages = listener.on_message();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), messages.next()).await
+    {
+        heard.push(message.get_payload::<String>().unwrap());
+    }
+    assert_eq!(
+        heard,
+        ["taken"],
+        "the name's channel carried more than `taken`"
+    );
+    drop(messages);
+    acquired.lease.release().await.unwrap();
+}
+
 /// The conformance suite's `fifo_order` case on a single server (the backend does not claim
 /// `fifo`, RedLock waiters do not queue, so the suite does not stamp it for `redis://`):
 /// five clients start waiting one after another; the releases hand the lock down the queue

@@ -594,6 +594,15 @@ impl Inner {
         Ok(Outcome::Busy(Busy::Held(left, queued)))
     }
 
+    /// Who holds the lock on a single instance: the lock key's owner id (`None` when free,
+    /// or when the instance did not answer in time).
+    async fn holder(&self, keys: &Keys, ttl: Duration) -> Option<String> {
+        let mut conn = self.nodes[0].commands.clone();
+        let get = redis::cmd("GET").arg(&keys.lock).clone();
+        let answer = tokio::time::timeout(self.request_timeout(ttl), get.query_async(&mut conn));
+        answer.await.ok()?.ok()?
+    }
+
     /// After an ambiguous error: the token if our SET went through after all, or (a queued
     /// waiter, `queued`) a release handed us the lock; then the key is renewed to `ttl` from
     /// now, since the hand-off may predate the attempt the lease is counted from.
@@ -737,7 +746,7 @@ impl Backend for RedisLock {
                 }
             };
             if subscription.is_none() {
-                // Subscribe, then try again: a release before the subscription was missed.
+                // Subscribe, then look again: a release before the subscription was missed.
                 let nodes = inner.nodes.iter().map(|n| n.pubsub.clone()).collect();
                 // A queued waiter listens on a channel of its own, on which only messages for
                 // it come: a hand-off wakes no other client.
@@ -747,12 +756,36 @@ impl Backend for RedisLock {
                 };
                 let subscribed = inner.subscriptions.subscribe(&channel, role, nodes);
                 subscription = Some(subscribed.await);
-                continue;
+                // A queued waiter that finds the lock still held by another needs no second
+                // attempt: it is in the queue, and the hand-off will come on its channel. A
+                // plain GET tells, where an attempt would run the acquire script again.
+                let held_by_another = match inner.queues() {
+                    true => inner
+                        .holder(&keys, opts.ttl)
+                        .await
+                        .is_some_and(|holder| *holder != *owner),
+                    false => false,
+                };
+                if !held_by_another {
+                    // Free, handed to us already, unknown, or RedLock: try again.
+                    continue;
+                }
             }
             let jittered = poll / 2 + poll.mul_f64(fastrand::f64() / 2.0);
             let pause = jittered.min(busy_for.saturating_add(Duration::from_millis(1)));
+            // Subscribed after this turn's attempt: a message since then left a permit.
+            let late = match woken.is_none() {
+                true => subscription.as_deref().map(Subscription::notify),
+                false => None,
+            };
             tokio::select! {
-                _ = async { woken.as_pin_mut().expect("subscribed").await } => {}
+                _ = async {
+                    match (woken.as_pin_mut(), &late) {
+                        (Some(woken), _) => woken.await,
+                        (None, Some(late)) => late.notified().await,
+                        (None, None) => std::future::pending().await,
+                    }
+                } => {}
                 _ = tokio::time::sleep(pause) => {}
             }
             let granted = subscription.as_deref().and_then(Subscription::take_grant);

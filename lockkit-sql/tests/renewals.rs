@@ -153,6 +153,62 @@ async fn sqlite_batch_extends_only_rows_ours_and_in_time() {
     batch_extends_only_rows_ours_and_in_time(Arc::new(a), Arc::new(b)).await;
 }
 
+/// A batch of extends carries names of any characters (the batch is JSON, and on SQLite
+/// each row a string cut up by position and the first `:`): every row is extended, so
+/// another client still finds each name held past the TTL it was taken with.
+async fn batch_extends_names_of_any_characters(a: Arc<dyn Backend>, b: Arc<dyn Backend>) {
+    let short = LockOptions::new().ttl(Duration::from_millis(1_500));
+    let base = fresh_name("lockkit-sql-renewals/chars");
+    let suffixes = [
+        ":",
+        "a:b:c",
+        "\"q\"",
+        "back\\slash",
+        "new\nline\ttab",
+        "é✓ 🔒",
+        "{}[],",
+    ];
+    let names: Vec<LockName> = (suffixes.iter())
+        .map(|s| LockName::new(&format!("{base}{s}")).unwrap())
+        .collect();
+    let mut leases: Vec<Arc<dyn Lease>> = Vec::new();
+    let mut first_end = Instant::now() + Duration::from_secs(60);
+    for name in &names {
+        let taken = a.try_lock(name, &short).await.unwrap();
+        let taken = taken.unwrap_or_else(|| panic!("{name:?}: not free"));
+        first_end = first_end.min(taken.valid_until);
+        leases.push(taken.lease.into());
+    }
+    let mut extends = JoinSet::new();
+    for (i, lease) in leases.iter().enumerate() {
+        let lease = lease.clone();
+        extends.spawn(async move { (i, lease.extend(Duration::from_secs(10)).await) });
+    }
+    while let Some(answer) = extends.join_next().await {
+        let (i, answer) = answer.unwrap();
+        if let Err(e) = answer {
+            panic!("{:?} not extended: {e}", names[i]);
+        }
+    }
+    sleep_until(first_end + Duration::from_millis(800)).await;
+    for name in &names {
+        let taken = b.try_lock(name, &short).await.unwrap();
+        assert!(taken.is_none(), "{name:?} extended, yet taken");
+    }
+    for lease in &leases {
+        lease.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_batch_extends_names_of_any_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("locks.db").display());
+    let a = SqliteLock::connect(&url).await.unwrap();
+    let b = SqliteLock::connect(&url).await.unwrap();
+    batch_extends_names_of_any_characters(Arc::new(a), Arc::new(b)).await;
+}
+
 /// A burst of takes far larger than the pool, from the client that holds a guard: its
 /// renewals must not wait behind every queued take (longer than the TTL) and be lost.
 async fn a_burst_of_takes_does_not_starve_renewals(ours: Locks, theirs: Locks, tries: usize) {
@@ -270,5 +326,17 @@ mod servers {
     async fn mysql_batch_extends_only_rows_ours_and_in_time() {
         let (a, b) = clients("LOCKKIT_MYSQL_URL").await;
         super::batch_extends_only_rows_ours_and_in_time(a, b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_batch_extends_names_of_any_characters() {
+        let (a, b) = clients("LOCKKIT_POSTGRES_URL").await;
+        super::batch_extends_names_of_any_characters(a, b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_batch_extends_names_of_any_characters() {
+        let (a, b) = clients("LOCKKIT_MYSQL_URL").await;
+        super::batch_extends_names_of_any_characters(a, b).await;
     }
 }

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
@@ -25,9 +25,14 @@ use crate::token::FencingToken;
 pub struct LockGuard {
     shared: Arc<Shared>,
     lease: Arc<dyn Lease>,
-    /// Stops the keeper when dropped (with the guard, or by [`LockGuard::release`]): it then
-    /// releases in the background, unless `release` releases from the caller's task.
-    release: Option<oneshot::Sender<()>>,
+}
+
+/// Stops the keeper (the guard dropped, or [`LockGuard::release`]): it then releases in the
+/// background, unless `release` releases from the caller's task.
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.shared.stop();
+    }
 }
 
 #[derive(Debug)]
@@ -40,7 +45,7 @@ struct Shared {
     /// [`Capabilities`]: every held lock keeps this).
     ttl_limits: (Duration, Duration),
     clock: Mutex<Clock>,
-    /// Wakes the keeper when `clock` changes.
+    /// Wakes the keeper when `clock` changes or `stopped` is set.
     clock_changed: Notify,
     /// Held around every `Lease::extend` (renewals and explicit extends): one request at a
     /// time, so the server applies them in the order they were made and the clock always
@@ -53,6 +58,9 @@ struct Shared {
     /// Set by [`LockGuard::release`], which releases from the caller's task: the keeper then
     /// stops without releasing.
     releasing: std::sync::atomic::AtomicBool,
+    /// Set when the guard is dropped or released: the keeper stops (a flag and the keeper's
+    /// wake-up rather than a channel, which every held lock would allocate).
+    stopped: std::sync::atomic::AtomicBool,
     /// Wakes [`LockGuard::lost`] futures when `lost` or `finished` changes.
     lost_changed: Notify,
 }
@@ -100,6 +108,18 @@ impl Shared {
 
     fn lost_reason(&self) -> Option<LostReason> {
         self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Tells the keeper to stop; idempotent, and needs no runtime.
+    fn stop(&self) {
+        if !self.stopped.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // A permit if the keeper is busy: it sees the flag on its next turn.
+            self.clock_changed.notify_one();
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Marks the lock lost, once; later calls keep the first reason.
@@ -173,22 +193,18 @@ impl LockGuard {
             lost: Mutex::new(None),
             finished: std::sync::atomic::AtomicBool::new(false),
             releasing: std::sync::atomic::AtomicBool::new(false),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             lost_changed: Notify::new(),
         });
         let lease: Arc<dyn Lease> = Arc::from(acquired.lease);
-        let (release, inbox) = oneshot::channel();
         let span = tracing::info_span!(
             "lockkit.hold",
             backend,
             lock = %shared.name,
             token = shared.token.0,
         );
-        runtime.spawn(keep(shared.clone(), lease.clone(), inbox).instrument(span));
-        Ok(LockGuard {
-            shared,
-            lease,
-            release: Some(release),
-        })
+        runtime.spawn(keep(shared.clone(), lease.clone()).instrument(span));
+        Ok(LockGuard { shared, lease })
     }
 
     /// The lease this guard holds, for the election handle built on it.
@@ -330,7 +346,7 @@ impl LockGuard {
     /// Releases the lock now. Fails with [`Error::LockLost`] if the lock was lost before
     /// (the lease expired or was taken over): the protected work may then have overlapped
     /// with another holder.
-    pub async fn release(mut self) -> Result<()> {
+    pub async fn release(self) -> Result<()> {
         let span = tracing::info_span!(
             "lockkit.release",
             backend = self.shared.backend,
@@ -343,7 +359,7 @@ impl LockGuard {
             self.shared
                 .releasing
                 .store(true, std::sync::atomic::Ordering::Release);
-            drop(self.release.take());
+            self.shared.stop();
             let result = {
                 // After any renewal in flight, so the server sees the release last.
                 let _one_at_a_time = self.shared.extending.lock().await;
@@ -366,11 +382,7 @@ impl LockGuard {
 /// uses its captures in place, where an `async fn` would keep its arguments twice in every
 /// guard's task (see `keeper_task_fits_in_512_bytes`).
 #[allow(clippy::manual_async_fn)]
-fn keep(
-    shared: Arc<Shared>,
-    lease: Arc<dyn Lease>,
-    mut inbox: oneshot::Receiver<()>,
-) -> impl Future<Output = ()> + Send {
+fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Output = ()> + Send {
     async move {
         /// Marks the keeper finished however it ends (also when its runtime drops it), so
         /// `lost()` futures resolve.
@@ -398,7 +410,10 @@ fn keep(
         // ran out here must not live on in the backend, where a session-based lock (an advisory
         // lock, a ZooKeeper node) would otherwise outlast its TTL.
         let mut released = false;
-        loop {
+        'keep: loop {
+            if shared.is_stopped() {
+                break;
+            }
             if !released && shared.lost_reason().is_some() {
                 released = true;
                 if let Err(e) = lease.release().await {
@@ -421,17 +436,19 @@ fn keep(
             // shares room in the task.
             let renew = tokio::select! {
                 biased;
-                _ = &mut inbox => break,
-                reason = &mut lease_lost, if !lost => {
-                    shared.mark_lost(reason);
-                    false
-                }
                 _ = clock_changed.as_mut() => {
                     clock_changed.set(shared.clock_changed.notified());
+                    if shared.is_stopped() {
+                        break;
+                    }
                     // An explicit extend may have shortened the TTL, or asked a fixed-TTL lease
                     // to outlast its server-side TTL: renew no later than it needs.
                     let soonest = shared.clock().renewal_due();
                     next_renewal = next_renewal.into_iter().chain(soonest).min();
+                    false
+                }
+                reason = &mut lease_lost, if !lost => {
+                    shared.mark_lost(reason);
                     false
                 }
                 _ = timer.as_mut(), if !lost => {
@@ -446,14 +463,24 @@ fn keep(
                 }
             };
             if renew {
-                next_renewal = tokio::select! {
-                    biased;
-                    _ = &mut inbox => break,
-                    reason = &mut lease_lost => {
-                        shared.mark_lost(reason);
-                        continue;
+                let mut renewing = renewal(&shared, lease.as_ref());
+                next_renewal = loop {
+                    tokio::select! {
+                        biased;
+                        _ = clock_changed.as_mut() => {
+                            clock_changed.set(shared.clock_changed.notified());
+                            if shared.is_stopped() {
+                                break 'keep;
+                            }
+                            // An extend changed the clock: the renewal, which waited for it,
+                            // goes on and times the next one from the clock it leaves.
+                        }
+                        reason = &mut lease_lost => {
+                            shared.mark_lost(reason);
+                            continue 'keep;
+                        }
+                        next = renewing.as_mut() => break next,
                     }
-                    next = renewal(&shared, lease.as_ref()) => next,
                 };
             }
         }
@@ -1026,10 +1053,10 @@ mod tests {
             lost: Mutex::new(None),
             finished: Default::default(),
             releasing: Default::default(),
+            stopped: Default::default(),
             lost_changed: Notify::new(),
         });
-        let (_release, inbox) = oneshot::channel();
-        let keeper = keep(shared, Arc::new(ScriptedLease(script)), inbox)
+        let keeper = keep(shared, Arc::new(ScriptedLease(script)))
             .instrument(tracing::info_span!("lockkit.hold"));
         let size = std::mem::size_of_val(&keeper);
         assert!(size <= 408, "the keeper future is {size} bytes");

@@ -144,18 +144,24 @@ async fn batch_extends_only_rows_ours_and_in_time(a: Arc<dyn Backend>, b: Arc<dy
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_batch_extends_only_rows_ours_and_in_time() {
+/// Two clients of one temporary SQLite file (kept while the directory lives).
+async fn sqlite_pair() -> (tempfile::TempDir, Arc<dyn Backend>, Arc<dyn Backend>) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("locks.db").display());
     let a = SqliteLock::connect(&url).await.unwrap();
     let b = SqliteLock::connect(&url).await.unwrap();
-    batch_extends_only_rows_ours_and_in_time(Arc::new(a), Arc::new(b)).await;
+    (dir, Arc::new(a), Arc::new(b))
 }
 
-/// A batch of extends carries names of any characters (the batch is JSON, and on SQLite
-/// each row a string cut up by position and the first `:`): every row is extended, so
-/// another client still finds each name held past the TTL it was taken with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_batch_extends_only_rows_ours_and_in_time() {
+    let (_dir, a, b) = sqlite_pair().await;
+    batch_extends_only_rows_ours_and_in_time(a, b).await;
+}
+
+/// A batch of extends carries names of any characters (the batch is one JSON parameter):
+/// every row is extended, so another client still finds each name held past the TTL it was
+/// taken with.
 async fn batch_extends_names_of_any_characters(a: Arc<dyn Backend>, b: Arc<dyn Backend>) {
     let short = LockOptions::new().ttl(Duration::from_millis(1_500));
     let base = fresh_name("lockkit-sql-renewals/chars");
@@ -202,11 +208,8 @@ async fn batch_extends_names_of_any_characters(a: Arc<dyn Backend>, b: Arc<dyn B
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_batch_extends_names_of_any_characters() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("locks.db").display());
-    let a = SqliteLock::connect(&url).await.unwrap();
-    let b = SqliteLock::connect(&url).await.unwrap();
-    batch_extends_names_of_any_characters(Arc::new(a), Arc::new(b)).await;
+    let (_dir, a, b) = sqlite_pair().await;
+    batch_extends_names_of_any_characters(a, b).await;
 }
 
 /// A burst of takes far larger than the pool, from the client that holds a guard: its
@@ -316,27 +319,25 @@ mod servers {
         super::a_burst_of_takes_does_not_starve_renewals(ours, theirs, 5_000).await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres_batch_extends_only_rows_ours_and_in_time() {
-        let (a, b) = clients("LOCKKIT_POSTGRES_URL").await;
-        super::batch_extends_only_rows_ours_and_in_time(a, b).await;
+    /// The two-client cases on one server, as `servers::<database>::<case>`.
+    macro_rules! two_clients {
+        ($database:ident, $key:literal) => {
+            mod $database {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn batch_extends_only_rows_ours_and_in_time() {
+                    let (a, b) = super::clients($key).await;
+                    crate::batch_extends_only_rows_ours_and_in_time(a, b).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn batch_extends_names_of_any_characters() {
+                    let (a, b) = super::clients($key).await;
+                    crate::batch_extends_names_of_any_characters(a, b).await;
+                }
+            }
+        };
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn mysql_batch_extends_only_rows_ours_and_in_time() {
-        let (a, b) = clients("LOCKKIT_MYSQL_URL").await;
-        super::batch_extends_only_rows_ours_and_in_time(a, b).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres_batch_extends_names_of_any_characters() {
-        let (a, b) = clients("LOCKKIT_POSTGRES_URL").await;
-        super::batch_extends_names_of_any_characters(a, b).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn mysql_batch_extends_names_of_any_characters() {
-        let (a, b) = clients("LOCKKIT_MYSQL_URL").await;
-        super::batch_extends_names_of_any_characters(a, b).await;
-    }
+    two_clients!(postgres, "LOCKKIT_POSTGRES_URL");
+    two_clients!(mysql, "LOCKKIT_MYSQL_URL");
 }

@@ -198,10 +198,9 @@ async fn every_redlock_attempt_sets_its_keys_under_its_own_owner_id() {
         if words.get(1) == Some(&marker.as_str()) {
             break;
         }
-        if words.len() > 3 && words[0].eq_ignore_ascii_case("SET") && words[1] == key {
-            if words.contains(&"NX") {
-                owners.push(words[2].to_string());
-            }
+        let set_nx = words.len() > 3 && words[0].eq_ignore_ascii_case("SET") && words[1] == key;
+        if set_nx && words.contains(&"NX") {
+            owners.push(words[2].to_string());
         }
     }
     assert!(

@@ -256,8 +256,8 @@ impl<D: Dialect> TableLease<D> {
 }
 
 /// Runs a statement on the row (`name`, `owner`): whether it changed it. One that lost a
-/// race (an InnoDB deadlock or lock wait timeout against another statement on the row)
-/// changed nothing and runs again, with a jittered pause of at most 25 ms,
+/// race (an InnoDB deadlock against an acquiring transaction, which holds the row until its
+/// token is taken) changed nothing and runs again, with a jittered pause of at most 25 ms,
 /// for up to about a second.
 pub(crate) async fn row<D: Dialect>(
     lock: &Shared<D>,

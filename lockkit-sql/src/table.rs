@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use lockkit_core::backend::{Acquired, Armed, FencingToken, LockName, Outcome};
 use lockkit_core::Result;
+use sqlx::Connection;
 use tokio::time::Instant;
 
 use crate::dialect::{Bind, Db, Dialect, On};
@@ -14,7 +15,7 @@ use crate::lease::TableLease;
 use crate::lock::{fence, Conn, Shared};
 use crate::wait::lease_end;
 
-/// One attempt: the lease row and its token, in one statement (or two, on MySQL). A
+/// One attempt: the lease row and its token, in one statement or one transaction. A
 /// statement that lost a race against another client's on the same row changed nothing, and
 /// counts as busy.
 pub(crate) async fn attempt<D: Dialect>(
@@ -39,24 +40,16 @@ async fn take<D: Dialect>(lock: Arc<Shared<D>>, name: LockName, ttl: Duration) -
         None => take_row(&lock, &mut conn, &bind)
             .await?
             .map(|t| FencingToken(t as u64)),
-        // The token is taken by a second statement, not in a transaction with the row: that
-        // would cost two more round trips (BEGIN, COMMIT) on every acquisition. A holder
-        // delayed between the two past its lease gets a token above the next holder's, but
-        // never keeps it: the lease check below finds it out of time (the next holder took
-        // the row after the lease ended, so before this check; it bumps the counter after
-        // its own take, so a holder that passes the check has the lower token).
-        Some(table_fence) => match take_row(&lock, &mut conn, &bind).await? {
-            None => None,
-            Some(_) => match fence::<D>(&mut conn, table_fence, &bind).await {
-                Ok(token) => Some(token),
-                Err(e) => {
-                    // The row is ours but has no token: let it go (in the background, when
-                    // dropped) rather than leave it blocking the name for its TTL.
-                    drop(Armed::new(TableLease::new(lock.clone(), name, owner, 0)));
-                    return Err(e);
-                }
-            },
-        },
+        // The row stays locked by the transaction until its token is taken.
+        Some(table_fence) => {
+            let mut tx = conn.begin().await.map_err(error::map::<D>)?;
+            let token = match take_row(&lock, &mut tx, &bind).await? {
+                Some(_) => Some(fence::<D>(&mut tx, table_fence, &bind).await?),
+                None => None,
+            };
+            tx.commit().await.map_err(error::map::<D>)?;
+            token
+        }
     };
     let Some(token) = token else {
         return Ok(Outcome::Busy(()));

@@ -163,8 +163,8 @@ pub(crate) struct Statements {
     /// Takes the lease row if it is free or expired: its fencing token if taken, in the
     /// same statement (PostgreSQL, SQLite), or 1 when `table_fence` takes the token.
     pub(crate) acquire: Sql,
-    /// MySQL: the token of a row `acquire` or `take_over` took, the next statement on the
-    /// same connection (see `table::take` for why no transaction is needed).
+    /// MySQL: the token of a row `acquire` or `take_over` took, in one transaction with
+    /// them, so the row stays locked until its token is taken.
     pub(crate) table_fence: Option<Sql>,
     /// Tried when `acquire` took nothing (MySQL: the expired row, after `INSERT IGNORE`).
     pub(crate) take_over: Option<Sql>,

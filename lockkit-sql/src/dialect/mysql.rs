@@ -66,7 +66,7 @@ impl Hooks for MySql {
                 ),
                 &[Name, Owner, TtlMs],
             ),
-            // Run right after `acquire` or `take_over` took the row.
+            // Run in one transaction with `acquire` and `take_over`, whose row lock it keeps.
             table_fence: Some(fence.clone()),
             take_over: Some(Sql::count(
                 format!(

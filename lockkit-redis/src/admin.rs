@@ -40,6 +40,7 @@ if redis.call('DEL', KEYS[1]) == 1 then
     local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
     if head then
         redis.call('PUBLISH', ARGV[1] .. ':' .. head, head)
+        redis.call('PUBLISH', ARGV[1], head)
     end
     return 1
 end

@@ -97,7 +97,9 @@ local function hand_off(lock, fence, queue, alive, asked, channel, time)
     local ttl, attempt = string.match(redis.call('HGET', asked, head) or '', '^(%d+) (%d+)$')
     local deadline = tonumber(redis.call('ZSCORE', alive, head) or '0')
     if not ttl or deadline <= now then
+        -- Only woken: on its own channel, and on the name's, where an older client listens.
         redis.call('PUBLISH', channel .. ':' .. head, head)
+        redis.call('PUBLISH', channel, head)
         return true
     end
     forget(queue, alive, asked, head)
@@ -241,7 +243,8 @@ return extended
 /// the drift allowance), a bound that holds whatever the clocks read. A message for an
 /// earlier attempt than the waiter's latest is stale (that attempt would have found the lock
 /// its own) and is ignored. A waiter that did not store what it asks for (an older client)
-/// is only woken, by its owner id on its channel, and takes the lock with its own attempt;
+/// is only woken, by its owner id on its own channel and on the name's (where a client from
+/// before the per-waiter channels listens), and takes the lock with its own attempt;
 /// `released` is
 /// published when nobody waits, for leader observers. The owner ids are hex, without spaces.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {

@@ -365,7 +365,8 @@ where
 }
 
 /// How long a backend that batches its renewals lets the first renewal of a batch wait for
-/// others to join it, for leases of `ttl`: 1 % of the TTL, between 1 and 100 ms.
+/// others to join it, for leases of `ttl` (the shortest waiting): 1 % of the TTL, between 1
+/// and 100 ms.
 ///
 /// The keeper renews each guard at a third of its TTL, each on its own schedule; a client
 /// holding thousands of locks renews some of them every few milliseconds. A batch that waits
@@ -375,7 +376,13 @@ where
 /// too, so it answers within about this wait plus a round trip. (At 0.5 % and at most 25 ms,
 /// holding 10 000 SQLite locks cost 5.8–7.4 % of a core in four runs; at 1 % and at most
 /// 100 ms, 5.1–5.6 %.)
-pub fn renewal_gather(ttl: Duration) -> Duration {
+///
+/// No wait when `waiting` renewals already fill a batch of at most `batch`: a backlog is sent
+/// at once, so the wait never caps how many renewals a client sends per second.
+pub fn renewal_gather(ttl: Duration, waiting: usize, batch: usize) -> Duration {
+    if waiting >= batch {
+        return Duration::ZERO;
+    }
     (ttl / 100).clamp(Duration::from_millis(1), Duration::from_millis(100))
 }
 
@@ -588,13 +595,21 @@ mod tests {
     }
 
     #[test]
-    fn renewal_gather_is_one_percent_of_the_ttl_within_1_to_100_ms() {
+    fn renewal_gather_is_one_percent_of_the_ttl_within_1_to_100_ms_unless_a_batch_is_full() {
         let ms = Duration::from_millis;
-        assert_eq!(super::renewal_gather(ms(10_000)), ms(100));
-        assert_eq!(super::renewal_gather(Duration::from_secs(3600)), ms(100));
-        assert_eq!(super::renewal_gather(ms(2_000)), ms(20));
-        assert_eq!(super::renewal_gather(ms(100)), ms(1));
-        assert_eq!(super::renewal_gather(Duration::ZERO), ms(1));
+        let gather = |ttl| super::renewal_gather(ttl, 1, 500);
+        assert_eq!(gather(ms(10_000)), ms(100));
+        assert_eq!(gather(Duration::from_secs(3600)), ms(100));
+        assert_eq!(gather(ms(2_000)), ms(20));
+        assert_eq!(gather(ms(100)), ms(1));
+        assert_eq!(gather(Duration::ZERO), ms(1));
+        // A full batch waiting: sent at once.
+        assert_eq!(super::renewal_gather(ms(10_000), 499, 500), ms(100));
+        assert_eq!(super::renewal_gather(ms(10_000), 500, 500), Duration::ZERO);
+        assert_eq!(
+            super::renewal_gather(ms(10_000), 9_000, 500),
+            Duration::ZERO
+        );
     }
 
     #[tokio::test(start_paused = true)]

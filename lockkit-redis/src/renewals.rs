@@ -89,14 +89,16 @@ async fn flush(inner: Arc<Inner>) {
         let gather = {
             let mut state = inner.renewals.state();
             match state.waiting.iter().map(|r| r.ttl).min() {
-                Some(ttl) => renewal_gather(ttl),
+                Some(ttl) => renewal_gather(ttl, state.waiting.len(), MAX_BATCH),
                 None => {
                     state.flushing = false;
                     return;
                 }
             }
         };
-        tokio::time::sleep(gather).await;
+        if !gather.is_zero() {
+            tokio::time::sleep(gather).await;
+        }
         // Not empty: only this task takes extends out, and it found some before the wait.
         let batch: Vec<Request> = {
             let mut state = inner.renewals.state();

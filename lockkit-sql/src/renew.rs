@@ -76,14 +76,16 @@ async fn send_batches<D: Dialect>(lock: Arc<Shared<D>>) {
         let gather = {
             let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
             match state.0.iter().map(|ask| ask.ttl).min() {
-                Some(ttl) => renewal_gather(ttl),
+                Some(ttl) => renewal_gather(ttl, state.0.len(), MOST),
                 None => {
                     state.1 = false;
                     return;
                 }
             }
         };
-        tokio::time::sleep(gather).await;
+        if !gather.is_zero() {
+            tokio::time::sleep(gather).await;
+        }
         // Not empty: only this task takes asks out, and it found some before the wait.
         let batch: Vec<Ask> = {
             let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());

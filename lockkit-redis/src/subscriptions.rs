@@ -25,9 +25,15 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
 pub(crate) struct Subscriptions {
     /// What the push callback wakes, per channel.
     notifies: Mutex<HashMap<String, Waiters>>,
-    /// Waiters per channel. Held across SUBSCRIBE/UNSUBSCRIBE so they reach the server in order.
-    counts: tokio::sync::Mutex<HashMap<String, usize>>,
+    /// Waiters per channel, each count behind a lock of its own that is held across that
+    /// channel's SUBSCRIBE/UNSUBSCRIBE, so they reach the server in order; channels do not
+    /// wait for one another (every queued waiter has a channel of its own).
+    counts: Mutex<HashMap<String, Arc<Slot>>>,
 }
+
+/// One channel's waiter count; `None` once its last waiter unsubscribed and the slot left
+/// the map (a subscriber that waited for it takes a new one).
+type Slot = tokio::sync::Mutex<Option<usize>>;
 
 /// The waiters of one channel in this client.
 #[derive(Debug, Default)]
@@ -158,10 +164,19 @@ impl Subscriptions {
         role: Role<'_>,
         nodes: Vec<ConnectionManager>,
     ) -> Armed<Subscription> {
-        let mut counts = self.counts.lock().await;
-        let count = counts.entry(channel.to_string()).or_insert(0);
-        *count += 1;
-        let first = *count == 1;
+        let mut count = loop {
+            let slot = lock(&self.counts)
+                .entry(channel.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Some(0))))
+                .clone();
+            let count = slot.lock_owned().await;
+            if count.is_some() {
+                break count;
+            }
+        };
+        let waiters = count.get_or_insert(0);
+        *waiters += 1;
+        let first = *waiters == 1;
         let Named { notify, grant } = {
             let mut notifies = self.notifies();
             let waiters = notifies.entry(channel.to_string()).or_default();
@@ -193,7 +208,7 @@ impl Subscriptions {
         if first {
             on_nodes(&subscription.nodes, channel, true).await;
         }
-        drop(counts);
+        drop(count);
         subscription
     }
 
@@ -203,8 +218,11 @@ impl Subscriptions {
         owner: Option<Arc<str>>,
         nodes: Vec<ConnectionManager>,
     ) {
-        let mut counts = self.counts.lock().await;
-        let Some(count) = counts.get_mut(&channel) else {
+        let Some(slot) = lock(&self.counts).get(&channel).cloned() else {
+            return;
+        };
+        let mut count = slot.lock().await;
+        let Some(waiters) = count.as_mut() else {
             return;
         };
         if let Some(owner) = owner {
@@ -212,11 +230,17 @@ impl Subscriptions {
                 waiters.named.remove(&owner);
             }
         }
-        *count -= 1;
-        if *count == 0 {
-            counts.remove(&channel);
+        *waiters -= 1;
+        if *waiters == 0 {
             self.notifies().remove(&channel);
             on_nodes(&nodes, &channel, false).await;
+            // Retired before it leaves the map: a subscriber that waited for it takes a new
+            // slot, and subscribes after this UNSUBSCRIBE.
+            *count = None;
+            let mut counts = lock(&self.counts);
+            if counts.get(&channel).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                counts.remove(&channel);
+            }
         }
     }
 }
@@ -284,6 +308,33 @@ impl Cleanup for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One channel's SUBSCRIBE in flight (its slot locked) holds up no other channel; the last
+    /// waiter's leaving retires the slot, and the next subscriber counts on a fresh one.
+    /// (Without nodes: no request leaves.)
+    #[tokio::test]
+    async fn channels_do_not_wait_for_one_another() {
+        let subs = Arc::new(Subscriptions::default());
+        let a = subs.subscribe("a", Role::Any, Vec::new()).await;
+        let slot = lock(&subs.counts).get("a").cloned().expect("a's slot");
+        let in_flight = slot.lock().await;
+        let b = tokio::time::timeout(
+            Duration::from_secs(1),
+            subs.subscribe("b", Role::Any, Vec::new()),
+        )
+        .await
+        .expect("b waited for a's request");
+        drop(in_flight);
+        a.disarm().cleanup().await.unwrap();
+        assert!(lock(&subs.counts).get("a").is_none(), "a's slot stayed");
+        assert_eq!(*slot.lock().await, None, "a's slot was not retired");
+        let _again = subs.subscribe("a", Role::Any, Vec::new()).await;
+        let fresh = lock(&subs.counts).get("a").cloned().expect("a new slot");
+        assert!(!Arc::ptr_eq(&fresh, &slot));
+        assert_eq!(*fresh.lock().await, Some(1));
+        assert_eq!(*lock(&subs.counts)["b"].lock().await, Some(1));
+        drop(b.disarm());
+    }
 
     #[test]
     fn a_turn_names_the_waiter_and_maybe_hands_it_the_lock() {

@@ -332,7 +332,8 @@ mod tests {
         let fresh = lock(&subs.counts).get("a").cloned().expect("a new slot");
         assert!(!Arc::ptr_eq(&fresh, &slot));
         assert_eq!(*fresh.lock().await, Some(1));
-        assert_eq!(*lock(&subs.counts)["b"].lock().await, Some(1));
+        let b_slot = lock(&subs.counts)["b"].clone();
+        assert_eq!(*b_slot.lock().await, Some(1));
         drop(b.disarm());
     }
 

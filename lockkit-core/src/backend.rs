@@ -386,6 +386,79 @@ pub fn renewal_gather(ttl: Duration, waiting: usize, batch: usize) -> Duration {
     (ttl / 100).clamp(Duration::from_millis(1), Duration::from_millis(100))
 }
 
+/// The renewals of one client waiting for their batch, for a backend that renews many leases
+/// in one request (one script call, one statement), and whether a sender is taking them.
+///
+/// A renewal is queued with [`RenewalBatches::push`]; the first one queued while no sender
+/// runs starts one, which takes batches with [`RenewalBatches::next_batch`] until none is
+/// waiting.
+pub struct RenewalBatches<T> {
+    /// The renewals waiting, and whether a sender runs.
+    state: std::sync::Mutex<(Vec<T>, bool)>,
+}
+
+impl<T> Default for RenewalBatches<T> {
+    fn default() -> Self {
+        RenewalBatches {
+            state: std::sync::Mutex::new((Vec::new(), false)),
+        }
+    }
+}
+
+impl<T> Debug for RenewalBatches<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenewalBatches").finish_non_exhaustive()
+    }
+}
+
+impl<T> RenewalBatches<T> {
+    fn state(&self) -> std::sync::MutexGuard<'_, (Vec<T>, bool)> {
+        // Never held across an await or a panic point.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a renewal for the next batch, and spawns the sender `sender` makes if none
+    /// runs: spawned, not run here, so the renewals that fall due together queue before it
+    /// takes the first batch.
+    pub fn push<F>(&self, renewal: T, sender: impl FnOnce() -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let start = {
+            let mut state = self.state();
+            state.0.push(renewal);
+            !std::mem::replace(&mut state.1, true)
+        };
+        if start {
+            tokio::spawn(sender());
+        }
+    }
+
+    /// For the sender: the next batch, at most `max` renewals, taken once it has waited for
+    /// others to join it as long as [`renewal_gather`] gives for the shortest TTL waiting
+    /// (`ttl` of each). `None` when none is waiting: the sender is done, and the next
+    /// [`RenewalBatches::push`] starts another.
+    pub async fn next_batch(&self, max: usize, ttl: impl Fn(&T) -> Duration) -> Option<Vec<T>> {
+        let gather = {
+            let mut state = self.state();
+            match state.0.iter().map(&ttl).min() {
+                Some(shortest) => renewal_gather(shortest, state.0.len(), max),
+                None => {
+                    state.1 = false;
+                    return None;
+                }
+            }
+        };
+        if !gather.is_zero() {
+            tokio::time::sleep(gather).await;
+        }
+        // Not empty: only the sender takes renewals out, and it found some before the wait.
+        let mut state = self.state();
+        let take = state.0.len().min(max);
+        Some(state.0.drain(..take).collect())
+    }
+}
+
 /// A lease's loss: marked once by whatever finds it (a watcher, a session check), with the
 /// first reason, and awaited by [`Lease::lost`]. Every held lock of a backend that signals
 /// loss keeps one, so it is a mutex and a [`tokio::sync::Notify`] (about 72 bytes) rather
@@ -610,6 +683,43 @@ mod tests {
             super::renewal_gather(ms(10_000), 9_000, 500),
             Duration::ZERO
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_batches_start_one_sender_and_drain_in_batches() {
+        let batches = Arc::new(super::RenewalBatches::default());
+        let senders = Arc::new(AtomicU32::new(0));
+        let ttl = Duration::from_secs(10);
+        let push = |n: usize| {
+            for _ in 0..n {
+                let senders = senders.clone();
+                batches.push(ttl, move || async move {
+                    senders.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        };
+        push(5);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            senders.load(Ordering::SeqCst),
+            1,
+            "one sender for five renewals"
+        );
+        // A full batch waiting goes at once; the rest waits for others to join it.
+        let started = tokio::time::Instant::now();
+        assert_eq!(batches.next_batch(3, |t| *t).await.unwrap().len(), 3);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(batches.next_batch(3, |t| *t).await.unwrap().len(), 2);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(100),
+            "the gather wait"
+        );
+        assert!(batches.next_batch(3, |t| *t).await.is_none());
+        // The sender ended: the next renewal starts another.
+        push(1);
+        tokio::task::yield_now().await;
+        assert_eq!(senders.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

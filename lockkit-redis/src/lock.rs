@@ -60,8 +60,8 @@ use crate::subscriptions::{Role, Subscription, Subscriptions};
 /// waiter, so a releaser that asks again at once queues behind the waiters instead of
 /// barging in. A release hands the lock over directly: the same script makes the first live
 /// waiter the owner (its TTL, a new token) and publishes `<owner> <token> <attempt>` on that
-/// waiter's own channel; only that waiter's connection receives it, and it returns the lock without another round
-/// trip (the release script in `scripts.rs`). Its lease counts as valid from when it sent
+/// waiter's own channel; only that waiter's connection receives it, and it returns the lock
+/// without another round trip (the release script in `scripts.rs`). Its lease counts as valid from when it sent
 /// the attempt the grant names (the server had seen that attempt, so it was sent before the
 /// grant, and the key lives for the TTL from the grant), less the drift allowance. A waiter
 /// that stops waiting (timeout, cancel) leaves the queue at once and gives back a lock it

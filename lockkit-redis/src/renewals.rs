@@ -2,10 +2,10 @@
 //! of each other, or while a batch is on its way, go out together in the next one, as one
 //! script call per instance, however many guards the client holds.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lockkit_core::backend::renewal_gather;
+use lockkit_core::backend::RenewalBatches;
 use lockkit_core::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -20,31 +20,16 @@ const MAX_BATCH: usize = 1000;
 pub(crate) type Answers = Vec<Result<i64>>;
 
 /// The extends waiting for the next batch, and whether a batch is on its way.
-#[derive(Debug, Default)]
-pub(crate) struct Renewals {
-    state: Mutex<State>,
-}
+pub(crate) type Renewals = RenewalBatches<Request>;
 
-#[derive(Debug, Default)]
-struct State {
-    waiting: Vec<Request>,
-    flushing: bool,
-}
-
+/// One extend waiting for its batch.
 #[derive(Debug)]
-struct Request {
+pub(crate) struct Request {
     lock: String,
     owner: Arc<str>,
     ttl: Duration,
     /// When the batch was sent, and every instance's answer.
     reply: oneshot::Sender<(Instant, Answers)>,
-}
-
-impl Renewals {
-    fn state(&self) -> MutexGuard<'_, State> {
-        // Never held across an await or a panic point.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// Extends the lease `lock` of `owner` to `ttl` on every instance, in the next batch of the
@@ -63,16 +48,7 @@ pub(crate) async fn extend(
         ttl,
         reply,
     };
-    let start = {
-        let mut state = inner.renewals.state();
-        state.waiting.push(request);
-        !std::mem::replace(&mut state.flushing, true)
-    };
-    if start {
-        // Spawned, not run here: the keepers whose renewals fall due together queue theirs
-        // before it takes the first batch.
-        tokio::spawn(flush(inner.clone()));
-    }
+    inner.renewals.push(request, || flush(inner.clone()));
     answer.await.map_err(|_| {
         Error::connection(
             inner.backend,
@@ -81,30 +57,11 @@ pub(crate) async fn extend(
     })
 }
 
-/// Sends batches until no extend is waiting. Each waits for more extends to join it first,
-/// as long as [`renewal_gather`] gives for the shortest TTL waiting: without a wait, 10 000
-/// guards made one script call per renewal on every instance.
+/// Sends batches until no extend is waiting, each once it has waited for more extends to
+/// join it ([`RenewalBatches::next_batch`]): without a wait, 10 000 guards made one script
+/// call per renewal on every instance.
 async fn flush(inner: Arc<Inner>) {
-    loop {
-        let gather = {
-            let mut state = inner.renewals.state();
-            match state.waiting.iter().map(|r| r.ttl).min() {
-                Some(ttl) => renewal_gather(ttl, state.waiting.len(), MAX_BATCH),
-                None => {
-                    state.flushing = false;
-                    return;
-                }
-            }
-        };
-        if !gather.is_zero() {
-            tokio::time::sleep(gather).await;
-        }
-        // Not empty: only this task takes extends out, and it found some before the wait.
-        let batch: Vec<Request> = {
-            let mut state = inner.renewals.state();
-            let take = state.waiting.len().min(MAX_BATCH);
-            state.waiting.drain(..take).collect()
-        };
+    while let Some(batch) = inner.renewals.next_batch(MAX_BATCH, |r| r.ttl).await {
         let ttl = batch.iter().map(|r| r.ttl).min().unwrap_or_default();
         let locks: Vec<&str> = batch.iter().map(|r| r.lock.as_str()).collect();
         let ttls: Vec<String> = batch.iter().map(|r| millis(r.ttl).to_string()).collect();

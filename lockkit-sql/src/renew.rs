@@ -4,10 +4,10 @@
 //! each half sent again, down to single rows, so each guard learns its own answer.
 
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lockkit_core::backend::{renewal_gather, LockName};
+use lockkit_core::backend::{LockName, RenewalBatches};
 use lockkit_core::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -21,7 +21,7 @@ use crate::wait::millis;
 const MOST: usize = 500;
 
 /// One extend waiting for its batch.
-struct Ask {
+pub(crate) struct Ask {
     name: LockName,
     owner: Arc<str>,
     ttl: Duration,
@@ -30,14 +30,7 @@ struct Ask {
 }
 
 /// The extends of one client waiting for their batch, and whether a task is sending them.
-#[derive(Default)]
-pub(crate) struct Renewals(Mutex<(Vec<Ask>, bool)>);
-
-impl std::fmt::Debug for Renewals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Renewals").finish_non_exhaustive()
-    }
-}
+pub(crate) type Renewals = RenewalBatches<Ask>;
 
 /// Extends the lease row (`name`, `owner`) by `ttl` in the client's next batch: when the
 /// statement that extended it was sent, or `None` if it is not ours or its lease ran out.
@@ -49,19 +42,13 @@ pub(crate) async fn extend<D: Dialect>(
     ttl: Duration,
 ) -> Result<Option<Instant>> {
     let (answer, answered) = oneshot::channel();
-    let lead = {
-        let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
-        state.0.push(Ask {
-            name: name.clone(),
-            owner: owner.clone(),
-            ttl,
-            answer,
-        });
-        !std::mem::replace(&mut state.1, true)
+    let ask = Ask {
+        name: name.clone(),
+        owner: owner.clone(),
+        ttl,
+        answer,
     };
-    if lead {
-        tokio::spawn(send_batches(lock.clone()));
-    }
+    lock.renewals.push(ask, || send_batches(lock.clone()));
     answered.await.unwrap_or_else(|_| {
         Err(Error::Unsupported(
             "the renewal task stopped: the Tokio runtime is shutting down".into(),
@@ -70,28 +57,9 @@ pub(crate) async fn extend<D: Dialect>(
 }
 
 /// Sends the waiting extends until none are left, each batch once it has waited for others
-/// to join it as long as [`renewal_gather`] gives for the shortest TTL waiting.
+/// to join it ([`RenewalBatches::next_batch`]).
 async fn send_batches<D: Dialect>(lock: Arc<Shared<D>>) {
-    loop {
-        let gather = {
-            let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
-            match state.0.iter().map(|ask| ask.ttl).min() {
-                Some(ttl) => renewal_gather(ttl, state.0.len(), MOST),
-                None => {
-                    state.1 = false;
-                    return;
-                }
-            }
-        };
-        if !gather.is_zero() {
-            tokio::time::sleep(gather).await;
-        }
-        // Not empty: only this task takes asks out, and it found some before the wait.
-        let batch: Vec<Ask> = {
-            let mut state = lock.renewals.0.lock().unwrap_or_else(|e| e.into_inner());
-            let n = state.0.len().min(MOST);
-            state.0.drain(..n).collect()
-        };
+    while let Some(batch) = lock.renewals.next_batch(MOST, |ask| ask.ttl).await {
         send::<D>(&lock, batch).await;
     }
 }

@@ -90,14 +90,38 @@ impl Clock {
     }
 
     /// When the next renewal is due (timed from the start of the lease, not from now), if
-    /// one is: a lease that already covers the holder's end is not renewed.
+    /// one is: a lease that already covers the holder's end is not renewed. Rounded up onto
+    /// the process's [renewal grid](on_renewal_grid).
     fn renewal_due(&self) -> Option<Instant> {
         let every = self.renew_every?;
         if self.hold_until.is_some_and(|hold| self.lease_until >= hold) {
             return None;
         }
-        Some(self.lease_start + every)
+        Some(on_renewal_grid(self.lease_start + every, every))
     }
+}
+
+/// `at`, rounded up to the next point of a grid shared by every guard of the process: steps
+/// of 1/32 of `every` (the renewal interval; about 1 % of the TTL at the default third),
+/// between 1 and 100 ms, counted from one process-wide instant.
+///
+/// Each guard renews on its own schedule; with thousands held, some renewal would fall due
+/// every millisecond, and each would wake the runtime on its own. On the grid, the renewals
+/// due within one step wake it once, together, and reach a batching backend's queue at the
+/// same moment. The renewal comes at most a step (a 32nd of the interval) later than due,
+/// while the lease still has two thirds of its TTL to run.
+fn on_renewal_grid(at: Instant, every: Duration) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let step = (every / 32)
+        .clamp(Duration::from_millis(1), Duration::from_millis(100))
+        .as_nanos();
+    let Some(since) = at.checked_duration_since(origin) else {
+        return at;
+    };
+    let since = since.as_nanos();
+    let rounded = since.div_ceil(step) * step;
+    at + Duration::from_nanos((rounded - since) as u64)
 }
 
 impl Shared {
@@ -967,9 +991,10 @@ mod tests {
         let (guard, extended) = extended_past_fixed_ttl(&script).await;
         script.not_owner.store(true, Ordering::SeqCst);
         assert_eq!(guard.lost().await, LostReason::NotOwner);
-        assert_eq!(
-            Instant::now(),
-            extended + TTL / 3,
+        // The first renewal: due at a third of the TTL, on the grid (a 32nd of that later).
+        let due = extended + TTL / 3;
+        assert!(
+            (due..=due + TTL / 96).contains(&Instant::now()),
             "not lost at the first renewal"
         );
         assert!(!guard.is_held());
@@ -1031,6 +1056,29 @@ mod tests {
     /// process, each byte here is 10 kB. Tokio stores a task in a cell aligned to 128 bytes
     /// (a 32-byte header, the future plus 24 bytes, a 48-byte trailer, tokio 1.54): a
     /// future of at most 408 bytes keeps the cell at 512 bytes instead of 640.
+    #[test]
+    fn renewals_due_close_together_fall_on_one_grid_point_no_later_than_a_step() {
+        let every = Duration::from_millis(3_200); // a step of 100 ms
+        let step = Duration::from_millis(100);
+        let base = on_renewal_grid(Instant::now() + Duration::from_secs(1), every);
+        assert_eq!(on_renewal_grid(base, every), base, "a grid point stays");
+        for offset in [1, 999, 50_000_000, 99_999_999] {
+            let at = base + Duration::from_nanos(offset);
+            assert_eq!(
+                on_renewal_grid(at, every),
+                base + step,
+                "{offset} ns past a point"
+            );
+        }
+        // Short intervals: steps of at least 1 ms; long ones: at most 100 ms.
+        let at = base + Duration::from_micros(10);
+        assert_eq!(
+            on_renewal_grid(at, Duration::from_millis(3)),
+            base + Duration::from_millis(1)
+        );
+        assert!(on_renewal_grid(at, Duration::from_secs(3_600)) <= at + step);
+    }
+
     #[test]
     fn keeper_task_fits_in_512_bytes() {
         let script = Arc::new(Script::default());

@@ -97,25 +97,30 @@ impl Clock {
         if self.hold_until.is_some_and(|hold| self.lease_until >= hold) {
             return None;
         }
-        Some(on_renewal_grid(self.lease_start + every, every))
+        let due = self.lease_start + every;
+        let left = self.lease_until.saturating_duration_since(due);
+        Some(on_renewal_grid(due, every.min(left)))
     }
 }
 
 /// `at`, rounded up to the next point of a grid shared by every guard of the process: steps
-/// of 1/32 of `every` (the renewal interval; about 1 % of the TTL at the default third),
-/// between 1 and 100 ms, counted from one process-wide instant.
+/// of a 32nd of `slack` (the lesser of the renewal interval and what is left of the lease
+/// when the renewal falls due: about 1 % of the TTL at the default third), at most 100 ms,
+/// counted from one process-wide instant; not rounded if that step is under 1 ms.
 ///
 /// Each guard renews on its own schedule; with thousands held, some renewal would fall due
 /// every millisecond, and each would wake the runtime on its own. On the grid, the renewals
 /// due within one step wake it once, together, and reach a batching backend's queue at the
-/// same moment. The renewal comes at most a step (a 32nd of the interval) later than due,
-/// while the lease still has two thirds of its TTL to run.
-fn on_renewal_grid(at: Instant, every: Duration) -> Instant {
+/// same moment. The renewal comes at most a step later than due, a 32nd of the lease it
+/// still has left.
+fn on_renewal_grid(at: Instant, slack: Duration) -> Instant {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let step = (slack / 32).min(Duration::from_millis(100));
+    if step < Duration::from_millis(1) {
+        return at;
+    }
     let origin = *ORIGIN.get_or_init(Instant::now);
-    let step = (every / 32)
-        .clamp(Duration::from_millis(1), Duration::from_millis(100))
-        .as_nanos();
+    let step = step.as_nanos();
     let Some(since) = at.checked_duration_since(origin) else {
         return at;
     };
@@ -1070,13 +1075,39 @@ mod tests {
                 "{offset} ns past a point"
             );
         }
-        // Short intervals: steps of at least 1 ms; long ones: at most 100 ms.
+        // Steps of at most 100 ms; none under 1 ms (a slack under 32 ms is not rounded).
         let at = base + Duration::from_micros(10);
-        assert_eq!(
-            on_renewal_grid(at, Duration::from_millis(3)),
-            base + Duration::from_millis(1)
-        );
         assert!(on_renewal_grid(at, Duration::from_secs(3_600)) <= at + step);
+        assert_eq!(on_renewal_grid(at, Duration::from_millis(31)), at);
+        let one_ms = on_renewal_grid(at, Duration::from_millis(32));
+        assert!(one_ms > at && one_ms <= at + Duration::from_millis(1));
+    }
+
+    #[test]
+    fn a_renewal_due_close_to_the_lease_end_is_not_moved_past_a_32nd_of_what_is_left() {
+        let start = Instant::now();
+        let clock = |every: Duration| Clock {
+            ttl: Duration::from_secs(10),
+            lease_until: start + Duration::from_secs(10),
+            lease_start: start,
+            hold_until: None,
+            renew_every: Some(every),
+        };
+        // The default third: up to a 32nd of the interval.
+        let due = start + Duration::from_millis(3_333);
+        let at = clock(Duration::from_millis(3_333)).renewal_due().unwrap();
+        assert!(at >= due && at <= due + Duration::from_millis(3_333) / 32);
+        // An interval of 9.9 s leaves 100 ms: up to a 32nd of those.
+        let due = start + Duration::from_millis(9_900);
+        let at = clock(Duration::from_millis(9_900)).renewal_due().unwrap();
+        assert!(
+            at >= due && at <= due + Duration::from_millis(100) / 32,
+            "{:?}",
+            at - due
+        );
+        // 20 ms left: not rounded at all.
+        let due = start + Duration::from_millis(9_980);
+        assert_eq!(clock(Duration::from_millis(9_980)).renewal_due(), Some(due));
     }
 
     #[test]

@@ -100,8 +100,8 @@ pub struct LockOptions {
     /// Whether the guard renews its lease in the background while it lives.
     pub auto_renew: bool,
     /// Interval between renewals; `None` means a third of the TTL. A renewal is sent at most
-    /// a 32nd of the interval (and at most 100 ms) after it falls due, so that renewals due
-    /// close together go out together.
+    /// a 32nd of the interval (or of the lease then left, if less; at most 100 ms) after it
+    /// falls due, so that renewals due close together go out together.
     pub renew_every: Option<Duration>,
     /// Retrying of connection errors while acquiring.
     pub retry: RetryPolicy,

@@ -368,13 +368,14 @@ where
 /// others to join it, for leases of `ttl` (the shortest waiting): 1 % of the TTL, between 1
 /// and 5 ms.
 ///
-/// The keeper renews each guard at a third of its TTL, each on its own schedule but rounded
-/// up onto a process-wide grid (steps of about 1 % of the TTL, at most 100 ms): a client
-/// holding thousands of locks wakes the renewals due within a step together, and they reach
-/// the queue within a few milliseconds of each other. The short wait lets them all join one
-/// batch, one request per server; the renewal counts its lease from when the batch is sent.
-/// An explicit [`LockGuard::extend`](crate::LockGuard::extend) joins the batch too, so it
-/// answers within this wait plus a round trip. (Holding 10 000 SQLite locks: 5.1–5.6 % of a
+/// The keeper renews each guard at a third of its TTL (or its `renew_every`), each on its
+/// own schedule but rounded up onto a process-wide grid (steps of a power of two
+/// milliseconds, at most a 32nd of the interval and 64 ms): a client holding thousands of
+/// locks wakes the renewals due within a step together, and they reach the queue within a
+/// few milliseconds of each other. The short wait lets them all join one batch, one request
+/// per server; the renewal counts its lease from when the batch is sent. An explicit
+/// [`LockGuard::extend`](crate::LockGuard::extend) joins the batch too, so it answers within
+/// about this wait plus a round trip (two, if a batch is in flight when it arrives). (Holding 10 000 SQLite locks: 5.1–5.6 % of a
 /// core with a wait of up to 100 ms and no grid; 3.6–4.4 % on the grid, whether the wait is
 /// at most 100 or at most 5 ms.)
 ///

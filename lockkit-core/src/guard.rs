@@ -103,30 +103,41 @@ impl Clock {
     }
 }
 
-/// `at`, rounded up to the next point of a grid shared by every guard of the process: steps
-/// of a 32nd of `slack` (the lesser of the renewal interval and what is left of the lease
-/// when the renewal falls due: about 1 % of the TTL at the default third), at most 100 ms,
-/// counted from one process-wide instant; not rounded if that step is under 1 ms.
+/// `at`, rounded up onto a grid shared by every guard of the process, counted from one
+/// process-wide instant: steps of a power of two milliseconds (1 to 64 ms), the largest
+/// within a 32nd of `slack` (the lesser of the renewal interval and what is left of the lease
+/// when the renewal falls due: 64 ms for a 10 s TTL at the default third); not rounded if a
+/// 32nd of `slack` is under 1 ms.
 ///
 /// Each guard renews on its own schedule; with thousands held, some renewal would fall due
 /// every millisecond, and each would wake the runtime on its own. On the grid, the renewals
 /// due within one step wake it once, together, and reach a batching backend's queue at the
-/// same moment. The renewal comes at most a step later than due, a 32nd of the lease it
-/// still has left.
+/// same moment; the steps being powers of two, guards of different TTLs share the points of
+/// the coarser grid. The renewal starts at most a step later than due: a 32nd of the lease
+/// it still has left.
 fn on_renewal_grid(at: Instant, slack: Duration) -> Instant {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let step = (slack / 32).min(Duration::from_millis(100));
-    if step < Duration::from_millis(1) {
+    let most = (slack / 32).as_millis().min(64) as u64;
+    if most == 0 {
         return at;
     }
-    let origin = *ORIGIN.get_or_init(Instant::now);
+    // The largest power of two at most `most`.
+    let step = Duration::from_millis(1 << most.ilog2());
+    round_up(at, *ORIGIN.get_or_init(Instant::now), step)
+}
+
+/// The first point at or after `at` of the grid of `step` through `origin` (on either side
+/// of it: a paused test runtime's clock may have run ahead of the instant taken first).
+fn round_up(at: Instant, origin: Instant, step: Duration) -> Instant {
     let step = step.as_nanos();
-    let Some(since) = at.checked_duration_since(origin) else {
-        return at;
-    };
-    let since = since.as_nanos();
-    let rounded = since.div_ceil(step) * step;
-    at + Duration::from_nanos((rounded - since) as u64)
+    let nanos = |d: Duration| d.as_nanos() % step;
+    match at.checked_duration_since(origin) {
+        Some(after) => match nanos(after) {
+            0 => at,
+            past => at + Duration::from_nanos((step - past) as u64),
+        },
+        None => at + Duration::from_nanos(nanos(origin - at) as u64),
+    }
 }
 
 impl Shared {
@@ -1057,17 +1068,13 @@ mod tests {
         assert_eq!(script.releases.load(Ordering::SeqCst), 0);
     }
 
-    /// Every held lock costs one keeper task and one `Shared`: with 10 000 guards in a
-    /// process, each byte here is 10 kB. Tokio stores a task in a cell aligned to 128 bytes
-    /// (a 32-byte header, the future plus 24 bytes, a 48-byte trailer, tokio 1.54): a
-    /// future of at most 408 bytes keeps the cell at 512 bytes instead of 640.
     #[test]
     fn renewals_due_close_together_fall_on_one_grid_point_no_later_than_a_step() {
-        let every = Duration::from_millis(3_200); // a step of 100 ms
-        let step = Duration::from_millis(100);
+        let every = Duration::from_millis(3_200); // a 32nd is 100 ms: steps of 64 ms
+        let step = Duration::from_millis(64);
         let base = on_renewal_grid(Instant::now() + Duration::from_secs(1), every);
         assert_eq!(on_renewal_grid(base, every), base, "a grid point stays");
-        for offset in [1, 999, 50_000_000, 99_999_999] {
+        for offset in [1, 999, 50_000_000, 63_999_999] {
             let at = base + Duration::from_nanos(offset);
             assert_eq!(
                 on_renewal_grid(at, every),
@@ -1075,12 +1082,51 @@ mod tests {
                 "{offset} ns past a point"
             );
         }
-        // Steps of at most 100 ms; none under 1 ms (a slack under 32 ms is not rounded).
+        // Steps of powers of two up to 64 ms; none under 1 ms (a slack under 32 ms).
         let at = base + Duration::from_micros(10);
-        assert!(on_renewal_grid(at, Duration::from_secs(3_600)) <= at + step);
+        assert_eq!(on_renewal_grid(at, Duration::from_secs(3_600)), base + step);
         assert_eq!(on_renewal_grid(at, Duration::from_millis(31)), at);
-        let one_ms = on_renewal_grid(at, Duration::from_millis(32));
-        assert!(one_ms > at && one_ms <= at + Duration::from_millis(1));
+        assert_eq!(
+            on_renewal_grid(at, Duration::from_millis(32)),
+            base + Duration::from_millis(1)
+        );
+        // 3 ms (a slack of 100 ms) rounds down to 2: a point of the 64 ms grid is one of its.
+        assert_eq!(
+            on_renewal_grid(at, Duration::from_millis(100)),
+            base + Duration::from_millis(2)
+        );
+    }
+
+    #[test]
+    fn the_grid_runs_through_its_origin_on_both_sides() {
+        let origin = Instant::now() + Duration::from_secs(10);
+        let step = Duration::from_millis(4);
+        for (at, up) in [
+            (0, 0),
+            (1, 4),
+            (4, 4),
+            (5, 8),
+            (-1, 0),
+            (-4, -4),
+            (-5, -4),
+            (-3999, -3996),
+        ] {
+            let at_ms = |ms: i64| {
+                let d = Duration::from_millis(ms.unsigned_abs());
+                if ms < 0 {
+                    origin - d
+                } else {
+                    origin + d
+                }
+            };
+            assert_eq!(
+                round_up(at_ms(at), origin, step),
+                at_ms(up),
+                "{at} ms from the origin"
+            );
+        }
+        let odd = origin - Duration::from_nanos(1);
+        assert_eq!(round_up(odd, origin, step), origin);
     }
 
     #[test]
@@ -1110,6 +1156,10 @@ mod tests {
         assert_eq!(clock(Duration::from_millis(9_980)).renewal_due(), Some(due));
     }
 
+    /// Every held lock costs one keeper task and one `Shared`: with 10 000 guards in a
+    /// process, each byte here is 10 kB. Tokio stores a task in a cell aligned to 128 bytes
+    /// (a 32-byte header, the future plus 24 bytes, a 48-byte trailer, tokio 1.54): a
+    /// future of at most 408 bytes keeps the cell at 512 bytes instead of 640.
     #[test]
     fn keeper_task_fits_in_512_bytes() {
         let script = Arc::new(Script::default());

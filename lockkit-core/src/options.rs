@@ -99,8 +99,8 @@ pub struct LockOptions {
     pub wait: Option<Duration>,
     /// Whether the guard renews its lease in the background while it lives.
     pub auto_renew: bool,
-    /// Interval between renewals; `None` means a third of the TTL. A renewal is sent at most
-    /// a 32nd of the interval (or of the lease then left, if less; at most 100 ms) after it
+    /// Interval between renewals; `None` means a third of the TTL. A renewal starts at most
+    /// a 32nd of the interval (or of the lease then left, if less; at most 64 ms) after it
     /// falls due, so that renewals due close together go out together.
     pub renew_every: Option<Duration>,
     /// Retrying of connection errors while acquiring.

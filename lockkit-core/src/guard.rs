@@ -386,6 +386,10 @@ impl LockGuard {
     /// Releases the lock now. Fails with [`Error::LockLost`] if the lock was lost before
     /// (the lease expired or was taken over): the protected work may then have overlapped
     /// with another holder.
+    ///
+    /// Dropping this future before it completes (a `select!`, a timeout) does not leave the
+    /// lock held until its TTL: the release is finished by a task of its own (on the Tokio
+    /// runtime the future is dropped in; outside one, the lease ends at its TTL).
     pub async fn release(self) -> Result<()> {
         let span = tracing::info_span!(
             "lockkit.release",
@@ -400,11 +404,13 @@ impl LockGuard {
                 .releasing
                 .store(true, std::sync::atomic::Ordering::Release);
             self.shared.stop();
+            let mut unfinished = Unfinished(Some(&self));
             let result = {
                 // After any renewal in flight, so the server sees the release last.
                 let _one_at_a_time = self.shared.extending.lock().await;
                 release_with_retries(&self.shared, self.lease.as_ref()).await
             };
+            unfinished.0 = None;
             if let Some(reason) = self.shared.lost_reason() {
                 return Err(Error::lost(self.name(), reason));
             }
@@ -412,6 +418,29 @@ impl LockGuard {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A [`LockGuard::release`] in progress: if its future is dropped before the release
+/// completed, a task finishes it (the keeper, told the caller releases, will not). A release
+/// the server had already applied is refused as not the owner's, which harms nothing.
+struct Unfinished<'a>(Option<&'a LockGuard>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        let Some(guard) = self.0 else { return };
+        let (shared, lease) = (guard.shared.clone(), guard.lease.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(lock = %shared.name, "release cancelled outside a Tokio runtime; the lease ends at its TTL");
+            return;
+        };
+        runtime.spawn(async move {
+            let _one_at_a_time = shared.extending.lock().await;
+            match release_with_retries(&shared, lease.as_ref()).await {
+                Ok(()) => tracing::debug!(lock = %shared.name, "cancelled release finished"),
+                Err(e) => tracing::debug!(lock = %shared.name, error = %e, "cancelled release"),
+            }
+        });
     }
 }
 
@@ -647,6 +676,10 @@ mod tests {
         not_owner: AtomicBool,
         extends: AtomicU32,
         releases: AtomicU32,
+        /// `release` calls still to fail with a connection error.
+        release_failures: AtomicU32,
+        /// `release` calls that succeeded.
+        released: AtomicU32,
         session_gone: Notify,
         /// The lease's server-side TTL, if fixed: `extend` then renews for this long.
         fixed: Option<Duration>,
@@ -689,7 +722,14 @@ mod tests {
         }
 
         async fn release(&self) -> Result<()> {
-            self.0.releases.fetch_add(1, Ordering::SeqCst);
+            let script = &self.0;
+            script.releases.fetch_add(1, Ordering::SeqCst);
+            let left = script.release_failures.load(Ordering::SeqCst);
+            if left > 0 {
+                script.release_failures.store(left - 1, Ordering::SeqCst);
+                return Err(Error::connection("scripted", "connection reset"));
+            }
+            script.released.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
 
@@ -896,6 +936,23 @@ mod tests {
             other.block_on(async { tokio::time::timeout(Duration::from_secs(5), lost).await });
         assert_eq!(reason, Ok(LostReason::Released));
         drop(guard);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_cancelled_midway_is_finished_in_the_background() {
+        let script = Arc::new(Script::default());
+        script.release_failures.store(1, Ordering::SeqCst);
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        // The first release fails; the caller gives up during the pause before the retry.
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), guard.release()).await;
+        assert!(gave_up.is_err(), "still releasing after 5 ms");
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            script.released.load(Ordering::SeqCst),
+            1,
+            "the release went on without its caller"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -224,6 +224,14 @@ pub enum Outcome<B = ()> {
     Busy(B),
 }
 
+/// A request that takes nothing ([`LockGuard::release`](crate::LockGuard::release)): run
+/// detached only so that it finishes when its caller stops waiting.
+impl Attempt for () {
+    fn into_acquired(self) -> Option<Acquired> {
+        None
+    }
+}
+
 impl<B: Send + 'static> Attempt for Outcome<B> {
     fn into_acquired(self) -> Option<Acquired> {
         match self {
@@ -276,7 +284,7 @@ impl<T: Attempt, F: Future<Output = Result<T>> + Send + 'static> Future for Deta
         if this.runtime.is_none() {
             this.attempt = None;
             return std::task::Poll::Ready(Err(Error::Unsupported(
-                "lockkit needs a Tokio runtime to acquire locks".into(),
+                "lockkit needs a Tokio runtime to acquire or release locks".into(),
             )));
         }
         let Some(attempt) = this.attempt.as_mut() else {

@@ -388,8 +388,9 @@ impl LockGuard {
     /// with another holder.
     ///
     /// Dropping this future before it completes (a `select!`, a timeout) does not leave the
-    /// lock held until its TTL: the release is finished by a task of its own (on the Tokio
-    /// runtime the future is dropped in; outside one, the lease ends at its TTL).
+    /// lock held until its TTL: the release already under way goes on in a task of its own,
+    /// as an acquisition does ([`run_detached`](crate::backend::run_detached)); only a
+    /// runtime that is shutting down drops it, and the lease then ends at its TTL.
     pub async fn release(self) -> Result<()> {
         let span = tracing::info_span!(
             "lockkit.release",
@@ -404,13 +405,13 @@ impl LockGuard {
                 .releasing
                 .store(true, std::sync::atomic::Ordering::Release);
             self.shared.stop();
-            let mut unfinished = Unfinished(Some(&self));
-            let result = {
+            let (shared, lease) = (self.shared.clone(), self.lease.clone());
+            let result = crate::backend::run_detached(async move {
                 // After any renewal in flight, so the server sees the release last.
-                let _one_at_a_time = self.shared.extending.lock().await;
-                release_with_retries(&self.shared, self.lease.as_ref()).await
-            };
-            unfinished.0 = None;
+                let _one_at_a_time = shared.extending.lock().await;
+                release_with_retries(&shared, lease.as_ref()).await
+            })
+            .await;
             if let Some(reason) = self.shared.lost_reason() {
                 return Err(Error::lost(self.name(), reason));
             }
@@ -418,29 +419,6 @@ impl LockGuard {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// A [`LockGuard::release`] in progress: if its future is dropped before the release
-/// completed, a task finishes it (the keeper, told the caller releases, will not). A release
-/// the server had already applied is refused as not the owner's, which harms nothing.
-struct Unfinished<'a>(Option<&'a LockGuard>);
-
-impl Drop for Unfinished<'_> {
-    fn drop(&mut self) {
-        let Some(guard) = self.0 else { return };
-        let (shared, lease) = (guard.shared.clone(), guard.lease.clone());
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(lock = %shared.name, "release cancelled outside a Tokio runtime; the lease ends at its TTL");
-            return;
-        };
-        runtime.spawn(async move {
-            let _one_at_a_time = shared.extending.lock().await;
-            match release_with_retries(&shared, lease.as_ref()).await {
-                Ok(()) => tracing::debug!(lock = %shared.name, "cancelled release finished"),
-                Err(e) => tracing::debug!(lock = %shared.name, error = %e, "cancelled release"),
-            }
-        });
     }
 }
 
@@ -680,6 +658,8 @@ mod tests {
         release_failures: AtomicU32,
         /// `release` calls that succeeded.
         released: AtomicU32,
+        /// How long each `release` call takes, in ms.
+        release_ms: std::sync::atomic::AtomicU64,
         session_gone: Notify,
         /// The lease's server-side TTL, if fixed: `extend` then renews for this long.
         fixed: Option<Duration>,
@@ -724,6 +704,8 @@ mod tests {
         async fn release(&self) -> Result<()> {
             let script = &self.0;
             script.releases.fetch_add(1, Ordering::SeqCst);
+            let took = script.release_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(took)).await;
             let left = script.release_failures.load(Ordering::SeqCst);
             if left > 0 {
                 script.release_failures.store(left - 1, Ordering::SeqCst);
@@ -952,6 +934,22 @@ mod tests {
             script.released.load(Ordering::SeqCst),
             1,
             "the release went on without its caller"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_cancelled_in_flight_goes_on_rather_than_being_sent_again() {
+        let script = Arc::new(Script::default());
+        script.release_ms.store(100, Ordering::SeqCst);
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), guard.release()).await;
+        assert!(gave_up.is_err(), "still releasing after 5 ms");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1, "one request");
+        assert_eq!(
+            script.released.load(Ordering::SeqCst),
+            1,
+            "and it completed"
         );
     }
 

@@ -251,7 +251,10 @@ impl<B: Send + 'static> Attempt for Outcome<B> {
 /// polled sent nothing and is simply dropped.
 ///
 /// Backends wrap each request that may take a lock in this, and keep the waiting between
-/// requests cancellable. Outside a Tokio runtime it fails with [`Error::Unsupported`].
+/// requests cancellable; [`LockGuard::release`](crate::LockGuard::release) runs its release
+/// in it too (an outcome of `()`: nothing to give back), so that a release its caller stops
+/// waiting for still completes. Outside a Tokio runtime it fails with
+/// [`Error::Unsupported`].
 pub fn run_detached<T, F>(attempt: F) -> impl Future<Output = Result<T>> + Send
 where
     T: Attempt,
@@ -309,8 +312,11 @@ impl<T: Attempt, F: Future<Output = Result<T>> + Send + 'static> Drop for Detach
         }
         // Mid-request: finish it elsewhere and give back whatever it took.
         runtime.spawn(async move {
-            if let Ok(outcome) = attempt.await {
-                release_orphan(outcome);
+            match attempt.await {
+                Ok(outcome) => release_orphan(outcome),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a request whose caller stopped waiting failed")
+                }
             }
         });
     }

@@ -388,9 +388,11 @@ impl LockGuard {
     /// with another holder.
     ///
     /// Dropping this future before it completes (a `select!`, a timeout) does not leave the
-    /// lock held until its TTL: the release already under way goes on in a task of its own,
-    /// as an acquisition does ([`run_detached`](crate::backend::run_detached)); only a
-    /// runtime that is shutting down drops it, and the lease then ends at its TTL.
+    /// lock held until its TTL: on a Tokio runtime, the release already under way goes on in
+    /// a task of its own, as an acquisition does
+    /// ([`run_detached`](crate::backend::run_detached)). Polled outside a Tokio runtime, or
+    /// dropped by a runtime that is shutting down, a release cut short leaves the lease to end
+    /// at its TTL.
     pub async fn release(self) -> Result<()> {
         let span = tracing::info_span!(
             "lockkit.release",
@@ -406,12 +408,16 @@ impl LockGuard {
                 .store(true, std::sync::atomic::Ordering::Release);
             self.shared.stop();
             let (shared, lease) = (self.shared.clone(), self.lease.clone());
-            let result = crate::backend::run_detached(async move {
+            let release = async move {
                 // After any renewal in flight, so the server sees the release last.
                 let _one_at_a_time = shared.extending.lock().await;
                 release_with_retries(&shared, lease.as_ref()).await
-            })
-            .await;
+            };
+            let result = match tokio::runtime::Handle::try_current() {
+                Ok(_) => crate::backend::run_detached(release).await,
+                // No runtime to finish it on if the caller stops waiting: here, as before.
+                Err(_) => release.await,
+            };
             if let Some(reason) = self.shared.lost_reason() {
                 return Err(Error::lost(self.name(), reason));
             }
@@ -705,7 +711,9 @@ mod tests {
             let script = &self.0;
             script.releases.fetch_add(1, Ordering::SeqCst);
             let took = script.release_ms.load(Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(took)).await;
+            if took > 0 {
+                tokio::time::sleep(Duration::from_millis(took)).await;
+            }
             let left = script.release_failures.load(Ordering::SeqCst);
             if left > 0 {
                 script.release_failures.store(left - 1, Ordering::SeqCst);
@@ -951,6 +959,34 @@ mod tests {
             1,
             "and it completed"
         );
+    }
+
+    /// Polls a future to completion on this thread, outside any Tokio runtime.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return output;
+            }
+            std::thread::park();
+        }
+    }
+
+    #[test]
+    fn a_release_polled_outside_a_runtime_still_releases() {
+        let script = Arc::new(Script::default());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let guard = runtime.block_on(async { guard(&script, &LockOptions::new().ttl(TTL)) });
+        block_on(guard.release()).expect("released");
+        assert_eq!(script.released.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

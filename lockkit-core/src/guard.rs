@@ -928,37 +928,27 @@ mod tests {
         drop(guard);
     }
 
+    /// A release whose caller gives up after 5 ms goes on without it: one request, completed.
+    /// Cut short in the pause before a retry (its first request failed), or while its
+    /// request is in flight (which must not be sent a second time).
     #[tokio::test(start_paused = true)]
-    async fn a_release_cancelled_midway_is_finished_in_the_background() {
-        let script = Arc::new(Script::default());
-        script.release_failures.store(1, Ordering::SeqCst);
-        let guard = guard(&script, &LockOptions::new().ttl(TTL));
-        // The first release fails; the caller gives up during the pause before the retry.
-        let gave_up = tokio::time::timeout(Duration::from_millis(5), guard.release()).await;
-        assert!(gave_up.is_err(), "still releasing after 5 ms");
-        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(
-            script.released.load(Ordering::SeqCst),
-            1,
-            "the release went on without its caller"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_release_cancelled_in_flight_goes_on_rather_than_being_sent_again() {
-        let script = Arc::new(Script::default());
-        script.release_ms.store(100, Ordering::SeqCst);
-        let guard = guard(&script, &LockOptions::new().ttl(TTL));
-        let gave_up = tokio::time::timeout(Duration::from_millis(5), guard.release()).await;
-        assert!(gave_up.is_err(), "still releasing after 5 ms");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(script.releases.load(Ordering::SeqCst), 1, "one request");
-        assert_eq!(
-            script.released.load(Ordering::SeqCst),
-            1,
-            "and it completed"
-        );
+    async fn a_release_whose_caller_gives_up_goes_on_without_it() {
+        for (failures, takes_ms, requests) in [(1, 0, 2), (0, 100, 1)] {
+            let script = Arc::new(Script::default());
+            script.release_failures.store(failures, Ordering::SeqCst);
+            script.release_ms.store(takes_ms, Ordering::SeqCst);
+            let guard = guard(&script, &LockOptions::new().ttl(TTL));
+            let gave_up = tokio::time::timeout(Duration::from_millis(5), guard.release()).await;
+            assert!(gave_up.is_err(), "still releasing after 5 ms");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let case = format!("{failures} failure(s), {takes_ms} ms a request");
+            assert_eq!(script.releases.load(Ordering::SeqCst), requests, "{case}");
+            assert_eq!(
+                script.released.load(Ordering::SeqCst),
+                1,
+                "{case}: released"
+            );
+        }
     }
 
     /// Polls a future to completion on this thread, outside any Tokio runtime.

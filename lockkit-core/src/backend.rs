@@ -388,10 +388,10 @@ where
 /// locks wakes the renewals due within a step together, and they reach the queue within a
 /// few milliseconds of each other. The short wait lets them all join one batch, one request
 /// per server; the renewal counts its lease from when the batch is sent. An explicit
-/// [`LockGuard::extend`](crate::LockGuard::extend) joins the batch too, so it answers within
-/// about this wait plus a round trip (two, if a batch is in flight when it arrives). (Holding 10 000 SQLite locks: 5.1–5.6 % of a
-/// core with a wait of up to 100 ms and no grid; 3.6–4.4 % on the grid, whether the wait is
-/// at most 100 or at most 5 ms.)
+/// [`LockGuard::extend`](crate::LockGuard::extend) joins the batch too, so it answers
+/// within about this wait plus a round trip (two, if a batch is in flight when it arrives).
+/// (Holding 10 000 SQLite locks: 5.1–5.6 % of a core with a wait of up to 100 ms and no
+/// grid; 3.6–4.4 % on the grid, whether the wait is at most 100 or at most 5 ms.)
 ///
 /// No wait when `waiting` renewals already fill a batch of at most `batch`: a backlog is sent
 /// at once, so the wait never caps how many renewals a client sends per second.

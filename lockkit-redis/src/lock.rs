@@ -61,21 +61,21 @@ use crate::subscriptions::{Role, Subscription, Subscriptions};
 /// barging in. A release hands the lock over directly: the same script makes the first live
 /// waiter the owner (its TTL, a new token) and publishes `<owner> <token> <attempt>` on that
 /// waiter's own channel; only that waiter's connection receives it, and it returns the lock
-/// without another round trip (the release script in `scripts.rs`). Its lease counts as valid from when it sent
-/// the attempt the grant names (the server had seen that attempt, so it was sent before the
-/// grant, and the key lives for the TTL from the grant), less the drift allowance. A waiter
-/// that stops waiting (timeout, cancel) leaves the queue at once and gives back a lock it
-/// was handed meanwhile, to the next waiter; one that crashed is handed nothing after its
-/// liveness deadline (three `max_poll`s, at least 2 s), and a lock it was handed before
-/// ends at its TTL. A waiter that missed its message finds the lock its own on its next
-/// attempt, which renews it and returns it. RedLock waiters do not queue (instances could
-/// order them differently) and are not handed anything; release publishes `released` and
-/// one waiter per client wakes. Either way a jittered fallback re-check covers lost
-/// messages, and a wake-up the holder's lease running out. Renewals of one client are
-/// batched: the extends asked for while one batch is on its way go out together in one
-/// script call per instance. Keys and channel of a name share one hash tag, so they stay on
-/// one Redis Cluster slot (the batched renewal spans names, so it needs a single instance
-/// or RedLock, not Redis Cluster).
+/// without another round trip (the release script in `scripts.rs`). Its lease counts as
+/// valid from when it sent the attempt the grant names (the server had seen that attempt,
+/// so it was sent before the grant, and the key lives for the TTL from the grant), less the
+/// drift allowance. A waiter that stops waiting (timeout, cancel) leaves the queue at once
+/// and gives back a lock it was handed meanwhile, to the next waiter; one that crashed is
+/// handed nothing after its liveness deadline (three `max_poll`s, at least 2 s), and a lock
+/// it was handed before ends at its TTL. A waiter that missed its message finds the lock
+/// its own on its next attempt, which renews it and returns it. RedLock waiters do not
+/// queue (instances could order them differently) and are not handed anything; release
+/// publishes `released` and one waiter per client wakes. Either way a jittered fallback
+/// re-check covers lost messages, and a wake-up the holder's lease running out. Renewals of
+/// one client are batched: the extends asked for while one batch is on its way go out
+/// together in one script call per instance. Keys and channel of a name share one hash tag,
+/// so they stay on one Redis Cluster slot (the batched renewal spans names, so it needs a
+/// single instance or RedLock, not Redis Cluster).
 ///
 /// A holder's value ([`Lease::set_value`](lockkit_core::backend::Lease::set_value), for
 /// leader election) is kept in the name's value key with the holder's owner id, written only

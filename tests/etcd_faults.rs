@@ -170,25 +170,45 @@ async fn a_waiter_whose_key_vanished_queues_again_instead_of_taking_the_lock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_url_with_a_dead_member_still_locks() {
+async fn a_cluster_url_with_dead_members_still_connects_and_locks() {
     let url = service_url("LOCKKIT_ETCD_URL");
     let live = hosts(&url).join(",");
-    // Port 1 on loopback is closed: a member that is down.
-    let cluster = format!("etcd://127.0.0.1:1,{live}");
+    // Ports 1 and 2 on loopback are closed: two members that are down, one up. etcd-client's
+    // balancer keeps routing some requests to the dead ones, and every one of them must
+    // still reach the live member.
+    let cluster = format!("etcd://127.0.0.1:1,127.0.0.1:2,{live}");
     let started = Instant::now();
-    let client = Locks::new(
-        EtcdLock::connect(&cluster)
-            .await
-            .expect("connect with one member down"),
-    );
     let name = fresh_name("lockkit-faults/dead_member");
     let opts = LockOptions::new().wait_timeout(Duration::from_secs(2));
-    for _ in 0..20 {
-        let guard = client.acquire_with(&name, &opts).await.expect("acquire");
-        guard.release().await.expect("release");
+    for round in 0..10 {
+        let client = Locks::new(
+            EtcdLock::connect(&cluster)
+                .await
+                .unwrap_or_else(|e| panic!("connect {round} with two members down: {e}")),
+        );
+        for _ in 0..5 {
+            let guard = client.acquire_with(&name, &opts).await.expect("acquire");
+            guard.release().await.expect("release");
+        }
     }
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_url_with_every_member_down_fails_fast() {
+    let started = Instant::now();
+    let err = match EtcdLock::connect("etcd://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3").await {
+        Ok(_) => panic!("connected to three closed ports"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, lockkit::Error::Connection { .. }), "{err:?}");
+    // The members refuse at once, so the client need not wait out its 2 s connect timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
         "{:?}",
         started.elapsed()
     );

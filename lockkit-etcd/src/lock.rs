@@ -557,9 +557,15 @@ impl Inner {
     }
 
     /// Runs one request within `timeout` (an `Error::Connection` after it), leaving the
-    /// client's errors unmapped. A request that never reached a server is sent again, up to
-    /// twice per further member: etcd-client's balancer keeps a member that refuses
-    /// connections in rotation, and a request routed to it fails at once, unsent.
+    /// client's errors unmapped.
+    ///
+    /// A request that never reached a server is sent again, after a pause growing from 1 ms
+    /// to 16 ms: etcd-client's balancer keeps a member that refuses connections in
+    /// rotation, and a request routed to it fails at once, unsent, while the next may reach
+    /// a live member. It gives up with the last refusal once every member of the URL has
+    /// refused (a member is known by its address in the refusal), or after
+    /// [`REFUSALS_PER_MEMBER`] refusals per member when the refusals do not name them, so
+    /// a cluster that is down fails fast rather than at the timeout.
     pub(crate) async fn within<T, F, Fut>(
         &self,
         what: &str,
@@ -570,14 +576,13 @@ impl Inner {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let attempts = 2 * self.endpoints.len() - 1;
         let run = async {
-            let mut attempt = 1;
+            let mut refusals = Refusals::new(&self.endpoints);
             loop {
                 match request().await {
-                    Err(e) if attempt < attempts && never_sent(&e) => {
+                    Err(e) if never_sent(&e) && !refusals.all_refused(&e) => {
                         tracing::debug!(what, error = %e, "not sent, trying another member");
-                        attempt += 1;
+                        tokio::time::sleep(refusals.pause()).await;
                     }
                     answer => return answer,
                 }
@@ -586,6 +591,56 @@ impl Inner {
         tokio::time::timeout(timeout, run).await.map_err(|_| {
             Error::connection(BACKEND, format!("{what}: no answer within {timeout:?}"))
         })
+    }
+}
+
+/// How many refusals per member [`Inner::within`] takes when refusals do not name the
+/// member (a host name the client resolved): with one live member of three, 16 random
+/// picks per member all miss it with a chance of (2/3)^48, about 4e-9.
+const REFUSALS_PER_MEMBER: usize = 16;
+
+/// The members that refused a request, for [`Inner::within`].
+struct Refusals<'a> {
+    /// The URL's members as `host:port`, and whether each has refused.
+    members: Vec<(&'a str, bool)>,
+    /// Refusals so far.
+    count: usize,
+}
+
+/// Whether `text` names the address `member` (`127.0.0.1:1` is not named by `127.0.0.1:12`).
+fn names(text: &str, member: &str) -> bool {
+    text.match_indices(member).any(|(at, _)| {
+        let after = text[at + member.len()..].chars().next();
+        !after.is_some_and(|c| c.is_ascii_alphanumeric())
+    })
+}
+
+impl<'a> Refusals<'a> {
+    fn new(endpoints: &'a [String]) -> Self {
+        let members = endpoints
+            .iter()
+            .map(|e| (e.split_once("://").map_or(e.as_str(), |(_, a)| a), false))
+            .collect();
+        Refusals { members, count: 0 }
+    }
+
+    /// Counts the refusal `e`; whether every member has now refused.
+    fn all_refused(&mut self, e: &etcd_client::Error) -> bool {
+        self.count += 1;
+        // The connect error names the address it tried, in its source's debug text.
+        let text = format!("{e:?}");
+        for (member, refused) in &mut self.members {
+            *refused |= names(&text, member);
+        }
+        self.members.iter().all(|(_, refused)| *refused)
+            || self.count >= REFUSALS_PER_MEMBER * self.members.len()
+    }
+
+    /// The pause before the next try: 1 ms, doubling per refusal up to 16 ms (so 16
+    /// refusals per member of a dead cluster whose refusals name no member take under a
+    /// second for three members).
+    fn pause(&self) -> Duration {
+        Duration::from_millis(1 << self.count.saturating_sub(1).min(4))
     }
 }
 
@@ -667,5 +722,36 @@ impl Connect for EtcdLock {
 
     async fn connect(url: &str) -> Result<Self> {
         EtcdLock::connect(url).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_a_member_only_by_its_whole_address() {
+        let text = r#"ConnectError("tcp connect error", 127.0.0.1:1, Os { code: 111 })"#;
+        assert!(names(text, "127.0.0.1:1"));
+        assert!(!names(text, "127.0.0.1:12379"));
+        assert!(!names("... 127.0.0.1:12379 ...", "127.0.0.1:1"));
+        assert!(names("refused by 10.0.0.2:2379", "10.0.0.2:2379"));
+    }
+
+    #[test]
+    fn refusals_end_when_every_member_refused_or_after_the_cap() {
+        let endpoints = ["http://127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let refused = |addr: &str| {
+            etcd_client::Error::IoError(std::io::Error::other(format!("connect {addr}, refused")))
+        };
+        let mut refusals = Refusals::new(&endpoints);
+        assert!(!refusals.all_refused(&refused("127.0.0.1:1")));
+        assert!(!refusals.all_refused(&refused("127.0.0.1:1")));
+        assert!(refusals.all_refused(&refused("127.0.0.1:2")));
+        // Refusals that name no member end after the cap, with pauses of at most 16 ms.
+        let mut refusals = Refusals::new(&endpoints);
+        let unnamed = (1..).find(|_| refusals.all_refused(&refused("localhost")));
+        assert_eq!(unnamed, Some(REFUSALS_PER_MEMBER * endpoints.len()));
+        assert_eq!(refusals.pause(), Duration::from_millis(16));
     }
 }

@@ -12,7 +12,7 @@ use lockkit_core::{Error, LostReason, Result};
 use tokio::time::Instant;
 
 use crate::advisory::statements;
-use crate::dialect::{Bind, Db, Dialect, Key, On};
+use crate::dialect::{Bind, Db, Dialect, Key};
 use crate::error;
 use crate::lock::Shared;
 use crate::session::{Holder, Session};
@@ -279,7 +279,7 @@ async fn changed<D: Dialect>(
 ) -> Result<Option<i64>> {
     let mut tries = 0;
     loop {
-        match D::Db::run(On::Pool(&lock.pool), sql, bind).await {
+        match D::Db::run(lock.warm(), sql, bind).await {
             Err(sqlx::Error::Database(e)) if tries < 60 && D::lost_race(e.as_ref()) => {
                 tries += 1;
                 let most = (5 * tries).min(25);

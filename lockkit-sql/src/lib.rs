@@ -18,6 +18,7 @@ mod renew;
 mod session;
 mod table;
 mod wait;
+mod warm;
 
 pub use fence::{FenceError, SqlFence};
 pub use lock::SqlLock;

@@ -18,6 +18,7 @@ use crate::options::{Settings, SqlOptions, Strategy};
 use crate::renew::Renewals;
 use crate::session::Sessions;
 use crate::wait::{self, WakeSlots};
+use crate::warm::Warm;
 use crate::{advisory, error, table};
 
 /// A lock service on a SQL database of dialect `D`: use the aliases [`PgLock`](crate::PgLock),
@@ -31,6 +32,8 @@ pub struct SqlLock<D: Dialect> {
 /// What every clone of a client, and every lease it hands out, shares.
 pub(crate) struct Shared<D: Dialect> {
     pub(crate) pool: Pool<D::Db>,
+    /// The lease-table statements' connections, kept between statements.
+    pub(crate) warm: Warm<D::Db>,
     pub(crate) sql: Statements,
     pub(crate) settings: Settings,
     /// Wake-ups of lease-table waiters, shared by every client of the database in this
@@ -50,6 +53,11 @@ pub(crate) struct Shared<D: Dialect> {
 }
 
 impl<D: Dialect> Shared<D> {
+    /// Where a lease-table statement runs: a kept connection, else the pool's.
+    pub(crate) fn warm(&self) -> On<'_, D::Db> {
+        On::Warm(&self.warm, &self.pool)
+    }
+
     /// A lease-row take's turn at the pool (see `takes`), waited for no longer than the pool
     /// would make it wait for a connection.
     pub(crate) async fn take_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
@@ -116,6 +124,7 @@ impl<D: Dialect> SqlLock<D> {
         let lock = SqlLock {
             inner: Arc::new(Shared {
                 pool,
+                warm: Warm::new(),
                 sql: D::statements(&settings.table_prefix),
                 state: D::state(&settings.table_prefix),
                 wake: wait::wake_slots(database),

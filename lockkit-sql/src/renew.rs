@@ -12,7 +12,7 @@ use lockkit_core::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::dialect::{Bind, Db, Dialect, On};
+use crate::dialect::{Bind, Db, Dialect};
 use crate::lease::row;
 use crate::lock::Shared;
 use crate::wait::millis;
@@ -86,7 +86,7 @@ async fn send<D: Dialect>(lock: &Shared<D>, batch: Vec<Ask>) {
         // Before the bind reads the local clock (SQLite's leases end on it).
         let sent = Instant::now();
         let bind = Bind::new(&part[0].name).rows(&rows);
-        let answer = match D::Db::run(On::Pool(&lock.pool), many, &bind).await {
+        let answer = match D::Db::run(lock.warm(), many, &bind).await {
             Ok(Some(n)) if n == part.len() as i64 => Some(Some(sent)),
             // None was ours and in time: the statement checked each.
             Ok(Some(0)) => Some(None),

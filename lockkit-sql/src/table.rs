@@ -32,12 +32,17 @@ pub(crate) async fn attempt<D: Dialect>(
 async fn take<D: Dialect>(lock: Arc<Shared<D>>, name: LockName, ttl: Duration) -> Result<Outcome> {
     let owner = uuid::Uuid::new_v4().simple().to_string();
     let _turn = lock.take_turn().await?;
-    let mut conn = lock.pool.acquire().await.map_err(error::map::<D>)?;
+    let mut warm = lock
+        .warm
+        .acquire(&lock.pool)
+        .await
+        .map_err(error::map::<D>)?;
+    let conn = warm.conn();
     let started = Instant::now();
     let bind = Bind::new(&name).lease(&owner, ttl);
     let token = match &lock.sql.table_fence {
         // The row's own statement returned its token.
-        None => take_row(&lock, &mut conn, &bind)
+        None => take_row(&lock, conn, &bind)
             .await?
             .map(|t| FencingToken(t as u64)),
         // The row stays locked by the transaction until its token is taken.
@@ -51,6 +56,9 @@ async fn take<D: Dialect>(lock: Arc<Shared<D>>, name: LockName, ttl: Duration) -
             token
         }
     };
+    // Every statement answered: the connection is kept for the next one.
+    warm.keep();
+    drop(warm);
     let Some(token) = token else {
         return Ok(Outcome::Busy(()));
     };
@@ -98,7 +106,7 @@ pub(crate) async fn time_left<D: Dialect>(
 ) -> Result<Option<Duration>> {
     let bind = Bind::new(name);
     let _turn = lock.take_turn().await?;
-    let left = D::Db::run(On::Pool(&lock.pool), &lock.sql.time_left, &bind).await;
+    let left = D::Db::run(lock.warm(), &lock.sql.time_left, &bind).await;
     let left = left.map_err(error::map::<D>)?;
     Ok(left.map(|ms| Duration::from_millis(ms.max(0) as u64)))
 }

@@ -14,7 +14,9 @@ use lockkit_core::Result;
 use sqlx::any::AnyQueryResult;
 use sqlx::database::Database;
 use sqlx::error::DatabaseError;
-use sqlx::pool::{Pool, PoolOptions};
+use sqlx::pool::{Pool, PoolConnection, PoolOptions};
+
+use crate::warm::Warm;
 use sqlx::{ColumnIndex, Connection, Decode, Encode, Executor, IntoArguments, Row, Type};
 
 use crate::lock::Shared;
@@ -298,10 +300,12 @@ impl<'a> Bind<'a> {
 /// A list of names (URL schemes).
 pub(crate) type Names = &'static [&'static str];
 
-/// Where a statement runs: on the pool, or on one connection (one that holds a session
-/// lock, or is in a transaction).
+/// Where a statement runs: on the pool, on a connection kept warm for the lease table
+/// (else the pool's), or on one connection (one that holds a session lock, or is in a
+/// transaction).
 pub(crate) enum On<'a, DB: Database> {
     Pool(&'a Pool<DB>),
+    Warm(&'a Warm<DB>, &'a Pool<DB>),
     Conn(&'a mut DB::Connection),
 }
 
@@ -343,45 +347,53 @@ where
         sql: &'a Sql,
         bind: &'a Bind<'a>,
     ) -> Result<Option<i64>, sqlx::Error> {
-        let mut pooled;
+        let (mut pooled, mut warm): (Option<PoolConnection<DB>>, _) = (None, None);
         let conn: &mut DB::Connection = match on {
             On::Conn(conn) => conn,
-            On::Pool(pool) => {
-                pooled = pool.acquire().await?;
-                &mut pooled
+            On::Pool(pool) => pooled.insert(pool.acquire().await?),
+            On::Warm(kept, pool) => {
+                warm = Some(kept.acquire(pool).await?);
+                warm.as_mut().expect("just set").conn()
             }
         };
-        let mut query = sqlx::query::<DB>(&sql.text);
-        for arg in sql.args {
-            query = match (arg, bind.key) {
-                // Text borrowed from the caller for the statement: not copied.
-                (Arg::Name, _) => query.bind(bind.name),
-                (Arg::Owner, _) => query.bind(bind.owner),
-                (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
-                (Arg::NowMs, _) => query.bind(bind.now_ms),
-                (Arg::SliceMs, _) => query.bind(bind.slice_ms),
-                (Arg::Token, _) => query.bind(bind.token),
-                (Arg::Rows, _) => query.bind(bind.rows),
-                (Arg::Value, _) => query.bind(bind.value),
-                (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
-                (Arg::Key, Some(Key::Text(key))) => query.bind(key.as_str()),
-                (Arg::Key, None) => unreachable!("a key statement without a key"),
-            };
+        let result = async move {
+            let mut query = sqlx::query::<DB>(&sql.text);
+            for arg in sql.args {
+                query = match (arg, bind.key) {
+                    // Text borrowed from the caller for the statement: not copied.
+                    (Arg::Name, _) => query.bind(bind.name),
+                    (Arg::Owner, _) => query.bind(bind.owner),
+                    (Arg::TtlMs, _) => query.bind(bind.ttl_ms),
+                    (Arg::NowMs, _) => query.bind(bind.now_ms),
+                    (Arg::SliceMs, _) => query.bind(bind.slice_ms),
+                    (Arg::Token, _) => query.bind(bind.token),
+                    (Arg::Rows, _) => query.bind(bind.rows),
+                    (Arg::Value, _) => query.bind(bind.value),
+                    (Arg::Key, Some(Key::Int(key))) => query.bind(*key),
+                    (Arg::Key, Some(Key::Text(key))) => query.bind(key.as_str()),
+                    (Arg::Key, None) => unreachable!("a key statement without a key"),
+                };
+            }
+            Ok(match sql.out {
+                Out::Scalar => match query.fetch_optional(&mut *conn).await? {
+                    Some(row) => row.try_get::<Option<i64>, _>(0)?,
+                    None => None,
+                },
+                Out::Count => {
+                    let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
+                    Some(done.rows_affected() as i64)
+                }
+                Out::InsertId => {
+                    let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
+                    done.last_insert_id()
+                }
+            })
         }
-        Ok(match sql.out {
-            Out::Scalar => match query.fetch_optional(&mut *conn).await? {
-                Some(row) => row.try_get::<Option<i64>, _>(0)?,
-                None => None,
-            },
-            Out::Count => {
-                let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
-                Some(done.rows_affected() as i64)
-            }
-            Out::InsertId => {
-                let done: AnyQueryResult = query.execute(&mut *conn).await?.into();
-                done.last_insert_id()
-            }
-        })
+        .await;
+        if let Some(warm) = &mut warm {
+            warm.settle(&result);
+        }
+        result
     }
 
     async fn script<'a>(pool: &'a Pool<Self>, text: &'a str) -> Result<(), sqlx::Error> {

@@ -4,15 +4,20 @@
 //! server, a hop to the worker thread on SQLite): one spawn and one ping per statement. A
 //! lease-table lock runs a statement to take and one to release, so that was a third of an
 //! uncontended cycle's work beside the statements themselves. [`Warm`] keeps the
-//! connections whose statement finished cleanly and hands them to the next statement
-//! directly. A connection whose statement was cut short (a cancelled future) or failed
-//! without an answer from the database goes back through the pool, which checks it.
+//! connections whose statement succeeded and hands them to the next statement directly.
+//!
+//! A connection goes back through the pool, which checks it, when its statement was cut
+//! short (a cancelled future) or failed; when the pool has no other connection to give (so
+//! a caller of the pool itself, an admin call or a waiter queued there, is served by the
+//! pool's own fair queue); when [`MOST`] are kept already; when kept unused for [`KEEP`];
+//! and once it has been kept [`LIFETIME`], so that the pool's own lifetime check applies.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use sqlx::pool::{Pool, PoolConnection};
 use sqlx::Database;
+use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -20,18 +25,37 @@ use tokio::time::Instant;
 /// timeout then closes it).
 const KEEP: Duration = Duration::from_secs(10);
 
+/// The most connections kept at once: sequential statements need one, a few concurrent
+/// ones a few; more wait at the pool as before.
+const MOST: usize = 4;
+
+/// How long a connection may go from kept to kept before it goes back to the pool once
+/// (sqlx closes connections older than its `max_lifetime`, 30 min).
+const LIFETIME: Duration = Duration::from_secs(15 * 60);
+
 /// The connections kept warm for one client (see the module docs).
 pub(crate) struct Warm<DB: Database> {
     idle: Arc<Mutex<Kept<DB>>>,
     /// Told when a connection is put back, for statements waiting on the pool meanwhile.
     returned: Notify,
+    /// The runtime the client was made on: a connection dropped outside any runtime goes
+    /// back to the pool from a task there (sqlx spawns one for every pooled connection).
+    runtime: Option<Handle>,
 }
 
 struct Kept<DB: Database> {
-    /// Idle connections, most recently used last, with when each was put back.
-    conns: Vec<(PoolConnection<DB>, Instant)>,
+    /// Idle connections, most recently used last.
+    conns: Vec<Idle<DB>>,
     /// Whether a task is giving the ones kept unused past [`KEEP`] back to the pool.
     pruning: bool,
+}
+
+struct Idle<DB: Database> {
+    conn: PoolConnection<DB>,
+    /// When it was put back.
+    since: Instant,
+    /// When it was first taken from the pool.
+    from_pool: Instant,
 }
 
 impl<DB: Database> Warm<DB> {
@@ -43,30 +67,19 @@ impl<DB: Database> Warm<DB> {
         Warm {
             idle: Arc::new(Mutex::new(kept)),
             returned: Notify::new(),
+            runtime: Handle::try_current().ok(),
         }
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, Kept<DB>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Keeps `conn`; starts the pruning task if none runs.
-    fn put_back(&self, conn: PoolConnection<DB>) {
-        let mut kept = self.kept();
-        kept.conns.push((conn, Instant::now()));
-        if !kept.pruning {
-            kept.pruning = true;
-            tokio::spawn(prune(Arc::downgrade(&self.idle)));
-        }
-        drop(kept);
-        self.returned.notify_one();
+    fn kept(&self) -> MutexGuard<'_, Kept<DB>> {
+        lock(&self.idle)
     }
 
     /// A kept connection, else one from `pool`; whichever comes first if the pool has to
     /// wait (a connection kept here does not count as idle in the pool).
     pub(crate) async fn acquire<'a>(
         &'a self,
-        pool: &Pool<DB>,
+        pool: &'a Pool<DB>,
     ) -> Result<WarmConn<'a, DB>, sqlx::Error> {
         // One wait at the pool throughout, so its acquire timeout holds.
         let from_pool = pool.acquire();
@@ -75,64 +88,119 @@ impl<DB: Database> Warm<DB> {
             let returned = self.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
-            if let Some(conn) = self.pop() {
-                return Ok(self.wrap(conn));
+            let kept = self.kept().conns.pop();
+            if let Some(Idle {
+                conn, from_pool, ..
+            }) = kept
+            {
+                return Ok(self.lend(conn, from_pool, pool));
             }
             tokio::select! {
                 biased;
                 () = &mut returned => continue,
-                conn = &mut from_pool => return Ok(self.wrap(conn?)),
+                conn = &mut from_pool => return Ok(self.lend(conn?, Instant::now(), pool)),
             }
         }
     }
 
-    fn wrap(&self, conn: PoolConnection<DB>) -> WarmConn<'_, DB> {
+    fn lend<'a>(
+        &'a self,
+        conn: PoolConnection<DB>,
+        from_pool: Instant,
+        pool: &'a Pool<DB>,
+    ) -> WarmConn<'a, DB> {
         WarmConn {
             conn: Some(conn),
+            from_pool,
             home: self,
+            pool,
             clean: false,
         }
     }
 
-    /// The most recently used kept connection.
-    fn pop(&self) -> Option<PoolConnection<DB>> {
-        self.kept().conns.pop().map(|(conn, _)| conn)
+    /// Keeps `conn` if the pool can do without it (see the module docs), else drops it back
+    /// into the pool; starts the pruning task if none runs.
+    fn put_back(&self, conn: PoolConnection<DB>, from_pool: Instant, pool: &Pool<DB>) {
+        let max = pool.options().get_max_connections();
+        // This connection counts in the pool's size: room means another one to give.
+        let room = pool.num_idle() > 0 || pool.size() < max;
+        let mut kept = self.kept();
+        if !room || kept.conns.len() >= MOST || from_pool.elapsed() >= LIFETIME {
+            drop(kept);
+            drop(conn);
+            return;
+        }
+        let since = Instant::now();
+        kept.conns.push(Idle {
+            conn,
+            since,
+            from_pool,
+        });
+        if !kept.pruning {
+            kept.pruning = true;
+            tokio::spawn(prune(Arc::downgrade(&self.idle)));
+        }
+        drop(kept);
+        self.returned.notify_one();
     }
+
+    /// Enters the client's runtime if the caller runs outside one.
+    fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        match Handle::try_current() {
+            Ok(_) => None,
+            Err(_) => self.runtime.as_ref().map(Handle::enter),
+        }
+    }
+}
+
+fn lock<DB: Database>(idle: &Mutex<Kept<DB>>) -> MutexGuard<'_, Kept<DB>> {
+    idle.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Gives the connections kept unused past [`KEEP`] back to the pool, every [`KEEP`], until
 /// none is kept or the client is gone.
 async fn prune<DB: Database>(idle: Weak<Mutex<Kept<DB>>>) {
+    /// Clears `pruning` if the task is dropped before it ends (its runtime shut down), so
+    /// that the next connection kept starts another.
+    struct Stopped<DB: Database>(Weak<Mutex<Kept<DB>>>);
+    impl<DB: Database> Drop for Stopped<DB> {
+        fn drop(&mut self) {
+            if let Some(idle) = self.0.upgrade() {
+                lock(&idle).pruning = false;
+            }
+        }
+    }
+    let stopped = Stopped(idle.clone());
     loop {
         tokio::time::sleep(KEEP).await;
         let Some(idle) = idle.upgrade() else { return };
-        let mut kept = idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = lock(&idle);
         let now = Instant::now();
-        kept.conns.retain(|(_, since)| now - *since < KEEP);
+        kept.conns.retain(|idle| now - idle.since < KEEP);
         if kept.conns.is_empty() {
             kept.pruning = false;
+            drop(kept);
+            std::mem::forget(stopped);
             return;
         }
     }
 }
 
 impl<DB: Database> Drop for Warm<DB> {
-    /// Outside a Tokio runtime the kept connections are closed here: returning one to the
-    /// pool would need a task.
     fn drop(&mut self) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            for (conn, _) in self.kept().conns.drain(..) {
-                drop(conn.detach());
-            }
-        }
+        let _entered = self.enter();
+        self.kept().conns.clear();
     }
 }
 
-/// A connection lent by [`Warm`]: kept again when dropped if [`WarmConn::settle`] found its
-/// statement finished cleanly, else given back to the pool.
+/// A connection lent by [`Warm`]: offered back to it when dropped if
+/// [`WarmConn::settle`] or [`WarmConn::keep`] found its statements succeeded, else
+/// given back to the pool.
 pub(crate) struct WarmConn<'a, DB: Database> {
     conn: Option<PoolConnection<DB>>,
+    from_pool: Instant,
     home: &'a Warm<DB>,
+    pool: &'a Pool<DB>,
     clean: bool,
 }
 
@@ -141,26 +209,25 @@ impl<DB: Database> WarmConn<'_, DB> {
         self.conn.as_mut().expect("taken only on drop")
     }
 
-    /// Marks the connection's statements as finished cleanly: it is kept when dropped.
+    /// Marks the connection's statements as finished: it is offered back when dropped.
     pub(crate) fn keep(&mut self) {
         self.clean = true;
     }
 
-    /// Records how the connection's last statement ended: it is kept only after an answer
-    /// (a success, or an error the database sent back).
+    /// Records how the connection's last statement ended: it is offered back only after a
+    /// success (an error, even one the database answered, may have ended the session).
     pub(crate) fn settle<T>(&mut self, result: &Result<T, sqlx::Error>) {
-        self.clean = matches!(result, Ok(_) | Err(sqlx::Error::Database(_)));
+        self.clean = result.is_ok();
     }
 }
 
 impl<DB: Database> Drop for WarmConn<'_, DB> {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
-        match (self.clean, tokio::runtime::Handle::try_current()) {
-            (true, Ok(_)) => self.home.put_back(conn),
-            // Outside a runtime the pool's return task cannot be spawned.
-            (_, Err(_)) => drop(conn.detach()),
-            (false, Ok(_)) => drop(conn),
+        let _entered = self.home.enter();
+        match self.clean && Handle::try_current().is_ok() {
+            true => self.home.put_back(conn, self.from_pool, self.pool),
+            false => drop(conn),
         }
     }
 }
@@ -171,9 +238,10 @@ mod tests {
     use sqlx::pool::PoolOptions;
     use sqlx::{Executor, Sqlite};
 
-    async fn pool_of_one() -> Pool<Sqlite> {
+    async fn pool_of(max: u32) -> Pool<Sqlite> {
         PoolOptions::<Sqlite>::new()
-            .max_connections(1)
+            .max_connections(max)
+            .min_connections(1)
             .acquire_timeout(Duration::from_secs(2))
             .connect("sqlite::memory:")
             .await
@@ -185,56 +253,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_is_kept_only_after_its_statement_answered() {
-        let (pool, warm) = (pool_of_one().await, Warm::new());
+    async fn a_connection_is_kept_only_after_its_statement_succeeded() {
+        let (pool, warm) = (pool_of(2).await, Warm::new());
         let mut conn = warm.acquire(&pool).await.unwrap();
         let answered = conn.conn().execute("SELECT 1").await.map(drop);
         conn.settle(&answered);
         drop(conn);
         assert_eq!(kept(&warm), 1);
-        // A statement cut short, or an error the database did not answer: back to the
-        // pool, which checks the connection.
+        // Cut short, or failed: back to the pool, which checks the connection.
         let conn = warm.acquire(&pool).await.unwrap();
         assert_eq!(kept(&warm), 0);
         drop(conn);
         assert_eq!(kept(&warm), 0);
         let mut conn = warm.acquire(&pool).await.unwrap();
-        conn.settle(&Err::<(), _>(sqlx::Error::PoolClosed));
+        let failed = conn.conn().execute("SELECT nonsense").await.map(drop);
+        conn.settle(&failed);
         drop(conn);
         assert_eq!(kept(&warm), 0);
     }
 
     #[tokio::test]
-    async fn a_statement_waiting_for_the_pool_gets_the_connection_kept_meanwhile() {
-        let (pool, warm) = (pool_of_one().await, std::sync::Arc::new(Warm::new()));
-        let mut held = warm.acquire(&pool).await.unwrap();
-        held.keep();
-        let waiter = {
-            let (pool, warm) = (pool.clone(), warm.clone());
-            tokio::spawn(async move {
-                let started = Instant::now();
-                drop(warm.acquire(&pool).await?);
-                Ok::<_, sqlx::Error>(started.elapsed())
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiter.is_finished());
-        // Kept, not returned to the pool: only the kept list can serve the waiter, well
-        // before the pool's 2 s acquire timeout.
-        drop(held);
-        let waited = waiter
-            .await
-            .unwrap()
-            .expect("the waiter timed out at the pool");
-        assert!(waited < Duration::from_secs(1), "{waited:?}");
+    async fn a_connection_the_pool_needs_goes_back_to_it() {
+        // A pool of one: keeping its only connection would starve every caller of the pool
+        // itself (admin calls, migrations) until it is pruned.
+        let (pool, warm) = (pool_of(1).await, Warm::new());
+        warm.acquire(&pool).await.unwrap().keep();
+        assert_eq!(kept(&warm), 0);
+        let direct = tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await;
+        assert!(matches!(direct, Ok(Ok(_))), "{direct:?}");
     }
 
     #[tokio::test]
     async fn a_connection_kept_unused_goes_back_to_the_pool() {
-        let (pool, warm) = (pool_of_one().await, Warm::new());
-        tokio::time::pause();
+        let (pool, warm) = (pool_of(2).await, Warm::new());
+        // The clock is paused after the pool answered: a paused clock runs ahead while the
+        // test waits on SQLite's thread, and would time the pool out.
         warm.acquire(&pool).await.unwrap().keep();
-        assert_eq!((kept(&warm), pool.num_idle()), (1, 0));
+        tokio::time::pause();
+        assert_eq!(kept(&warm), 1);
         tokio::time::sleep(KEEP / 2).await;
         assert_eq!(kept(&warm), 1);
         tokio::time::sleep(KEEP * 2).await;
@@ -246,5 +302,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(pool.num_idle(), 1);
+    }
+
+    #[test]
+    fn kept_connections_dropped_outside_the_runtime_go_back_through_it() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (pool, warm) = runtime.block_on(async {
+            let (pool, warm) = (pool_of(2).await, Warm::new());
+            warm.acquire(&pool).await.unwrap().keep();
+            (pool, warm)
+        });
+        assert_eq!(kept(&warm), 1);
+        // sqlx spawns a task for every pooled connection dropped: outside the runtime, a
+        // panic unless the client's runtime is entered.
+        drop(warm);
+        let idle = runtime.block_on(async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            pool.num_idle()
+        });
+        assert_eq!(idle, 1);
     }
 }

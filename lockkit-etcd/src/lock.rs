@@ -563,9 +563,11 @@ impl Inner {
     /// to 16 ms: etcd-client's balancer keeps a member that refuses connections in
     /// rotation, and a request routed to it fails at once, unsent, while the next may reach
     /// a live member. It gives up with the last refusal once every member of the URL has
-    /// refused (a member is known by its address in the refusal), or after
-    /// [`REFUSALS_PER_MEMBER`] refusals per member when the refusals do not name them, so
-    /// a cluster that is down fails fast rather than at the timeout.
+    /// refused (a member is known by its address in the refusal, which shows the address
+    /// connected to: a host name is not found there), or after [`REFUSALS_PER_MEMBER`]
+    /// refusals per member when the refusals do not name them (under a second for three),
+    /// so a cluster that is down fails fast rather than at the timeout. A single member is
+    /// not tried again.
     pub(crate) async fn within<T, F, Fut>(
         &self,
         what: &str,
@@ -607,11 +609,14 @@ struct Refusals<'a> {
     count: usize,
 }
 
-/// Whether `text` names the address `member` (`127.0.0.1:1` is not named by `127.0.0.1:12`).
+/// Whether `text` names the address `member`: not as a part of a longer one
+/// (`127.0.0.1:12`, `110.0.0.1:1` do not name `127.0.0.1:1`, `10.0.0.1:1`).
 fn names(text: &str, member: &str) -> bool {
+    let part = |c: char| c.is_ascii_alphanumeric() || c == '.';
     text.match_indices(member).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
         let after = text[at + member.len()..].chars().next();
-        !after.is_some_and(|c| c.is_ascii_alphanumeric())
+        !before.is_some_and(part) && !after.is_some_and(|c| c.is_ascii_alphanumeric())
     })
 }
 
@@ -632,7 +637,9 @@ impl<'a> Refusals<'a> {
         for (member, refused) in &mut self.members {
             *refused |= names(&text, member);
         }
-        self.members.iter().all(|(_, refused)| *refused)
+        // A single member: there is no other to try.
+        self.members.len() == 1
+            || self.members.iter().all(|(_, refused)| *refused)
             || self.count >= REFUSALS_PER_MEMBER * self.members.len()
     }
 
@@ -736,6 +743,8 @@ mod tests {
         assert!(!names(text, "127.0.0.1:12379"));
         assert!(!names("... 127.0.0.1:12379 ...", "127.0.0.1:1"));
         assert!(names("refused by 10.0.0.2:2379", "10.0.0.2:2379"));
+        assert!(!names("refused by 110.0.0.2:2379", "10.0.0.2:2379"));
+        assert!(names("[::1]:2379, refused", "[::1]:2379"));
     }
 
     #[test]

@@ -610,9 +610,10 @@ struct Refusals<'a> {
 }
 
 /// Whether `text` names the address `member`: not as a part of a longer one
-/// (`127.0.0.1:12`, `110.0.0.1:1` do not name `127.0.0.1:1`, `10.0.0.1:1`).
+/// (`127.0.0.1:12`, `110.0.0.1:1`, `my-etcd:1` do not name `127.0.0.1:1`, `10.0.0.1:1`,
+/// `etcd:1`).
 fn names(text: &str, member: &str) -> bool {
-    let part = |c: char| c.is_ascii_alphanumeric() || c == '.';
+    let part = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
     text.match_indices(member).any(|(at, _)| {
         let before = text[..at].chars().next_back();
         let after = text[at + member.len()..].chars().next();
@@ -744,6 +745,7 @@ mod tests {
         assert!(!names("... 127.0.0.1:12379 ...", "127.0.0.1:1"));
         assert!(names("refused by 10.0.0.2:2379", "10.0.0.2:2379"));
         assert!(!names("refused by 110.0.0.2:2379", "10.0.0.2:2379"));
+        assert!(!names("refused by my-etcd:2379", "etcd:2379"));
         assert!(names("[::1]:2379, refused", "[::1]:2379"));
     }
 

@@ -9,9 +9,12 @@
 //! A connection goes back through the pool, which checks it, when its statement was cut
 //! short (a cancelled future) or failed; when the pool has no other connection to give (so
 //! a caller of the pool itself, an admin call or a waiter queued there, is served by the
-//! pool's own fair queue); when [`MOST`] are kept already; when kept unused for [`KEEP`];
-//! and once it has been kept [`LIFETIME`], so that the pool's own lifetime check applies.
+//! pool's own fair queue); when a quarter of the pool, or [`MOST`], is kept already; when
+//! kept unused for [`KEEP`] (a caller of the pool itself waits at most that long for a kept
+//! one, well within the pool's acquire timeout); and once it has been kept for
+//! [`LIFETIME`], so that the pool's own lifetime check applies.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -22,8 +25,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How long a connection is kept unused before it goes back to the pool (whose own idle
-/// timeout then closes it).
-const KEEP: Duration = Duration::from_secs(10);
+/// timeout then closes it): the gain is for statements that follow one another closely.
+const KEEP: Duration = Duration::from_secs(1);
 
 /// The most connections kept at once: sequential statements need one, a few concurrent
 /// ones a few; more wait at the pool as before.
@@ -124,8 +127,9 @@ impl<DB: Database> Warm<DB> {
         let max = pool.options().get_max_connections();
         // This connection counts in the pool's size: room means another one to give.
         let room = pool.num_idle() > 0 || pool.size() < max;
+        let most = MOST.min(max as usize / 4);
         let mut kept = self.kept();
-        if !room || kept.conns.len() >= MOST || from_pool.elapsed() >= LIFETIME {
+        if !room || kept.conns.len() >= most || from_pool.elapsed() >= LIFETIME {
             drop(kept);
             drop(conn);
             return;
@@ -136,11 +140,13 @@ impl<DB: Database> Warm<DB> {
             since,
             from_pool,
         });
-        if !kept.pruning {
-            kept.pruning = true;
+        let start_pruning = !std::mem::replace(&mut kept.pruning, true);
+        drop(kept);
+        if start_pruning {
+            // Outside the lock: a runtime that has shut down drops the task at once, and
+            // its guard takes the lock.
             tokio::spawn(prune(Arc::downgrade(&self.idle)));
         }
-        drop(kept);
         self.returned.notify_one();
     }
 
@@ -157,12 +163,18 @@ fn lock<DB: Database>(idle: &Mutex<Kept<DB>>) -> MutexGuard<'_, Kept<DB>> {
     idle.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Gives the connections kept unused past [`KEEP`] back to the pool, every [`KEEP`], until
-/// none is kept or the client is gone.
-async fn prune<DB: Database>(idle: Weak<Mutex<Kept<DB>>>) {
-    /// Clears `pruning` if the task is dropped before it ends (its runtime shut down), so
-    /// that the next connection kept starts another.
+/// Gives each connection kept unused for [`KEEP`] back to the pool, until none is kept or
+/// the client is gone.
+fn prune<DB: Database>(idle: Weak<Mutex<Kept<DB>>>) -> impl Future<Output = ()> + Send {
+    /// Clears `pruning` when the task ends, also if it is dropped unpolled or midway (its
+    /// runtime shut down), so that the next connection kept starts another.
     struct Stopped<DB: Database>(Weak<Mutex<Kept<DB>>>);
+    impl<DB: Database> Stopped<DB> {
+        /// `pruning` was cleared already.
+        fn disarm(&mut self) {
+            self.0 = Weak::new();
+        }
+    }
     impl<DB: Database> Drop for Stopped<DB> {
         fn drop(&mut self) {
             if let Some(idle) = self.0.upgrade() {
@@ -170,18 +182,28 @@ async fn prune<DB: Database>(idle: Weak<Mutex<Kept<DB>>>) {
             }
         }
     }
+    // Made before the future, so that it is dropped with it even if never polled.
     let stopped = Stopped(idle.clone());
-    loop {
-        tokio::time::sleep(KEEP).await;
-        let Some(idle) = idle.upgrade() else { return };
-        let mut kept = lock(&idle);
-        let now = Instant::now();
-        kept.conns.retain(|idle| now - idle.since < KEEP);
-        if kept.conns.is_empty() {
-            kept.pruning = false;
-            drop(kept);
-            std::mem::forget(stopped);
-            return;
+    async move {
+        let mut stopped = stopped;
+        let mut next = Instant::now() + KEEP;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let Some(idle) = idle.upgrade() else { return };
+            let mut kept = lock(&idle);
+            let now = Instant::now();
+            kept.conns.retain(|idle| now - idle.since < KEEP);
+            // The oldest is first: the next one to prune.
+            match kept.conns.first() {
+                Some(oldest) => next = oldest.since + KEEP,
+                None => {
+                    // Ended under the lock, so a connection kept from now on starts a task.
+                    kept.pruning = false;
+                    drop(kept);
+                    stopped.disarm();
+                    return;
+                }
+            }
         }
     }
 }
@@ -224,8 +246,11 @@ impl<DB: Database> WarmConn<'_, DB> {
 impl<DB: Database> Drop for WarmConn<'_, DB> {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
+        // Dropped outside a runtime: not kept (no task could prune it), and given back to
+        // the pool from the client's runtime.
+        let in_runtime = Handle::try_current().is_ok();
         let _entered = self.home.enter();
-        match self.clean && Handle::try_current().is_ok() {
+        match self.clean && in_runtime {
             true => self.home.put_back(conn, self.from_pool, self.pool),
             false => drop(conn),
         }
@@ -241,7 +266,6 @@ mod tests {
     async fn pool_of(max: u32) -> Pool<Sqlite> {
         PoolOptions::<Sqlite>::new()
             .max_connections(max)
-            .min_connections(1)
             .acquire_timeout(Duration::from_secs(2))
             .connect("sqlite::memory:")
             .await
@@ -252,63 +276,86 @@ mod tests {
         warm.kept().conns.len()
     }
 
+    /// Waits (in real time) until the pool has `idle` idle connections of `size`.
+    async fn settles(pool: &Pool<Sqlite>, idle: usize, size: u32) {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while (pool.num_idle(), pool.size()) != (idle, size) {
+            assert!(
+                std::time::Instant::now() < until,
+                "{:?}",
+                (pool.num_idle(), pool.size())
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_is_kept_only_after_its_statement_succeeded() {
-        let (pool, warm) = (pool_of(2).await, Warm::new());
+        let (pool, warm) = (pool_of(8).await, Warm::new());
         let mut conn = warm.acquire(&pool).await.unwrap();
         let answered = conn.conn().execute("SELECT 1").await.map(drop);
         conn.settle(&answered);
         drop(conn);
         assert_eq!(kept(&warm), 1);
-        // Cut short, or failed: back to the pool, which checks the connection.
+        // Cut short, or failed: back to the pool (which checks it), though it has room.
         let conn = warm.acquire(&pool).await.unwrap();
         assert_eq!(kept(&warm), 0);
         drop(conn);
         assert_eq!(kept(&warm), 0);
+        settles(&pool, 1, 1).await;
         let mut conn = warm.acquire(&pool).await.unwrap();
         let failed = conn.conn().execute("SELECT nonsense").await.map(drop);
         conn.settle(&failed);
+        assert!(pool.size() < 8);
         drop(conn);
         assert_eq!(kept(&warm), 0);
+        settles(&pool, 1, 1).await;
     }
 
     #[tokio::test]
     async fn a_connection_the_pool_needs_goes_back_to_it() {
-        // A pool of one: keeping its only connection would starve every caller of the pool
-        // itself (admin calls, migrations) until it is pruned.
-        let (pool, warm) = (pool_of(1).await, Warm::new());
-        warm.acquire(&pool).await.unwrap().keep();
+        // Every connection of the pool lent: keeping one returned would leave a caller of the
+        // pool itself (an admin call, a migration) waiting until it is pruned.
+        let (pool, warm) = (pool_of(4).await, Warm::new());
+        let mut lent = Vec::new();
+        for _ in 0..4 {
+            lent.push(warm.acquire(&pool).await.unwrap());
+        }
+        for conn in &mut lent {
+            conn.keep();
+        }
+        drop(lent.pop());
         assert_eq!(kept(&warm), 0);
         let direct = tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await;
         assert!(matches!(direct, Ok(Ok(_))), "{direct:?}");
+        // A pool of one keeps nothing either (at most a quarter of a pool is kept).
+        let (pool, warm) = (pool_of(1).await, Warm::new());
+        warm.acquire(&pool).await.unwrap().keep();
+        assert_eq!(kept(&warm), 0);
     }
 
     #[tokio::test]
     async fn a_connection_kept_unused_goes_back_to_the_pool() {
-        let (pool, warm) = (pool_of(2).await, Warm::new());
+        let (pool, warm) = (pool_of(4).await, Warm::new());
         // The clock is paused after the pool answered: a paused clock runs ahead while the
         // test waits on SQLite's thread, and would time the pool out.
         warm.acquire(&pool).await.unwrap().keep();
         tokio::time::pause();
-        assert_eq!(kept(&warm), 1);
+        assert_eq!((kept(&warm), pool.num_idle()), (1, 0));
         tokio::time::sleep(KEEP / 2).await;
         assert_eq!(kept(&warm), 1);
-        tokio::time::sleep(KEEP * 2).await;
+        tokio::time::sleep(KEEP).await;
         assert_eq!(kept(&warm), 0);
         // The pool's return task pings it first, on SQLite's worker thread.
         tokio::time::resume();
-        let until = Instant::now() + Duration::from_secs(1);
-        while pool.num_idle() == 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(pool.num_idle(), 1);
+        settles(&pool, 1, 1).await;
     }
 
     #[test]
     fn kept_connections_dropped_outside_the_runtime_go_back_through_it() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let (pool, warm) = runtime.block_on(async {
-            let (pool, warm) = (pool_of(2).await, Warm::new());
+            let (pool, warm) = (pool_of(4).await, Warm::new());
             warm.acquire(&pool).await.unwrap().keep();
             (pool, warm)
         });
@@ -316,10 +363,6 @@ mod tests {
         // sqlx spawns a task for every pooled connection dropped: outside the runtime, a
         // panic unless the client's runtime is entered.
         drop(warm);
-        let idle = runtime.block_on(async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            pool.num_idle()
-        });
-        assert_eq!(idle, 1);
+        runtime.block_on(settles(&pool, 1, 1));
     }
 }

@@ -12,7 +12,7 @@
 //! pool's own fair queue); when a quarter of the pool, or [`MOST`], is kept already; when
 //! kept unused for [`KEEP`] (a caller of the pool itself waits at most that long for a kept
 //! one, well within the pool's acquire timeout); and once it has been kept for
-//! [`LIFETIME`], so that the pool's own lifetime check applies.
+//! [`LIFETIME`], so that the pool's own check of its age runs.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -32,9 +32,9 @@ const KEEP: Duration = Duration::from_secs(1);
 /// ones a few; more wait at the pool as before.
 const MOST: usize = 4;
 
-/// How long a connection may go from kept to kept before it goes back to the pool once
-/// (sqlx closes connections older than its `max_lifetime`, 30 min).
-const LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// How long a connection may go from kept to kept before it goes back to the pool once, so
+/// that the pool's own check of its age (`max_lifetime`, 30 min) runs at least that often.
+const LIFETIME: Duration = Duration::from_secs(2 * 60);
 
 /// The connections kept warm for one client (see the module docs).
 pub(crate) struct Warm<DB: Database> {
@@ -144,8 +144,13 @@ impl<DB: Database> Warm<DB> {
         drop(kept);
         if start_pruning {
             // Outside the lock: a runtime that has shut down drops the task at once, and
-            // its guard takes the lock.
-            tokio::spawn(prune(Arc::downgrade(&self.idle)));
+            // its guard takes the lock. On the client's runtime: the caller's may be a
+            // short-lived one (a `block_on` per call), which would drop the task with it.
+            let pruner = prune(Arc::downgrade(&self.idle));
+            match &self.runtime {
+                Some(runtime) => drop(runtime.spawn(pruner)),
+                None => drop(tokio::spawn(pruner)),
+            }
         }
         self.returned.notify_one();
     }
@@ -364,5 +369,41 @@ mod tests {
         // panic unless the client's runtime is entered.
         drop(warm);
         runtime.block_on(settles(&pool, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn at_most_a_quarter_of_the_pool_is_kept() {
+        let (pool, warm) = (pool_of(8).await, Warm::new());
+        let mut lent = Vec::new();
+        for _ in 0..3 {
+            lent.push(warm.acquire(&pool).await.unwrap());
+        }
+        for conn in &mut lent {
+            conn.keep();
+        }
+        drop(lent);
+        assert_eq!(kept(&warm), 2);
+    }
+
+    #[test]
+    fn the_pruner_runs_on_the_clients_runtime_not_the_callers() {
+        let client = tokio::runtime::Runtime::new().unwrap();
+        let (pool, warm) = client.block_on(async { (pool_of(4).await, Warm::new()) });
+        // A caller's runtime that ends right after the statement, with the pruner it
+        // started if it was started there.
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        caller.block_on(async { warm.acquire(&pool).await.unwrap().keep() });
+        drop(caller);
+        assert_eq!(kept(&warm), 1);
+        client.block_on(async {
+            let until = std::time::Instant::now() + KEEP * 5;
+            while kept(&warm) > 0 {
+                assert!(std::time::Instant::now() < until, "never pruned");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
     }
 }

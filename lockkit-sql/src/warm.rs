@@ -277,6 +277,21 @@ mod tests {
             .unwrap()
     }
 
+    /// `n` connections lent at once, each marked to be kept when dropped.
+    async fn lend_kept<'a>(
+        warm: &'a Warm<Sqlite>,
+        pool: &'a Pool<Sqlite>,
+        n: usize,
+    ) -> Vec<WarmConn<'a, Sqlite>> {
+        let mut lent = Vec::new();
+        for _ in 0..n {
+            let mut conn = warm.acquire(pool).await.unwrap();
+            conn.keep();
+            lent.push(conn);
+        }
+        lent
+    }
+
     fn kept(warm: &Warm<Sqlite>) -> usize {
         warm.kept().conns.len()
     }
@@ -322,13 +337,7 @@ mod tests {
         // Every connection of the pool lent: keeping one returned would leave a caller of the
         // pool itself (an admin call, a migration) waiting until it is pruned.
         let (pool, warm) = (pool_of(4).await, Warm::new());
-        let mut lent = Vec::new();
-        for _ in 0..4 {
-            lent.push(warm.acquire(&pool).await.unwrap());
-        }
-        for conn in &mut lent {
-            conn.keep();
-        }
+        let mut lent = lend_kept(&warm, &pool, 4).await;
         drop(lent.pop());
         assert_eq!(kept(&warm), 0);
         let direct = tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await;
@@ -374,14 +383,7 @@ mod tests {
     #[tokio::test]
     async fn at_most_a_quarter_of_the_pool_is_kept() {
         let (pool, warm) = (pool_of(8).await, Warm::new());
-        let mut lent = Vec::new();
-        for _ in 0..3 {
-            lent.push(warm.acquire(&pool).await.unwrap());
-        }
-        for conn in &mut lent {
-            conn.keep();
-        }
-        drop(lent);
+        drop(lend_kept(&warm, &pool, 3).await);
         assert_eq!(kept(&warm), 2);
     }
 

@@ -742,16 +742,23 @@ mod tests {
     async fn retry_until_retries_connection_errors_only_until_its_deadline() {
         let policy = RetryPolicy::default();
         let tries = AtomicU32::new(0);
-        let until = Instant::now() + Duration::from_millis(100);
-        let result: Result<()> = retry_until(&policy, until, || async {
-            tries.fetch_add(1, Ordering::SeqCst);
-            Err(Error::connection("test", "down"))
-        })
-        .await;
-        assert!(result.unwrap_err().is_retryable());
-        let tried = tries.load(Ordering::SeqCst);
-        assert!((2..10).contains(&tried), "{tried} tries");
-        assert!(Instant::now() < until, "slept past its deadline");
+        // The pauses are random, and a timer fires on a whole millisecond: many runs, from
+        // starts off the millisecond, so a pause that ends just before the deadline is met.
+        for run in 0..200u64 {
+            tokio::time::advance(Duration::from_micros(137 * run % 1000)).await;
+            tries.store(0, Ordering::SeqCst);
+            let until = Instant::now() + Duration::from_millis(100);
+            let result: Result<()> = retry_until(&policy, until, || async {
+                tries.fetch_add(1, Ordering::SeqCst);
+                assert!(Instant::now() < until, "run {run}: tried past its deadline");
+                Err(Error::connection("test", "down"))
+            })
+            .await;
+            assert!(result.unwrap_err().is_retryable());
+            let tried = tries.load(Ordering::SeqCst);
+            assert!((2..10).contains(&tried), "{tried} tries");
+            assert!(Instant::now() < until, "run {run}: slept past its deadline");
+        }
         // An answer that is not a connection error ends it at once.
         tries.store(0, Ordering::SeqCst);
         let result: Result<()> = retry_until(

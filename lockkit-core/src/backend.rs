@@ -348,8 +348,9 @@ where
 }
 
 /// Runs `request` until it gets through: again after each retryable (connection) error,
-/// pausing as `policy` backs off, while the next try would start before `until`. Gives its
-/// answer, or the last error. For a request that must happen although a lock's own retries
+/// pausing as `policy` backs off, while the next try would start before `until` (a pause that
+/// would end within 2 ms of it, a Tokio timer's lateness, is not taken, and a pause that ended late is not
+/// followed by a try past it). Gives its answer, or the last error. For a request that must happen although a lock's own retries
 /// are over, such as a clean-up while the service's servers elect a leader; `until` is when
 /// it stops mattering (say, when the session it cleans up after lapses anyway).
 pub async fn retry_until<T, F, Fut>(
@@ -366,17 +367,24 @@ where
         match request().await {
             Err(e) if e.is_retryable() => {
                 let pause = policy.backoff(failed);
-                if Instant::now() + pause >= until {
+                if Instant::now() + pause + TIMER_SLACK >= until {
                     return Err(e);
                 }
                 tracing::debug!(error = %e, ?pause, "retrying a request that must get through");
                 failed = failed.saturating_add(1);
                 tokio::time::sleep(pause).await;
+                if Instant::now() >= until {
+                    return Err(e);
+                }
             }
             answer => return answer,
         }
     }
 }
+
+/// How late a Tokio timer may fire: it rounds its deadline up to a whole millisecond of its
+/// clock, and wakes on the next tick.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 /// How long a backend that batches its renewals lets the first renewal of a batch wait for
 /// others to join it, for leases of `ttl` (the shortest waiting): 1 % of the TTL, between 1

@@ -348,11 +348,12 @@ where
 }
 
 /// Runs `request` until it gets through: again after each retryable (connection) error,
-/// pausing as `policy` backs off, while the next try would start before `until` (a pause that
-/// would end within 2 ms of it, a Tokio timer's lateness, is not taken, and a pause that ended late is not
-/// followed by a try past it). Gives its answer, or the last error. For a request that must happen although a lock's own retries
-/// are over, such as a clean-up while the service's servers elect a leader; `until` is when
-/// it stops mattering (say, when the session it cleans up after lapses anyway).
+/// pausing as `policy` backs off, while the next try would start before `until` (a pause
+/// that would end within 2 ms of it, a Tokio timer's lateness, is not taken, and a pause
+/// that ended late is not followed by a try past it). Gives its answer, or the last error.
+/// For a request that must happen although a lock's own retries are over, such as a
+/// clean-up while the service's servers elect a leader; `until` is when it stops mattering
+/// (say, when the session it cleans up after lapses anyway).
 pub async fn retry_until<T, F, Fut>(
     policy: &RetryPolicy,
     until: Instant,

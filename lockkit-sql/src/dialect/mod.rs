@@ -15,13 +15,12 @@ use sqlx::any::AnyQueryResult;
 use sqlx::database::Database;
 use sqlx::error::DatabaseError;
 use sqlx::pool::{Pool, PoolConnection, PoolOptions};
-
-use crate::warm::Warm;
 use sqlx::{ColumnIndex, Connection, Decode, Encode, Executor, IntoArguments, Row, Type};
 
 use crate::lock::Shared;
 use crate::options::Settings;
 use crate::wait::millis;
+use crate::warm::Warm;
 
 #[cfg(feature = "mysql")]
 mod mysql;

@@ -303,6 +303,8 @@ pub(crate) type Names = &'static [&'static str];
 /// (else the pool's), or on one connection (one that holds a session lock, or is in a
 /// transaction).
 pub(crate) enum On<'a, DB: Database> {
+    /// PostgreSQL's advisory keys only.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Pool(&'a Pool<DB>),
     Warm(&'a Warm<DB>, &'a Pool<DB>),
     Conn(&'a mut DB::Connection),

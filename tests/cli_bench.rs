@@ -1,6 +1,6 @@
 //! `lockkit bench`, run as the real binary on SQLite and on Redis with short runs: the JSON
 //! names every figure (floor, uncontended, contended, failover, scale, mutual exclusion,
-//! versions, machine, date) and the chart is an SVG.
+//! versions, machine, date) and the chart is an SVG; and every floor on every server.
 #![cfg(all(feature = "cli", feature = "sqlite"))]
 
 use std::process::Command;
@@ -107,4 +107,42 @@ fn redis_bench_writes_every_figure() {
     check(&report, &["redis"]);
     assert!(report["results"][0]["server_version"] != "unknown");
     assert!(svg.contains("redis"));
+}
+
+/// Every floor, fenced and unfenced, on every server of `scripts/services`: a round takes the
+/// key and frees it, so the next round finds it free (a round that left it taken fails the
+/// next: its take is a lock), and the fenced round says what it does.
+#[cfg(feature = "full")]
+#[tokio::test]
+async fn every_floor_takes_and_frees_its_key() {
+    use lockkit::bench::Floor;
+    use lockkit_testkit::service_url;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, my) = (
+        service_url("LOCKKIT_POSTGRES_URL"),
+        service_url("LOCKKIT_MYSQL_URL"),
+    );
+    let urls = [
+        format!("sqlite://{}", dir.path().join("floor.db").display()),
+        service_url("LOCKKIT_REDIS_URL"),
+        service_url("LOCKKIT_REDLOCK_URL"),
+        service_url("LOCKKIT_ETCD_URL"),
+        service_url("LOCKKIT_ZK_URL"),
+        service_url("LOCKKIT_CONSUL_URL"),
+        pg.clone(),
+        format!("{pg}?strategy=table"),
+        my.clone(),
+        format!("{my}?strategy=table"),
+    ];
+    for url in urls {
+        let floor = Floor::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(!floor.fenced_what().is_empty());
+        for fenced in [true, true, false, false, true] {
+            floor.round(fenced).await.unwrap_or_else(|e| {
+                panic!("{url} ({}), fenced {fenced}: {e}", floor.fenced_what())
+            });
+        }
+    }
 }

@@ -2,19 +2,28 @@
 //! same server, with nothing of lockkit on top.
 //!
 //! The **fenced** floor is the least a lock *with a fencing token* needs, the one lockkit's
-//! ratio is taken against; the **unfenced** floor is the bare lock, shown beside it where it
-//! differs (the SQL advisory locks, whose token is a counter bumped separately).
+//! ratio is taken against: a write that takes the key only if free, and the token, which comes
+//! with that write where the server numbers its writes (etcd's revision, ZooKeeper's `czxid`,
+//! Consul's `ModifyIndex`) and is a counter bumped in the same step elsewhere (Redis, SQL).
+//! The **unfenced** floor, shown beside it where it differs, is the same lock without the
+//! token, or for etcd and Consul a plain write and delete of the key, which is no lock at all
+//! (it takes the key whether or not it is free) and the cheapest round trip pair there is.
 //!
 //! | scheme | fenced round | unfenced round |
 //! |---|---|---|
-//! | `redis`, `rediss` | `SET key NX PX` + `DEL key` (the token comes free with the write) | the same |
+//! | `redis`, `rediss` | one script: `SET key NX PX`, then `INCR` of a counter if it was set; `DEL key` | `SET key NX PX` + `DEL key` |
 //! | `redlock`, `redlocks` | the same on every instance, instances in parallel | the same |
-//! | `etcd` | put + delete of one key (its revision is the token) | the same |
+//! | `etcd` | a transaction putting the key if its create revision is 0 (its revision is the token) + delete | put + delete |
 //! | `zk`, `zookeeper` | create + delete of an ephemeral node (its `czxid`) | the same |
-//! | `consul` | KV `PUT` + `DELETE` (its `ModifyIndex`), on one keep-alive connection | the same |
+//! | `consul` | a transaction taking the key with a session (`lock`; its `ModifyIndex`) + `?release`, on one keep-alive connection | KV `PUT` + `DELETE` |
 //! | `postgres` advisory | one statement taking `pg_try_advisory_lock` and bumping a committed counter (a CTE) + `pg_advisory_unlock` | `pg_try_advisory_lock` + `pg_advisory_unlock` |
 //! | `mysql`, `mariadb` advisory | `GET_LOCK` + the counter bump + `RELEASE_LOCK` | `GET_LOCK` + `RELEASE_LOCK` |
-//! | SQL `strategy=table`, `sqlite` | INSERT + DELETE of a row (SQLite: WAL, `synchronous=FULL`, as lockkit opens it) | the same |
+//! | PostgreSQL `strategy=table` | one statement inserting the row and bumping the counter (a CTE) + DELETE | INSERT + DELETE of a row |
+//! | MySQL `strategy=table` | INSERT and the counter bump in one transaction + DELETE | INSERT + DELETE of a row |
+//! | `sqlite` | INSERT + DELETE of a row (WAL, `synchronous=FULL`, as lockkit opens it): no token, a stricter floor | the same |
+//!
+//! The SQL lease tables bump the counter in the row's transaction: a holder delayed between
+//! the two while its lease ran out would otherwise get a token above the next holder's.
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 use std::str::FromStr;
@@ -48,8 +57,22 @@ const CREATE_ROWS: &str =
 const CREATE_COUNTER: &str = "CREATE TABLE IF NOT EXISTS lockkit_bench_floor_fences \
      (name VARCHAR(64) PRIMARY KEY, n BIGINT NOT NULL)";
 
-/// INSERT + DELETE of the round's row, on a `Mutex` of any sqlx connection; `$p` is the
-/// database's placeholder (`$1` or `?`).
+/// DELETE of the round's row on a sqlx connection; `$p` is the database's placeholder (`$1`
+/// or `?`).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+macro_rules! delete_row {
+    ($conn:expr, $key:expr, $p:literal) => {
+        sqlx::query(concat!(
+            "DELETE FROM lockkit_bench_floor_rows WHERE name = ",
+            $p
+        ))
+        .bind($key)
+        .execute($conn)
+        .await?
+    };
+}
+
+/// INSERT + DELETE of the round's row, on a `Mutex` of any sqlx connection.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 macro_rules! insert_delete {
     ($conn:expr, $key:expr, $p:literal) => {{
@@ -62,15 +85,21 @@ macro_rules! insert_delete {
         .bind($key)
         .execute(&mut *conn)
         .await?;
-        sqlx::query(concat!(
-            "DELETE FROM lockkit_bench_floor_rows WHERE name = ",
-            $p
-        ))
-        .bind($key)
-        .execute(&mut *conn)
-        .await?;
+        delete_row!(&mut *conn, $key, $p);
     }};
 }
+
+/// The fenced Redis round's take: the key if free, and then the counter's next value (0: the
+/// key was taken).
+#[cfg(feature = "redis")]
+static TAKE_AND_COUNT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| {
+    ::redis::Script::new(
+        "if redis.call('SET', KEYS[1], 'owner', 'NX', 'PX', ARGV[1]) then
+             return redis.call('INCR', KEYS[2])
+         end
+         return 0",
+    )
+});
 
 /// A connection to a backend's server through its plain client crate, ready to run floor
 /// rounds.
@@ -85,11 +114,13 @@ pub struct Floor {
 enum Client {
     #[cfg(feature = "redis")]
     Redis(Vec<::redis::aio::ConnectionManager>),
+    /// With the lease its fenced rounds put the key with.
     #[cfg(feature = "etcd")]
-    Etcd(Box<etcd_client::Client>),
+    Etcd(Box<etcd_client::Client>, i64),
     #[cfg(feature = "zk")]
     Zk(zk::Client, String),
-    Consul(Mutex<Http>),
+    /// With the session its fenced rounds take the key with.
+    Consul(Mutex<Http>, String),
     #[cfg(feature = "postgres")]
     PgAdvisory(Mutex<PgConnection>),
     #[cfg(feature = "mysql")]
@@ -118,7 +149,6 @@ impl Floor {
         // The URL without lockkit's parameters, for the database drivers.
         #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
         let bare = url.split('?').next().unwrap_or(url);
-        let same = |what: &'static str, client| (what, None, client);
         let (fenced, unfenced, client) = match scheme.as_str() {
             #[cfg(feature = "redis")]
             "redis" | "rediss" | "redlock" | "redlocks" => {
@@ -140,11 +170,14 @@ impl Floor {
                     let host = host.with_default_port(6379);
                     instances.push(redis(&format!("{scheme}://{auth}{host}/{db}")).await?);
                 }
-                let what = match redlock {
-                    true => "SET NX PX + DEL on each",
-                    false => "SET NX PX + DEL",
+                let (fenced, unfenced) = match redlock {
+                    true => (
+                        "SET NX PX+INCR script + DEL on each",
+                        "SET NX PX + DEL on each",
+                    ),
+                    false => ("SET NX PX+INCR script + DEL", "SET NX PX + DEL"),
                 };
-                same(what, Client::Redis(instances))
+                (fenced, Some(unfenced), Client::Redis(instances))
             }
             #[cfg(feature = "etcd")]
             "etcd" => {
@@ -159,8 +192,14 @@ impl Floor {
                     }
                     _ => None,
                 };
-                let client = etcd_client::Client::connect(endpoints, options).await?;
-                same("put + delete", Client::Etcd(Box::new(client)))
+                let mut client = etcd_client::Client::connect(endpoints, options).await?;
+                // Long enough for any run; the keys it carries are deleted every round.
+                let lease = client.lease_grant(3600, None).await?.id();
+                (
+                    "txn put-if-absent + delete",
+                    Some("put + delete (no lock)"),
+                    Client::Etcd(Box::new(client), lease),
+                )
             }
             #[cfg(feature = "zk")]
             "zk" | "zookeeper" => {
@@ -170,16 +209,23 @@ impl Floor {
                     .map(|h| h.with_default_port(2181))
                     .collect();
                 let client = zk::Client::connect(&hosts.join(",")).await?;
-                same(
-                    "create + delete ephemeral",
-                    Client::Zk(client, hosts[0].clone()),
-                )
+                let client = Client::Zk(client, hosts[0].clone());
+                ("create + delete ephemeral", None, client)
             }
             "consul" => {
                 let host = parsed.expect_hosts()?[0].with_default_port(8500);
                 let token = parsed.take("token");
-                let http = Http::connect(&host, token).await?;
-                same("KV PUT + DELETE", Client::Consul(Mutex::new(http)))
+                let mut http = Http::connect(&host, token).await?;
+                // Ends an hour after the run at the latest, with whatever it still holds.
+                let body = r#"{"Name":"lockkit-bench-floor","TTL":"3600s","LockDelay":"0s","Behavior":"delete"}"#;
+                let created = http.call("PUT", "/v1/session/create", body).await?;
+                let session: serde_json::Value = serde_json::from_str(&created)?;
+                let session = session["ID"].as_str().ok_or("no session id")?.to_string();
+                (
+                    "session lock (txn) + release",
+                    Some("KV PUT + DELETE (no lock)"),
+                    Client::Consul(Mutex::new(http), session),
+                )
             }
             #[cfg(feature = "postgres")]
             "postgres" | "postgresql" => {
@@ -198,7 +244,11 @@ impl Floor {
                         Some("pg_try_advisory_lock + unlock"),
                         Client::PgAdvisory(Mutex::new(conn)),
                     ),
-                    true => same("INSERT + DELETE", Client::PgTable(Mutex::new(conn))),
+                    true => (
+                        "INSERT+counter CTE + DELETE",
+                        Some("INSERT + DELETE"),
+                        Client::PgTable(Mutex::new(conn)),
+                    ),
                 }
             }
             #[cfg(feature = "mysql")]
@@ -217,7 +267,11 @@ impl Floor {
                         Some("GET_LOCK + RELEASE_LOCK"),
                         Client::MySqlAdvisory(Mutex::new(conn)),
                     ),
-                    true => same("INSERT + DELETE", Client::MySqlTable(Mutex::new(conn))),
+                    true => (
+                        "INSERT+counter (1 txn) + DELETE",
+                        Some("INSERT + DELETE"),
+                        Client::MySqlTable(Mutex::new(conn)),
+                    ),
                 }
             }
             #[cfg(feature = "sqlite")]
@@ -230,7 +284,7 @@ impl Floor {
                     .connect()
                     .await?;
                 sqlx::query(CREATE_ROWS).execute(&mut conn).await?;
-                same("INSERT + DELETE", Client::Sqlite(Mutex::new(conn)))
+                ("INSERT + DELETE", None, Client::Sqlite(Mutex::new(conn)))
             }
             other => {
                 return Err(parsed
@@ -279,7 +333,7 @@ impl Floor {
                     .map(|v| v.trim().to_string())
             }
             #[cfg(feature = "etcd")]
-            Client::Etcd(client) => {
+            Client::Etcd(client, _) => {
                 let status = etcd_client::Client::clone(client).status().await?;
                 Some(status.version().to_string())
             }
@@ -297,8 +351,8 @@ impl Floor {
                     .find_map(|l| l.strip_prefix("Zookeeper version:"))
                     .map(|v| v.split([',', '-']).next().unwrap_or(v).trim().to_string())
             }
-            Client::Consul(http) => {
-                let body = http.lock().await.call("GET", "/v1/agent/self").await?;
+            Client::Consul(http, _) => {
+                let body = http.lock().await.call("GET", "/v1/agent/self", "").await?;
                 let json: serde_json::Value = serde_json::from_str(&body)?;
                 json["Config"]["Version"].as_str().map(str::to_string)
             }
@@ -340,18 +394,33 @@ impl Floor {
         match &self.client {
             #[cfg(feature = "redis")]
             Client::Redis(instances) => {
+                let counter = format!("{key}:fence");
                 futures_util::future::try_join_all(instances.iter().map(|conn| {
-                    let mut conn = conn.clone();
+                    let (mut conn, counter) = (conn.clone(), counter.as_str());
                     async move {
-                        let set: Option<String> = ::redis::cmd("SET")
-                            .arg(key)
-                            .arg("owner")
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(30_000)
-                            .query_async(&mut conn)
-                            .await?;
-                        expect(set.is_some(), "SET NX found the key taken")?;
+                        let taken = match fenced {
+                            true => {
+                                let token: i64 = TAKE_AND_COUNT
+                                    .key(key)
+                                    .key(counter)
+                                    .arg(30_000)
+                                    .invoke_async(&mut conn)
+                                    .await?;
+                                token > 0
+                            }
+                            false => {
+                                let set: Option<String> = ::redis::cmd("SET")
+                                    .arg(key)
+                                    .arg("owner")
+                                    .arg("NX")
+                                    .arg("PX")
+                                    .arg(30_000)
+                                    .query_async(&mut conn)
+                                    .await?;
+                                set.is_some()
+                            }
+                        };
+                        expect(taken, "SET NX found the key taken")?;
                         let _: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
                         Ok::<_, BoxError>(())
                     }
@@ -359,9 +428,23 @@ impl Floor {
                 .await?;
             }
             #[cfg(feature = "etcd")]
-            Client::Etcd(client) => {
+            Client::Etcd(client, lease) => {
                 let mut client = etcd_client::Client::clone(client);
-                client.put(key, "x", None).await?;
+                match fenced {
+                    true => {
+                        let put = etcd_client::PutOptions::new().with_lease(*lease);
+                        let txn = etcd_client::Txn::new()
+                            .when([etcd_client::Compare::create_revision(
+                                key,
+                                etcd_client::CompareOp::Equal,
+                                0,
+                            )])
+                            .and_then([etcd_client::TxnOp::put(key, "", Some(put))]);
+                        let done = client.txn(txn).await?;
+                        expect(done.succeeded(), "the put-if-absent found the key taken")?;
+                    }
+                    false => drop(client.put(key, "x", None).await?),
+                }
                 client.delete(key, None).await?;
             }
             #[cfg(feature = "zk")]
@@ -371,14 +454,31 @@ impl Floor {
                 client.create(&path, b"", &mode).await?;
                 client.delete(&path, None).await?;
             }
-            Client::Consul(http) => {
+            Client::Consul(http, session) => {
                 let mut http = http.lock().await;
                 let path = format!("/v1/kv/{key}");
-                expect(http.call("PUT", &path).await? == "true", "KV PUT failed")?;
-                expect(
-                    http.call("DELETE", &path).await? == "true",
-                    "KV DELETE failed",
-                )?;
+                match fenced {
+                    true => {
+                        let ops = serde_json::json!([
+                            {"KV": {"Verb": "lock", "Key": key, "Value": "", "Session": session}}
+                        ]);
+                        let done = http.call("PUT", "/v1/txn", &ops.to_string()).await?;
+                        expect(done.contains("ModifyIndex"), "the session lock was refused")?;
+                        let release = format!("{path}?release={session}");
+                        expect(
+                            http.call("PUT", &release, "").await? == "true",
+                            "release failed",
+                        )?;
+                    }
+                    false => {
+                        expect(
+                            http.call("PUT", &path, "").await? == "true",
+                            "KV PUT failed",
+                        )?;
+                        let deleted = http.call("DELETE", &path, "").await?;
+                        expect(deleted == "true", "KV DELETE failed")?;
+                    }
+                }
             }
             #[cfg(feature = "postgres")]
             Client::PgAdvisory(conn) => {
@@ -433,7 +533,41 @@ impl Floor {
                     .await?;
             }
             #[cfg(feature = "postgres")]
+            Client::PgTable(conn) if fenced => {
+                let mut conn = conn.lock().await;
+                // The bump depends on the inserted row: one statement, one transaction.
+                let token: Option<i64> = sqlx::query_scalar(
+                    "WITH r AS (INSERT INTO lockkit_bench_floor_rows VALUES ($1) RETURNING name)
+                     UPDATE lockkit_bench_floor_fences f SET n = n + 1 FROM r
+                     WHERE f.name = r.name RETURNING n",
+                )
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+                expect(token.is_some(), "no counter row")?;
+                delete_row!(&mut *conn, key, "$1");
+            }
+            #[cfg(feature = "postgres")]
             Client::PgTable(conn) => insert_delete!(conn, key, "$1"),
+            #[cfg(feature = "mysql")]
+            Client::MySqlTable(conn) if fenced => {
+                use sqlx::Connection;
+                let mut conn = conn.lock().await;
+                let mut tx = conn.begin().await?;
+                sqlx::query("INSERT INTO lockkit_bench_floor_rows VALUES (?)")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                let done = sqlx::query(
+                    "UPDATE lockkit_bench_floor_fences SET n = LAST_INSERT_ID(n + 1) WHERE name = ?",
+                )
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+                expect(done.last_insert_id() > 0, "no counter row")?;
+                tx.commit().await?;
+                delete_row!(&mut *conn, key, "?");
+            }
             #[cfg(feature = "mysql")]
             Client::MySqlTable(conn) => insert_delete!(conn, key, "?"),
             #[cfg(feature = "sqlite")]
@@ -474,15 +608,16 @@ impl Http {
         })
     }
 
-    /// Sends a body-less request; returns the response body, trimmed.
-    async fn call(&mut self, method: &str, path: &str) -> Result<String, BoxError> {
+    /// Sends a request with `body` (JSON, or empty); returns the response body, trimmed.
+    async fn call(&mut self, method: &str, path: &str, body: &str) -> Result<String, BoxError> {
         let token = match &self.token {
             Some(token) => format!("X-Consul-Token: {token}\r\n"),
             None => String::new(),
         };
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{token}Content-Length: 0\r\n\r\n",
-            self.host
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{token}Content-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
         );
         self.stream.get_mut().write_all(request.as_bytes()).await?;
         let (mut length, mut chunked) = (0, false);

@@ -110,11 +110,11 @@ fn redis_bench_writes_every_figure() {
 }
 
 /// Every floor, fenced and unfenced, on every server of `scripts/services`: a round takes the
-/// key and frees it, so the next round finds it free (a round that left it taken fails the
-/// next: its take is a lock), and the fenced round says what it does.
+/// key and frees it, so the next round finds it free, and a fenced take is a lock: it fails
+/// while another client holds the key (two floors of one process share it).
 #[cfg(feature = "full")]
 #[tokio::test]
-async fn every_floor_takes_and_frees_its_key() {
+async fn every_floor_is_a_lock_that_frees_its_key() {
     use lockkit::bench::Floor;
     use lockkit_testkit::service_url;
     let dir = tempfile::tempdir().unwrap();
@@ -135,14 +135,26 @@ async fn every_floor_takes_and_frees_its_key() {
         format!("{my}?strategy=table"),
     ];
     for url in urls {
-        let floor = Floor::connect(&url)
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-        assert!(!floor.fenced_what().is_empty());
+        let connect = || async {
+            Floor::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"))
+        };
+        let (floor, other) = (connect().await, connect().await);
+        let what = floor.fenced_what();
         for fenced in [true, true, false, false, true] {
-            floor.round(fenced).await.unwrap_or_else(|e| {
-                panic!("{url} ({}), fenced {fenced}: {e}", floor.fenced_what())
-            });
+            let round = floor.round(fenced).await;
+            round.unwrap_or_else(|e| panic!("{url} ({what}), fenced {fenced}: {e}"));
         }
+        other.take(true).await.unwrap();
+        let taken = floor.take(true).await;
+        assert!(
+            taken.is_err(),
+            "{url} ({what}): a fenced take of a held key succeeded"
+        );
+        other.free(true).await.unwrap();
+        floor.round(true).await.unwrap();
+        floor.close().await.unwrap();
+        other.close().await.unwrap();
     }
 }

@@ -2,28 +2,32 @@
 //! same server, with nothing of lockkit on top.
 //!
 //! The **fenced** floor is the least a lock *with a fencing token* needs, the one lockkit's
-//! ratio is taken against: a write that takes the key only if free, and the token, which comes
-//! with that write where the server numbers its writes (etcd's revision, ZooKeeper's `czxid`,
-//! Consul's `ModifyIndex`) and is a counter bumped in the same step elsewhere (Redis, SQL).
-//! The **unfenced** floor, shown beside it where it differs, is the same lock without the
-//! token, or for etcd and Consul a plain write and delete of the key, which is no lock at all
-//! (it takes the key whether or not it is free) and the cheapest round trip pair there is.
+//! ratio is taken against: a write that takes the key only if it is free, the token, and the
+//! release. The token comes with the write where the server numbers its writes (etcd's
+//! revision, ZooKeeper's `czxid`, Consul's `ModifyIndex`); elsewhere it is a counter bumped
+//! once the key is taken (Redis and PostgreSQL in the same script or statement, MySQL in the
+//! next statement). The **unfenced** floor, shown beside it where it differs, is the same lock
+//! without the token, or for etcd and Consul a plain write and delete of the key, which is no
+//! lock at all (it takes the key whether or not it is free) and the cheapest pair of round
+//! trips there is.
 //!
 //! | scheme | fenced round | unfenced round |
 //! |---|---|---|
 //! | `redis`, `rediss` | one script: `SET key NX PX`, then `INCR` of a counter if it was set; `DEL key` | `SET key NX PX` + `DEL key` |
 //! | `redlock`, `redlocks` | the same on every instance, instances in parallel | the same |
-//! | `etcd` | a transaction putting the key if its create revision is 0 (its revision is the token) + delete | put + delete |
+//! | `etcd` | a transaction putting the key, with a lease, if its create revision is 0 (its revision is the token) + delete | put + delete |
 //! | `zk`, `zookeeper` | create + delete of an ephemeral node (its `czxid`) | the same |
 //! | `consul` | a transaction taking the key with a session (`lock`; its `ModifyIndex`) + `?release`, on one keep-alive connection | KV `PUT` + `DELETE` |
 //! | `postgres` advisory | one statement taking `pg_try_advisory_lock` and bumping a committed counter (a CTE) + `pg_advisory_unlock` | `pg_try_advisory_lock` + `pg_advisory_unlock` |
 //! | `mysql`, `mariadb` advisory | `GET_LOCK` + the counter bump + `RELEASE_LOCK` | `GET_LOCK` + `RELEASE_LOCK` |
-//! | PostgreSQL `strategy=table` | one statement inserting the row and bumping the counter (a CTE) + DELETE | INSERT + DELETE of a row |
-//! | MySQL `strategy=table` | INSERT and the counter bump in one transaction + DELETE | INSERT + DELETE of a row |
+//! | PostgreSQL `strategy=table` | one statement inserting a row and bumping the counter (a CTE) + DELETE | INSERT + DELETE of the row |
+//! | MySQL `strategy=table` | INSERT of a row + the counter bump + DELETE | INSERT + DELETE of the row |
 //! | `sqlite` | INSERT + DELETE of a row (WAL, `synchronous=FULL`, as lockkit opens it): no token, a stricter floor | the same |
 //!
-//! The SQL lease tables bump the counter in the row's transaction: a holder delayed between
-//! the two while its lease ran out would otherwise get a token above the next holder's.
+//! The rows have no expiry, so nobody takes one over between its INSERT and the bump. A lease
+//! row can be: lockkit's MySQL lease table takes its row and token in one transaction, so
+//! that a holder delayed in between, its lease run out, never gets a token above the next
+//! holder's. That transaction's `BEGIN` and `COMMIT` are counted as lockkit's cost.
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 use std::str::FromStr;
@@ -61,32 +65,46 @@ const CREATE_COUNTER: &str = "CREATE TABLE IF NOT EXISTS lockkit_bench_floor_fen
 /// or `?`).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 macro_rules! delete_row {
-    ($conn:expr, $key:expr, $p:literal) => {
+    ($conn:expr, $key:expr, $p:literal) => {{
         sqlx::query(concat!(
             "DELETE FROM lockkit_bench_floor_rows WHERE name = ",
             $p
         ))
         .bind($key)
         .execute($conn)
-        .await?
-    };
+        .await?;
+    }};
 }
 
-/// INSERT + DELETE of the round's row, on a `Mutex` of any sqlx connection.
+/// INSERT of the round's row on a sqlx connection; `$p` as for [`delete_row`].
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-macro_rules! insert_delete {
+macro_rules! insert_row {
     ($conn:expr, $key:expr, $p:literal) => {{
-        let mut conn = $conn.lock().await;
         sqlx::query(concat!(
             "INSERT INTO lockkit_bench_floor_rows VALUES (",
             $p,
             ")"
         ))
         .bind($key)
-        .execute(&mut *conn)
+        .execute($conn)
         .await?;
-        delete_row!(&mut *conn, $key, $p);
     }};
+}
+
+/// DELETE of the key's counter row on a `Mutex` of a sqlx connection, as a `Result`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+macro_rules! delete_counter {
+    ($conn:expr, $key:expr, $p:literal) => {
+        sqlx::query(concat!(
+            "DELETE FROM lockkit_bench_floor_fences WHERE name = ",
+            $p
+        ))
+        .bind($key)
+        .execute(&mut *$conn.lock().await)
+        .await
+        .map(drop)
+        .map_err(BoxError::from)
+    };
 }
 
 /// The fenced Redis round's take: the key if free, and then the counter's next value (0: the
@@ -268,7 +286,7 @@ impl Floor {
                         Client::MySqlAdvisory(Mutex::new(conn)),
                     ),
                     true => (
-                        "INSERT+counter (1 txn) + DELETE",
+                        "INSERT + counter + DELETE",
                         Some("INSERT + DELETE"),
                         Client::MySqlTable(Mutex::new(conn)),
                     ),
@@ -386,9 +404,16 @@ impl Floor {
         })
     }
 
-    /// One round: take and free this process's key; `fenced` with the token's counter where
-    /// the backend's lock does not carry one by itself.
+    /// One round: take and free this process's key; `fenced` with the token where the
+    /// backend's lock does not carry one by itself.
     pub async fn round(&self, fenced: bool) -> Result<(), BoxError> {
+        self.take(fenced).await?;
+        self.free(fenced).await
+    }
+
+    /// The first half of a round: takes this process's key (every `Floor` of a process and
+    /// server has the same one), failing if it is taken. A fenced take also gets the token.
+    pub async fn take(&self, fenced: bool) -> Result<(), BoxError> {
         let key = self.key.as_str();
         let _ = (key, fenced);
         match &self.client {
@@ -420,9 +445,7 @@ impl Floor {
                                 set.is_some()
                             }
                         };
-                        expect(taken, "SET NX found the key taken")?;
-                        let _: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-                        Ok::<_, BoxError>(())
+                        expect(taken, "SET NX found the key taken")
                     }
                 }))
                 .await?;
@@ -445,18 +468,14 @@ impl Floor {
                     }
                     false => drop(client.put(key, "x", None).await?),
                 }
-                client.delete(key, None).await?;
             }
             #[cfg(feature = "zk")]
             Client::Zk(client, _) => {
-                let path = format!("/{key}");
                 let mode = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
-                client.create(&path, b"", &mode).await?;
-                client.delete(&path, None).await?;
+                client.create(&format!("/{key}"), b"", &mode).await?;
             }
             Client::Consul(http, session) => {
                 let mut http = http.lock().await;
-                let path = format!("/v1/kv/{key}");
                 match fenced {
                     true => {
                         let ops = serde_json::json!([
@@ -464,19 +483,10 @@ impl Floor {
                         ]);
                         let done = http.call("PUT", "/v1/txn", &ops.to_string()).await?;
                         expect(done.contains("ModifyIndex"), "the session lock was refused")?;
-                        let release = format!("{path}?release={session}");
-                        expect(
-                            http.call("PUT", &release, "").await? == "true",
-                            "release failed",
-                        )?;
                     }
                     false => {
-                        expect(
-                            http.call("PUT", &path, "").await? == "true",
-                            "KV PUT failed",
-                        )?;
-                        let deleted = http.call("DELETE", &path, "").await?;
-                        expect(deleted == "true", "KV DELETE failed")?;
+                        let put = http.call("PUT", &format!("/v1/kv/{key}"), "").await?;
+                        expect(put == "true", "KV PUT failed")?;
                     }
                 }
             }
@@ -503,10 +513,6 @@ impl Floor {
                         .await?;
                     expect(taken, "pg_try_advisory_lock found the lock taken")?;
                 }
-                sqlx::query("SELECT pg_advisory_unlock($1)")
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
             }
             #[cfg(feature = "mysql")]
             Client::MySqlAdvisory(conn) => {
@@ -517,64 +523,175 @@ impl Floor {
                     .await?;
                 expect(taken == Some(1), "GET_LOCK found the lock taken")?;
                 if fenced {
-                    // The new value comes back with the statement's result (LAST_INSERT_ID).
-                    let done = sqlx::query(
-                        "UPDATE lockkit_bench_floor_fences SET n = LAST_INSERT_ID(n + 1) \
-                         WHERE name = ?",
-                    )
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
-                    expect(done.last_insert_id() > 0, "no counter row")?;
+                    bump_mysql(&mut conn, key).await?;
                 }
-                sqlx::query("SELECT RELEASE_LOCK(?)")
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
             }
             #[cfg(feature = "postgres")]
-            Client::PgTable(conn) if fenced => {
+            Client::PgTable(conn) => {
                 let mut conn = conn.lock().await;
-                // The bump depends on the inserted row: one statement, one transaction.
-                let token: Option<i64> = sqlx::query_scalar(
-                    "WITH r AS (INSERT INTO lockkit_bench_floor_rows VALUES ($1) RETURNING name)
-                     UPDATE lockkit_bench_floor_fences f SET n = n + 1 FROM r
-                     WHERE f.name = r.name RETURNING n",
-                )
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
-                expect(token.is_some(), "no counter row")?;
-                delete_row!(&mut *conn, key, "$1");
-            }
-            #[cfg(feature = "postgres")]
-            Client::PgTable(conn) => insert_delete!(conn, key, "$1"),
-            #[cfg(feature = "mysql")]
-            Client::MySqlTable(conn) if fenced => {
-                use sqlx::Connection;
-                let mut conn = conn.lock().await;
-                let mut tx = conn.begin().await?;
-                sqlx::query("INSERT INTO lockkit_bench_floor_rows VALUES (?)")
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-                let done = sqlx::query(
-                    "UPDATE lockkit_bench_floor_fences SET n = LAST_INSERT_ID(n + 1) WHERE name = ?",
-                )
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-                expect(done.last_insert_id() > 0, "no counter row")?;
-                tx.commit().await?;
-                delete_row!(&mut *conn, key, "?");
+                // Inserted, or the statement fails: the bump depends on the inserted row.
+                let bumped: Option<i64> = match fenced {
+                    true => {
+                        sqlx::query_scalar(
+                            "WITH r AS (INSERT INTO lockkit_bench_floor_rows VALUES ($1)
+                                RETURNING name)
+                             UPDATE lockkit_bench_floor_fences f SET n = n + 1 FROM r
+                             WHERE f.name = r.name RETURNING n",
+                        )
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    }
+                    false => {
+                        insert_row!(&mut *conn, key, "$1");
+                        Some(0)
+                    }
+                };
+                if bumped.is_none() {
+                    delete_row!(&mut *conn, key, "$1");
+                    return Err("no counter row".into());
+                }
             }
             #[cfg(feature = "mysql")]
-            Client::MySqlTable(conn) => insert_delete!(conn, key, "?"),
+            Client::MySqlTable(conn) => {
+                let mut conn = conn.lock().await;
+                insert_row!(&mut *conn, key, "?");
+                if fenced {
+                    bump_mysql(&mut conn, key).await?;
+                }
+            }
             #[cfg(feature = "sqlite")]
-            Client::Sqlite(conn) => insert_delete!(conn, key, "?"),
+            Client::Sqlite(conn) => insert_row!(&mut *conn.lock().await, key, "?"),
         }
         Ok(())
     }
+
+    /// The second half of a round: frees the key [`Floor::take`] took.
+    pub async fn free(&self, fenced: bool) -> Result<(), BoxError> {
+        let key = self.key.as_str();
+        let _ = (key, fenced);
+        match &self.client {
+            #[cfg(feature = "redis")]
+            Client::Redis(instances) => {
+                futures_util::future::try_join_all(instances.iter().map(|conn| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let _: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+                        Ok::<_, BoxError>(())
+                    }
+                }))
+                .await?;
+            }
+            #[cfg(feature = "etcd")]
+            Client::Etcd(client, _) => {
+                etcd_client::Client::clone(client).delete(key, None).await?;
+            }
+            #[cfg(feature = "zk")]
+            Client::Zk(client, _) => client.delete(&format!("/{key}"), None).await?,
+            Client::Consul(http, session) => {
+                let mut http = http.lock().await;
+                let (method, path) = match fenced {
+                    true => ("PUT", format!("/v1/kv/{key}?release={session}")),
+                    false => ("DELETE", format!("/v1/kv/{key}")),
+                };
+                expect(
+                    http.call(method, &path, "").await? == "true",
+                    "the release failed",
+                )?;
+            }
+            #[cfg(feature = "postgres")]
+            Client::PgAdvisory(conn) => {
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(i64::from(std::process::id()))
+                    .execute(&mut *conn.lock().await)
+                    .await?;
+            }
+            #[cfg(feature = "mysql")]
+            Client::MySqlAdvisory(conn) => {
+                sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(key)
+                    .execute(&mut *conn.lock().await)
+                    .await?;
+            }
+            #[cfg(feature = "postgres")]
+            Client::PgTable(conn) => delete_row!(&mut *conn.lock().await, key, "$1"),
+            #[cfg(feature = "mysql")]
+            Client::MySqlTable(conn) => delete_row!(&mut *conn.lock().await, key, "?"),
+            #[cfg(feature = "sqlite")]
+            Client::Sqlite(conn) => delete_row!(&mut *conn.lock().await, key, "?"),
+        }
+        Ok(())
+    }
+
+    /// Removes what the rounds left on the server: the key's counter, the etcd lease, the
+    /// Consul session and whatever it still holds. Best effort: an error is returned, but
+    /// everything is tried.
+    pub async fn close(self) -> Result<(), BoxError> {
+        let key = self.key.as_str();
+        let mut failed: Option<BoxError> = None;
+        let mut note = |result: Result<(), BoxError>| {
+            if let Err(e) = result {
+                failed.get_or_insert(e);
+            }
+        };
+        match &self.client {
+            #[cfg(feature = "redis")]
+            Client::Redis(instances) => {
+                for conn in instances {
+                    let mut conn = conn.clone();
+                    let deleted: Result<i64, _> = ::redis::cmd("DEL")
+                        .arg(format!("{key}:fence"))
+                        .query_async(&mut conn)
+                        .await;
+                    note(deleted.map(drop).map_err(Into::into));
+                }
+            }
+            #[cfg(feature = "etcd")]
+            Client::Etcd(client, lease) => {
+                let revoked = etcd_client::Client::clone(client)
+                    .lease_revoke(*lease)
+                    .await;
+                note(revoked.map(drop).map_err(Into::into));
+            }
+            Client::Consul(http, session) => {
+                let mut http = http.lock().await;
+                let path = format!("/v1/session/destroy/{session}");
+                note(http.call("PUT", &path, "").await.map(drop));
+                note(
+                    http.call("DELETE", &format!("/v1/kv/{key}"), "")
+                        .await
+                        .map(drop),
+                );
+            }
+            #[cfg(feature = "postgres")]
+            Client::PgAdvisory(conn) | Client::PgTable(conn) => {
+                note(delete_counter!(conn, key, "$1"));
+            }
+            #[cfg(feature = "mysql")]
+            Client::MySqlAdvisory(conn) | Client::MySqlTable(conn) => {
+                note(delete_counter!(conn, key, "?"));
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Bumps the key's counter on MySQL; its new value comes back with the statement's result
+/// (`LAST_INSERT_ID`).
+#[cfg(feature = "mysql")]
+async fn bump_mysql(conn: &mut MySqlConnection, key: &str) -> Result<(), BoxError> {
+    let done = sqlx::query(
+        "UPDATE lockkit_bench_floor_fences SET n = LAST_INSERT_ID(n + 1) WHERE name = ?",
+    )
+    .bind(key)
+    .execute(conn)
+    .await?;
+    expect(done.last_insert_id() > 0, "no counter row")
 }
 
 fn expect(ok: bool, why: &str) -> Result<(), BoxError> {

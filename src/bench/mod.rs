@@ -205,7 +205,12 @@ pub async fn run(
     let mut violations = Vec::new();
 
     let uncontended =
-        uncontended(&label, &locks, &floor, settings, progress, &mut violations).await?;
+        uncontended(&label, &locks, &floor, settings, progress, &mut violations).await;
+    let floor_what = floor.fenced_what().to_string();
+    let unfenced_what = floor.unfenced_what().map(str::to_string);
+    // Best effort: what a floor leaves behind (a counter, a lease, a session) is small.
+    let _ = floor.close().await;
+    let uncontended = uncontended?;
 
     progress.phase(&format!("{label}: contended"), 0);
     let name = unique("lockkit-bench/contended");
@@ -241,8 +246,8 @@ pub async fn run(
         url: lockkit_core::url::redact(url),
         backend: locks.backend_name().to_string(),
         server_version,
-        floor_what: floor.fenced_what().to_string(),
-        unfenced_what: floor.unfenced_what().map(str::to_string),
+        floor_what,
+        unfenced_what,
         uncontended,
         contended: run,
         failover: failover_run,

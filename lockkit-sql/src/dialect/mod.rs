@@ -352,10 +352,7 @@ where
         let conn: &mut DB::Connection = match on {
             On::Conn(conn) => conn,
             On::Pool(pool) => pooled.insert(pool.acquire().await?),
-            On::Warm(kept, pool) => {
-                warm = Some(kept.acquire(pool).await?);
-                warm.as_mut().expect("just set").conn()
-            }
+            On::Warm(kept, pool) => warm.insert(kept.acquire(pool).await?).conn(),
         };
         let result = async move {
             let mut query = sqlx::query::<DB>(&sql.text);

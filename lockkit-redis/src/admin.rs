@@ -53,10 +53,10 @@ type Seen = (Option<String>, i64, Option<u64>, Option<Vec<u8>>);
 async fn look(node: &Node, keys: &Keys) -> Result<Seen> {
     let mut conn = node.commands.clone();
     redis::pipe()
-        .get(&keys.lock)
-        .pttl(&keys.lock)
-        .get(&keys.fence)
-        .get(&keys.value)
+        .get(keys.lock())
+        .pttl(keys.lock())
+        .get(keys.fence())
+        .get(keys.value())
         .query_async(&mut conn)
         .await
         .map_err(|e| map_err(&node.address, e))
@@ -184,10 +184,10 @@ impl Admin for RedisLock {
         for node in &self.inner.nodes {
             let mut conn = node.commands.clone();
             let deleted: i64 = script
-                .key(&keys.lock)
-                .key(&keys.queue)
-                .key(&keys.value)
-                .arg(&keys.channel)
+                .key(keys.lock())
+                .key(keys.queue())
+                .key(keys.value())
+                .arg(keys.channel())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| map_err(&node.address, e))?;
@@ -210,7 +210,7 @@ impl Admin for RedisLock {
         let nodes = inner.nodes.iter().map(|n| n.pubsub.clone()).collect();
         let subscription = inner
             .subscriptions
-            .subscribe(&keys.channel, Role::Observer, nodes)
+            .subscribe(keys.channel(), Role::Observer, nodes)
             .await;
         let notify = subscription.notify();
         // Created before the look: a message from then on wakes it.

@@ -64,14 +64,14 @@ impl RedisLease {
                 lockkit_core::DEFAULT_TTL,
                 &scripts::RELEASE,
                 &[
-                    &keys.lock,
-                    &keys.queue,
-                    &keys.value,
-                    &keys.fence,
-                    &keys.alive,
-                    &keys.asked,
+                    keys.lock(),
+                    keys.queue(),
+                    keys.value(),
+                    keys.fence(),
+                    keys.alive(),
+                    keys.asked(),
                 ],
-                &[&self.owner, &keys.channel, mode],
+                &[&self.owner, keys.channel(), mode],
             )
             .await;
         let released = answers.iter().filter(|a| matches!(a, Ok(1))).count();
@@ -131,8 +131,8 @@ impl Lease for RedisLease {
             .on_all(
                 lockkit_core::DEFAULT_TTL,
                 &scripts::SET_VALUE,
-                &[&keys.lock, &keys.value],
-                &[&self.owner, &sequence, &value, &keys.channel],
+                &[keys.lock(), keys.value()],
+                &[&self.owner, &sequence, &value, keys.channel()],
             )
             .await;
         if self.quorum_of(&answers)? {

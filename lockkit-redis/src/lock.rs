@@ -107,32 +107,33 @@ pub(crate) struct Node {
     pub(crate) pubsub: ConnectionManager,
 }
 
-/// The keys and channel of one lock name.
-#[derive(Debug, Clone)]
+/// The keys and channel of one lock name, all in one string: the lock key
+/// `<prefix>{<encoded name>}` (the braces make it a cluster hash tag, so every key of a name
+/// lands on one slot), then the lock key with each of [`SUFFIXES`] in turn. One allocation
+/// per acquisition or release, not one per key.
+#[derive(Debug)]
 pub(crate) struct Keys {
-    pub(crate) lock: String,
-    pub(crate) fence: String,
-    /// Where the holder's value lives (`<owner> <sequence> <token> <value>`), see
-    /// [`scripts::SET_VALUE`].
-    pub(crate) value: String,
-    /// RedLock's `released` for its waiters; `taken`, `released` and `value` for leader
-    /// observers. A queued waiter's messages come on its own [`Keys::turn_channel`].
-    pub(crate) channel: String,
-    /// The waiters in arrival order (a single instance only).
-    pub(crate) queue: String,
-    /// Until when each waiter is presumed alive.
-    pub(crate) alive: String,
-    /// What each waiter asks for: its TTL and the number of its latest attempt (see
-    /// [`scripts::ACQUIRE`]), for a release to hand it the lock.
-    pub(crate) asked: String,
+    all: String,
+    /// Where each key ends in `all`: the lock key, then one per suffix.
+    ends: [usize; 1 + SUFFIXES.len()],
 }
+
+/// The suffixes of a name's other keys, in [`Keys`]' order.
+const SUFFIXES: [&str; 6] = [
+    ":fence",
+    ":value",
+    ":released",
+    ":queue",
+    ":alive",
+    ":asked",
+];
 
 /// A waiter's place in a name's queue (a single instance only): taken out of it in the
 /// background when dropped, unless handed over, so a waiter that stops waiting (a timeout, a
 /// cancelled `acquire`) never blocks the lock for the ones behind it.
 pub(crate) struct Queued {
     inner: Arc<Inner>,
-    keys: Keys,
+    keys: Arc<Keys>,
     owner: Arc<str>,
 }
 
@@ -146,13 +147,13 @@ impl Cleanup for Queued {
                 lockkit_core::DEFAULT_TTL,
                 &scripts::DEQUEUE,
                 &[
-                    &self.keys.lock,
-                    &self.keys.queue,
-                    &self.keys.alive,
-                    &self.keys.fence,
-                    &self.keys.asked,
+                    self.keys.lock(),
+                    self.keys.queue(),
+                    self.keys.alive(),
+                    self.keys.fence(),
+                    self.keys.asked(),
                 ],
-                &[&self.owner, &self.keys.channel],
+                &[&self.owner, self.keys.channel()],
             )
             .await;
         answers.into_iter().try_for_each(|a| a.map(drop))
@@ -228,7 +229,7 @@ impl RedisLock {
 
     /// The Redis key that holds the lock `name` (for inspection and operations).
     pub fn lock_key(&self, name: &LockName) -> String {
-        self.inner.keys(name).lock
+        self.inner.keys(name).lock().to_owned()
     }
 
     /// How many instances must agree: 1 for a single instance, N/2+1 for RedLock.
@@ -362,24 +363,75 @@ async fn refuse_eviction(nodes: &[Node], options: &RedisOptions, redlock: bool) 
 }
 
 impl Keys {
+    fn new(prefix: &str, name: &LockName) -> Keys {
+        let encoded = name.encoded();
+        let tag = prefix.len() + encoded.len() + 2;
+        let suffixes: usize = SUFFIXES.iter().map(|s| s.len()).sum();
+        let mut all = String::with_capacity(tag * (1 + SUFFIXES.len()) + suffixes);
+        let mut ends = [0; 1 + SUFFIXES.len()];
+        for (end, suffix) in ends.iter_mut().zip([""].iter().chain(&SUFFIXES)) {
+            all.push_str(prefix);
+            all.push('{');
+            all.push_str(&encoded);
+            all.push('}');
+            all.push_str(suffix);
+            *end = all.len();
+        }
+        Keys { all, ends }
+    }
+
+    fn nth(&self, i: usize) -> &str {
+        let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.all[start..self.ends[i]]
+    }
+
+    /// The lock key: the owner id while held.
+    pub(crate) fn lock(&self) -> &str {
+        self.nth(0)
+    }
+
+    /// The fence counter: the last token issued (see [`scripts::ACQUIRE`]).
+    pub(crate) fn fence(&self) -> &str {
+        self.nth(1)
+    }
+
+    /// Where the holder's value lives (`<owner> <sequence> <token> <value>`), see
+    /// [`scripts::SET_VALUE`].
+    pub(crate) fn value(&self) -> &str {
+        self.nth(2)
+    }
+
+    /// RedLock's `released` for its waiters; `taken`, `released` and `value` for leader
+    /// observers. A queued waiter's messages come on its own [`Keys::turn_channel`].
+    pub(crate) fn channel(&self) -> &str {
+        self.nth(3)
+    }
+
+    /// The waiters in arrival order (a single instance only).
+    pub(crate) fn queue(&self) -> &str {
+        self.nth(4)
+    }
+
+    /// Until when each waiter is presumed alive.
+    pub(crate) fn alive(&self) -> &str {
+        self.nth(5)
+    }
+
+    /// What each waiter asks for: its TTL and the number of its latest attempt (see
+    /// [`scripts::ACQUIRE`]), for a release to hand it the lock.
+    pub(crate) fn asked(&self) -> &str {
+        self.nth(6)
+    }
+
     /// The channel of one queued waiter (`<channel>:<owner>`): its hand-off, or a wake-up.
     pub(crate) fn turn_channel(&self, owner: &str) -> String {
-        format!("{}:{owner}", self.channel)
+        format!("{}:{owner}", self.channel())
     }
 }
 
 impl Inner {
     pub(crate) fn keys(&self, name: &LockName) -> Keys {
-        let tag = format!("{}{{{}}}", self.options.key_prefix(), name.encoded());
-        Keys {
-            fence: format!("{tag}:fence"),
-            value: format!("{tag}:value"),
-            channel: format!("{tag}:released"),
-            queue: format!("{tag}:queue"),
-            alive: format!("{tag}:alive"),
-            asked: format!("{tag}:asked"),
-            lock: tag,
-        }
+        Keys::new(self.options.key_prefix(), name)
     }
 
     /// The timeout of one request to one instance.
@@ -430,26 +482,14 @@ impl Inner {
         args: &[&str],
     ) -> Vec<Result<T>> {
         let timeout = self.request_timeout(ttl);
-        // Built once for every instance: a renewal batch has thousands of arguments.
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(*key);
+        // Built once for every instance (a renewal batch has thousands of arguments), into
+        // one buffer: the acquisition's hot path allocates little.
+        let call = evalsha(script, keys, args);
+        let on = |node| node_call(node, script, &call, timeout);
+        match &self.nodes[..] {
+            [node] => vec![on(node).await],
+            nodes => join_all(nodes.iter().map(on)).await,
         }
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let invocation = &invocation;
-        join_all(self.nodes.iter().map(|node| async move {
-            let mut conn = node.commands.clone();
-            match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-                Ok(result) => result.map_err(|e| map_err(&node.address, e)),
-                Err(_) => Err(Error::connection(
-                    "redis",
-                    format!("{}: no answer within {timeout:?}", node.address),
-                )),
-            }
-        }))
-        .await
     }
 
     /// Whether waiters queue (a single instance): RedLock instances could order the same
@@ -464,13 +504,13 @@ impl Inner {
     async fn attempt(
         self: Arc<Self>,
         name: LockName,
+        keys: Arc<Keys>,
         ttl: Duration,
         owner: Arc<str>,
         queue: bool,
         number: u64,
     ) -> Result<Outcome> {
         let validity = self.validity(ttl)?;
-        let keys = self.keys(&name);
         let queue = queue && self.queues();
         let ttl_ms = millis(ttl).to_string();
         let liveness_ms = millis(liveness(&self.options)).to_string();
@@ -486,18 +526,18 @@ impl Inner {
                 ttl,
                 &scripts::ACQUIRE,
                 &[
-                    &keys.lock,
-                    &keys.fence,
-                    &keys.queue,
-                    &keys.alive,
-                    &keys.asked,
+                    keys.lock(),
+                    keys.fence(),
+                    keys.queue(),
+                    keys.alive(),
+                    keys.asked(),
                 ],
                 &[
                     &owner,
                     &ttl_ms,
                     if queue { "1" } else { "0" },
                     &liveness_ms,
-                    &keys.channel,
+                    keys.channel(),
                     &proposal,
                     &number,
                 ],
@@ -530,7 +570,7 @@ impl Inner {
                 None => failures.push(e),
             }
         }
-        let lease = RedisLease::new(self.clone(), name.clone(), &keys.lock, owner.clone());
+        let lease = RedisLease::new(self.clone(), name.clone(), keys.lock(), owner.clone());
         if tokens.len() >= self.quorum {
             let mut token = tokens.iter().copied().max().unwrap_or(0);
             // A quorum whose fence counters already stand at the token (they issued it, or
@@ -598,7 +638,7 @@ impl Inner {
     /// or when the instance did not answer in time).
     async fn holder(&self, keys: &Keys, ttl: Duration) -> Option<String> {
         let mut conn = self.nodes[0].commands.clone();
-        let get = redis::cmd("GET").arg(&keys.lock).clone();
+        let get = redis::cmd("GET").arg(keys.lock()).clone();
         let answer = tokio::time::timeout(self.request_timeout(ttl), get.query_async(&mut conn));
         answer.await.ok()?.ok()?
     }
@@ -614,22 +654,21 @@ impl Inner {
         ttl: Duration,
         queued: bool,
     ) -> Option<i64> {
-        let mut conn = node.commands.clone();
-        let mut call = scripts::RECOVER.prepare_invoke();
-        let renew = if queued { millis(ttl) } else { 0 };
-        call.key(&keys.lock).key(&keys.fence).arg(owner).arg(renew);
-        let answer = tokio::time::timeout(self.request_timeout(ttl), call.invoke_async(&mut conn));
-        match answer.await {
-            Ok(Ok(token)) if token >= 0 => Some(token),
-            _ => None,
-        }
+        let renew = if queued { millis(ttl) } else { 0 }.to_string();
+        let call = evalsha(
+            &scripts::RECOVER,
+            &[keys.lock(), keys.fence()],
+            &[owner, &renew],
+        );
+        let answer = node_call(node, &scripts::RECOVER, &call, self.request_timeout(ttl)).await;
+        answer.ok().filter(|token: &i64| *token >= 0)
     }
 
     /// Raises the fence counter of every instance to at least `token`; a quorum must confirm.
     async fn write_back(&self, keys: &Keys, token: i64, ttl: Duration) -> Result<i64> {
         let value = token.to_string();
         let answers: Vec<Result<i64>> = self
-            .on_all(ttl, &scripts::WRITE_BACK, &[&keys.fence], &[&value])
+            .on_all(ttl, &scripts::WRITE_BACK, &[keys.fence()], &[&value])
             .await;
         let confirmed = answers.iter().filter(|a| a.is_ok()).count();
         // Below a quorum, some instance failed.
@@ -672,10 +711,11 @@ impl Backend for RedisLock {
     }
 
     async fn try_lock(&self, name: &LockName, opts: &LockOptions) -> Result<Option<Acquired>> {
-        let attempt = self
-            .inner
-            .clone()
-            .attempt(name.clone(), opts.ttl, owner_id(), false, 0);
+        let keys = Arc::new(self.inner.keys(name));
+        let attempt =
+            self.inner
+                .clone()
+                .attempt(name.clone(), keys, opts.ttl, owner_id(), false, 0);
         Ok(run_detached(attempt).await?.into_acquired())
     }
 
@@ -686,7 +726,8 @@ impl Backend for RedisLock {
         _deadline: Option<Instant>,
     ) -> Result<Acquired> {
         let inner = &self.inner;
-        let keys = inner.keys(name);
+        // Made once for every attempt of the wait, and the place in the queue.
+        let keys = Arc::new(inner.keys(name));
         let validity = inner.validity(opts.ttl)?;
         // A single instance: one owner id for the whole wait, its place in the queue.
         let owner = owner_id();
@@ -714,9 +755,10 @@ impl Backend for RedisLock {
                 true => owner.clone(),
                 false => owner_id(),
             };
-            let attempt = inner
-                .clone()
-                .attempt(name.clone(), opts.ttl, as_owner, true, number);
+            let attempt =
+                inner
+                    .clone()
+                    .attempt(name.clone(), keys.clone(), opts.ttl, as_owner, true, number);
             let busy_for = match run_detached(attempt).await? {
                 Outcome::Won(acquired) => {
                     // The winning attempt took us out of the queue.
@@ -752,7 +794,7 @@ impl Backend for RedisLock {
                 // it come: a hand-off wakes no other client.
                 let (channel, role) = match inner.queues() {
                     true => (keys.turn_channel(&owner), Role::Queued(&owner)),
-                    false => (keys.channel.clone(), Role::Any),
+                    false => (keys.channel().to_owned(), Role::Any),
                 };
                 let subscribed = inner.subscriptions.subscribe(&channel, role, nodes);
                 subscription = Some(subscribed.await);
@@ -797,7 +839,7 @@ impl Backend for RedisLock {
                         queued.disarm();
                     }
                     let token = FencingToken(grant.token);
-                    let lease = RedisLease::new(inner.clone(), name.clone(), &keys.lock, owner);
+                    let lease = RedisLease::new(inner.clone(), name.clone(), keys.lock(), owner);
                     let lease = Box::new(lease.with_token(token));
                     return Ok(Acquired::new(token, valid_until, lease));
                 }
@@ -836,6 +878,51 @@ fn proposal() -> u64 {
     (now.as_micros().min((1 << 53) - 1)) as u64
 }
 
+/// `EVALSHA` of `script` with `keys` and `args`, written straight into one command.
+fn evalsha(script: &redis::Script, keys: &[&str], args: &[&str]) -> redis::Cmd {
+    let data = keys.iter().chain(args).map(|a| a.len()).sum::<usize>() + 64;
+    let mut call = redis::Cmd::with_capacity(3 + keys.len() + args.len(), data);
+    call.arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+    call
+}
+
+/// [`invoke`] on `node`, within `timeout`.
+async fn node_call<T: redis::FromRedisValue>(
+    node: &Node,
+    script: &redis::Script,
+    call: &redis::Cmd,
+    timeout: Duration,
+) -> Result<T> {
+    let mut conn = node.commands.clone();
+    match tokio::time::timeout(timeout, invoke(script, call, &mut conn)).await {
+        Ok(result) => result.map_err(|e| map_err(&node.address, e)),
+        Err(_) => Err(Error::connection(
+            "redis",
+            format!("{}: no answer within {timeout:?}", node.address),
+        )),
+    }
+}
+
+/// Sends `call` (an [`evalsha`] of `script`), loading the script first if the server does
+/// not know it yet (a restart, a `SCRIPT FLUSH`).
+async fn invoke<T: redis::FromRedisValue>(
+    script: &redis::Script,
+    call: &redis::Cmd,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<T> {
+    match call.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            call.query_async(conn).await
+        }
+        answer => answer,
+    }
+}
+
 /// A fresh owner id: what the lock key holds while the lock is ours.
 fn owner_id() -> Arc<str> {
     uuid::Uuid::new_v4().simple().to_string().into()
@@ -861,19 +948,19 @@ mod tests {
                 Duration::from_secs(5),
                 &scripts::ACQUIRE,
                 &[
-                    &keys.lock,
-                    &keys.fence,
-                    &keys.queue,
-                    &keys.alive,
-                    &keys.asked,
+                    keys.lock(),
+                    keys.fence(),
+                    keys.queue(),
+                    keys.alive(),
+                    keys.asked(),
                 ],
-                &["owner", "5000", "0", "2000", &keys.channel, &proposed, "0"],
+                &["owner", "5000", "0", "2000", keys.channel(), &proposed, "0"],
             )
             .await;
         let mut conn = inner.nodes[0].commands.clone();
         let deleted: i64 = redis::cmd("DEL")
-            .arg(&keys.lock)
-            .arg(&keys.fence)
+            .arg(keys.lock())
+            .arg(keys.fence())
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -915,6 +1002,65 @@ mod tests {
         let before = server_micros(&lock).await;
         let token = issued_for(&lock, &name, 1).await;
         assert!(token >= before, "token {token} behind the clock {before}");
+    }
+
+    /// Every key of a name sits in the one string at its own place: the lock key, then the
+    /// lock key with each suffix, the name percent-encoded inside the hash tag.
+    #[test]
+    fn keys_are_the_lock_key_and_its_suffixes() {
+        let name = LockName::new("orders/42: {x}").unwrap();
+        let keys = Keys::new("app:", &name);
+        let lock = "app:{orders%2F42%3A%20%7Bx%7D}";
+        assert_eq!(keys.lock(), lock);
+        let others = [
+            keys.fence(),
+            keys.value(),
+            keys.channel(),
+            keys.queue(),
+            keys.alive(),
+            keys.asked(),
+        ];
+        for (key, suffix) in others.into_iter().zip(SUFFIXES) {
+            assert_eq!(key, format!("{lock}{suffix}"));
+        }
+        assert_eq!(keys.turn_channel("ab"), format!("{lock}:released:ab"));
+    }
+
+    /// A server that forgot the scripts (a restart, `SCRIPT FLUSH`) is sent them again: the
+    /// acquisition, renewal and release that follow still work.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scripts_the_server_forgot_are_loaded_again() {
+        let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
+        let lock = RedisLock::connect(&url).await.unwrap();
+        let name = LockName::new(&lockkit_testkit::fresh_name("lockkit-redis/noscript")).unwrap();
+        let opts = LockOptions::new();
+        let mut conn = lock.inner.nodes[0].commands.clone();
+        for _ in 0..2 {
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let acquired = lock.lock(&name, &opts, None).await.unwrap();
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            acquired.lease.extend(Duration::from_secs(5)).await.unwrap();
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            acquired.lease.release().await.unwrap();
+        }
+        let held: Option<String> = redis::cmd("GET")
+            .arg(lock.lock_key(&name))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(held, None);
     }
 
     #[tokio::test]

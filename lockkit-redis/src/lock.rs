@@ -109,13 +109,14 @@ pub(crate) struct Node {
 
 /// The keys and channel of one lock name, all in one string: the lock key
 /// `<prefix>{<encoded name>}` (the braces make it a cluster hash tag, so every key of a name
-/// lands on one slot), then the lock key with each of [`SUFFIXES`] in turn. One allocation
-/// per acquisition or release, not one per key.
+/// lands on one slot), then the lock key with each of [`SUFFIXES`] in turn. Built once per
+/// acquisition (shared by its attempts) and once per release, not seven strings each time.
 #[derive(Debug)]
 pub(crate) struct Keys {
     all: String,
-    /// Where each key ends in `all`: the lock key, then one per suffix.
-    ends: [usize; 1 + SUFFIXES.len()],
+    /// Where each key starts in `all`, and where the last one ends: key `i` is
+    /// `all[bounds[i]..bounds[i + 1]]`.
+    bounds: [usize; 2 + SUFFIXES.len()],
 }
 
 /// The suffixes of a name's other keys, in [`Keys`]' order.
@@ -365,11 +366,11 @@ async fn refuse_eviction(nodes: &[Node], options: &RedisOptions, redlock: bool) 
 impl Keys {
     fn new(prefix: &str, name: &LockName) -> Keys {
         let encoded = name.encoded();
-        let tag = prefix.len() + encoded.len() + 2;
+        let lock_len = prefix.len() + encoded.len() + 2;
         let suffixes: usize = SUFFIXES.iter().map(|s| s.len()).sum();
-        let mut all = String::with_capacity(tag * (1 + SUFFIXES.len()) + suffixes);
-        let mut ends = [0; 1 + SUFFIXES.len()];
-        for (end, suffix) in ends.iter_mut().zip([""].iter().chain(&SUFFIXES)) {
+        let mut all = String::with_capacity(lock_len * (1 + SUFFIXES.len()) + suffixes);
+        let mut bounds = [0; 2 + SUFFIXES.len()];
+        for (end, suffix) in bounds[1..].iter_mut().zip([""].iter().chain(&SUFFIXES)) {
             all.push_str(prefix);
             all.push('{');
             all.push_str(&encoded);
@@ -377,12 +378,11 @@ impl Keys {
             all.push_str(suffix);
             *end = all.len();
         }
-        Keys { all, ends }
+        Keys { all, bounds }
     }
 
     fn nth(&self, i: usize) -> &str {
-        let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
-        &self.all[start..self.ends[i]]
+        &self.all[self.bounds[i]..self.bounds[i + 1]]
     }
 
     /// The lock key: the owner id while held.
@@ -484,8 +484,8 @@ impl Inner {
         let timeout = self.request_timeout(ttl);
         // Built once for every instance (a renewal batch has thousands of arguments), into
         // one buffer: the acquisition's hot path allocates little.
-        let call = evalsha(script, keys, args);
-        let on = |node| node_call(node, script, &call, timeout);
+        let call = ScriptCall::new(script, keys, args);
+        let on = |node| call.on(node, timeout);
         match &self.nodes[..] {
             [node] => vec![on(node).await],
             nodes => join_all(nodes.iter().map(on)).await,
@@ -655,12 +655,12 @@ impl Inner {
         queued: bool,
     ) -> Option<i64> {
         let renew = if queued { millis(ttl) } else { 0 }.to_string();
-        let call = evalsha(
+        let call = ScriptCall::new(
             &scripts::RECOVER,
             &[keys.lock(), keys.fence()],
             &[owner, &renew],
         );
-        let answer = node_call(node, &scripts::RECOVER, &call, self.request_timeout(ttl)).await;
+        let answer = call.on(node, self.request_timeout(ttl)).await;
         answer.ok().filter(|token: &i64| *token >= 0)
     }
 
@@ -878,48 +878,51 @@ fn proposal() -> u64 {
     (now.as_micros().min((1 << 53) - 1)) as u64
 }
 
-/// `EVALSHA` of `script` with `keys` and `args`, written straight into one command.
-fn evalsha(script: &redis::Script, keys: &[&str], args: &[&str]) -> redis::Cmd {
-    let data = keys.iter().chain(args).map(|a| a.len()).sum::<usize>() + 64;
-    let mut call = redis::Cmd::with_capacity(3 + keys.len() + args.len(), data);
-    call.arg("EVALSHA")
-        .arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys)
-        .arg(args);
-    call
+/// One call of a script: `EVALSHA` with its keys and arguments, written straight into one
+/// command (built once, sent to every instance), and the script to load first where the
+/// server does not know it yet (a restart, a `SCRIPT FLUSH`).
+struct ScriptCall<'a> {
+    script: &'a redis::Script,
+    command: redis::Cmd,
 }
 
-/// [`invoke`] on `node`, within `timeout`.
-async fn node_call<T: redis::FromRedisValue>(
-    node: &Node,
-    script: &redis::Script,
-    call: &redis::Cmd,
-    timeout: Duration,
-) -> Result<T> {
-    let mut conn = node.commands.clone();
-    match tokio::time::timeout(timeout, invoke(script, call, &mut conn)).await {
-        Ok(result) => result.map_err(|e| map_err(&node.address, e)),
-        Err(_) => Err(Error::connection(
-            "redis",
-            format!("{}: no answer within {timeout:?}", node.address),
-        )),
+impl<'a> ScriptCall<'a> {
+    fn new(script: &'a redis::Script, keys: &[&str], args: &[&str]) -> Self {
+        let data = keys.iter().chain(args).map(|a| a.len()).sum::<usize>() + 64;
+        let mut command = redis::Cmd::with_capacity(3 + keys.len() + args.len(), data);
+        command
+            .arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        ScriptCall { script, command }
     }
-}
 
-/// Sends `call` (an [`evalsha`] of `script`), loading the script first if the server does
-/// not know it yet (a restart, a `SCRIPT FLUSH`).
-async fn invoke<T: redis::FromRedisValue>(
-    script: &redis::Script,
-    call: &redis::Cmd,
-    conn: &mut ConnectionManager,
-) -> redis::RedisResult<T> {
-    match call.query_async(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            call.query_async(conn).await
+    /// The call on `node`, within `timeout`.
+    async fn on<T: redis::FromRedisValue>(&self, node: &Node, timeout: Duration) -> Result<T> {
+        let mut conn = node.commands.clone();
+        match tokio::time::timeout(timeout, self.send(&mut conn)).await {
+            Ok(result) => result.map_err(|e| map_err(&node.address, e)),
+            Err(_) => Err(Error::connection(
+                "redis",
+                format!("{}: no answer within {timeout:?}", node.address),
+            )),
         }
-        answer => answer,
+    }
+
+    /// Sends the command; on `NOSCRIPT`, loads the script and sends it once more.
+    async fn send<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> redis::RedisResult<T> {
+        match self.command.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.script.load_async(conn).await?;
+                self.command.query_async(conn).await
+            }
+            answer => answer,
+        }
     }
 }
 
@@ -936,6 +939,10 @@ pub(crate) fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Taken by the tests here that run scripts on the test server: `SCRIPT FLUSH` empties the
+    /// whole server's script cache, and a script loaded again could be flushed before its call.
+    static SCRIPTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     /// Runs the acquisition script on a single instance with `proposed` as the proposed
     /// token; the token issued, and the lock's keys deleted again.
@@ -982,6 +989,7 @@ mod tests {
     /// that clock once it is that far past the last token.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_proposed_token_never_runs_far_ahead_of_the_server_clock() {
+        let _alone = SCRIPTS.lock().await;
         let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
         let lock = RedisLock::connect(&url).await.unwrap();
         let name = LockName::new(&lockkit_testkit::fresh_name("lockkit-redis/proposal")).unwrap();
@@ -1009,18 +1017,21 @@ mod tests {
     #[test]
     fn keys_are_the_lock_key_and_its_suffixes() {
         let name = LockName::new("orders/42: {x}").unwrap();
-        let keys = Keys::new("app:", &name);
-        let lock = "app:{orders%2F42%3A%20%7Bx%7D}";
+        // A prefix of several-byte characters: every key still starts and ends where it should.
+        let keys = Keys::new("ключ:", &name);
+        let lock = "ключ:{orders%2F42%3A%20%7Bx%7D}";
         assert_eq!(keys.lock(), lock);
+        // The names the servers hold (and other versions of lockkit use): written out, not
+        // taken from `SUFFIXES`.
         let others = [
-            keys.fence(),
-            keys.value(),
-            keys.channel(),
-            keys.queue(),
-            keys.alive(),
-            keys.asked(),
+            (keys.fence(), ":fence"),
+            (keys.value(), ":value"),
+            (keys.channel(), ":released"),
+            (keys.queue(), ":queue"),
+            (keys.alive(), ":alive"),
+            (keys.asked(), ":asked"),
         ];
-        for (key, suffix) in others.into_iter().zip(SUFFIXES) {
+        for (key, suffix) in others {
             assert_eq!(key, format!("{lock}{suffix}"));
         }
         assert_eq!(keys.turn_channel("ab"), format!("{lock}:released:ab"));
@@ -1030,6 +1041,7 @@ mod tests {
     /// acquisition, renewal and release that follow still work.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn scripts_the_server_forgot_are_loaded_again() {
+        let _alone = SCRIPTS.lock().await;
         let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
         let lock = RedisLock::connect(&url).await.unwrap();
         let name = LockName::new(&lockkit_testkit::fresh_name("lockkit-redis/noscript")).unwrap();

@@ -944,6 +944,17 @@ mod tests {
     /// whole server's script cache, and a script loaded again could be flushed before its call.
     static SCRIPTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+    /// [`SCRIPTS`], a client of the test server and a fresh name under `prefix`.
+    async fn on_the_server(
+        prefix: &str,
+    ) -> (tokio::sync::MutexGuard<'static, ()>, RedisLock, LockName) {
+        let alone = SCRIPTS.lock().await;
+        let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
+        let lock = RedisLock::connect(&url).await.unwrap();
+        let name = LockName::new(&lockkit_testkit::fresh_name(prefix)).unwrap();
+        (alone, lock, name)
+    }
+
     /// Runs the acquisition script on a single instance with `proposed` as the proposed
     /// token; the token issued, and the lock's keys deleted again.
     async fn issued_for(lock: &RedisLock, name: &LockName, proposed: u64) -> i64 {
@@ -989,10 +1000,7 @@ mod tests {
     /// that clock once it is that far past the last token.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_proposed_token_never_runs_far_ahead_of_the_server_clock() {
-        let _alone = SCRIPTS.lock().await;
-        let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
-        let lock = RedisLock::connect(&url).await.unwrap();
-        let name = LockName::new(&lockkit_testkit::fresh_name("lockkit-redis/proposal")).unwrap();
+        let (_alone, lock, name) = on_the_server("lockkit-redis/proposal").await;
 
         let before = server_micros(&lock).await;
         let token = issued_for(&lock, &name, before as u64 + 3_600_000_000).await;
@@ -1041,30 +1049,16 @@ mod tests {
     /// acquisition, renewal and release that follow still work.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn scripts_the_server_forgot_are_loaded_again() {
-        let _alone = SCRIPTS.lock().await;
-        let url = lockkit_testkit::service_url("LOCKKIT_REDIS_URL");
-        let lock = RedisLock::connect(&url).await.unwrap();
-        let name = LockName::new(&lockkit_testkit::fresh_name("lockkit-redis/noscript")).unwrap();
+        let (_alone, lock, name) = on_the_server("lockkit-redis/noscript").await;
         let opts = LockOptions::new();
         let mut conn = lock.inner.nodes[0].commands.clone();
+        let flush = redis::cmd("SCRIPT").arg("FLUSH").clone();
         for _ in 0..2 {
-            let () = redis::cmd("SCRIPT")
-                .arg("FLUSH")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let () = flush.query_async(&mut conn).await.unwrap();
             let acquired = lock.lock(&name, &opts, None).await.unwrap();
-            let () = redis::cmd("SCRIPT")
-                .arg("FLUSH")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let () = flush.query_async(&mut conn).await.unwrap();
             acquired.lease.extend(Duration::from_secs(5)).await.unwrap();
-            let () = redis::cmd("SCRIPT")
-                .arg("FLUSH")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let () = flush.query_async(&mut conn).await.unwrap();
             acquired.lease.release().await.unwrap();
         }
         let held: Option<String> = redis::cmd("GET")

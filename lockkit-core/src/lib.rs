@@ -9,7 +9,6 @@ mod error;
 mod guard;
 mod locks;
 mod name;
-mod nursery;
 mod options;
 mod semaphore;
 pub mod telemetry;

@@ -436,19 +436,22 @@ impl LockGuard {
 /// guard's task (see `keeper_task_fits_in_512_bytes`).
 #[allow(clippy::manual_async_fn)]
 fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Output = ()> + Send {
-    async move {
-        /// Marks the keeper finished however it ends (also when its runtime drops it), so
-        /// `lost()` futures resolve.
-        struct Finished<'a>(&'a Shared);
-        impl Drop for Finished<'_> {
-            fn drop(&mut self) {
-                self.0
-                    .finished
-                    .store(true, std::sync::atomic::Ordering::Release);
-                self.0.lost_changed.notify_waiters();
-            }
+    /// Marks the keeper finished however it ends, so `lost()` futures resolve: also when its
+    /// runtime drops it, and when that happens before it ever ran (a runtime shutting down
+    /// drops its tasks unpolled), which is why the task owns this from the start instead of
+    /// making it when it first runs.
+    struct Finished(Arc<Shared>);
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            self.0
+                .finished
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.0.lost_changed.notify_waiters();
         }
-        let _finished = Finished(&shared);
+    }
+    let finished = Finished(shared);
+    async move {
+        let shared = &finished.0;
         // The backend's loss signal, made once and polled for as long as the lock is held.
         let lease_lost = lease.lost();
         tokio::pin!(lease_lost);
@@ -516,7 +519,7 @@ fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Output = ()> 
                 }
             };
             if renew {
-                let mut renewing = renewal(&shared, lease.as_ref());
+                let mut renewing = renewal(shared, lease.as_ref());
                 next_renewal = loop {
                     tokio::select! {
                         biased;
@@ -546,7 +549,7 @@ fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Output = ()> 
         }
         let result = match (released, shared.lost_reason()) {
             (true, Some(reason)) => Err(Error::lost(shared.name.as_str(), reason)),
-            _ => Box::pin(release_with_retries(&shared, lease.as_ref())).await,
+            _ => Box::pin(release_with_retries(shared, lease.as_ref())).await,
         };
         match result {
             Ok(()) => tracing::debug!(?held, "released on drop"),
@@ -903,29 +906,34 @@ mod tests {
         assert_eq!(script.releases.load(Ordering::SeqCst), 1, "released twice");
     }
 
-    /// A `lost()` future outliving the runtime that ran the keeper still resolves.
+    /// A `lost()` future outliving the runtime that ran the keeper still resolves: also when
+    /// the runtime shut down before the keeper ever ran (it drops such a task unpolled).
     #[test]
     fn lost_futures_resolve_when_the_keepers_runtime_shuts_down() {
-        let script = Arc::new(Script::default());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (guard, lost) = runtime.block_on(async {
-            let guard = guard(&script, &LockOptions::new().ttl(TTL));
-            tokio::task::yield_now().await;
-            let lost = guard.lost();
-            (guard, lost)
-        });
-        drop(runtime);
-        let other = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let reason =
-            other.block_on(async { tokio::time::timeout(Duration::from_secs(5), lost).await });
-        assert_eq!(reason, Ok(LostReason::Released));
-        drop(guard);
+        for ran in [true, false] {
+            let script = Arc::new(Script::default());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (guard, lost) = runtime.block_on(async {
+                let guard = guard(&script, &LockOptions::new().ttl(TTL));
+                if ran {
+                    tokio::task::yield_now().await;
+                }
+                let lost = guard.lost();
+                (guard, lost)
+            });
+            drop(runtime);
+            let other = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let reason =
+                other.block_on(async { tokio::time::timeout(Duration::from_secs(5), lost).await });
+            assert_eq!(reason, Ok(LostReason::Released), "keeper ran: {ran}");
+            drop(guard);
+        }
     }
 
     /// A release whose caller gives up after 5 ms goes on without it: one request, completed.

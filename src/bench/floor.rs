@@ -404,6 +404,23 @@ impl Floor {
         })
     }
 
+    /// The Redis key of the fenced rounds' counter (removed by [`Floor::close`]).
+    #[cfg(feature = "redis")]
+    fn redis_counter(&self) -> String {
+        format!("{}:fence", self.key)
+    }
+
+    /// The key's Consul KV path.
+    fn kv_path(&self) -> String {
+        format!("/v1/kv/{}", self.key)
+    }
+
+    /// The key's ZooKeeper node.
+    #[cfg(feature = "zk")]
+    fn zk_node(&self) -> String {
+        format!("/{}", self.key)
+    }
+
     /// One round: take and free this process's key; `fenced` with the token where the
     /// backend's lock does not carry one by itself.
     pub async fn round(&self, fenced: bool) -> Result<(), BoxError> {
@@ -419,7 +436,7 @@ impl Floor {
         match &self.client {
             #[cfg(feature = "redis")]
             Client::Redis(instances) => {
-                let counter = format!("{key}:fence");
+                let counter = self.redis_counter();
                 futures_util::future::try_join_all(instances.iter().map(|conn| {
                     let (mut conn, counter) = (conn.clone(), counter.as_str());
                     async move {
@@ -472,7 +489,7 @@ impl Floor {
             #[cfg(feature = "zk")]
             Client::Zk(client, _) => {
                 let mode = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
-                client.create(&format!("/{key}"), b"", &mode).await?;
+                client.create(&self.zk_node(), b"", &mode).await?;
             }
             Client::Consul(http, session) => {
                 let mut http = http.lock().await;
@@ -485,7 +502,7 @@ impl Floor {
                         expect(done.contains("ModifyIndex"), "the session lock was refused")?;
                     }
                     false => {
-                        let put = http.call("PUT", &format!("/v1/kv/{key}"), "").await?;
+                        let put = http.call("PUT", &self.kv_path(), "").await?;
                         expect(put == "true", "KV PUT failed")?;
                     }
                 }
@@ -587,12 +604,12 @@ impl Floor {
                 etcd_client::Client::clone(client).delete(key, None).await?;
             }
             #[cfg(feature = "zk")]
-            Client::Zk(client, _) => client.delete(&format!("/{key}"), None).await?,
+            Client::Zk(client, _) => client.delete(&self.zk_node(), None).await?,
             Client::Consul(http, session) => {
                 let mut http = http.lock().await;
                 let (method, path) = match fenced {
-                    true => ("PUT", format!("/v1/kv/{key}?release={session}")),
-                    false => ("DELETE", format!("/v1/kv/{key}")),
+                    true => ("PUT", format!("{}?release={session}", self.kv_path())),
+                    false => ("DELETE", self.kv_path()),
                 };
                 expect(
                     http.call(method, &path, "").await? == "true",
@@ -627,7 +644,6 @@ impl Floor {
     /// Consul session and whatever it still holds. Best effort: an error is returned, but
     /// everything is tried.
     pub async fn close(self) -> Result<(), BoxError> {
-        let key = self.key.as_str();
         let mut failed: Option<BoxError> = None;
         let mut note = |result: Result<(), BoxError>| {
             if let Err(e) = result {
@@ -640,7 +656,7 @@ impl Floor {
                 for conn in instances {
                     let mut conn = conn.clone();
                     let deleted: Result<i64, _> = ::redis::cmd("DEL")
-                        .arg(format!("{key}:fence"))
+                        .arg(self.redis_counter())
                         .query_async(&mut conn)
                         .await;
                     note(deleted.map(drop).map_err(Into::into));
@@ -657,19 +673,15 @@ impl Floor {
                 let mut http = http.lock().await;
                 let path = format!("/v1/session/destroy/{session}");
                 note(http.call("PUT", &path, "").await.map(drop));
-                note(
-                    http.call("DELETE", &format!("/v1/kv/{key}"), "")
-                        .await
-                        .map(drop),
-                );
+                note(http.call("DELETE", &self.kv_path(), "").await.map(drop));
             }
             #[cfg(feature = "postgres")]
             Client::PgAdvisory(conn) | Client::PgTable(conn) => {
-                note(delete_counter!(conn, key, "$1"));
+                note(delete_counter!(conn, self.key.as_str(), "$1"));
             }
             #[cfg(feature = "mysql")]
             Client::MySqlAdvisory(conn) | Client::MySqlTable(conn) => {
-                note(delete_counter!(conn, key, "?"));
+                note(delete_counter!(conn, self.key.as_str(), "?"));
             }
             #[allow(unreachable_patterns)]
             _ => {}

@@ -94,6 +94,16 @@ pub trait Lease: Send + Sync + Debug + 'static {
         std::future::pending().await
     }
 
+    /// Whether [`Lease::lost`] can resolve. The default, `true`, is always safe. A lease
+    /// that keeps the default `lost` may answer `false`: its guard's keeper, which would
+    /// have nothing to watch until the first renewal or the end of the lease, then starts
+    /// only if the guard is still held a few tens of milliseconds after the acquisition, so
+    /// a short hold costs no task. A lease whose `lost` can resolve must answer `true`, or
+    /// its guard would notice that loss late.
+    fn signals_loss(&self) -> bool {
+        true
+    }
+
     /// Stores `value` with the lock while this lease holds it (an elected leader's
     /// announcement, replaced by each call), for [`Admin::inspect`] to report as
     /// [`LockInfo::value`] and [`Admin::changed`] to wake on. Owner-only like

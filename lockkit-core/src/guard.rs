@@ -25,18 +25,31 @@ use crate::token::FencingToken;
 pub struct LockGuard {
     shared: Arc<Shared>,
     lease: Arc<dyn Lease>,
+    /// The runtime the guard was made on, where its keeper runs.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Stops the keeper (the guard dropped, or [`LockGuard::release`]): it then releases in the
-/// background, unless `release` releases from the caller's task.
+/// background, unless `release` releases from the caller's task. A keeper still waiting to
+/// start (a lease that never signals loss, held only briefly) is started now, to release at
+/// once.
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.shared.stop();
+        self.start_keeper();
     }
 }
 
+/// [`Shared::keeper`]: the keeper waits in the [nursery](crate::nursery) to start.
+const KEEPER_WAITING: u8 = 0;
+/// [`Shared::keeper`]: the keeper was started (or is being started).
+const KEEPER_STARTED: u8 = 1;
+/// [`Shared::keeper`]: the guard was released before its keeper started, or the nursery
+/// closed (its runtime shut down) while the keeper waited: it never starts.
+const KEEPER_NEVER: u8 = 2;
+
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     backend: &'static str,
     name: LockName,
     token: FencingToken,
@@ -63,6 +76,8 @@ struct Shared {
     stopped: std::sync::atomic::AtomicBool,
     /// Wakes [`LockGuard::lost`] futures when `lost` or `finished` changes.
     lost_changed: Notify,
+    /// Whether the keeper started: `KEEPER_WAITING`, `KEEPER_STARTED` or `KEEPER_NEVER`.
+    keeper: std::sync::atomic::AtomicU8,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,8 +200,61 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Takes the keeper's start on the caller: true if it was waiting (and is now started).
+    pub(crate) fn claim_keeper(&self) -> bool {
+        self.keeper_from(KEEPER_STARTED)
+    }
+
+    /// Gives up a keeper still waiting: true if it was (and now never starts).
+    pub(crate) fn forgo_keeper(&self) -> bool {
+        self.keeper_from(KEEPER_NEVER)
+    }
+
+    fn keeper_from(&self, to: u8) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        self.keeper
+            .compare_exchange(KEEPER_WAITING, to, AcqRel, Acquire)
+            .is_ok()
+    }
+
+    /// What the keeper does when it ends, for a keeper that never started.
+    pub(crate) fn keeper_done(&self) {
+        metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => self.backend)
+            .record(self.acquired_at.elapsed().as_secs_f64());
+        self.finish();
+    }
+
+    /// Marks the keeper finished, so `lost()` futures resolve.
+    pub(crate) fn finish(&self) {
+        self.finished
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.lost_changed.notify_waiters();
+    }
+
+    /// The keeper's span.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "lockkit.hold",
+            backend = self.backend,
+            lock = %self.name,
+            token = self.token.0,
+        )
+    }
+
+    /// When the keeper first has something to do: the first renewal, or the end of the lease.
+    fn first_duty(&self) -> Instant {
+        let clock = self.clock();
+        let valid_until = clock.valid_until();
+        clock
+            .renewal_due()
+            .map_or(valid_until, |at| at.min(valid_until))
+    }
+}
+
 impl LockGuard {
-    /// Starts the keeper task for a fresh acquisition. Needs a Tokio runtime.
+    /// Makes the guard of a fresh acquisition and starts its keeper, at once or from the
+    /// [nursery](crate::nursery). Needs a Tokio runtime.
     pub(crate) fn start(
         backend: &'static str,
         name: LockName,
@@ -235,16 +303,32 @@ impl LockGuard {
             releasing: std::sync::atomic::AtomicBool::new(false),
             stopped: std::sync::atomic::AtomicBool::new(false),
             lost_changed: Notify::new(),
+            keeper: std::sync::atomic::AtomicU8::new(KEEPER_WAITING),
         });
         let lease: Arc<dyn Lease> = Arc::from(acquired.lease);
-        let span = tracing::info_span!(
-            "lockkit.hold",
-            backend,
-            lock = %shared.name,
-            token = shared.token.0,
-        );
-        runtime.spawn(keep(shared.clone(), lease.clone()).instrument(span));
-        Ok(LockGuard { shared, lease })
+        // A lease whose backend never signals loss needs its keeper only for its first
+        // renewal or the end of the lease: if that is far enough, the keeper waits in the
+        // nursery, and a guard released before it starts costs no task at all.
+        let queued = !lease.signals_loss()
+            && shared.first_duty() > now + crate::nursery::LATEST
+            && crate::nursery::queue(&runtime, &shared, &lease, shared.span());
+        let guard = LockGuard {
+            shared,
+            lease,
+            runtime,
+        };
+        if !queued {
+            guard.start_keeper();
+        }
+        Ok(guard)
+    }
+
+    /// Starts the keeper if it is still waiting.
+    fn start_keeper(&self) {
+        if self.shared.claim_keeper() {
+            let keeper = keep(self.shared.clone(), self.lease.clone());
+            self.runtime.spawn(keeper.instrument(self.shared.span()));
+        }
     }
 
     /// The lease this guard holds, for the election handle built on it.
@@ -338,6 +422,8 @@ impl LockGuard {
     /// [`Error::InvalidOptions`] for a TTL outside the backend's limits.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         validate_ttl(ttl, self.shared.ttl_limits.0, self.shared.ttl_limits.1)?;
+        // A shorter TTL may bring the next renewal before the nursery would start the keeper.
+        self.start_keeper();
         // Waits for a renewal in flight: it is applied first, and this extend after it.
         let _one_at_a_time = self.shared.extending.lock().await;
         let started = Instant::now();
@@ -407,6 +493,10 @@ impl LockGuard {
                 .releasing
                 .store(true, std::sync::atomic::Ordering::Release);
             self.shared.stop();
+            // A keeper still waiting never starts: it would have had nothing to do.
+            if self.shared.forgo_keeper() {
+                self.shared.keeper_done();
+            }
             let (shared, lease) = (self.shared.clone(), self.lease.clone());
             let release = async move {
                 // After any renewal in flight, so the server sees the release last.
@@ -428,25 +518,23 @@ impl LockGuard {
     }
 }
 
-/// The keeper: one task per guard. Renews the lease, watches the backend's loss signal and
+/// The keeper: one task per guard (started at acquisition, or a little later by the
+/// [nursery](crate::nursery)). Renews the lease, watches the backend's loss signal and
 /// the lease's validity, and releases when the guard asks or is dropped.
 ///
 /// A plain function returning an `async move` block rather than an `async fn`: the block
 /// uses its captures in place, where an `async fn` would keep its arguments twice in every
 /// guard's task (see `keeper_task_fits_in_512_bytes`).
 #[allow(clippy::manual_async_fn)]
-fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Output = ()> + Send {
-    /// Marks the keeper finished however it ends, so `lost()` futures resolve: also when its
-    /// runtime drops it, and when that happens before it ever ran (a runtime shutting down
-    /// drops its tasks unpolled), which is why the task owns this from the start instead of
-    /// making it when it first runs.
+pub(crate) fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Output = ()> + Send {
+    /// Marks the keeper finished however it ends, so `lost()` futures resolve: also when
+    /// its runtime drops it, and when that happens before it ever ran (a runtime shutting
+    /// down drops what is spawned on it unpolled), which is why the task owns it from the
+    /// start rather than making it when it first runs.
     struct Finished(Arc<Shared>);
     impl Drop for Finished {
         fn drop(&mut self) {
-            self.0
-                .finished
-                .store(true, std::sync::atomic::Ordering::Release);
-            self.0.lost_changed.notify_waiters();
+            self.0.finish();
         }
     }
     let finished = Finished(shared);
@@ -681,6 +769,8 @@ mod tests {
         value_failures: AtomicU32,
         /// `set_value` calls made.
         values: AtomicU32,
+        /// The lease says it never signals loss ([`Lease::signals_loss`]), like Redis's.
+        quiet: AtomicBool,
     }
 
     #[derive(Debug)]
@@ -748,6 +838,21 @@ mod tests {
         fn fixed_ttl(&self) -> Option<Duration> {
             self.0.fixed
         }
+
+        fn signals_loss(&self) -> bool {
+            !self.0.quiet.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A lease that never signals loss: its guard's keeper may wait in the nursery.
+    fn quiet() -> Arc<Script> {
+        let script = Script::default();
+        script.quiet.store(true, Ordering::SeqCst);
+        Arc::new(script)
+    }
+
+    fn keeper(guard: &LockGuard) -> u8 {
+        guard.shared.keeper.load(Ordering::SeqCst)
     }
 
     const TTL: Duration = Duration::from_secs(3);
@@ -906,12 +1011,17 @@ mod tests {
         assert_eq!(script.releases.load(Ordering::SeqCst), 1, "released twice");
     }
 
-    /// A `lost()` future outliving the runtime that ran the keeper still resolves: also when
-    /// the runtime shut down before the keeper ever ran (it drops such a task unpolled).
+    /// A `lost()` future outliving the runtime that ran the keeper still resolves: a keeper
+    /// that ran, one the runtime dropped before it ever ran, and one still waiting in the
+    /// nursery (which may not have run either).
     #[test]
     fn lost_futures_resolve_when_the_keepers_runtime_shuts_down() {
-        for ran in [true, false] {
-            let script = Arc::new(Script::default());
+        for (script, ran) in [
+            (Arc::new(Script::default()), true),
+            (Arc::new(Script::default()), false),
+            (quiet(), true),
+            (quiet(), false),
+        ] {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -931,7 +1041,12 @@ mod tests {
                 .unwrap();
             let reason =
                 other.block_on(async { tokio::time::timeout(Duration::from_secs(5), lost).await });
-            assert_eq!(reason, Ok(LostReason::Released), "keeper ran: {ran}");
+            assert_eq!(
+                reason,
+                Ok(LostReason::Released),
+                "quiet {}, ran {ran}",
+                !script.quiet.load(Ordering::SeqCst)
+            );
             drop(guard);
         }
     }
@@ -996,6 +1111,149 @@ mod tests {
         assert_eq!(lost.await, LostReason::Released);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+
+    /// A guard released before its keeper's time costs no keeper: the keeper never starts,
+    /// the lease is released once, by `release`, and `lost()` resolves.
+    #[tokio::test(start_paused = true)]
+    async fn a_short_hold_on_a_quiet_lease_never_starts_a_keeper() {
+        let script = quiet();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        assert_eq!(keeper(&guard), KEEPER_WAITING);
+        let shared = guard.shared.clone();
+        let lost = guard.lost();
+        guard.release().await.unwrap();
+        let lost = tokio::time::timeout(crate::nursery::DELAY, lost).await;
+        assert_eq!(lost, Ok(LostReason::Released));
+        assert_eq!(shared.keeper.load(Ordering::SeqCst), KEEPER_NEVER);
+        tokio::time::sleep(TTL * 2).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+        assert_eq!(extends(&script), 0);
+    }
+
+    /// A guard still held when the nursery's delay is over gets its keeper: it renews as
+    /// every guard does.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_lease_held_on_is_renewed() {
+        let script = quiet();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        tokio::time::sleep(crate::nursery::LATEST).await;
+        assert_eq!(keeper(&guard), KEEPER_STARTED);
+        tokio::time::sleep(TTL * 2).await;
+        assert!(extends(&script) >= 5, "{} renewals", extends(&script));
+        assert!(guard.is_held());
+        guard.release().await.unwrap();
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+
+    /// Dropped before its keeper started: the drop starts it, and it releases at once, not
+    /// when the nursery would have started it.
+    #[tokio::test(start_paused = true)]
+    async fn dropping_a_guard_whose_keeper_waits_releases_at_once() {
+        let script = quiet();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        let lost = guard.lost();
+        let dropped = Instant::now();
+        drop(guard);
+        let lost = tokio::time::timeout(crate::nursery::LATEST, lost).await;
+        assert_eq!(lost, Ok(LostReason::Released));
+        assert!(
+            dropped.elapsed() < crate::nursery::DELAY,
+            "{:?}",
+            dropped.elapsed()
+        );
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+    }
+
+    /// The keeper starts at once where it may have something to do soon: a lease that
+    /// signals loss, or a first renewal before the nursery's latest start.
+    #[tokio::test(start_paused = true)]
+    async fn keepers_with_work_soon_start_at_once() {
+        let loud = Arc::new(Script::default());
+        let held = guard(&loud, &LockOptions::new().ttl(TTL));
+        assert_eq!(keeper(&held), KEEPER_STARTED);
+        let lost = held.lost();
+        tokio::task::yield_now().await;
+        loud.session_gone.notify_one();
+        assert!(matches!(lost.await, LostReason::SessionLost(_)));
+        let short = crate::nursery::LATEST * 2;
+        let soon = guard(&quiet(), &LockOptions::new().ttl(short));
+        assert_eq!(keeper(&soon), KEEPER_STARTED);
+    }
+
+    /// An extend starts a waiting keeper: a shorter TTL may bring the next renewal before
+    /// the nursery would.
+    #[tokio::test(start_paused = true)]
+    async fn an_extend_starts_a_waiting_keeper() {
+        let script = quiet();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        // Shorter than the nursery's delay: only a keeper started now renews it in time.
+        guard.extend(crate::nursery::DELAY / 2).await.unwrap();
+        assert_eq!(keeper(&guard), KEEPER_STARTED);
+        tokio::time::sleep(crate::nursery::LATEST).await;
+        assert!(extends(&script) >= 5, "{} renewals", extends(&script));
+        assert!(guard.is_held(), "{:?}", guard.lost_reason());
+    }
+
+    /// Guards queued after the nursery went idle (its queue empty) still get their keepers.
+    #[tokio::test(start_paused = true)]
+    async fn the_nursery_wakes_for_guards_queued_after_it_went_idle() {
+        let script = quiet();
+        for _ in 0..3 {
+            let guard = guard(&script, &LockOptions::new().ttl(TTL));
+            assert_eq!(keeper(&guard), KEEPER_WAITING);
+            tokio::time::sleep(crate::nursery::LATEST).await;
+            assert_eq!(keeper(&guard), KEEPER_STARTED);
+            tokio::time::sleep(crate::nursery::LATEST * 3).await;
+            guard.release().await.unwrap();
+        }
+        assert_eq!(script.releases.load(Ordering::SeqCst), 3);
+    }
+
+    /// A guard found lost while its keeper waits (a request with its lease learnt it) says so
+    /// at once, and its lease is released once the keeper starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_loss_noted_while_the_keeper_waits_is_released_by_it() {
+        let script = quiet();
+        let guard = guard(&script, &LockOptions::new().ttl(TTL));
+        let _ = guard.note(Error::lost("x", LostReason::NotOwner));
+        let lost = tokio::time::timeout(Duration::from_millis(1), guard.lost()).await;
+        assert_eq!(lost, Ok(LostReason::NotOwner));
+        tokio::time::sleep(crate::nursery::LATEST).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 1);
+        assert!(matches!(guard.release().await, Err(Error::LockLost { .. })));
+    }
+
+    /// Guards dropped or released from many threads while the nursery starts keepers: each
+    /// lease is released exactly once, and every `lost()` future resolves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drops_and_releases_racing_the_nursery_release_each_lease_once() {
+        let script = quiet();
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..4u64 {
+            let script = script.clone();
+            tasks.spawn(async move {
+                for i in 0..40u64 {
+                    let guard = guard(&script, &LockOptions::new().ttl(TTL));
+                    let lost = guard.lost();
+                    // Around the nursery's delay and batch: before, during and after.
+                    let ms = (i * 7 + task * 3) % 40;
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    if i % 2 == 0 {
+                        guard.release().await.unwrap();
+                    } else {
+                        drop(guard);
+                    }
+                    let lost = tokio::time::timeout(Duration::from_secs(5), lost).await;
+                    assert_eq!(lost, Ok(LostReason::Released));
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.releases.load(Ordering::SeqCst), 160);
     }
 
     /// A lease like a Consul session: its server-side TTL is `TTL`, whatever `extend` asks.
@@ -1273,6 +1531,7 @@ mod tests {
             releasing: Default::default(),
             stopped: Default::default(),
             lost_changed: Notify::new(),
+            keeper: Default::default(),
         });
         let keeper = keep(shared, Arc::new(ScriptedLease(script)))
             .instrument(tracing::info_span!("lockkit.hold"));

@@ -9,6 +9,7 @@ mod error;
 mod guard;
 mod locks;
 mod name;
+mod nursery;
 mod options;
 mod semaphore;
 pub mod telemetry;

@@ -141,6 +141,11 @@ impl Lease for RedisLease {
         Err(self.short_of_quorum(answers, "storing the value"))
     }
 
+    /// Loss is found by the renewal that fails, or at the end of the lease.
+    fn signals_loss(&self) -> bool {
+        false
+    }
+
     async fn release(&self) -> Result<()> {
         let inner = &self.inner;
         let (released, failed) = self.release_all(true).await;

@@ -120,6 +120,11 @@ impl<D: Dialect> Lease for SessionLease<D> {
         }
     }
 
+    /// Loss is found by the renewal that fails, or at the end of the lease.
+    fn signals_loss(&self) -> bool {
+        false
+    }
+
     async fn release(&self) -> Result<()> {
         let mut session = self.holder.lock().await;
         if self.released.swap(true, Ordering::SeqCst) {
@@ -307,6 +312,11 @@ impl<D: Dialect> Lease for TableLease<D> {
             Some(sent) => Ok(lease_end(sent, ttl)),
             None => Err(Error::lost(self.name.as_str(), LostReason::NotOwner)),
         }
+    }
+
+    /// Loss is found by the renewal that fails, or at the end of the lease.
+    fn signals_loss(&self) -> bool {
+        false
     }
 
     async fn release(&self) -> Result<()> {

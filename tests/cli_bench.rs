@@ -63,6 +63,12 @@ fn check(report: &Value, labels: &[&str]) {
             }
         }
         assert!(number(result, "uncontended.ratio_to_fenced_floor") > 0.0);
+        for side in ["lockkit", "floor_fenced"] {
+            // Every cycle waits for a reply (a server's, or SQLite's worker thread's).
+            let work = format!("uncontended.work.{side}");
+            assert!(number(result, &format!("{work}.cpu_us_per_cycle")) > 0.0);
+            assert!(number(result, &format!("{work}.context_switches_per_cycle")) > 0.0);
+        }
         assert!(number(result, "contended.acquisitions") > 0.0);
         number(result, "contended.acquisitions_per_second");
         let fairness = number(result, "contended.fairness");

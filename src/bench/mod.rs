@@ -114,6 +114,39 @@ pub struct Uncontended {
     pub ratio: f64,
     /// Median over the rounds of lockkit's mean ÷ the unfenced floor's mean.
     pub unfenced_ratio: Option<f64>,
+    /// What a lockkit cycle costs this process, all rounds.
+    pub lockkit_work: Work,
+    /// What a fenced floor's round costs this process, all rounds.
+    pub floor_work: Work,
+}
+
+/// What one cycle of a loop costs the client, on average: this process's CPU time and
+/// context switches (all its threads; for SQLite the database engine's too), from
+/// `getrusage` before and after each round's loop. Sturdier than latency on a busy machine:
+/// a thread woken for nothing costs a switch and CPU whether or not it delays the caller.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Work {
+    /// CPU time per cycle, user and system.
+    pub cpu: Duration,
+    /// Context switches per cycle.
+    pub switches: f64,
+}
+
+impl Work {
+    fn per_cycle(used: sys::Usage, cycles: usize) -> Work {
+        let cycles = cycles.max(1);
+        Work {
+            cpu: used.cpu / u32::try_from(cycles).unwrap_or(u32::MAX),
+            switches: used.switches as f64 / cycles as f64,
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!({
+            "cpu_us_per_cycle": self.cpu.as_secs_f64() * 1e6,
+            "context_switches_per_cycle": self.switches,
+        })
+    }
 }
 
 /// The failover measurement.
@@ -311,13 +344,19 @@ async fn uncontended(
     };
     let (mut ours, mut fenced, mut unfenced) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ratios, mut unfenced_ratios) = (Vec::new(), Vec::new());
-    for _ in 0..settings.rounds.max(1) {
+    let (mut ours_used, mut floor_used) = (sys::Usage::default(), sys::Usage::default());
+    let rounds = settings.rounds.max(1);
+    for _ in 0..rounds {
+        let before = sys::usage();
         let f = step(try_time_loop(n, warmup, || floor.round(true)).await)?;
+        floor_used = floor_used.plus(sys::usage().since(before));
         let u = match has_unfenced {
             true => Some(step(try_time_loop(n, warmup, || floor.round(false)).await)?),
             false => None,
         };
+        let before = sys::usage();
         let o = step(try_time_loop(n, warmup, cycle).await)?;
+        ours_used = ours_used.plus(sys::usage().since(before));
         let (fs, os) = (Stats::of(&f), Stats::of(&o));
         ratios.push(ms(os.mean) / ms(fs.mean).max(f64::MIN_POSITIVE));
         if let Some(u) = u {
@@ -335,6 +374,8 @@ async fn uncontended(
         unfenced: has_unfenced.then(|| Stats::of(&unfenced)),
         ratio: median(&ratios),
         unfenced_ratio: has_unfenced.then(|| median(&unfenced_ratios)),
+        lockkit_work: Work::per_cycle(ours_used, rounds * (n + warmup)),
+        floor_work: Work::per_cycle(floor_used, rounds * (n + warmup)),
     })
 }
 
@@ -445,10 +486,10 @@ async fn scale(
     }
     let rss_after = sys::rss_bytes();
     progress.phase(&format!("{label}: scale, holding {}", guards.len()), 0);
-    let cpu_before = sys::cpu_time();
+    let before = sys::usage();
     let held_from = Instant::now();
     tokio::time::sleep(settings.scale_hold).await;
-    let cpu = sys::cpu_time().saturating_sub(cpu_before);
+    let cpu = sys::usage().since(before).cpu;
     let hold = held_from.elapsed();
     let held_at_end = guards.iter().filter(|g| g.is_held()).count();
     let taken = guards.len();
@@ -503,6 +544,10 @@ impl Report {
                 "floor_unfenced": u.unfenced.map(|s| s.to_json()),
                 "ratio_to_fenced_floor": u.ratio,
                 "ratio_to_unfenced_floor": u.unfenced_ratio,
+                "work": {
+                    "lockkit": u.lockkit_work.to_json(),
+                    "floor_fenced": u.floor_work.to_json(),
+                },
             },
             "contended": {
                 "workers": c.per_worker.len(),

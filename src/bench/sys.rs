@@ -1,5 +1,5 @@
-//! What the process and the machine say about themselves: resident memory and CPU time
-//! (Linux `/proc`), cores, OS, and the date.
+//! What the process and the machine say about themselves: resident memory (Linux `/proc`),
+//! CPU time and context switches (`getrusage`), cores, OS, and the date.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,17 +15,46 @@ pub(crate) fn rss_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// CPU time this process has used, user and system (fields 14 and 15 of `/proc/self/stat`,
-/// in clock ticks of `USER_HZ`, which Linux fixes at 100 per second; zero elsewhere).
-pub(crate) fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The command name (field 2) may hold spaces: count from after its closing parenthesis.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // `after` starts at field 3.
-    let ticks = |field: usize| fields.get(field - 3).and_then(|f| f.parse::<u64>().ok());
-    let total = ticks(14).unwrap_or(0) + ticks(15).unwrap_or(0);
-    Duration::from_millis(total * 10)
+/// What this process has used so far, all its threads together, ended ones included.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Usage {
+    /// CPU time, user and system.
+    pub(crate) cpu: Duration,
+    /// Context switches, voluntary (a thread waited: parked, blocked on I/O) and not.
+    pub(crate) switches: u64,
+}
+
+impl Usage {
+    /// Both together.
+    pub(crate) fn plus(self, other: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu + other.cpu,
+            switches: self.switches + other.switches,
+        }
+    }
+
+    /// What was used since `earlier`.
+    pub(crate) fn since(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            switches: self.switches.saturating_sub(earlier.switches),
+        }
+    }
+}
+
+/// This process's [`Usage`] (`getrusage(RUSAGE_SELF)`, in microseconds; zero if it fails).
+pub(crate) fn usage() -> Usage {
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    let Ok(used) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return Usage::default();
+    };
+    let micros = |t: nix::sys::time::TimeVal| u64::try_from(t.num_microseconds()).unwrap_or(0);
+    let switches = used.voluntary_context_switches() + used.involuntary_context_switches();
+    Usage {
+        cpu: Duration::from_micros(micros(used.user_time()) + micros(used.system_time())),
+        switches: u64::try_from(switches).unwrap_or(0),
+    }
 }
 
 /// The machine, for the JSON report: logical cores, OS and kernel.
@@ -81,20 +110,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_and_proc_readings() {
+    fn dates_and_process_readings() {
         assert_eq!(civil(0), (1970, 1, 1));
         assert_eq!(civil(19_723), (2024, 1, 1));
         assert_eq!(civil(11_016), (2000, 2, 29));
         assert_eq!(utc_now().len(), 20);
         if cfg!(target_os = "linux") {
             assert!(rss_bytes() > 0);
-            let spent = cpu_time();
-            let mut x = 0u64;
-            for i in 0..50_000_000u64 {
-                x = x.wrapping_add(i * i);
-            }
-            std::hint::black_box(x);
-            assert!(cpu_time() >= spent);
         }
+        let before = usage();
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_add(std::hint::black_box(i) * i);
+        }
+        std::hint::black_box(x);
+        std::thread::sleep(Duration::from_millis(5));
+        let used = usage().since(before);
+        // The loop takes milliseconds of CPU; the sleep is a voluntary switch.
+        assert!(used.cpu >= Duration::from_micros(500), "{used:?}");
+        assert!(used.switches >= 1, "{used:?}");
+        assert_eq!(before.since(usage()), Usage::default());
     }
 }

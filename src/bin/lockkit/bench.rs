@@ -230,7 +230,7 @@ fn print_header(settings: &Settings) {
         settings.duration
     );
     println!(
-        "{:<18} {:<16} {:<38} {:>13} {:>13} {:>7} {:>9} {:>8} {:>5} {:>20} {:>9} {:>16}",
+        "{:<18} {:<16} {:<38} {:>13} {:>13} {:>7} {:>9} {:>11} {:>9} {:>8} {:>5} {:>20} {:>9} {:>16}",
         "backend",
         "server",
         "fenced floor",
@@ -238,6 +238,8 @@ fn print_header(settings: &Settings) {
         "lockkit p50/99",
         "÷floor",
         "÷unfenced",
+        "cpu µs lk/fl",
+        "cs lk/fl",
         "acq/s",
         "fair",
         "wait p50/p99/max",
@@ -255,7 +257,7 @@ fn print_row(r: &Report) {
             None => "-".into(),
         };
         println!(
-            "{:<18} {:<16} {:<38} {:>13} {:>13} {:>6.2}x {:>9} {:>8.0} {:>5.2} {:>20} {:>9} {:>16}",
+            "{:<18} {:<16} {:<38} {:>13} {:>13} {:>6.2}x {:>9} {:>11} {:>9} {:>8.0} {:>5.2} {:>20} {:>9} {:>16}",
             r.label,
             truncate(&r.server_version, 16),
             truncate(&r.floor_what, 38),
@@ -264,6 +266,12 @@ fn print_row(r: &Report) {
             u.ratio,
             u.unfenced_ratio
                 .map_or_else(|| "-".into(), |x| format!("{x:.2}x")),
+            format!(
+                "{:.0}/{:.0}",
+                u.lockkit_work.cpu.as_secs_f64() * 1e6,
+                u.floor_work.cpu.as_secs_f64() * 1e6
+            ),
+            format!("{:.1}/{:.1}", u.lockkit_work.switches, u.floor_work.switches),
             c.per_second(),
             c.fairness(),
             format!("{}/{}/{}", f2(c.wait.p50), f2(c.wait.p99), f2(c.wait.max)),

@@ -1045,7 +1045,7 @@ mod tests {
                 reason,
                 Ok(LostReason::Released),
                 "quiet {}, ran {ran}",
-                !script.quiet.load(Ordering::SeqCst)
+                script.quiet.load(Ordering::SeqCst)
             );
             drop(guard);
         }

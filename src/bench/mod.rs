@@ -6,7 +6,8 @@
 //!
 //! - **uncontended:** `iterations` sequential acquire+release cycles, lockkit and the fenced
 //!   floor (and the unfenced floor where it differs) interleaved `rounds` times; the ratio is
-//!   the median of the rounds' ratios of mean latencies;
+//!   the median of the rounds' ratios of mean latencies; and the client process's CPU time
+//!   and context switches per cycle ([`Work`]) of lockkit and of the fenced floor;
 //! - **contended:** `workers` clients (each its own connections) on one name, each holding
 //!   the lock for `hold`, for `duration`: acquisitions per second, wait p50/p99/max,
 //!   fairness (fewest ÷ most acquisitions per worker) and hand-off latency (release call →
@@ -16,7 +17,7 @@
 //!   is set against the TTL;
 //! - **scale** (given `scale`): that many names held at once by one client for `scale_hold`:
 //!   time to take them, memory per guard (RSS growth), CPU share of one core spent while
-//!   holding (from `/proc/self/stat`), how many were still held at the end;
+//!   holding (from `getrusage`), how many were still held at the end;
 //! - **mutual exclusion** throughout: two holders at once, or a token not above the last
 //!   one, is recorded in [`Report::violations`] (and fails `lockkit bench`).
 
@@ -122,8 +123,10 @@ pub struct Uncontended {
 
 /// What one cycle of a loop costs the client, on average: this process's CPU time and
 /// context switches (all its threads; for SQLite the database engine's too), from
-/// `getrusage` before and after each round's loop. Sturdier than latency on a busy machine:
-/// a thread woken for nothing costs a switch and CPU whether or not it delays the caller.
+/// `getrusage` before and after each round's loop. The switches hold steadier than latency
+/// on a busy machine: a thread woken for nothing costs one whether or not it delays the
+/// caller. Both count whatever else the process does meanwhile, such as a client's periodic
+/// keep-alive, in the loop that happens to run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Work {
     /// CPU time per cycle, user and system.
@@ -134,9 +137,11 @@ pub struct Work {
 
 impl Work {
     fn per_cycle(used: sys::Usage, cycles: usize) -> Work {
-        let cycles = cycles.max(1);
+        if cycles == 0 {
+            return Work::default();
+        }
         Work {
-            cpu: used.cpu / u32::try_from(cycles).unwrap_or(u32::MAX),
+            cpu: used.cpu.div_f64(cycles as f64),
             switches: used.switches as f64 / cycles as f64,
         }
     }

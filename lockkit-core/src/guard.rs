@@ -220,9 +220,16 @@ impl Shared {
 
     /// What the keeper does when it ends, for a keeper that never started.
     pub(crate) fn keeper_done(&self) {
-        metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => self.backend)
-            .record(self.acquired_at.elapsed().as_secs_f64());
+        self.record_hold();
         self.finish();
+    }
+
+    /// Records how long the lock was held (the hold-time histogram), and returns it.
+    fn record_hold(&self) -> Duration {
+        let held = self.acquired_at.elapsed();
+        metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => self.backend)
+            .record(held.as_secs_f64());
+        held
     }
 
     /// Marks the keeper finished, so `lost()` futures resolve.
@@ -628,9 +635,7 @@ pub(crate) fn keep(shared: Arc<Shared>, lease: Arc<dyn Lease>) -> impl Future<Ou
                 };
             }
         }
-        let held = shared.acquired_at.elapsed();
-        metrics::histogram!(telemetry::HOLD_SECONDS, "backend" => shared.backend)
-            .record(held.as_secs_f64());
+        let held = shared.record_hold();
         if shared.releasing.load(std::sync::atomic::Ordering::Acquire) {
             // `LockGuard::release` releases from the caller's task.
             return;

@@ -64,7 +64,7 @@ pub(crate) fn queue(
     span: tracing::Span,
 ) -> bool {
     let nursery = of(runtime);
-    let mut queue = nursery.queue.lock().unwrap_or_else(|e| e.into_inner());
+    let mut queue = nursery.waiting();
     let Some(queue) = queue.as_mut() else {
         return false;
     };
@@ -112,12 +112,7 @@ fn tend(nursery: Arc<Nursery>) -> impl std::future::Future<Output = ()> + Send {
     struct Closing(Arc<Nursery>);
     impl Drop for Closing {
         fn drop(&mut self) {
-            let left = self
-                .0
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+            let left = self.0.waiting().take();
             for waiting in left.into_iter().flatten() {
                 if let Some(guard) = waiting.guard.upgrade() {
                     if guard.forgo_keeper() {
@@ -141,7 +136,7 @@ fn tend(nursery: Arc<Nursery>) -> impl std::future::Future<Output = ()> + Send {
             }
             let now = Instant::now();
             let due: Vec<Waiting> = {
-                let mut queue = nursery.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let mut queue = nursery.waiting();
                 let Some(queue) = queue.as_mut() else { return };
                 let ready = queue.iter().take_while(|w| w.due <= now).count();
                 queue.drain(..ready).collect()
@@ -162,9 +157,13 @@ fn tend(nursery: Arc<Nursery>) -> impl std::future::Future<Output = ()> + Send {
 }
 
 impl Nursery {
+    /// The queue (`None` once the nursery closed).
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Option<VecDeque<Waiting>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// When the first guard in the queue is due, if one waits.
     fn front(&self) -> Option<Instant> {
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        queue.as_ref()?.front().map(|w| w.due)
+        self.waiting().as_ref()?.front().map(|w| w.due)
     }
 }

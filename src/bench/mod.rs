@@ -352,16 +352,16 @@ async fn uncontended(
     let (mut ours_used, mut floor_used) = (sys::Usage::default(), sys::Usage::default());
     let rounds = settings.rounds.max(1);
     for _ in 0..rounds {
-        let before = sys::usage();
-        let f = step(try_time_loop(n, warmup, || floor.round(true)).await)?;
-        floor_used = floor_used.plus(sys::usage().since(before));
+        let (f, used) = sys::measured(try_time_loop(n, warmup, || floor.round(true))).await;
+        floor_used = floor_used.plus(used);
+        let f = step(f)?;
         let u = match has_unfenced {
             true => Some(step(try_time_loop(n, warmup, || floor.round(false)).await)?),
             false => None,
         };
-        let before = sys::usage();
-        let o = step(try_time_loop(n, warmup, cycle).await)?;
-        ours_used = ours_used.plus(sys::usage().since(before));
+        let (o, used) = sys::measured(try_time_loop(n, warmup, cycle)).await;
+        ours_used = ours_used.plus(used);
+        let o = step(o)?;
         let (fs, os) = (Stats::of(&f), Stats::of(&o));
         ratios.push(ms(os.mean) / ms(fs.mean).max(f64::MIN_POSITIVE));
         if let Some(u) = u {
@@ -491,10 +491,9 @@ async fn scale(
     }
     let rss_after = sys::rss_bytes();
     progress.phase(&format!("{label}: scale, holding {}", guards.len()), 0);
-    let before = sys::usage();
     let held_from = Instant::now();
-    tokio::time::sleep(settings.scale_hold).await;
-    let cpu = sys::usage().since(before).cpu;
+    let ((), used) = sys::measured(tokio::time::sleep(settings.scale_hold)).await;
+    let cpu = used.cpu;
     let hold = held_from.elapsed();
     let held_at_end = guards.iter().filter(|g| g.is_held()).count();
     let taken = guards.len();

@@ -42,6 +42,13 @@ impl Usage {
     }
 }
 
+/// Runs `work`, and what this process used meanwhile.
+pub(crate) async fn measured<T>(work: impl std::future::Future<Output = T>) -> (T, Usage) {
+    let before = usage();
+    let out = work.await;
+    (out, usage().since(before))
+}
+
 /// This process's [`Usage`] (`getrusage(RUSAGE_SELF)`, in microseconds; zero if it fails,
 /// and off Unix).
 #[cfg(not(unix))]

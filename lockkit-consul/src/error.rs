@@ -138,16 +138,19 @@ impl RequestError {
 }
 
 /// What Consul says in a 500 answer when the servers did not answer the request: no leader
-/// (yet), the agent's RPC to a server broke off (the server died mid-call), or the leader
-/// lost its leadership while committing. While a new leader is elected, every request gets
-/// one of these; once it is, the same request succeeds. (An answer from the leader, like
-/// "invalid session", is none of these and stays an `Error::Backend`.)
+/// (yet), the agent's RPC to a server broke off (the server died mid-call, or the agent's
+/// multiplexed connection to it was torn down: yamux's "session shutdown", not the end of a
+/// Consul session, which is "invalid session"), or the leader lost its leadership while
+/// committing. While a new leader is elected, every request gets one of these; once it is,
+/// the same request succeeds. (An answer from the leader, like "invalid session", is none of
+/// these and stays an `Error::Backend`.)
 const NO_SERVER_ANSWER: &[&str] = &[
     "No cluster leader",
     "No known Consul servers",
     "rpc error making call: EOF",
     "rpc error making call: unexpected EOF",
     "rpc error making call: stream closed",
+    "rpc error making call: session shutdown",
     "rpc error getting client",
     "leadership lost while committing log",
     "node is not the leader",
@@ -193,6 +196,8 @@ mod tests {
         for body in [
             "rpc error making call: rpc error making call: EOF",
             "rpc error making call: rpc error making call: stream closed",
+            // The agent's multiplexed connection to the killed server was torn down (yamux).
+            "rpc error making call: rpc error making call: session shutdown",
             "rpc error making call: No cluster leader",
             "No cluster leader",
             "leadership lost while committing log",
